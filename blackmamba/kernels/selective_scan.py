@@ -1,0 +1,208 @@
+"""Mamba's selective scan (the S6 recurrence, Gu & Dao 2023, Algorithm 2), in (B, L, D_in) layout.
+
+For every channel c and state n, with h_{-1} = initial_state (zero by default):
+
+    dt_t    = softplus(delta_t + delta_bias)                 (when delta_softplus)
+    h_t     = exp(dt_t[c] * A[c, n]) * h_{t-1} + dt_t[c] * B_t[n] * u_t[c]
+    y_t[c]  = sum_n h_t[c, n] * C_t[n] + D[c] * u_t[c]
+    y_t     = y_t * silu(z_t)                                 (when z is given)
+
+Numerics: the state, dt, A, D and the accumulation stay in fp32 whatever the input dtype; ``y`` is
+returned in ``u``'s dtype and the final state in fp32.
+
+``selective_scan_ref`` is the sequential definition. ``selective_scan_chunked`` is the fast PyTorch path:
+the sequence is cut into chunks of length Q; (1) a scan from a zero state runs in all chunks at once
+(Q vectorised steps), (2) the chunk start states are carried across chunks (L/Q steps), (3) each position
+adds the decayed contribution of its chunk's start state, exp(A * cumsum(dt)) * h_start, whose exponent
+is never positive, so nothing overflows. That is about 2*sqrt(L) Python steps instead of L, with the
+same arithmetic as the recurrence.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .backend import resolve_backend
+
+
+def _check_inputs(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, initial_state: Tensor | None):
+    if u.ndim != 3:
+        raise ValueError(f"selective_scan: u must be (B, L, D_in), got shape {tuple(u.shape)}")
+    batch, length, d_inner = u.shape
+    if delta.shape != u.shape:
+        raise ValueError(f"selective_scan: delta shape {tuple(delta.shape)} != u shape {tuple(u.shape)}")
+    if A.ndim != 2 or A.shape[0] != d_inner:
+        raise ValueError(f"selective_scan: A must be (D_in={d_inner}, N), got {tuple(A.shape)}")
+    n = A.shape[1]
+    for name, t in (("B", B), ("C", C)):
+        if t.shape != (batch, length, n):
+            raise ValueError(f"selective_scan: {name} must be {(batch, length, n)}, got {tuple(t.shape)}")
+    if initial_state is not None and initial_state.shape != (batch, d_inner, n):
+        raise ValueError(
+            f"selective_scan: initial_state must be {(batch, d_inner, n)}, got {tuple(initial_state.shape)}"
+        )
+
+
+def _prepare_dt(delta: Tensor, delta_bias: Tensor | None, delta_softplus: bool) -> Tensor:
+    dt = delta.float()
+    if delta_bias is not None:
+        dt = dt + delta_bias.float()
+    return F.softplus(dt) if delta_softplus else dt
+
+
+def _finish(y: Tensor, u: Tensor, D: Tensor | None, z: Tensor | None) -> Tensor:
+    if D is not None:
+        y = y + u.float() * D.float()
+    if z is not None:
+        y = y * F.silu(z.float())
+    return y.to(u.dtype)
+
+
+def selective_scan_ref(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = True,
+    initial_state: Tensor | None = None,
+    return_final_state: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Sequential reference. u, delta, z: (B, L, D_in); A: (D_in, N); B, C: (B, L, N); D, delta_bias: (D_in,);
+    initial_state: (B, D_in, N). Returns y (B, L, D_in) and, if asked, the final state (B, D_in, N) fp32."""
+    _check_inputs(u, delta, A, B, C, initial_state)
+    batch, length, d_inner = u.shape
+    dt = _prepare_dt(delta, delta_bias, delta_softplus)
+    A32, B32, C32, u32 = A.float(), B.float(), C.float(), u.float()
+    h = u32.new_zeros(batch, d_inner, A.shape[1]) if initial_state is None else initial_state.float()
+    ys = []
+    for t in range(length):
+        decay = torch.exp(dt[:, t, :, None] * A32)
+        h = decay * h + (dt[:, t] * u32[:, t])[:, :, None] * B32[:, t, None, :]
+        ys.append(torch.einsum("bcn,bn->bc", h, C32[:, t]))
+    y = torch.stack(ys, dim=1) if ys else u32.new_zeros(batch, 0, d_inner)
+    out = _finish(y, u, D, z)
+    return (out, h) if return_final_state else out
+
+
+def _chunk_size(length: int) -> int:
+    return max(1, min(length, 2 ** round(math.log2(max(1.0, math.sqrt(length))))))
+
+
+def selective_scan_chunked(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = True,
+    initial_state: Tensor | None = None,
+    return_final_state: bool = False,
+    chunk_size: int | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Chunked parallel scan; same arguments and results as :func:`selective_scan_ref`."""
+    _check_inputs(u, delta, A, B, C, initial_state)
+    batch, length, d_inner = u.shape
+    n = A.shape[1]
+    A32 = A.float()
+    dt = _prepare_dt(delta, delta_bias, delta_softplus)
+    if length == 0:
+        h0 = u.new_zeros(batch, d_inner, n, dtype=torch.float32) if initial_state is None else initial_state
+        out = _finish(dt.new_zeros(batch, 0, d_inner), u, D, z)
+        return (out, h0.float()) if return_final_state else out
+    q = chunk_size or _chunk_size(length)
+    n_chunks = -(-length // q)
+    pad = n_chunks * q - length
+    du = dt * u.float()
+    B32, C32 = B.float(), C.float()
+    if pad:
+        # dt = 0 in the padding: decay 1 and no input, so the state passes through unchanged.
+        dt, du = F.pad(dt, (0, 0, 0, pad)), F.pad(du, (0, 0, 0, pad))
+        B32, C32 = F.pad(B32, (0, 0, 0, pad)), F.pad(C32, (0, 0, 0, pad))
+    # (B, n_chunks, Q, ...) views; step j of every chunk is [:, :, j].
+    dt_c = dt.view(batch, n_chunks, q, d_inner)
+    du_c = du.view(batch, n_chunks, q, d_inner)
+    B_c = B32.view(batch, n_chunks, q, n)
+    C_c = C32.view(batch, n_chunks, q, n)
+
+    # (1) Zero-start scan inside every chunk, all chunks at once.
+    h = dt.new_zeros(batch, n_chunks, d_inner, n)
+    ys = []
+    for j in range(q):
+        h = torch.exp(dt_c[:, :, j, :, None] * A32) * h + du_c[:, :, j, :, None] * B_c[:, :, j, None, :]
+        ys.append(torch.matmul(h, C_c[:, :, j, :, None]).squeeze(-1))
+    y = torch.stack(ys, dim=2)  # (B, n_chunks, Q, D_in)
+
+    # (2) Carry states across chunks: start_{k+1} = exp(A * sum(dt in chunk k)) * start_k + h_local_end_k.
+    chunk_decay = torch.exp(dt_c.sum(dim=2)[..., None] * A32)  # (B, n_chunks, D_in, N)
+    state = dt.new_zeros(batch, d_inner, n) if initial_state is None else initial_state.float()
+    starts = []
+    for k in range(n_chunks):
+        starts.append(state)
+        state = chunk_decay[:, k] * state + h[:, k]
+    start = torch.stack(starts, dim=1)  # (B, n_chunks, D_in, N)
+
+    # (3) Each position adds its chunk start state decayed up to it.
+    cum_dt = dt_c.cumsum(dim=2)
+    corrections = []
+    for j in range(q):
+        decayed = torch.exp(cum_dt[:, :, j, :, None] * A32) * start
+        corrections.append(torch.matmul(decayed, C_c[:, :, j, :, None]).squeeze(-1))
+    y = (y + torch.stack(corrections, dim=2)).reshape(batch, n_chunks * q, d_inner)[:, :length]
+    out = _finish(y, u, D, z)
+    return (out, state) if return_final_state else out
+
+
+def selective_scan(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = True,
+    initial_state: Tensor | None = None,
+    return_final_state: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """The selective scan on the selected backend; see :func:`selective_scan_ref` for shapes."""
+    backend = resolve_backend(u)
+    impl = selective_scan_ref if backend == "ref" else selective_scan_chunked
+    return impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_final_state)
+
+
+def selective_state_update(
+    state: Tensor,
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = True,
+) -> Tensor:
+    """One decode step, updating ``state`` (B, D_in, N) fp32 in place.
+
+    u, delta, z: (B, D_in); B, C: (B, N). Returns y (B, D_in) in u's dtype. It is the recurrence's
+    single step, so it equals :func:`selective_scan_ref` run one token at a time.
+    """
+    if state.dtype != torch.float32:
+        raise ValueError(f"selective_state_update: the SSM state must be float32, got {state.dtype}")
+    dt = _prepare_dt(delta, delta_bias, delta_softplus)
+    decay = torch.exp(dt[:, :, None] * A.float())
+    state.mul_(decay).add_((dt * u.float())[:, :, None] * B.float()[:, None, :])
+    y = torch.einsum("bcn,bn->bc", state, C.float())
+    return _finish(y, u, D, z)

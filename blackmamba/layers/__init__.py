@@ -1,0 +1,7 @@
+"""nn.Modules of BlackMamba. They call :mod:`blackmamba.kernels` for the math, never Triton directly."""
+
+from .mamba import MambaCache, MambaMixer
+from .moe import MoE
+from .norm import RMSNorm
+
+__all__ = ["MambaCache", "MambaMixer", "MoE", "RMSNorm"]
