@@ -34,6 +34,7 @@ from torch import Tensor
 
 from .config import BlackMambaConfig, ConfigError
 from .model import BlackMamba, cast_model
+from .tokenizer import NEOX_SIZE, neox_tokenizer_or_none
 
 CONFIG_NAME = "config.json"
 RELEASED_WEIGHTS = "pytorch_model.bin"
@@ -146,9 +147,12 @@ def released_to_ours(state: dict[str, Tensor], config: BlackMambaConfig) -> dict
 
 
 def ours_to_released(state: dict[str, Tensor], config: BlackMambaConfig) -> OrderedDict[str, Tensor]:
-    """Inverse of :func:`released_to_ours` (experts unstacked, released key names and order)."""
-    out: OrderedDict[str, Tensor] = OrderedDict()
-    out["embedding.word_embeddings.weight"] = state["embedding.weight"]
+    """Inverse of :func:`released_to_ours`: experts unstacked, released key names in the spec's order."""
+    flat: dict[str, Tensor] = {
+        "embedding.word_embeddings.weight": state["embedding.weight"],
+        "decoder.final_layernorm.weight": state["final_norm.weight"],
+        "decoder.final_layernorm.bias": state["final_norm.bias"],
+    }
     pattern = re.compile(r"layers\.(\d+)\.(.*)")
     for key, value in state.items():
         m = pattern.fullmatch(key)
@@ -159,12 +163,10 @@ def ours_to_released(state: dict[str, Tensor], config: BlackMambaConfig) -> Orde
         if rest in ("mixer.w1", "mixer.w2"):
             fc = "linear_fc1" if rest.endswith("w1") else "linear_fc2"
             for e in range(value.shape[0]):
-                out[src + f"mixer.local_experts.{e}.{fc}.weight"] = value[e].clone()
+                flat[src + f"mixer.local_experts.{e}.{fc}.weight"] = value[e].clone()
         else:
-            out[src + rest] = value
-    out["decoder.final_layernorm.weight"] = state["final_norm.weight"]
-    out["decoder.final_layernorm.bias"] = state["final_norm.bias"]
-    return out
+            flat[src + rest] = value
+    return OrderedDict((key, flat[key]) for key in released_shapes(config))
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -332,14 +334,17 @@ def save_pretrained(
     return Path(path)
 
 
-def save_released(model: BlackMamba, path: str | os.PathLike) -> Path:
-    """Write ``model`` in the released layout, loadable by the reference code's ``from_pretrained``."""
+def save_released(model: BlackMamba, path: str | os.PathLike, tokenizer: Any | None = None) -> Path:
+    """Write ``model`` in the released layout, loadable by the reference code's ``from_pretrained``
+    (which ignores the extra ``tokenizer.json`` written when a tokenizer is given)."""
     config = model.config
     released_config = config.to_released()
     state = ours_to_released(_own_state(model), config)
     with atomic_directory(path) as tmp:
         (tmp / CONFIG_NAME).write_text(json.dumps(released_config, indent=2) + "\n")
         torch.save({"model": state}, tmp / RELEASED_WEIGHTS)
+        if tokenizer is not None:
+            tokenizer.save(str(tmp / TOKENIZER))
     return Path(path)
 
 
@@ -347,7 +352,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str | None = Non
     """Convert a checkpoint to the other layout (or to ``to``: "ours" | "released"). Returns the new layout.
 
     Weights are copied bit for bit (no dtype change). A tokenizer.json beside the source is kept; a
-    released checkpoint converted to ours gets the GPT-NeoX-20B tokenizer when it is installed.
+    released checkpoint without one gets the GPT-NeoX-20B tokenizer when it is installed and the
+    vocabulary is large enough for it.
     """
     if Path(src).resolve() == Path(dst).resolve():
         raise CheckpointError("convert: source and destination are the same directory")
@@ -358,19 +364,17 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str | None = Non
     with torch.device("meta"):
         model = BlackMamba(config)
     model.load_state_dict(state, strict=True, assign=True)
-    if target == "released":
-        save_released(model, dst)
-        return target
     tokenizer = None
     if (Path(src) / TOKENIZER).is_file():
         from tokenizers import Tokenizer
 
         tokenizer = Tokenizer.from_file(str(Path(src) / TOKENIZER))
-    elif layout == "released":
-        from .tokenizer import neox_tokenizer_or_none
-
+    elif layout == "released" and config.vocab_size >= NEOX_SIZE:
         tokenizer = neox_tokenizer_or_none()
-    save_pretrained(model, dst, tokenizer=tokenizer)
+    if target == "released":
+        save_released(model, dst, tokenizer=tokenizer)
+    else:
+        save_pretrained(model, dst, tokenizer=tokenizer)
     return target
 
 

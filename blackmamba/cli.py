@@ -35,6 +35,8 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError as e:
         raise CliError(f"bad --device {name!r}: {e}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise CliError(f"unsupported --device {name!r}: use auto, cpu or cuda[:N]")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CliError("--device cuda requested but no CUDA GPU is available")
     return device
@@ -67,10 +69,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise CliError("the prompt encodes to no tokens")
     eos = None if args.ignore_eos else eos_token_id(tokenizer)
     new: list[int] = []
-    shown = ""
+    shown = None  # text printed so far when streaming (None: not even the prompt yet)
     start = time.perf_counter()
-    if args.stream:
-        print(args.prompt, end="", flush=True)
     for step in stream_generate(
         model,
         [prompt_ids],
@@ -82,25 +82,43 @@ def cmd_generate(args: argparse.Namespace) -> None:
         eos_token_id=eos,
         seed=args.seed,
     ):
+        if args.stream and shown is None:
+            print(args.prompt, end="", flush=True)
+            shown = ""
         if step[0] is None:
             break
         new.append(step[0])
         text, stopped = cut_at_stop(tokenizer.decode(new), args.stop)
-        if args.stream and not text.endswith("\ufffd"):
-            print(text[len(shown) :], end="", flush=True)
-            shown = text
         if stopped:
             break
+        if args.stream:
+            safe = stream_safe_prefix(text, args.stop)
+            print(safe[len(shown) :], end="", flush=True)
+            shown = max(shown, safe, key=len)
     elapsed = time.perf_counter() - start
     text, _ = cut_at_stop(tokenizer.decode(new), args.stop)
     if args.stream:
+        if shown is None:  # no step ran (max_new_tokens 0): the prompt is still to print
+            print(args.prompt, end="")
+            shown = ""
         print(text[len(shown) :], flush=True)
     else:
         print(args.prompt + text)
-    print(
-        f"[{len(new)} tokens in {elapsed:.2f} s, {len(new) / max(elapsed, 1e-9):.1f} tokens/s]",
-        file=sys.stderr,
-    )
+    print(f"[{len(new)} tokens in {elapsed:.2f} s, {len(new) / max(elapsed, 1e-9):.1f} tokens/s]", file=sys.stderr)
+
+
+def stream_safe_prefix(text: str, stops: Sequence[str]) -> str:
+    """The part of ``text`` that can be printed now: no trailing partial UTF-8 character, and nothing that
+    could be the beginning of a stop string completed by later tokens."""
+    end = len(text)
+    while end and text[end - 1] == "\ufffd":
+        end -= 1
+    for stop in stops:
+        for k in range(min(len(stop) - 1, end), 0, -1):
+            if text[:end].endswith(stop[:k]):
+                end -= k
+                break
+    return text[:end]
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -138,18 +156,24 @@ def _pattern_summary(pattern: Sequence[str]) -> str:
     return "[" + ", ".join(pattern) + "]"
 
 
+_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
+
+
 def _stored_dtype(path: str, layout: str) -> str:
+    """The dtype of the stored embedding (torch's name), read without loading the weights."""
     from pathlib import Path
 
     if layout == "released":
         state = torch.load(Path(path) / "pytorch_model.bin", map_location="cpu", weights_only=True, mmap=True)
-        return str(state["model"]["embedding.word_embeddings.weight"].dtype).replace("torch.", "")
+        return str(state["model"]["embedding.word_embeddings.weight"].dtype).removeprefix("torch.")
     from safetensors import safe_open
 
-    files = sorted(Path(path).glob("*.safetensors"))
-    with safe_open(str(files[0]), framework="pt") as f:
-        key = next(iter(f.keys()))
-        return str(f.get_slice(key).get_dtype()).lower()
+    for file in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            if "embedding.weight" in f.keys():
+                stored = f.get_slice("embedding.weight").get_dtype()
+                return _SAFETENSORS_DTYPES.get(stored, stored.lower())
+    return "unknown"
 
 
 def cmd_convert(args: argparse.Namespace) -> None:

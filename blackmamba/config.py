@@ -172,7 +172,7 @@ class BlackMambaConfig:
                 pattern.append("mamba")
             elif code and code[0] not in "r1" and code[-1].isdigit():
                 pattern.append("moe")
-                # The reference parses only the last character ("16" means 6 experts); we keep that quirk.
+                # The reference reads the expert count from the last character only.
                 experts.add(int(code[-1]))
             else:
                 raise ConfigError(

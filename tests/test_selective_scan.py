@@ -1,3 +1,5 @@
+import importlib
+
 import pytest
 import torch
 
@@ -111,3 +113,17 @@ def test_bad_shapes_are_named():
         selective_scan_chunked(inp["u"], inp["delta"], inp["A"], inp["B"][:, :4], inp["C"])
     with pytest.raises(ValueError, match="initial_state"):
         selective_scan_chunked(inp["u"], inp["delta"], inp["A"], inp["B"], inp["C"], initial_state=torch.ones(1))
+
+
+@pytest.mark.parametrize("length", [1, 3, 63, 300])
+@pytest.mark.parametrize("block_elems", [1, 2**17])
+def test_inference_path_matches_reference(monkeypatch, length, block_elems):
+    """Under no_grad the scan takes the in-place, channel-blocked path; it must equal the reference."""
+    ss = importlib.import_module("blackmamba.kernels.selective_scan")
+    monkeypatch.setattr(ss, "_INPLACE_BLOCK_ELEMS", block_elems)
+    inp = {k: (v.detach() if v is not None else None) for k, v in make_inputs(3, length, 21, 6, torch.float32).items()}
+    y_ref, h_ref = run(selective_scan_ref, inp)
+    with torch.no_grad():
+        y, h = run(selective_scan_chunked, inp)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h, h_ref, rtol=1e-5, atol=1e-5)

@@ -129,23 +129,37 @@ def selective_scan_chunked(
         # dt = 0 in the padding: decay 1 and no input, so the state passes through unchanged.
         dt, du = F.pad(dt, (0, 0, 0, pad)), F.pad(du, (0, 0, 0, pad))
         B32, C32 = F.pad(B32, (0, 0, 0, pad)), F.pad(C32, (0, 0, 0, pad))
+    state0 = dt.new_zeros(batch, d_inner, n) if initial_state is None else initial_state.float()
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (u, delta, A, B, C, delta_bias, initial_state)
+    )
+    scan = _chunk_scan_autograd if needs_grad else _chunk_scan_inplace
+    y, state = scan(dt, du, B32, C32, A32, state0, q)
+    out = _finish(y[:, :length], u, D, z)
+    return (out, state) if return_final_state else out
+
+
+def _chunk_scan_autograd(dt: Tensor, du: Tensor, B: Tensor, C: Tensor, A: Tensor, state: Tensor, q: int):
+    """The three phases with out-of-place ops, so autograd can differentiate them.
+    dt, du: (B, L, D_in) with L a multiple of q; B, C: (B, L, N); A: (D_in, N); state: (B, D_in, N)."""
+    batch, length, d_inner = dt.shape
+    n, n_chunks = A.shape[1], length // q
     # (B, n_chunks, Q, ...) views; step j of every chunk is [:, :, j].
     dt_c = dt.view(batch, n_chunks, q, d_inner)
     du_c = du.view(batch, n_chunks, q, d_inner)
-    B_c = B32.view(batch, n_chunks, q, n)
-    C_c = C32.view(batch, n_chunks, q, n)
+    B_c = B.view(batch, n_chunks, q, n)
+    C_c = C.view(batch, n_chunks, q, n)
 
     # (1) Zero-start scan inside every chunk, all chunks at once.
     h = dt.new_zeros(batch, n_chunks, d_inner, n)
     ys = []
     for j in range(q):
-        h = torch.exp(dt_c[:, :, j, :, None] * A32) * h + du_c[:, :, j, :, None] * B_c[:, :, j, None, :]
+        h = torch.addcmul(torch.exp(dt_c[:, :, j, :, None] * A) * h, du_c[:, :, j, :, None], B_c[:, :, j, None, :])
         ys.append(torch.matmul(h, C_c[:, :, j, :, None]).squeeze(-1))
     y = torch.stack(ys, dim=2)  # (B, n_chunks, Q, D_in)
 
     # (2) Carry states across chunks: start_{k+1} = exp(A * sum(dt in chunk k)) * start_k + h_local_end_k.
-    chunk_decay = torch.exp(dt_c.sum(dim=2)[..., None] * A32)  # (B, n_chunks, D_in, N)
-    state = dt.new_zeros(batch, d_inner, n) if initial_state is None else initial_state.float()
+    chunk_decay = torch.exp(dt_c.sum(dim=2)[..., None] * A)  # (B, n_chunks, D_in, N)
     starts = []
     for k in range(n_chunks):
         starts.append(state)
@@ -156,11 +170,55 @@ def selective_scan_chunked(
     cum_dt = dt_c.cumsum(dim=2)
     corrections = []
     for j in range(q):
-        decayed = torch.exp(cum_dt[:, :, j, :, None] * A32) * start
+        decayed = torch.exp(cum_dt[:, :, j, :, None] * A) * start
         corrections.append(torch.matmul(decayed, C_c[:, :, j, :, None]).squeeze(-1))
-    y = (y + torch.stack(corrections, dim=2)).reshape(batch, n_chunks * q, d_inner)[:, :length]
-    out = _finish(y, u, D, z)
-    return (out, state) if return_final_state else out
+    y = y + torch.stack(corrections, dim=2)
+    return y.reshape(batch, length, d_inner), state
+
+
+# Channels per block in the in-place path: small enough that one step's (B, n_chunks, block, N) buffers
+# stay in a core's cache, large enough that Python overhead per op stays small.
+_INPLACE_BLOCK_ELEMS = 2**17
+
+
+def _chunk_scan_inplace(dt: Tensor, du: Tensor, B: Tensor, C: Tensor, A: Tensor, state0: Tensor, q: int):
+    """The same three phases without autograd: channel blocks, preallocated buffers, in-place updates."""
+    batch, length, d_inner = dt.shape
+    n, n_chunks = A.shape[1], length // q
+    B_c = B.view(batch, n_chunks, q, n)
+    C_c = C.view(batch, n_chunks, q, n)
+    y = dt.new_empty(batch, n_chunks, q, d_inner)
+    final = dt.new_empty(batch, d_inner, n)
+    block = max(8, min(d_inner, _INPLACE_BLOCK_ELEMS // max(1, batch * n_chunks * n)))
+    for c0 in range(0, d_inner, block):
+        c1 = min(d_inner, c0 + block)
+        width = c1 - c0
+        A_b = A[c0:c1]
+        dt_b = dt[..., c0:c1].reshape(batch, n_chunks, q, width)
+        du_b = du[..., c0:c1].reshape(batch, n_chunks, q, width)
+        y_b = dt.new_empty(batch, n_chunks, q, width)
+        h = dt.new_zeros(batch, n_chunks, width, n)
+        a = torch.empty_like(h)
+        b = torch.empty_like(h)
+        for j in range(q):
+            torch.mul(dt_b[:, :, j, :, None], A_b, out=a).exp_()
+            h.mul_(a).add_(torch.mul(du_b[:, :, j, :, None], B_c[:, :, j, None, :], out=b))
+            torch.matmul(h, C_c[:, :, j, :, None], out=y_b[:, :, j, :, None])
+        decay = torch.exp(dt_b.sum(dim=2)[..., None] * A_b)
+        state = state0[:, c0:c1].clone()
+        starts = torch.empty_like(h)
+        for k in range(n_chunks):
+            starts[:, k] = state
+            state.mul_(decay[:, k]).add_(h[:, k])
+        final[:, c0:c1] = state
+        cum_dt = dt_b.cumsum(dim=2)
+        corr = dt.new_empty(batch, n_chunks, width, 1)
+        for j in range(q):
+            torch.mul(cum_dt[:, :, j, :, None], A_b, out=a).exp_().mul_(starts)
+            torch.matmul(a, C_c[:, :, j, :, None], out=corr)
+            y_b[:, :, j].add_(corr.squeeze(-1))
+        y[..., c0:c1] = y_b
+    return y.view(batch, length, d_inner), final
 
 
 def selective_scan(
