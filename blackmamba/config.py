@@ -34,6 +34,12 @@ class BlackMambaConfig:
     them starting with Mamba and ending with MoE. ``moe_activation`` is the expert gate activation:
     the released inference code computes exact (erf) GELU although its config says ``swiglu``
     (spec section 1.4), so "gelu" is the default and "silu" gives SwiGLU.
+
+    Routing: in eval mode every model routes like the released code (sigmoid, top-1). In training mode
+    ``train_routing`` picks the expert either by Sinkhorn ("sinkhorn", the paper's choice; ``sinkhorn_*``
+    set its initialisation, tolerance and iteration cap) or by plain top-1 ("top1"). The optional
+    switch-style balancing loss and router z-loss are weighted by ``load_balance_weight`` and
+    ``z_loss_weight`` (0 = off, as in the paper).
     """
 
     vocab_size: int = 50304
@@ -54,6 +60,12 @@ class BlackMambaConfig:
     dt_min: float = 1e-3
     dt_max: float = 0.1
     dt_init_floor: float = 1e-4
+    train_routing: str = "sinkhorn"
+    sinkhorn_init: str = "zyphra"
+    sinkhorn_tol: float = 1e-4
+    sinkhorn_max_iters: int = 50
+    load_balance_weight: float = 0.0
+    z_loss_weight: float = 0.0
 
     def __post_init__(self) -> None:
         self.layer_pattern = list(self.layer_pattern)
@@ -98,6 +110,15 @@ class BlackMambaConfig:
                     f"config field 'tokenizer_vocab_size' ({self.tokenizer_vocab_size}) exceeds "
                     f"'vocab_size' ({self.vocab_size})"
                 )
+        if self.train_routing not in ("sinkhorn", "top1"):
+            raise ConfigError(f"config field 'train_routing' must be 'sinkhorn' or 'top1', got {self.train_routing!r}")
+        if self.sinkhorn_init not in ("zyphra", "ones"):
+            raise ConfigError(f"config field 'sinkhorn_init' must be 'zyphra' or 'ones', got {self.sinkhorn_init!r}")
+        positive("sinkhorn_max_iters")
+        for name in ("sinkhorn_tol", "load_balance_weight", "z_loss_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                raise ConfigError(f"config field '{name}' must be a number >= 0, got {value!r}")
         if not 0 < self.dt_min <= self.dt_max:
             raise ConfigError(f"config needs 0 < dt_min <= dt_max, got {self.dt_min}, {self.dt_max}")
 

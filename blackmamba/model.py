@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import BlackMambaConfig
-from .layers import MambaCache, MambaMixer, MoE, RMSNorm
+from .layers import MambaCache, MambaMixer, MoE, RMSNorm, RouterStats
 
 # Parameters kept in fp32 whatever the model dtype (name suffixes).
 FP32_PARAMS = ("mixer.A_log", "mixer.D", "mixer.dt_proj.bias")
@@ -33,14 +33,18 @@ class Block(nn.Module):
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         self.mixer: MambaMixer | MoE = MambaMixer(config) if kind == "mamba" else MoE(config)
 
-    def forward(self, x: Tensor, cache: MambaCache | None = None, mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, cache: MambaCache | None = None, mask: Tensor | None = None
+    ) -> tuple[Tensor, RouterStats | None]:
         h = self.norm(x.to(self.norm.weight.dtype))
-        h = self.mixer(h, cache, mask) if self.kind == "mamba" else self.mixer(h)
-        return x + h
+        if self.kind == "mamba":
+            return x + self.mixer(h, cache, mask), None
+        h, stats = self.mixer(h)
+        return x + h, stats
 
     def step(self, x: Tensor, cache: MambaCache | None) -> Tensor:
         h = self.norm(x.to(self.norm.weight.dtype))
-        h = self.mixer.step(h, cache) if self.kind == "mamba" else self.mixer(h)
+        h = self.mixer.step(h, cache) if self.kind == "mamba" else self.mixer(h)[0]
         return x + h
 
 
@@ -55,8 +59,14 @@ class InferenceCache:
 
 @dataclass
 class BlackMambaOutput:
+    """``logits`` (B, L, V); ``expert_counts`` (n_moe_blocks, E) tokens per expert in each MoE block;
+    ``aux_loss`` the weighted router losses (training, when enabled); ``sinkhorn_iters`` per MoE block."""
+
     logits: Tensor
     cache: InferenceCache | None = None
+    expert_counts: Tensor | None = None
+    aux_loss: Tensor | None = None
+    sinkhorn_iters: list[int] = field(default_factory=list)
 
 
 class BlackMamba(nn.Module):
@@ -95,13 +105,23 @@ class BlackMamba(nn.Module):
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
         x = self.embedding(input_ids).float()
+        stats: list[RouterStats] = []
         for i, block in enumerate(self.layers):
-            x = block(x, None if cache is None else cache.layers[i], mask)
+            x, block_stats = block(x, None if cache is None else cache.layers[i], mask)
+            if block_stats is not None:
+                stats.append(block_stats)
         if cache is not None:
             cache.seqlen_offset += input_ids.shape[1]
         if num_last_tokens > 0:
             x = x[:, -num_last_tokens:]
-        return BlackMambaOutput(logits=self._head(x), cache=cache)
+        losses = [s.aux_loss for s in stats if s.aux_loss is not None]
+        return BlackMambaOutput(
+            logits=self._head(x),
+            cache=cache,
+            expert_counts=torch.stack([s.counts_E for s in stats]) if stats else None,
+            aux_loss=sum(losses) if losses else None,
+            sinkhorn_iters=[s.sinkhorn_iters for s in stats],
+        )
 
     def step(self, token_ids: Tensor, cache: InferenceCache) -> Tensor:
         """One token per sequence: token_ids (B,) -> logits (B, V); advances ``cache``."""

@@ -1,12 +1,16 @@
 """The MoE sublayer: a Linear router with bias, sigmoid top-1 routing, gated expert MLPs (spec section 1.4).
 
 Named steps: route (router logits in fp32 -> expert, gate) then the experts kernel, which permutes
-tokens by expert, runs the gated MLPs over stacked weights and un-permutes with the gate.
+tokens by expert, runs the gated MLPs over stacked weights and un-permutes with the gate. In training
+mode the expert is chosen by Sinkhorn (or plain top-1, per config) and the optional router losses are
+computed; every call also returns the number of tokens per expert. Losses and counts are returned in a
+:class:`RouterStats`, never kept on the module.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +18,17 @@ from torch import Tensor, nn
 
 from ..config import BlackMambaConfig
 from ..kernels import moe_experts
-from ..routing import top1_sigmoid
+from ..routing import load_balancing_loss, router_z_loss, sinkhorn_top1, top1_sigmoid
+
+
+@dataclass
+class RouterStats:
+    """What one MoE call reports: tokens per expert (E,), the weighted auxiliary loss (training only,
+    None when no loss is enabled) and the Sinkhorn iterations used (0 without Sinkhorn)."""
+
+    counts_E: Tensor
+    aux_loss: Tensor | None = None
+    sinkhorn_iters: int = 0
 
 
 class MoE(nn.Module):
@@ -22,6 +36,8 @@ class MoE(nn.Module):
         super().__init__()
         d, f, e = config.d_model, config.d_ff, config.n_experts
         self.activation = config.moe_activation
+        self.n_experts = e
+        self.config = config
         self.router = nn.Linear(d, e, bias=True)
         self.w1 = nn.Parameter(torch.empty(e, 2 * f, d))  # (E, 2F, D): rows [0, F) activated, [F, 2F) linear
         self.w2 = nn.Parameter(torch.empty(e, d, f))  # (E, D, F)
@@ -34,14 +50,32 @@ class MoE(nn.Module):
         nn.init.normal_(self.w1, std=std)
         nn.init.normal_(self.w2, std=std / math.sqrt(2 * config.n_layers))
 
-    def route(self, x_TD: Tensor) -> tuple[Tensor, Tensor]:
-        """Router logits in fp32, then top-1: (expert index (T,), gate (T,))."""
-        logits_TE = F.linear(x_TD.float(), self.router.weight.float(), self.router.bias.float())
-        return top1_sigmoid(logits_TE)
+    def router_logits(self, x_TD: Tensor) -> Tensor:
+        return F.linear(x_TD.float(), self.router.weight.float(), self.router.bias.float())
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x: (B, L, D) -> (B, L, D)."""
+    def route(self, x_TD: Tensor) -> tuple[Tensor, Tensor]:
+        """Router logits in fp32, then sigmoid top-1 as in the released code: (expert (T,), gate (T,))."""
+        return top1_sigmoid(self.router_logits(x_TD))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, RouterStats]:
+        """x: (B, L, D) -> (B, L, D) and the routing statistics of this call."""
+        cfg = self.config
         x_TD = x.reshape(-1, x.shape[-1])
-        expert_T, gate_T = self.route(x_TD)
+        logits_TE = self.router_logits(x_TD)
+        iters, aux = 0, None
+        if self.training and cfg.train_routing == "sinkhorn":
+            expert_T, gate_T, iters = sinkhorn_top1(
+                logits_TE, cfg.sinkhorn_tol, cfg.sinkhorn_max_iters, cfg.sinkhorn_init
+            )
+        else:
+            expert_T, gate_T = top1_sigmoid(logits_TE)
+        if self.training:
+            terms = []
+            if cfg.load_balance_weight > 0:
+                terms.append(cfg.load_balance_weight * load_balancing_loss(logits_TE, expert_T))
+            if cfg.z_loss_weight > 0:
+                terms.append(cfg.z_loss_weight * router_z_loss(logits_TE))
+            aux = sum(terms) if terms else None
         y_TD = moe_experts(x_TD, expert_T, gate_T, self.w1, self.w2, self.activation)
-        return y_TD.view_as(x)
+        counts_E = torch.bincount(expert_T, minlength=self.n_experts)
+        return y_TD.view_as(x), RouterStats(counts_E, aux, iters)
