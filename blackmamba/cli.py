@@ -3,7 +3,11 @@
     blackmamba generate --model DIR --prompt TEXT [...]   text generation (greedy by default)
     blackmamba info DIR                                    parameters, layer pattern, dtype, size on disk
     blackmamba convert SRC DST [--to ours|released]        between the released layout and ours
-    blackmamba demo                                        build, save, reload and generate with a small model
+    blackmamba data prepare --source NAME_OR_PATH... --out DIR [--tokenizer neox|bpe:VOCAB]
+    blackmamba train (--preset NAME | --config FILE) --data DIR --out RUN [...]
+    blackmamba plot RUN                                    PNG plots of a training run
+    blackmamba flops (--preset NAME | --config FILE)       FLOPs per token vs dense Mamba / transformer
+    blackmamba demo                                        prepare Shakespeare, train, evaluate, generate
 
 Errors in the input (missing model, corrupt checkpoint, bad option) print one line and exit 1.
 """
@@ -11,6 +15,7 @@ Errors in the input (missing model, corrupt checkpoint, bad option) print one li
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Sequence
@@ -20,6 +25,8 @@ import torch
 from .checkpoint import CheckpointError, checkpoint_size, convert, detect_layout, expected_shapes, load_config
 from .config import ConfigError
 from .tokenizer import TokenizerError
+from .training.data import DataError
+from .training.trainer import TrainingError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -184,7 +191,53 @@ def cmd_convert(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
-    run_demo(out_dir=args.out, prompt=args.prompt, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    run_demo(
+        out_dir=args.out,
+        prompt=args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        minutes=args.minutes,
+    )
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> None:
+    from .training.data import prepare
+
+    manifest = prepare(args.source, args.out, args.tokenizer, args.val_fraction, args.dtype)
+    for split, info in manifest["splits"].items():
+        print(f"{split:<6} {len(info['documents']):>6} documents {info['tokens']:>12,} tokens")
+    print(
+        f"vocabulary {manifest['vocab_size']:,} ({manifest['tokenizer']}), stored as {manifest['dtype']} in {args.out}"
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .training.trainer import TrainArgs, train
+
+    fields = TrainArgs.__dataclass_fields__
+    summary = train(TrainArgs(**{k: v for k, v in vars(args).items() if k in fields}))
+    print(json.dumps(summary, indent=1))
+
+
+def cmd_plot(args: argparse.Namespace) -> None:
+    from .training.plots import plot_run
+
+    for path in plot_run(args.run):
+        print(f"wrote {path}")
+
+
+def cmd_flops(args: argparse.Namespace) -> None:
+    from .config import BlackMambaConfig
+    from .training.flops import comparison
+
+    if bool(args.preset) == bool(args.config):
+        raise CliError("give exactly one of --preset or --config")
+    config = BlackMambaConfig.from_preset(args.preset) if args.preset else BlackMambaConfig.from_json(args.config)
+    print(f"FLOPs per token at sequence length {args.seq_len} (see blackmamba/training/flops.py for the formulas)")
+    print(f"{'model':<48} {'active params':>15} {'forward':>12} {'train':>12}")
+    for row in comparison(config, args.seq_len):
+        forward, train = row["forward"] / 1e9, row["train"] / 1e9
+        print(f"{row['model']:<48} {row['active_params']:>15,} {forward:>10.3f} G {train:>10.3f} G")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -217,12 +270,75 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--to", choices=["ours", "released"], default=None, help="target layout (default: the other one)")
     c.set_defaults(func=cmd_convert)
 
-    d = sub.add_parser("demo", help="build a small model, save it, reload it and generate")
-    d.add_argument("--out", default="runs/demo", help="where to write the model (default runs/demo)")
+    d = sub.add_parser("demo", help="prepare Shakespeare, train the small preset, evaluate, generate")
+    d.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
     d.add_argument("--prompt", default="ROMEO:", help="prompt for the sample")
-    d.add_argument("--max-new-tokens", type=int, default=48)
+    d.add_argument("--max-new-tokens", type=int, default=300)
+    d.add_argument("--minutes", type=float, default=9.0, help="training time budget (default 9)")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_demo)
+
+    data = sub.add_parser("data", help="training data")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    prep = data_sub.add_parser("prepare", help="tokenize text into memory-mapped shards")
+    prep.add_argument(
+        "--source", nargs="+", required=True, help="shakespeare, pystdlib, or .txt/.md/.jsonl files or folders"
+    )
+    prep.add_argument("--out", required=True, help="output directory")
+    prep.add_argument("--tokenizer", default="neox", help="neox (GPT-NeoX-20B) or bpe:VOCAB (trained here)")
+    prep.add_argument("--val-fraction", type=float, default=0.05, help="fraction of documents held out")
+    prep.add_argument("--dtype", default="auto", choices=["auto", "uint16", "uint32"], help="token storage type")
+    prep.set_defaults(func=cmd_data_prepare)
+
+    t = sub.add_parser("train", help="train a model")
+    src = t.add_mutually_exclusive_group()
+    src.add_argument("--preset", help="model preset (tiny, small, blackmamba-1.5b, blackmamba-2.8b)")
+    src.add_argument("--config", help="model config JSON")
+    t.add_argument("--data", required=True, help="directory from `blackmamba data prepare`")
+    t.add_argument("--out", required=True, help="run directory (metrics, checkpoints, plots)")
+    t.add_argument("--max-steps", type=int, help="optimizer steps")
+    t.add_argument("--max-minutes", type=float, help="time budget; the schedule is fitted to it")
+    t.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch")
+    t.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
+    t.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    t.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    t.add_argument("--min-lr", type=float, default=2e-4, help="final learning rate of the cosine decay")
+    t.add_argument("--warmup", type=int, default=50, help="linear warmup steps")
+    t.add_argument(
+        "--weight-decay", type=float, default=0.1, help="AdamW weight decay (not on A_log, D, norms, biases, embedding)"
+    )
+    t.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping (0 = off)")
+    t.add_argument("--eval-every", type=int, default=100, help="validation every N steps")
+    t.add_argument("--eval-tokens", type=int, default=65536, help="validation tokens per evaluation")
+    t.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
+    t.add_argument("--keep-last", type=int, default=2, help="checkpoints to keep")
+    t.add_argument("--log-every", type=int, default=10, help="metrics row every N steps")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    t.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="auto: bf16 autocast on GPU, fp32 on CPU",
+    )
+    t.add_argument("--compile", action="store_true", help="torch.compile the model")
+    t.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
+    t.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    t.add_argument("--init-from", help="start from this checkpoint (released layout or ours)")
+    t.add_argument("--peak-tflops", type=float, help="peak TFLOP/s for MFU (default 784 on GPU)")
+    t.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    t.set_defaults(func=cmd_train)
+
+    pl = sub.add_parser("plot", help="write PNG plots of a training run")
+    pl.add_argument("run", help="run directory")
+    pl.set_defaults(func=cmd_plot)
+
+    fl = sub.add_parser("flops", help="FLOPs per token next to dense Mamba and dense transformer")
+    fsrc = fl.add_mutually_exclusive_group()
+    fsrc.add_argument("--preset")
+    fsrc.add_argument("--config")
+    fl.add_argument("--seq-len", type=int, default=2048)
+    fl.set_defaults(func=cmd_flops)
     return parser
 
 
@@ -233,7 +349,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     try:
         args.func(args)
-    except (CliError, CheckpointError, ConfigError, TokenizerError, ValueError, FileNotFoundError) as e:
+    except (
+        CliError,
+        CheckpointError,
+        ConfigError,
+        TokenizerError,
+        DataError,
+        TrainingError,
+        ValueError,
+        FileNotFoundError,
+    ) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from .config import BlackMambaConfig
@@ -77,6 +78,8 @@ class BlackMamba(nn.Module):
         self.layers = nn.ModuleList(Block(config, kind) for kind in config.layer_pattern)
         self.final_norm = nn.LayerNorm(config.d_model, eps=config.norm_eps)
         nn.init.normal_(self.embedding.weight, std=config.initializer_range)
+        # Recompute each block's activations in the backward pass instead of storing them (training only).
+        self.gradient_checkpointing = False
 
     @property
     def dtype(self) -> torch.dtype:
@@ -106,8 +109,13 @@ class BlackMamba(nn.Module):
             raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
         x = self.embedding(input_ids).float()
         stats: list[RouterStats] = []
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.layers):
-            x, block_stats = block(x, None if cache is None else cache.layers[i], mask)
+            layer_cache = None if cache is None else cache.layers[i]
+            if checkpointing:
+                x, block_stats = torch.utils.checkpoint.checkpoint(block, x, layer_cache, mask, use_reentrant=False)
+            else:
+                x, block_stats = block(x, layer_cache, mask)
             if block_stats is not None:
                 stats.append(block_stats)
         if cache is not None:

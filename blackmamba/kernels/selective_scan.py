@@ -123,57 +123,23 @@ def selective_scan_chunked(
     q = chunk_size or _chunk_size(length)
     n_chunks = -(-length // q)
     pad = n_chunks * q - length
-    du = dt * u.float()
+    u32 = u.float()
+    du = dt * u32
     B32, C32 = B.float(), C.float()
     if pad:
         # dt = 0 in the padding: decay 1 and no input, so the state passes through unchanged.
-        dt, du = F.pad(dt, (0, 0, 0, pad)), F.pad(du, (0, 0, 0, pad))
+        dt, du, u32 = F.pad(dt, (0, 0, 0, pad)), F.pad(du, (0, 0, 0, pad)), F.pad(u32, (0, 0, 0, pad))
         B32, C32 = F.pad(B32, (0, 0, 0, pad)), F.pad(C32, (0, 0, 0, pad))
     state0 = dt.new_zeros(batch, d_inner, n) if initial_state is None else initial_state.float()
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (u, delta, A, B, C, delta_bias, initial_state)
     )
-    scan = _chunk_scan_autograd if needs_grad else _chunk_scan_inplace
-    y, state = scan(dt, du, B32, C32, A32, state0, q)
+    if needs_grad:
+        y, state = _ChunkedScan.apply(dt, u32, A32, B32, C32, state0, q)
+    else:
+        y, state, _ = _chunk_scan_inplace(dt, du, B32, C32, A32, state0, q)
     out = _finish(y[:, :length], u, D, z)
     return (out, state) if return_final_state else out
-
-
-def _chunk_scan_autograd(dt: Tensor, du: Tensor, B: Tensor, C: Tensor, A: Tensor, state: Tensor, q: int):
-    """The three phases with out-of-place ops, so autograd can differentiate them.
-    dt, du: (B, L, D_in) with L a multiple of q; B, C: (B, L, N); A: (D_in, N); state: (B, D_in, N)."""
-    batch, length, d_inner = dt.shape
-    n, n_chunks = A.shape[1], length // q
-    # (B, n_chunks, Q, ...) views; step j of every chunk is [:, :, j].
-    dt_c = dt.view(batch, n_chunks, q, d_inner)
-    du_c = du.view(batch, n_chunks, q, d_inner)
-    B_c = B.view(batch, n_chunks, q, n)
-    C_c = C.view(batch, n_chunks, q, n)
-
-    # (1) Zero-start scan inside every chunk, all chunks at once.
-    h = dt.new_zeros(batch, n_chunks, d_inner, n)
-    ys = []
-    for j in range(q):
-        h = torch.addcmul(torch.exp(dt_c[:, :, j, :, None] * A) * h, du_c[:, :, j, :, None], B_c[:, :, j, None, :])
-        ys.append(torch.matmul(h, C_c[:, :, j, :, None]).squeeze(-1))
-    y = torch.stack(ys, dim=2)  # (B, n_chunks, Q, D_in)
-
-    # (2) Carry states across chunks: start_{k+1} = exp(A * sum(dt in chunk k)) * start_k + h_local_end_k.
-    chunk_decay = torch.exp(dt_c.sum(dim=2)[..., None] * A)  # (B, n_chunks, D_in, N)
-    starts = []
-    for k in range(n_chunks):
-        starts.append(state)
-        state = chunk_decay[:, k] * state + h[:, k]
-    start = torch.stack(starts, dim=1)  # (B, n_chunks, D_in, N)
-
-    # (3) Each position adds its chunk start state decayed up to it.
-    cum_dt = dt_c.cumsum(dim=2)
-    corrections = []
-    for j in range(q):
-        decayed = torch.exp(cum_dt[:, :, j, :, None] * A) * start
-        corrections.append(torch.matmul(decayed, C_c[:, :, j, :, None]).squeeze(-1))
-    y = y + torch.stack(corrections, dim=2)
-    return y.reshape(batch, length, d_inner), state
 
 
 # Channels per block in the in-place path: small enough that one step's (B, n_chunks, block, N) buffers
@@ -189,6 +155,7 @@ def _chunk_scan_inplace(dt: Tensor, du: Tensor, B: Tensor, C: Tensor, A: Tensor,
     C_c = C.view(batch, n_chunks, q, n)
     y = dt.new_empty(batch, n_chunks, q, d_inner)
     final = dt.new_empty(batch, d_inner, n)
+    all_starts = dt.new_empty(batch, n_chunks, d_inner, n)
     block = max(8, min(d_inner, _INPLACE_BLOCK_ELEMS // max(1, batch * n_chunks * n)))
     for c0 in range(0, d_inner, block):
         c1 = min(d_inner, c0 + block)
@@ -203,7 +170,7 @@ def _chunk_scan_inplace(dt: Tensor, du: Tensor, B: Tensor, C: Tensor, A: Tensor,
         for j in range(q):
             torch.mul(dt_b[:, :, j, :, None], A_b, out=a).exp_()
             h.mul_(a).add_(torch.mul(du_b[:, :, j, :, None], B_c[:, :, j, None, :], out=b))
-            torch.matmul(h, C_c[:, :, j, :, None], out=y_b[:, :, j, :, None])
+            torch.sum(torch.mul(h, C_c[:, :, j, None, :], out=b), dim=-1, out=y_b[:, :, j])
         decay = torch.exp(dt_b.sum(dim=2)[..., None] * A_b)
         state = state0[:, c0:c1].clone()
         starts = torch.empty_like(h)
@@ -211,14 +178,104 @@ def _chunk_scan_inplace(dt: Tensor, du: Tensor, B: Tensor, C: Tensor, A: Tensor,
             starts[:, k] = state
             state.mul_(decay[:, k]).add_(h[:, k])
         final[:, c0:c1] = state
+        all_starts[:, :, c0:c1] = starts
         cum_dt = dt_b.cumsum(dim=2)
-        corr = dt.new_empty(batch, n_chunks, width, 1)
+        corr = dt.new_empty(batch, n_chunks, width)
         for j in range(q):
-            torch.mul(cum_dt[:, :, j, :, None], A_b, out=a).exp_().mul_(starts)
-            torch.matmul(a, C_c[:, :, j, :, None], out=corr)
-            y_b[:, :, j].add_(corr.squeeze(-1))
+            torch.mul(cum_dt[:, :, j, :, None], A_b, out=a).exp_().mul_(starts).mul_(C_c[:, :, j, None, :])
+            y_b[:, :, j].add_(torch.sum(a, dim=-1, out=corr))
         y[..., c0:c1] = y_b
-    return y.view(batch, length, d_inner), final
+    return y.view(batch, length, d_inner), final, all_starts
+
+
+class _ChunkedScan(torch.autograd.Function):
+    """y_t = sum_n C_t h_t and the final state, for h_t = exp(dt_t A) h_{t-1} + dt_t u_t B_t, h_{-1} = h0.
+
+    Forward is the in-place chunked scan, saving only the inputs and the chunk start states. Backward
+    recomputes the states chunk-parallel and runs the adjoint recurrence backwards with the same three
+    phases: lam_t = C_t gy_t + exp(dt_{t+1} A) lam_{t+1} (lam_{L-1} also gets the final-state gradient);
+    then with g_a = lam_t * h_{t-1} * a_t: d dt_t = sum_n g_a A + (sum_n lam_t B_t) u_t,
+    dA = sum_t g_a dt_t, du_t = (sum_n lam_t B_t) dt_t, dB_t = sum_c lam_t dt_t u_t, dC_t = sum_c gy_t h_t,
+    dh0 = a_0 lam_0. Inputs are fp32, L a multiple of the chunk length q.
+    """
+
+    @staticmethod
+    def forward(ctx, dt, u, A, B, C, h0, q):
+        y, final, starts = _chunk_scan_inplace(dt, dt * u, B, C, A, h0, q)
+        ctx.save_for_backward(dt, u, A, B, C, starts)
+        ctx.q = q
+        return y, final
+
+    @staticmethod
+    def backward(ctx, gy, g_final):
+        dt, u, A, B, C, starts = ctx.saved_tensors
+        q = ctx.q
+        batch, length, d_inner = dt.shape
+        n, n_chunks = A.shape[1], length // q
+        dt_c = dt.view(batch, n_chunks, q, d_inner)
+        u_c = u.view(batch, n_chunks, q, d_inner)
+        du_c = dt_c * u_c
+        B_c, C_c = B.view(batch, n_chunks, q, n), C.view(batch, n_chunks, q, n)
+        gy_c = torch.zeros_like(dt_c) if gy is None else gy.float().reshape(batch, n_chunks, q, d_inner)
+
+        def decay(j: int) -> Tensor:
+            return torch.exp(dt_c[:, :, j, :, None] * A)
+
+        # States h_t of every position, from the saved chunk starts.
+        states = dt.new_empty(batch, n_chunks, q, d_inner, n)
+        h = starts.clone()
+        for j in range(q):
+            h.mul_(decay(j)).add_(du_c[:, :, j, :, None] * B_c[:, :, j, None, :])
+            states[:, :, j] = h
+        # Adjoints inside each chunk, starting from zero at the chunk end.
+        lams = dt.new_empty(batch, n_chunks, q, d_inner, n)
+        lam = torch.zeros_like(h)
+        for j in reversed(range(q)):
+            if j < q - 1:
+                lam.mul_(decay(j + 1))
+            lam.add_(gy_c[:, :, j, :, None] * C_c[:, :, j, None, :])
+            lams[:, :, j] = lam
+        # Carry adjoints from the right: incoming[k] is the adjoint entering chunk k at its end.
+        cum_dt = dt_c.cumsum(dim=2)
+        to_end = cum_dt[:, :, -1:, :] - cum_dt  # sum of dt over positions t+1..end of the chunk
+        incoming = torch.empty_like(starts)
+        r = torch.zeros_like(h) if g_final is None else g_final.float().clone()
+        for k in reversed(range(n_chunks)):
+            incoming[:, k] = r
+            lam_first = lams[:, k, 0] + torch.exp(to_end[:, k, 0, :, None] * A) * r
+            r = torch.exp(dt_c[:, k, 0, :, None] * A) * lam_first
+        g_h0 = r
+        for j in range(q):
+            lams[:, :, j].add_(torch.exp(to_end[:, :, j, :, None] * A) * incoming)
+        # Parameter and input gradients, position by position (all chunks at once).
+        g_dt = torch.empty_like(dt_c)
+        g_du = torch.empty_like(dt_c)
+        g_B = torch.empty_like(B_c)
+        g_C = torch.empty_like(C_c)
+        g_A = torch.zeros_like(A)
+        for j in range(q):
+            lam = lams[:, :, j]
+            h_prev = starts if j == 0 else states[:, :, j - 1]
+            g_a = lam * h_prev
+            g_a.mul_(decay(j))
+            # Small contractions as multiply + sum: batched tiny matmuls are far slower on CPU.
+            g_dt[:, :, j] = (g_a * A).sum(-1)
+            g_A += (g_a * dt_c[:, :, j, :, None]).sum((0, 1))
+            g_du[:, :, j] = (lam * B_c[:, :, j, None, :]).sum(-1)
+            g_B[:, :, j] = (lam * du_c[:, :, j, :, None]).sum(2)
+            g_C[:, :, j] = (states[:, :, j] * gy_c[:, :, j, :, None]).sum(2)
+        g_dt += g_du * u_c
+        g_u = g_du * dt_c
+        shape = (batch, length)
+        return (
+            g_dt.view(*shape, d_inner),
+            g_u.view(*shape, d_inner),
+            g_A,
+            g_B.view(*shape, n),
+            g_C.view(*shape, n),
+            g_h0,
+            None,
+        )
 
 
 def selective_scan(

@@ -1,0 +1,36 @@
+"""AdamW with the usual exclusions from weight decay, and a warmup + cosine learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+# No weight decay on the SSM's A_log and D, on norms, biases and the (tied) embedding.
+NO_DECAY_SUFFIXES = ("A_log", "mixer.D", "bias", "norm.weight", "embedding.weight")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if name.endswith(NO_DECAY_SUFFIXES) else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, fused: bool = False) -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+
+
+def lr_at(step: int, max_steps: int, lr: float, min_lr: float, warmup: int) -> float:
+    """Linear warmup over ``warmup`` steps, then cosine decay to ``min_lr`` at ``max_steps``."""
+    if warmup > 0 and step < warmup:
+        return lr * (step + 1) / warmup
+    span = max(1, max_steps - warmup)
+    progress = min(1.0, (step - warmup) / span)
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))

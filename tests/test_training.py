@@ -1,0 +1,210 @@
+"""Training: data preparation, the loop, exact resume, crash safety, non-finite stops, fine-tuning."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from blackmamba import BlackMamba, BlackMambaConfig, load_pretrained, save_released
+from blackmamba.training.data import DataError, TokenData, prepare, token_dtype
+from blackmamba.training.flops import active_params, comparison, flops_per_token
+from blackmamba.training.trainer import TrainArgs, TrainingError, train
+
+WORDS = "the king queen castle sword crown horse river night day love war peace bread wine".split()
+
+
+def write_corpus(root: Path, n_docs: int = 12, seed: int = 0) -> Path:
+    """Small documents with learnable structure (a fixed successor for most words)."""
+    rng = np.random.default_rng(seed)
+    succ = {w: WORDS[(i * 5 + 3) % len(WORDS)] for i, w in enumerate(WORDS)}
+    root.mkdir(parents=True, exist_ok=True)
+    for d in range(n_docs):
+        w, words = WORDS[d % len(WORDS)], []
+        for _ in range(400):
+            words.append(w)
+            w = succ[w] if rng.random() < 0.85 else WORDS[rng.integers(len(WORDS))]
+        (root / f"doc{d:02d}.txt").write_text(" ".join(words) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    prepare([str(write_corpus(root / "text"))], root / "tok", tokenizer="bpe:300", val_fraction=0.2)
+    return root / "tok"
+
+
+def tiny_args(data_dir, out, **kw):
+    base = dict(
+        data=str(data_dir),
+        out=str(out),
+        preset="tiny",
+        max_steps=12,
+        batch_size=4,
+        seq_len=32,
+        lr=3e-3,
+        warmup=2,
+        eval_every=6,
+        eval_tokens=2048,
+        save_every=6,
+        log_every=1,
+        progress=False,
+    )
+    return TrainArgs(**{**base, **kw})
+
+
+def metric_rows(run):
+    return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_prepare_is_deterministic_and_splits_by_document(tmp_path):
+    text = write_corpus(tmp_path / "text")
+    a = prepare([str(text)], tmp_path / "a", tokenizer="bpe:300", val_fraction=0.25)
+    b = prepare([str(text)], tmp_path / "b", tokenizer="bpe:300", val_fraction=0.25)
+    assert a == b
+    for split in ("train", "val"):
+        for shard in a["splits"][split]["shards"]:
+            assert (tmp_path / "a" / shard["file"]).read_bytes() == (tmp_path / "b" / shard["file"]).read_bytes()
+    train_docs, val_docs = set(a["splits"]["train"]["documents"]), set(a["splits"]["val"]["documents"])
+    assert train_docs and val_docs and not train_docs & val_docs
+    assert len(train_docs | val_docs) == 12
+    assert a["dtype"] == "uint16"
+    data = TokenData(tmp_path / "a", "train")
+    assert len(data) == a["splits"]["train"]["tokens"]
+    x, y = data.batch(data.window_starts(0, 3, 2, 16), 16)
+    assert x.shape == (2, 16) and torch.equal(x[:, 1:], y[:, :-1])
+
+
+def test_prepare_errors_name_the_problem(tmp_path):
+    with pytest.raises(DataError, match="unknown source"):
+        prepare(["no-such-corpus"], tmp_path / "o")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="no .txt"):
+        prepare([str(empty)], tmp_path / "o")
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"caf\xe9 latin-1")
+    with pytest.raises(DataError, match="bad.txt is not valid UTF-8"):
+        prepare([str(bad)], tmp_path / "o", tokenizer="bpe:300")
+    with pytest.raises(DataError, match="does not fit in uint16"):
+        token_dtype(70000, "uint16")
+    assert token_dtype(70000).name == "uint32"
+    lines = tmp_path / "d.jsonl"
+    lines.write_text('{"text": "hello"}\n{"no_text": 1}\n')
+    with pytest.raises(DataError, match="d.jsonl line 2"):
+        prepare([str(lines)], tmp_path / "o")
+
+
+def test_loss_decreases_and_metrics_are_written(data_dir, tmp_path):
+    summary = train(tiny_args(data_dir, tmp_path / "run", max_steps=30, eval_every=30, save_every=100))
+    rows = [r for r in metric_rows(tmp_path / "run") if "loss" in r]
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.5
+    assert summary["val_loss"] < rows[0]["loss"] - 0.5
+    assert 0 < summary["unigram_val_loss"] < np.log(300)
+    assert {"step", "loss", "lr", "tokens_per_s", "expert_load", "sinkhorn_iters"} <= set(rows[0])
+    assert len(rows[0]["expert_load"]) == 2 and abs(sum(rows[0]["expert_load"][0]) - 1) < 1e-6
+    model = load_pretrained(summary["checkpoint"])
+    assert model.config.vocab_size >= 300
+
+
+def test_resume_gives_the_same_loss_curve(data_dir, tmp_path):
+    train(tiny_args(data_dir, tmp_path / "full"))
+    train(tiny_args(data_dir, tmp_path / "cut", max_steps=12, save_every=6))
+    # Simulate an interruption after step 6: keep only the step-6 checkpoint, then resume.
+    ckpts = sorted((tmp_path / "cut" / "checkpoints").iterdir())
+    assert [c.name for c in ckpts] == ["step-00000006", "step-00000012"]
+    import shutil
+
+    shutil.rmtree(ckpts[-1])
+    train(tiny_args(data_dir, tmp_path / "cut", resume=True))
+    full = [(r["step"], r["loss"]) for r in metric_rows(tmp_path / "full") if "loss" in r]
+    resumed = [(r["step"], r["loss"]) for r in metric_rows(tmp_path / "cut") if "loss" in r]
+    assert full == resumed
+
+
+def test_kill_during_checkpoint_write_keeps_the_previous_one(data_dir, tmp_path):
+    run = tmp_path / "run"
+    code = (
+        "from blackmamba.training.trainer import train, TrainArgs\n"
+        f"train(TrainArgs(data={str(data_dir)!r}, out={str(run)!r}, preset='tiny', max_steps=12, batch_size=2,"
+        " seq_len=16, save_every=6, eval_every=100, progress=False))\n"
+    )
+    env = {**os.environ, "BLACKMAMBA_TEST_SAVE_DELAY": "30"}
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env)
+    try:
+        deadline = time.time() + 120
+        tmp_dirs = []
+        while time.time() < deadline and not tmp_dirs:
+            time.sleep(0.2)
+            root = run / "checkpoints"
+            tmp_dirs = [p for p in root.iterdir() if p.name.startswith(".")] if root.is_dir() else []
+        assert tmp_dirs, "the checkpoint write never started"
+        time.sleep(1.0)  # model weights written, trainer state not yet
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (run / "checkpoints" / "step-00000006").exists()  # the interrupted write never appears
+    # Continue: the run restarts cleanly and finishes; every checkpoint directory is complete.
+    train(
+        TrainArgs(
+            data=str(data_dir),
+            out=str(run),
+            preset="tiny",
+            max_steps=12,
+            batch_size=2,
+            seq_len=16,
+            save_every=6,
+            eval_every=100,
+            progress=False,
+        )
+    )
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == ["step-00000006", "step-00000012"]
+    load_pretrained(run / "checkpoints" / "step-00000012")
+
+
+def test_resume_rejects_a_corrupt_checkpoint(data_dir, tmp_path):
+    train(tiny_args(data_dir, tmp_path / "run", max_steps=6))
+    ckpt = sorted((tmp_path / "run" / "checkpoints").iterdir())[-1]
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(Exception, match="truncated or corrupt"):
+        train(tiny_args(data_dir, tmp_path / "run", resume=True))
+
+
+def test_non_finite_loss_stops_with_a_clear_message(data_dir, tmp_path):
+    train(tiny_args(data_dir, tmp_path / "run", max_steps=6, save_every=6))
+    before = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    with pytest.raises(TrainingError, match="non-finite"):
+        train(tiny_args(data_dir, tmp_path / "run", resume=True, max_steps=30, lr=1e30, warmup=0, clip=0))
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
+    load_pretrained(tmp_path / "run" / "checkpoints" / before[-1])
+
+
+def test_init_from_a_released_layout_checkpoint(data_dir, tmp_path):
+    config = BlackMambaConfig.from_preset("tiny", vocab_size=320, n_experts=8)
+    torch.manual_seed(0)
+    save_released(BlackMamba(config), tmp_path / "released")
+    summary = train(
+        tiny_args(data_dir, tmp_path / "ft", preset=None, init_from=str(tmp_path / "released"), max_steps=4)
+    )
+    assert load_pretrained(summary["checkpoint"]).config.n_experts == 8
+
+
+def test_flops_counts():
+    config = BlackMambaConfig.from_preset("blackmamba-2.8b")
+    assert active_params(config, embedding=True) == 628_770_832
+    fpt = flops_per_token(config)
+    assert 2 * 628_770_832 * 0.95 < fpt["forward"] < 2 * 628_770_832 * 1.05
+    assert fpt["train"] == 3 * fpt["forward"]
+    rows = comparison(config, seq_len=2048)
+    assert rows[2]["forward"] > rows[0]["forward"]  # attention costs extra at L = 2048
