@@ -144,7 +144,7 @@ def selective_scan_chunked(
 
 # Channels per block in the in-place path: small enough that one step's (B, n_chunks, block, N) buffers
 # stay in a core's cache, large enough that Python overhead per op stays small.
-_INPLACE_BLOCK_ELEMS = 2**17
+_INPLACE_BLOCK_ELEMS = 2**20
 
 
 def _chunk_scan_inplace(dt: Tensor, du: Tensor, B: Tensor, C: Tensor, A: Tensor, state0: Tensor, q: int):
@@ -221,15 +221,9 @@ class _ChunkedScan(torch.autograd.Function):
         def decay(j: int) -> Tensor:
             return torch.exp(dt_c[:, :, j, :, None] * A)
 
-        # States h_t of every position, from the saved chunk starts.
-        states = dt.new_empty(batch, n_chunks, q, d_inner, n)
-        h = starts.clone()
-        for j in range(q):
-            h.mul_(decay(j)).add_(du_c[:, :, j, :, None] * B_c[:, :, j, None, :])
-            states[:, :, j] = h
         # Adjoints inside each chunk, starting from zero at the chunk end.
         lams = dt.new_empty(batch, n_chunks, q, d_inner, n)
-        lam = torch.zeros_like(h)
+        lam = torch.zeros_like(starts)
         for j in reversed(range(q)):
             if j < q - 1:
                 lam.mul_(decay(j + 1))
@@ -239,31 +233,33 @@ class _ChunkedScan(torch.autograd.Function):
         cum_dt = dt_c.cumsum(dim=2)
         to_end = cum_dt[:, :, -1:, :] - cum_dt  # sum of dt over positions t+1..end of the chunk
         incoming = torch.empty_like(starts)
-        r = torch.zeros_like(h) if g_final is None else g_final.float().clone()
+        r = torch.zeros_like(starts) if g_final is None else g_final.float().clone()
         for k in reversed(range(n_chunks)):
             incoming[:, k] = r
             lam_first = lams[:, k, 0] + torch.exp(to_end[:, k, 0, :, None] * A) * r
             r = torch.exp(dt_c[:, k, 0, :, None] * A) * lam_first
         g_h0 = r
-        for j in range(q):
-            lams[:, :, j].add_(torch.exp(to_end[:, :, j, :, None] * A) * incoming)
-        # Parameter and input gradients, position by position (all chunks at once).
+        # Recompute the states from the chunk starts, position by position (all chunks at once), and
+        # accumulate the gradients as we go; small contractions as multiply + sum (batched tiny matmuls
+        # are far slower on CPU).
         g_dt = torch.empty_like(dt_c)
         g_du = torch.empty_like(dt_c)
         g_B = torch.empty_like(B_c)
         g_C = torch.empty_like(C_c)
         g_A = torch.zeros_like(A)
+        h = starts.clone()
+        g_a = torch.empty_like(h)
         for j in range(q):
             lam = lams[:, :, j]
-            h_prev = starts if j == 0 else states[:, :, j - 1]
-            g_a = lam * h_prev
-            g_a.mul_(decay(j))
-            # Small contractions as multiply + sum: batched tiny matmuls are far slower on CPU.
+            lam.add_(torch.exp(to_end[:, :, j, :, None] * A).mul_(incoming))
+            a = decay(j)
+            torch.mul(lam, h, out=g_a).mul_(a)  # uses h_{t-1}
+            h.mul_(a).add_(du_c[:, :, j, :, None] * B_c[:, :, j, None, :])  # now h_t
             g_dt[:, :, j] = (g_a * A).sum(-1)
             g_A += (g_a * dt_c[:, :, j, :, None]).sum((0, 1))
             g_du[:, :, j] = (lam * B_c[:, :, j, None, :]).sum(-1)
             g_B[:, :, j] = (lam * du_c[:, :, j, :, None]).sum(2)
-            g_C[:, :, j] = (states[:, :, j] * gy_c[:, :, j, :, None]).sum(2)
+            g_C[:, :, j] = (h * gy_c[:, :, j, :, None]).sum(2)
         g_dt += g_du * u_c
         g_u = g_du * dt_c
         shape = (batch, length)
