@@ -112,3 +112,16 @@ def test_top1_ties_go_to_lowest_expert_like_the_reference():
     expert, gate = top1_sigmoid(logits)
     assert expert.tolist() == [0, 1, 0]  # sigmoid(40) == sigmoid(50) == 1.0 in fp32
     torch.testing.assert_close(gate, torch.sigmoid(torch.tensor([40.0, 0.3, -1.0])))
+
+
+def test_forward_and_backward_under_bf16_autocast():
+    """Training on GPU runs fp32 weights under bf16 autocast; the CPU autocast exercises the same dtypes."""
+    model = tiny_model(4).train()
+    ids = torch.randint(0, 256, (2, 20))
+    for backend in ("torch", "ref"):
+        with use_backend(backend), torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(ids).logits
+        assert logits.dtype == torch.bfloat16
+        logits.float().logsumexp(-1).mean().backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        model.zero_grad()

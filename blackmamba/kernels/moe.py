@@ -49,11 +49,17 @@ def moe_experts_ref(
 ) -> Tensor:
     """Loop over experts with masks. x: (T, D); expert: (T,) int; gate: (T,). Returns (T, D) in x's dtype."""
     _check(x_TD, expert_T, gate_T, w1_EFD, w2_EDF)
-    y_TD = torch.zeros_like(x_TD)
+    outs = {}
     for e in range(w1_EFD.shape[0]):
         mask = expert_T == e
         h = gated_activation(x_TD[mask] @ w1_EFD[e].t(), activation)
-        y_TD = y_TD.index_put((mask,), (h @ w2_EDF[e].t()) * gate_T[mask, None].to(x_TD.dtype))
+        out = h @ w2_EDF[e].t()
+        outs[e] = (mask, out * gate_T[mask, None].to(out.dtype))
+    # The experts' dtype (which autocast may lower) sets the output's.
+    dtype = next(iter(outs.values()))[1].dtype
+    y_TD = x_TD.new_zeros(x_TD.shape, dtype=dtype)
+    for mask, out in outs.values():
+        y_TD = y_TD.index_put((mask,), out)
     return y_TD
 
 
@@ -81,7 +87,7 @@ def moe_experts_sorted(
     order_T, counts_E = permute(expert_T, w1_EFD.shape[0])
     y_sorted = experts_sorted(x_TD[order_T], counts_E, w1_EFD, w2_EDF, activation)
     y_sorted = y_sorted * gate_T[order_T, None].to(y_sorted.dtype)
-    return torch.zeros_like(x_TD).index_copy(0, order_T, y_sorted)
+    return x_TD.new_zeros(x_TD.shape, dtype=y_sorted.dtype).index_copy(0, order_T, y_sorted)
 
 
 def moe_experts(
