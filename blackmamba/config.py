@@ -37,7 +37,9 @@ class BlackMambaConfig:
 
     Routing: in eval mode every model routes like the released code (sigmoid, top-1). In training mode
     ``train_routing`` picks the expert either by Sinkhorn ("sinkhorn", the paper's choice; ``sinkhorn_*``
-    set its initialisation, tolerance and iteration cap) or by plain top-1 ("top1"). The optional
+    set its initialisation, tolerance, iteration cap and stopping test; see
+    :mod:`blackmamba.routing.sinkhorn` for why the scale-free "marginals" test can matter) or by plain
+    top-1 ("top1"). The optional
     switch-style balancing loss and router z-loss are weighted by ``load_balance_weight`` and
     ``z_loss_weight`` (0 = off, as in the paper).
     """
@@ -64,6 +66,7 @@ class BlackMambaConfig:
     sinkhorn_init: str = "zyphra"
     sinkhorn_tol: float = 1e-4
     sinkhorn_max_iters: int = 50
+    sinkhorn_criterion: str = "released"
     load_balance_weight: float = 0.0
     z_loss_weight: float = 0.0
 
@@ -114,6 +117,10 @@ class BlackMambaConfig:
             raise ConfigError(f"config field 'train_routing' must be 'sinkhorn' or 'top1', got {self.train_routing!r}")
         if self.sinkhorn_init not in ("zyphra", "ones"):
             raise ConfigError(f"config field 'sinkhorn_init' must be 'zyphra' or 'ones', got {self.sinkhorn_init!r}")
+        if self.sinkhorn_criterion not in ("released", "marginals"):
+            raise ConfigError(
+                f"config field 'sinkhorn_criterion' must be 'released' or 'marginals', got {self.sinkhorn_criterion!r}"
+            )
         positive("sinkhorn_max_iters")
         for name in ("sinkhorn_tol", "load_balance_weight", "z_loss_weight"):
             value = getattr(self, name)

@@ -78,3 +78,11 @@ def test_training_mode_reports_counts_iterations_and_losses():
     model.eval()
     out = model(ids)
     assert out.aux_loss is None and out.sinkhorn_iters == [0, 0]
+
+
+def test_config_selects_the_stopping_test():
+    model = tiny_model(sinkhorn_criterion="marginals", sinkhorn_init="ones", sinkhorn_tol=1e-3).train()
+    out = model(torch.randint(0, 256, (2, 40)))
+    assert all(i >= 2 for i in out.sinkhorn_iters)
+    with pytest.raises(ValueError, match="sinkhorn_criterion"):
+        tiny_model(sinkhorn_criterion="never")

@@ -208,3 +208,12 @@ def test_flops_counts():
     assert fpt["train"] == 3 * fpt["forward"]
     rows = comparison(config, seq_len=2048)
     assert rows[2]["forward"] > rows[0]["forward"]  # attention costs extra at L = 2048
+
+
+def test_time_budget_fits_the_schedule(data_dir, tmp_path):
+    summary = train(tiny_args(data_dir, tmp_path / "run", max_steps=None, max_minutes=0.05, save_every=10**6))
+    assert 1 <= summary["step"] <= summary["max_steps"]
+    rows = [r for r in metric_rows(tmp_path / "run") if "lr" in r]
+    assert rows and all(r["lr"] > 0 for r in rows)
+    with pytest.raises(TrainingError, match="max-steps or --max-minutes"):
+        train(tiny_args(data_dir, tmp_path / "run2", max_steps=None))

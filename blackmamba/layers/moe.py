@@ -65,7 +65,7 @@ class MoE(nn.Module):
         iters, aux = 0, None
         if self.training and cfg.train_routing == "sinkhorn":
             expert_T, gate_T, iters = sinkhorn_top1(
-                logits_TE, cfg.sinkhorn_tol, cfg.sinkhorn_max_iters, cfg.sinkhorn_init
+                logits_TE, cfg.sinkhorn_tol, cfg.sinkhorn_max_iters, cfg.sinkhorn_init, cfg.sinkhorn_criterion
             )
         else:
             expert_T, gate_T = top1_sigmoid(logits_TE)

@@ -281,7 +281,7 @@ def train(args: TrainArgs) -> dict:
         t0 = time.monotonic()
         for probe in range(2):
             x, y = train_data.batch(
-                train_data.window_starts(args.seed, -1 - probe, args.batch_size, args.seq_len), args.seq_len
+                train_data.window_starts(args.seed, probe, args.batch_size, args.seq_len), args.seq_len
             )
             with autocast():
                 loss = F.cross_entropy(step_fn(x.to(device)).logits.float().flatten(0, 1), y.to(device).flatten())
@@ -296,8 +296,8 @@ def train(args: TrainArgs) -> dict:
     window_tokens, window_time = 0, time.monotonic()
     load_acc = None
     while step < max_steps:
-        if deadline is not None and time.monotonic() > deadline:
-            break
+        if deadline is not None and step > start_step and time.monotonic() > deadline:
+            break  # out of time (every run makes at least one step)
         lr = lr_at(step, max_steps, args.lr, args.min_lr, args.warmup)
         for group in optimizer.param_groups:
             group["lr"] = lr
