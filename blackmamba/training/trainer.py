@@ -353,13 +353,15 @@ def train(args: TrainArgs) -> dict:
                 row["mfu"] = tps * fpt / (peak * 1e12)
             metrics.write(row)
             bar.set_postfix(loss=f"{total_loss:.3f}", tok_s=f"{tps:,.0f}")
-            window_tokens, window_time = 0, time.monotonic()
         if val_data is not None and (step % args.eval_every == 0 or step == max_steps):
             last_eval = evaluate(model, val_data, args, device, autocast)
             metrics.write({"step": step, **last_eval})
             bar.set_postfix(loss=f"{total_loss:.3f}", val=f"{last_eval['val_loss']:.3f}")
         if step % args.save_every == 0:
             save_checkpoint(run, model, optimizer, step, args, {"max_steps": max_steps}, tokenizer)
+        if step % args.log_every == 0 or step % args.eval_every == 0 or step % args.save_every == 0:
+            # Throughput counts training time only: restart the window after logging, evaluation or saving.
+            window_tokens, window_time = 0, time.monotonic()
     bar.close()
     if val_data is not None and not last_eval:
         last_eval = evaluate(model, val_data, args, device, autocast)
