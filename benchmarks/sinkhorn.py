@@ -41,6 +41,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # benchmark this checkout of the package
 
+from common import cpu_model, markdown_table, text_table  # noqa: E402
+
 from blackmamba.routing import sinkhorn  # noqa: E402
 
 RESULTS_DIR = HERE / "results"
@@ -213,31 +215,6 @@ def timing_cells(timings: list[dict[str, Any]], tokens: int) -> tuple[list[str],
     return header, body
 
 
-def text_table(cells: tuple[list[str], list[list[str]]]) -> str:
-    header, body = cells
-    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
-    lines = [" | ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in [header, *body]]
-    lines.insert(1, "-+-".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def markdown_table(cells: tuple[list[str], list[list[str]]]) -> str:
-    header, body = cells
-    lines = ["| " + " | ".join(line) + " |" for line in [header, *body]]
-    lines.insert(1, "|" + "|".join("---" for _ in header) + "|")
-    return "\n".join(lines)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def write_results(payload: dict[str, Any], tables: dict[str, str], out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / ".sinkhorn.json.tmp"
@@ -359,15 +336,15 @@ def main(argv: list[str] | None = None) -> None:
         "wall_s": time.perf_counter() - _START,
     }
     tables = {
-        "main_md": markdown_table(main_rows),
-        "eps_md": markdown_table(eps_rows),
-        "timing_md": markdown_table(time_rows),
+        "main_md": markdown_table(*main_rows),
+        "eps_md": markdown_table(*eps_rows),
+        "timing_md": markdown_table(*time_rows),
     }
     write_results(payload, tables, args.out)
     log(f"wrote {args.out / 'sinkhorn.json'} and {args.out / 'sinkhorn.md'}; run took {payload['wall_s']:.0f} s")
-    print(text_table(time_rows) + "\n")
-    print(text_table(eps_rows) + "\n")
-    print(text_table(main_rows))
+    print(text_table(*time_rows) + "\n")
+    print(text_table(*eps_rows) + "\n")
+    print(text_table(*main_rows))
 
 
 if __name__ == "__main__":

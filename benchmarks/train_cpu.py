@@ -58,6 +58,9 @@ import torch.nn.functional as F  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # benchmark this checkout of the package
+
+from common import cpu_model, markdown_table, text_table  # noqa: E402
+
 sys.path.insert(1, str(HERE))  # benchmarks/cpu.py, for the peer's config
 
 from blackmamba import BlackMamba, BlackMambaConfig  # noqa: E402
@@ -294,31 +297,6 @@ def table_cells(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
     return header, body
 
 
-def text_table(rows: list[Row]) -> str:
-    header, body = table_cells(rows)
-    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
-    lines = [" | ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in [header, *body]]
-    lines.insert(1, "-+-".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def markdown_table(rows: list[Row]) -> str:
-    header, body = table_cells(rows)
-    lines = ["| " + " | ".join(line) + " |" for line in [header, *body]]
-    lines.insert(1, "|" + "|".join("---" for _ in header) + "|")
-    return "\n".join(lines)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def environment(device: torch.device) -> dict[str, Any]:
     try:
         import transformers
@@ -380,7 +358,7 @@ def write_results(rows: list[Row], meta: dict[str, Any], out_dir: Path, name: st
         f"tokens/s = batch x seq_len / median step time (higher is better). max err = max relative error of "
         f"one step's gradients, default backend vs `use_backend('ref')`, on {meta['err_shape']}.",
         "",
-        markdown_table(rows),
+        markdown_table(*table_cells(rows)),
         "",
         *[f"- {line}" for line in notes(rows, meta)],
         "",
@@ -518,7 +496,7 @@ def main(argv: list[str] | None = None) -> None:
     write_results(rows, meta, args.out, name)
     log(f"wrote {args.out / (name + '.json')} and {args.out / (name + '.md')}")
     print("\n".join(notes(rows, meta)) + "\n")
-    print(text_table(rows))
+    print(text_table(*table_cells(rows)))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,48 @@
+"""Helpers shared by the benchmark scripts: machine description, idle detection and result tables."""
+
+from __future__ import annotations
+
+import platform
+import time
+from pathlib import Path
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def cpu_busy(interval: float = 1.0) -> float:
+    """Fraction of the machine's CPU time spent busy over ``interval`` seconds (from /proc/stat)."""
+
+    def sample() -> tuple[int, int]:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + fields[4]  # idle + iowait
+        return sum(fields) - idle, sum(fields)
+
+    try:
+        busy0, total0 = sample()
+        time.sleep(interval)
+        busy1, total1 = sample()
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+    return (busy1 - busy0) / max(1, total1 - total0)
+
+
+def text_table(header: list[str], body: list[list[str]]) -> str:
+    """A plain-text table with aligned columns and a rule under the header."""
+    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in [header, *body]]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def markdown_table(header: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(line) + " |" for line in [header, *body]]
+    lines.insert(1, "|" + "|".join("---" for _ in header) + "|")
+    return "\n".join(lines)
