@@ -22,8 +22,9 @@ from collections.abc import Sequence
 
 import torch
 
-from .checkpoint import CheckpointError, checkpoint_size, convert, detect_layout, expected_shapes, load_config
+from .checkpoint import CheckpointError, checkpoint_size, convert, detect_layout, load_config
 from .config import ConfigError
+from .model import BlackMamba
 from .tokenizer import TokenizerError
 from .training.data import DataError
 from .training.trainer import TrainingError
@@ -131,14 +132,9 @@ def stream_safe_prefix(text: str, stops: Sequence[str]) -> str:
 def cmd_info(args: argparse.Namespace) -> None:
     layout = detect_layout(args.model)
     config = load_config(args.model)
-    shapes = expected_shapes(config)
-    total = active = 0
-    for name, shape in shapes.items():
-        n = 1
-        for s in shape:
-            n *= s
-        total += n
-        active += n // shape[0] if name.endswith(("mixer.w1", "mixer.w2")) else n
+    with torch.device("meta"):  # counts from the shapes alone, no memory
+        skeleton = BlackMamba(config)
+    total, active = skeleton.num_parameters(), skeleton.num_parameters(active=True)
     n_mamba = config.layer_pattern.count("mamba")
     rows = [
         ("layout", layout),

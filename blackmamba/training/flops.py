@@ -17,7 +17,10 @@ Comparison models with the same *active* parameters P (excluding the embedding):
 
 from __future__ import annotations
 
+import torch
+
 from ..config import BlackMambaConfig
+from ..model import BlackMamba
 
 
 def _mamba_block(c: BlackMambaConfig) -> tuple[int, int]:
@@ -31,12 +34,9 @@ def _moe_block(c: BlackMambaConfig) -> int:
 
 
 def active_params(c: BlackMambaConfig, embedding: bool = False) -> int:
-    """Parameters one token passes through (one expert per MoE block)."""
-    d, di, n, r, k = c.d_model, c.d_inner, c.d_state, c.dt_rank, c.d_conv
-    mamba = d + d * 2 * di + di * k + di + di * (r + 2 * n) + r * di + di + di * n + di + di * d
-    moe = d + d * c.n_experts + c.n_experts + 2 * c.d_ff * d + c.d_ff * d
-    total = sum(mamba if kind == "mamba" else moe for kind in c.layer_pattern) + 2 * d
-    return total + (c.vocab_size * d if embedding else 0)
+    """Parameters one token passes through (one expert per MoE block), counted on a meta-device model."""
+    with torch.device("meta"):
+        return BlackMamba(c).num_parameters(active=True, embedding=embedding)
 
 
 def flops_per_token(c: BlackMambaConfig, seq_len: int = 2048) -> dict[str, float]:
