@@ -12,10 +12,11 @@ returned in ``u``'s dtype and the final state in fp32.
 
 ``selective_scan_ref`` is the sequential definition. ``selective_scan_chunked`` is the fast PyTorch path:
 the sequence is cut into chunks of length Q; (1) a scan from a zero state runs in all chunks at once
-(Q vectorised steps), (2) the chunk start states are carried across chunks (L/Q steps), (3) each position
-adds the decayed contribution of its chunk's start state, exp(A * cumsum(dt)) * h_start, whose exponent
-is never positive, so nothing overflows. That is about 2*sqrt(L) Python steps instead of L, with the
-same arithmetic as the recurrence.
+(Q vectorised steps) and gives each chunk's local end state, (2) the chunk start states are carried
+across chunks (L/Q steps), (3) the recurrence runs again inside every chunk from its true start state and
+reads y out. That is about 2*sqrt(L) + Q Python steps instead of L; every exponent, dt * A, is <= 0, so
+nothing overflows. Without autograd it works in place on channel blocks; with autograd a custom
+backward runs the adjoint recurrence backwards with the same chunking (see ``_ChunkedScan``).
 """
 
 from __future__ import annotations
@@ -148,7 +149,11 @@ _INPLACE_BLOCK_ELEMS = 2**20
 
 
 def _chunk_scan_inplace(dt: Tensor, du: Tensor, B: Tensor, C: Tensor, A: Tensor, state0: Tensor, q: int):
-    """The same three phases without autograd: channel blocks, preallocated buffers, in-place updates."""
+    """The three phases without autograd, one channel block at a time, in place: (1) every chunk's end
+    state from a zero start; (2) the carry across chunks gives each chunk's true start state; (3) the
+    recurrence runs again from the true starts and reads y out. Recomputing the decays in (3) is cheaper
+    than storing them (fewer bytes moved). Returns y, the final state and the chunk start states.
+    """
     batch, length, d_inner = dt.shape
     n, n_chunks = A.shape[1], length // q
     B_c = B.view(batch, n_chunks, q, n)
@@ -163,27 +168,26 @@ def _chunk_scan_inplace(dt: Tensor, du: Tensor, B: Tensor, C: Tensor, A: Tensor,
         A_b = A[c0:c1]
         dt_b = dt[..., c0:c1].reshape(batch, n_chunks, q, width)
         du_b = du[..., c0:c1].reshape(batch, n_chunks, q, width)
-        y_b = dt.new_empty(batch, n_chunks, q, width)
         h = dt.new_zeros(batch, n_chunks, width, n)
         a = torch.empty_like(h)
-        b = torch.empty_like(h)
         for j in range(q):
             torch.mul(dt_b[:, :, j, :, None], A_b, out=a).exp_()
-            h.mul_(a).add_(torch.mul(du_b[:, :, j, :, None], B_c[:, :, j, None, :], out=b))
-            torch.sum(torch.mul(h, C_c[:, :, j, None, :], out=b), dim=-1, out=y_b[:, :, j])
-        decay = torch.exp(dt_b.sum(dim=2)[..., None] * A_b)
+            h.mul_(a).addcmul_(du_b[:, :, j, :, None], B_c[:, :, j, None, :])
+        chunk_decay = torch.exp(dt_b.sum(dim=2)[..., None] * A_b)
         state = state0[:, c0:c1].clone()
         starts = torch.empty_like(h)
         for k in range(n_chunks):
             starts[:, k] = state
-            state.mul_(decay[:, k]).add_(h[:, k])
+            state.mul_(chunk_decay[:, k]).add_(h[:, k])
         final[:, c0:c1] = state
         all_starts[:, :, c0:c1] = starts
-        cum_dt = dt_b.cumsum(dim=2)
-        corr = dt.new_empty(batch, n_chunks, width)
+        h.copy_(starts)
+        y_b = dt.new_empty(batch, n_chunks, q, width)
+        hc = torch.empty_like(h)
         for j in range(q):
-            torch.mul(cum_dt[:, :, j, :, None], A_b, out=a).exp_().mul_(starts).mul_(C_c[:, :, j, None, :])
-            y_b[:, :, j].add_(torch.sum(a, dim=-1, out=corr))
+            torch.mul(dt_b[:, :, j, :, None], A_b, out=a).exp_()
+            h.mul_(a).addcmul_(du_b[:, :, j, :, None], B_c[:, :, j, None, :])
+            torch.sum(torch.mul(h, C_c[:, :, j, None, :], out=hc), dim=-1, out=y_b[:, :, j])
         y[..., c0:c1] = y_b
     return y.view(batch, length, d_inner), final, all_starts
 
