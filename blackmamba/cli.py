@@ -7,6 +7,7 @@
     blackmamba train (--preset NAME | --config FILE) --data DIR --out RUN [...]
     blackmamba plot RUN                                    PNG plots of a training run
     blackmamba flops (--preset NAME | --config FILE)       FLOPs per token vs dense Mamba / transformer
+    blackmamba eval --model DIR (--tasks paper | --perplexity SOURCE)   lm-eval tasks offline, perplexity
     blackmamba demo                                        prepare Shakespeare, train, evaluate, generate
 
 Errors in the input (missing model, corrupt checkpoint, bad option) print one line and exit 1.
@@ -335,6 +336,12 @@ def build_parser() -> argparse.ArgumentParser:
     fsrc.add_argument("--config")
     fl.add_argument("--seq-len", type=int, default=2048)
     fl.set_defaults(func=cmd_flops)
+
+    from .eval.cli import add_eval_arguments, cmd_eval
+
+    ev = sub.add_parser("eval", help="lm-eval tasks offline (--tasks paper) and perplexity / expert load")
+    add_eval_arguments(ev)
+    ev.set_defaults(func=cmd_eval)
     return parser
 
 

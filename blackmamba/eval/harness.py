@@ -1,0 +1,40 @@
+"""``python -m blackmamba.eval.harness [lm-eval options]``: lm-eval's own command line, offline, with the
+``blackmamba`` model registered and the offline task YAMLs on the include path.
+
+    python -m blackmamba.eval.harness run --model blackmamba --model_args pretrained=DIR --tasks piqa --limit 10
+
+(lm-eval 0.4.13 finds models only in its registry, filled by imports; it has no plugin entry points.)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    from lm_eval.__main__ import cli_evaluate
+
+    from . import lm_eval_adapter  # noqa: F401  (registers the model)
+    from .taskdata import TASK_DATA, EvalDataError, write_task_configs
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    with tempfile.TemporaryDirectory(prefix="blackmamba-tasks-") as tmp:
+        available = []
+        for task in TASK_DATA:
+            try:
+                write_task_configs(tmp, [task])
+                available.append(task)
+            except EvalDataError as e:
+                print(f"warning: {e}", file=sys.stderr)
+        if "--include_path" not in args and available:
+            args += ["--include_path", tmp]
+        sys.argv = ["lm-eval", *args]
+        cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()
