@@ -25,36 +25,15 @@ import torch
 
 from .checkpoint import CheckpointError, checkpoint_size, convert, detect_layout, load_config
 from .config import ConfigError
+from .devices import DTYPES, resolve_device, resolve_dtype
 from .model import BlackMamba
 from .tokenizer import TokenizerError
 from .training.data import DataError
 from .training.trainer import TrainingError
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 class CliError(Exception):
     """A user error reported without a traceback."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise CliError(f"bad --device {name!r}: {e}") from None
-    if device.type not in ("cpu", "cuda"):
-        raise CliError(f"unsupported --device {name!r}: use auto, cpu or cuda[:N]")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CliError("--device cuda requested but no CUDA GPU is available")
-    return device
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return DTYPES[name]
 
 
 def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
@@ -70,7 +49,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     if not args.prompt:
         raise CliError("--prompt is empty: give some text to continue")
-    device = resolve_device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        raise CliError(f"--device: {e}") from None
     model = load_pretrained(args.model, device=device, dtype=resolve_dtype(args.dtype, device))
     tokenizer = load_tokenizer(args.model, model.config.vocab_size)
     prompt_ids = tokenizer.encode(args.prompt).ids

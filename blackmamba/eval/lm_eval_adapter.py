@@ -16,33 +16,23 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from ..checkpoint import load_pretrained
+from ..devices import resolve_device, resolve_dtype
 from ..generation import stream_generate
 from ..model import BlackMamba
 from ..tokenizer import eos_token_id, load_tokenizer
 from .perplexity import DEFAULT_CHUNK, document_logprob, encode_pair
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def pick_device(name: str | torch.device | None) -> torch.device:
-    if name is None or str(name) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        # lm-eval's command line asks for cuda by default; on a machine without a GPU, use the CPU.
+    """Like :func:`blackmamba.devices.resolve_device`, but lm-eval's command line asks for cuda by default:
+    on a machine without a GPU, warn and use the CPU."""
+    if name is not None and str(name).startswith("cuda") and not torch.cuda.is_available():
         warnings.warn(f"device {name!r} requested but no CUDA GPU is available: using the CPU", stacklevel=2)
         return torch.device("cpu")
-    return device
+    return resolve_device(name)
 
 
-def pick_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype | None:
-    if isinstance(name, torch.dtype):
-        return name
-    if name is None or name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; use auto, {', '.join(DTYPES)}")
-    return DTYPES[name]
+pick_dtype = resolve_dtype
 
 
 @register_model("blackmamba")

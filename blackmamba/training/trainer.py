@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from ..checkpoint import atomic_directory, load_pretrained, save_pretrained
 from ..config import BlackMambaConfig
+from ..devices import resolve_device
 from ..model import BlackMamba
 from .data import TokenData
 from .flops import flops_per_token
@@ -80,12 +81,6 @@ class TrainArgs:
     peak_tflops: float | None = None
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _checkpoints(run: Path) -> list[Path]:
@@ -232,7 +227,7 @@ def train(args: TrainArgs) -> dict:
     run = Path(args.out)
     run.mkdir(parents=True, exist_ok=True)
     _clean_stale_temporaries(run)
-    device = _resolve_device(args.device)
+    device = resolve_device(args.device)
     train_data = TokenData(args.data, "train")
     val_data = TokenData(args.data, "val") if "val" in train_data.manifest["splits"] else None
     from tokenizers import Tokenizer
