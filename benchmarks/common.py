@@ -46,3 +46,12 @@ def markdown_table(header: list[str], body: list[list[str]]) -> str:
     lines = ["| " + " | ".join(line) + " |" for line in [header, *body]]
     lines.insert(1, "|" + "|".join("---" for _ in header) + "|")
     return "\n".join(lines)
+
+
+def fmt(value: float | None, digits: int = 3) -> str:
+    """A number for a table: 'n/a' for None, scientific notation for very small or large values."""
+    if value is None:
+        return "n/a"
+    if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5):
+        return f"{value:.2e}"
+    return f"{value:.{digits}g}"

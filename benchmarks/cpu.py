@@ -59,7 +59,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmark this checkout of the package
 
-from common import cpu_busy, cpu_model, markdown_table, text_table  # noqa: E402
+from common import cpu_busy, cpu_model, fmt, markdown_table, text_table  # noqa: E402
 
 from blackmamba import BlackMamba, BlackMambaConfig, generate  # noqa: E402
 
@@ -494,14 +494,6 @@ def profile_forward(preset: str, top: int = 15) -> str:
 
 
 # ----------------------------------------------------------------------------- report
-
-
-def fmt(value: float | None, digits: int = 3) -> str:
-    if value is None:
-        return "n/a"
-    if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5):
-        return f"{value:.2e}"
-    return f"{value:.{digits}g}"
 
 
 def table_cells(rows: list[Row]) -> tuple[list[str], list[list[str]]]:

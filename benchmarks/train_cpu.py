@@ -59,7 +59,7 @@ import torch.nn.functional as F  # noqa: E402
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # benchmark this checkout of the package
 
-from common import cpu_model, markdown_table, text_table  # noqa: E402
+from common import cpu_model, fmt, markdown_table, text_table  # noqa: E402
 
 sys.path.insert(1, str(HERE))  # benchmarks/cpu.py, for the peer's config
 
@@ -267,14 +267,6 @@ def profile_step(step: Callable[[], float], top: int) -> tuple[str, list[dict[st
 
 
 # ----------------------------------------------------------------------------- report
-
-
-def fmt(value: float | None, digits: int = 3) -> str:
-    if value is None:
-        return "n/a"
-    if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5):
-        return f"{value:.2e}"
-    return f"{value:.{digits}g}"
 
 
 def table_cells(rows: list[Row]) -> tuple[list[str], list[list[str]]]:

@@ -24,6 +24,8 @@ from blackmamba import (
 )
 from blackmamba.config import PRESETS
 
+from .conftest import randomize
+
 FP32_NAMES = ("mixer.A_log", "mixer.D", "mixer.dt_proj.bias")
 
 # The released 12-field config.json of a small synthetic model (spec section 2.1 field set).
@@ -65,26 +67,6 @@ RELEASED_2_8B = released_config(36, 1472, 3872)
 
 
 # ------------------------------------------------------------------------------------------ helpers
-
-
-def randomize(model, seed=0):
-    """Overwrite every parameter with random values of a sensible scale (no zero or constant tensors)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if name.endswith("A_log"):
-                value = torch.rand(p.shape, generator=g) * 2.5
-            elif name.endswith(("norm.weight", "mixer.D")):
-                value = 1.0 + 0.1 * noise
-            elif name.endswith("dt_proj.bias"):
-                value = -3.0 + 0.5 * noise
-            elif name == "embedding.weight":
-                value = noise
-            else:
-                value = 0.2 * noise
-            p.copy_(value.to(p.dtype))
-    return model
 
 
 def random_model(config=None, seed=0, dtype=None):

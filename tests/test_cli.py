@@ -15,6 +15,8 @@ from blackmamba.checkpoint import checkpoint_size, save_released
 from blackmamba.cli import main
 from blackmamba.tokenizer import load_tokenizer, train_bpe
 
+from .conftest import randomize
+
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "the old river"
 
@@ -30,22 +32,6 @@ WORDS = (
 def training_texts(n_lines=60, seed=0):
     rng = random.Random(seed)
     return [" ".join(rng.choice(WORDS) for _ in range(14)) for _ in range(n_lines)]
-
-
-def randomize(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if name.endswith("A_log"):
-                p.copy_(torch.rand(p.shape, generator=g) * 2.5)
-            elif name.endswith("dt_proj.bias"):
-                p.copy_(-3.0 + 0.5 * noise)
-            elif name.endswith(("norm.weight", "mixer.D")):
-                p.copy_(1.0 + 0.1 * noise)
-            else:
-                p.copy_((1.0 if name == "embedding.weight" else 0.3) * noise)
-    return model
 
 
 def build_model(vocab_size, tokenizer_vocab_size=None, d_model=32, seed=0):
