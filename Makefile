@@ -6,7 +6,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-v3
+STAMP := $(VENV)/.installed-v4
 
 .PHONY: demo test lint format bench-cpu clean
 

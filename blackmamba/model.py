@@ -19,6 +19,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from .config import BlackMambaConfig
+from .kernels import add_rms_norm
 from .layers import MambaCache, MambaMixer, MoE, RMSNorm, RouterStats
 
 # Parameters kept in fp32 whatever the model dtype (name suffixes).
@@ -26,7 +27,12 @@ FP32_PARAMS = ("mixer.A_log", "mixer.D", "mixer.dt_proj.bias")
 
 
 class Block(nn.Module):
-    """Pre-norm residual block around one mixer (Mamba or MoE)."""
+    """Pre-norm residual block around one mixer (Mamba or MoE).
+
+    The residual add of the previous block's output is fused with this block's norm: a block takes the fp32
+    residual stream and the previous block's output (``delta``, None for the first block) and returns the
+    updated stream and its own output, which the next block (or the head) adds.
+    """
 
     def __init__(self, config: BlackMambaConfig, kind: str) -> None:
         super().__init__()
@@ -35,18 +41,17 @@ class Block(nn.Module):
         self.mixer: MambaMixer | MoE = MambaMixer(config) if kind == "mamba" else MoE(config)
 
     def forward(
-        self, x: Tensor, cache: MambaCache | None = None, mask: Tensor | None = None
-    ) -> tuple[Tensor, RouterStats | None]:
-        h = self.norm(x.to(self.norm.weight.dtype))
+        self, residual: Tensor, delta: Tensor | None = None, cache: MambaCache | None = None, mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, RouterStats | None]:
+        h, residual = add_rms_norm(residual, delta, self.norm.weight, self.norm.eps)
         if self.kind == "mamba":
-            return x + self.mixer(h, cache, mask), None
-        h, stats = self.mixer(h)
-        return x + h, stats
+            return residual, self.mixer(h, cache, mask), None
+        out, stats = self.mixer(h)
+        return residual, out, stats
 
-    def step(self, x: Tensor, cache: MambaCache | None) -> Tensor:
-        h = self.norm(x.to(self.norm.weight.dtype))
-        h = self.mixer.step(h, cache) if self.kind == "mamba" else self.mixer(h)[0]
-        return x + h
+    def step(self, residual: Tensor, delta: Tensor | None, cache: MambaCache | None) -> tuple[Tensor, Tensor]:
+        h, residual = add_rms_norm(residual, delta, self.norm.weight, self.norm.eps)
+        return residual, (self.mixer.step(h, cache) if self.kind == "mamba" else self.mixer(h)[0])
 
 
 @dataclass
@@ -107,17 +112,21 @@ class BlackMamba(nn.Module):
         """
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
-        x = self.embedding(input_ids).float()
+        x, delta = self.embedding(input_ids).float(), None
         stats: list[RouterStats] = []
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.layers):
             layer_cache = None if cache is None else cache.layers[i]
             if checkpointing:
-                x, block_stats = torch.utils.checkpoint.checkpoint(block, x, layer_cache, mask, use_reentrant=False)
+                x, delta, block_stats = torch.utils.checkpoint.checkpoint(
+                    block, x, delta, layer_cache, mask, use_reentrant=False
+                )
             else:
-                x, block_stats = block(x, layer_cache, mask)
+                x, delta, block_stats = block(x, delta, layer_cache, mask)
             if block_stats is not None:
                 stats.append(block_stats)
+        if delta is not None:
+            x = x + delta
         if cache is not None:
             cache.seqlen_offset += input_ids.shape[1]
         if num_last_tokens > 0:
@@ -133,9 +142,11 @@ class BlackMamba(nn.Module):
 
     def step(self, token_ids: Tensor, cache: InferenceCache) -> Tensor:
         """One token per sequence: token_ids (B,) -> logits (B, V); advances ``cache``."""
-        x = self.embedding(token_ids).float()
+        x, delta = self.embedding(token_ids).float(), None
         for i, block in enumerate(self.layers):
-            x = block.step(x, cache.layers[i])
+            x, delta = block.step(x, delta, cache.layers[i])
+        if delta is not None:
+            x = x + delta
         cache.seqlen_offset += 1
         return self._head(x)
 

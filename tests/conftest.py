@@ -2,13 +2,40 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
-from blackmamba import BlackMamba, BlackMambaConfig
+# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors (tiny shapes). This must be
+# set before any kernel module imports triton.
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+
+from blackmamba import BlackMamba, BlackMambaConfig  # noqa: E402
 
 # One tolerance table: (rtol, atol) per dtype for comparisons of a fast path with its reference.
 TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2)}
+
+
+def nan_filled(shape, dtype, device=DEVICE) -> torch.Tensor:
+    """An output buffer pre-filled with NaN, so that an element a kernel fails to write fails the test."""
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every floating buffer from torch.empty / empty_like (how the launchers allocate their outputs) starts as
+    NaN, so an element a kernel fails to write shows up in the comparison."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def nan(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: nan(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: nan(empty_like(*a, **k)))
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

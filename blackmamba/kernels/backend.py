@@ -53,6 +53,11 @@ def triton_available() -> bool:
     return True
 
 
+def triton_interpreted() -> bool:
+    """True when Triton kernels run in its interpreter (``TRITON_INTERPRET=1``), which takes CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def resolve_backend(x: torch.Tensor, has_triton: bool = False) -> str:
     """The concrete backend ("ref", "torch" or "triton") for an op on tensor ``x``.
 
@@ -62,6 +67,14 @@ def resolve_backend(x: torch.Tensor, has_triton: bool = False) -> str:
     name = get_backend()
     if name == "auto":
         return "triton" if (has_triton and x.is_cuda and triton_available()) else "torch"
-    if name == "triton" and not has_triton:
-        raise NotImplementedError("this op has no Triton kernel yet; use backend 'auto', 'torch' or 'ref'")
+    if name == "triton":
+        if not has_triton:
+            raise NotImplementedError("this op has no Triton kernel yet; use backend 'auto', 'torch' or 'ref'")
+        if not triton_available():
+            raise RuntimeError("backend 'triton' needs the triton package (pip install triton)")
+        if not x.is_cuda and not triton_interpreted():
+            raise RuntimeError(
+                f"backend 'triton' needs CUDA tensors (got {x.device}); set TRITON_INTERPRET=1 to run the "
+                "kernels on the CPU in Triton's interpreter (slow, for tests)"
+            )
     return name

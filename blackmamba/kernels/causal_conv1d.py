@@ -4,6 +4,11 @@
 
 ``initial_state`` (B, K-1, D) holds the K-1 inputs that precede the sequence (the decode cache), so a
 long input can be processed in pieces. The final state is the last K-1 inputs of the padded sequence.
+
+The Triton path tiles (L, D) per batch element: the forward reads each x tile (plus its K-1 row halo, from
+cache) once and writes y once. The backward recomputes the pre-activation z, so nothing but x is saved, and
+forms dx as the anti-causal conv of dz; dweight and dbias come from per-tile fp32 partial sums reduced in torch.
+x may be a strided view such as ``in_proj(u).chunk(2, -1)[0]``: only unit stride along D is needed.
 """
 
 from __future__ import annotations
@@ -13,6 +18,121 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .backend import resolve_backend
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the module still imports; the "triton" backend then refuses to run
+    triton = None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _load_padded(X, INIT, rows, cols, cmask, L, stride_xl, stride_il, K: tl.constexpr, HAS_INIT: tl.constexpr):
+        """fp32 tile of the padded input at sequence rows ``rows``: x for 0 <= row < L, the initial state (or 0)
+        for the K-1 rows before it, 0 elsewhere. X and INIT already point at this batch element and share a dtype:
+        each row picks its source pointer, so a tile costs one load whichever side of 0 it lies."""
+        rows64 = rows.to(tl.int64)
+        if HAS_INIT:
+            first = -(K - 1)
+            base = tl.where(rows >= 0, X + rows64 * stride_xl, INIT + (rows64 + (K - 1)) * stride_il)
+        else:
+            first = 0
+            base = X + rows64 * stride_xl
+        mask = ((rows >= first) & (rows < L))[:, None] & cmask[None, :]
+        return tl.load(base[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _grad_pre_activation(
+        X, INIT, W, DY, bias, rows, cols, cmask, L, stride_xl, stride_il, stride_dyl, stride_wd, stride_wk,
+        K: tl.constexpr, HAS_INIT: tl.constexpr, SILU: tl.constexpr,
+    ):  # fmt: skip
+        """dL/dz at sequence rows ``rows`` (zero outside [0, L)); the SiLU recomputes z from x."""
+        rows64 = rows.to(tl.int64)
+        in_seq = ((rows >= 0) & (rows < L))[:, None] & cmask[None, :]
+        dz = tl.load(DY + rows64[:, None] * stride_dyl + cols[None, :], mask=in_seq, other=0.0).to(tl.float32)
+        if SILU:
+            z = tl.zeros_like(dz) + bias[None, :]
+            for i in tl.static_range(K):
+                w = tl.load(W + cols * stride_wd + i * stride_wk, mask=cmask, other=0.0).to(tl.float32)
+                z += w[None, :] * _load_padded(X, INIT, rows - (K - 1) + i, cols, cmask, L, stride_xl, stride_il,
+                                               K, HAS_INIT)  # fmt: skip
+            sig = tl.sigmoid(z)
+            dz = dz * sig * (1.0 + z * (1.0 - sig))
+        return dz
+
+    @triton.jit
+    def _causal_conv1d_fwd_kernel(
+        X, W, BIAS, INIT, Y,
+        L, D,
+        stride_xb, stride_xl, stride_wd, stride_wk, stride_ib, stride_il, stride_yb, stride_yl,
+        K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, SILU: tl.constexpr,
+        BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        # One (BLOCK_L, BLOCK_D) tile of y; the K-1 rows of halo above it are re-read from cache.
+        pid_l, pid_d, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+        rows = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+        cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        cmask = cols < D
+        X += b * stride_xb
+        INIT += b * stride_ib
+        acc = tl.zeros([BLOCK_L, BLOCK_D], dtype=tl.float32)
+        for k in tl.static_range(K):
+            w = tl.load(W + cols * stride_wd + k * stride_wk, mask=cmask, other=0.0).to(tl.float32)
+            acc += w[None, :] * _load_padded(X, INIT, rows - (K - 1) + k, cols, cmask, L, stride_xl, stride_il,
+                                             K, HAS_INIT)  # fmt: skip
+        if HAS_BIAS:
+            acc += tl.load(BIAS + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        if SILU:
+            acc = acc * tl.sigmoid(acc)
+        out = Y + b * stride_yb + rows.to(tl.int64)[:, None] * stride_yl + cols[None, :]
+        tl.store(out, acc.to(Y.dtype.element_ty), mask=(rows < L)[:, None] & cmask[None, :])
+
+    @triton.jit
+    def _causal_conv1d_bwd_kernel(
+        X, W, BIAS, INIT, DY, DX, DINIT, DW_PART, DB_PART,
+        L, D, n_row_blocks,
+        stride_xb, stride_xl, stride_wd, stride_wk, stride_ib, stride_il, stride_dyb, stride_dyl,
+        stride_dxb, stride_dxl, stride_dib, stride_dil,
+        K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_DINIT: tl.constexpr,
+        SILU: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        # Tiles cover the padded rows r in [-(K-1), L): rows < 0 are the initial state. The gradient of a padded
+        # input is the anti-causal conv  dX[r] = sum_k w[k] dz[r + K-1 - k]; the k = K-1 term (dz at the tile's own
+        # rows) also gives this tile's partial sums of dweight and dbias, so each output row is counted once.
+        pid_l, pid_d, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+        rows = pid_l * BLOCK_L + tl.arange(0, BLOCK_L) - (K - 1)
+        cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        cmask = cols < D
+        X += b * stride_xb
+        INIT += b * stride_ib
+        DY += b * stride_dyb
+        if HAS_BIAS:
+            bias = tl.load(BIAS + cols, mask=cmask, other=0.0).to(tl.float32)
+        else:
+            bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+        blk = b * n_row_blocks + pid_l
+        dx = tl.zeros([BLOCK_L, BLOCK_D], dtype=tl.float32)
+        for k in tl.static_range(K):
+            dz = _grad_pre_activation(X, INIT, W, DY, bias, rows + (K - 1 - k), cols, cmask, L, stride_xl, stride_il,
+                                      stride_dyl, stride_wd, stride_wk, K, HAS_INIT, SILU)  # fmt: skip
+            w = tl.load(W + cols * stride_wd + k * stride_wk, mask=cmask, other=0.0).to(tl.float32)
+            dx += w[None, :] * dz
+            if k == K - 1:
+                for i in tl.static_range(K):
+                    xi = _load_padded(X, INIT, rows - (K - 1) + i, cols, cmask, L, stride_xl, stride_il, K, HAS_INIT)
+                    tl.store(DW_PART + (blk * K + i) * D + cols, tl.sum(dz * xi, axis=0), mask=cmask)
+                if HAS_BIAS:
+                    tl.store(DB_PART + blk * D + cols, tl.sum(dz, axis=0), mask=cmask)
+        rows64 = rows.to(tl.int64)
+        in_x = ((rows >= 0) & (rows < L))[:, None] & cmask[None, :]
+        tl.store(DX + b * stride_dxb + rows64[:, None] * stride_dxl + cols[None, :], dx.to(DX.dtype.element_ty),
+                 mask=in_x)  # fmt: skip
+        if HAS_DINIT:
+            in_s = (rows < 0)[:, None] & cmask[None, :]
+            out = DINIT + b * stride_dib + (rows64 + (K - 1))[:, None] * stride_dil + cols[None, :]
+            tl.store(out, dx.to(DINIT.dtype.element_ty), mask=in_s)
 
 
 def _left_context(x: Tensor, weight: Tensor, initial_state: Tensor | None) -> Tensor:
@@ -82,6 +202,186 @@ def causal_conv1d_shifted(
     return (y, xp[:, xp.shape[1] - (width - 1) :]) if return_final_state else y
 
 
+def _unit_stride(t: Tensor) -> Tensor:
+    """``t`` itself when its last dim has unit stride (rows may be strided), else a contiguous copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _check_triton_inputs(
+    x: Tensor, weight: Tensor, bias: Tensor | None, activation: str | None, initial_state: Tensor | None
+) -> None:
+    if x.ndim != 3 or weight.ndim != 2 or weight.shape[0] != x.shape[2]:
+        raise ValueError(
+            f"causal_conv1d: x must be (B, L, D) and weight (D, K); got {tuple(x.shape)}, {tuple(weight.shape)}"
+        )
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"causal_conv1d: x must be fp32, fp16 or bf16, got {x.dtype}")
+    if activation not in (None, "silu"):
+        raise ValueError(f"causal_conv1d: unknown activation {activation!r}")
+    batch, _, dim = x.shape
+    width = weight.shape[1]
+    if width < 1:
+        raise ValueError("causal_conv1d: the kernel width K must be at least 1")
+    if bias is not None and bias.shape != (dim,):
+        raise ValueError(f"causal_conv1d: bias must be ({dim},), got {tuple(bias.shape)}")
+    if initial_state is not None and initial_state.shape != (batch, width - 1, dim):
+        raise ValueError(
+            f"causal_conv1d: initial_state must be {(batch, width - 1, dim)}, got {tuple(initial_state.shape)}"
+        )
+    if initial_state is not None and initial_state.dtype != x.dtype:
+        raise TypeError(f"causal_conv1d: initial_state must have x's dtype {x.dtype}, got {initial_state.dtype}")
+    for t in (weight, bias, initial_state):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"causal_conv1d: all inputs must be on {x.device}, got one on {t.device}")
+
+
+def _check_blocks(block_l: int, block_d: int) -> None:
+    for b in (block_l, block_d):
+        if b < 1 or b & (b - 1):
+            raise ValueError(f"causal_conv1d: block sizes must be powers of two, got {block_l}, {block_d}")
+
+
+def causal_conv1d_fwd_triton(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    activation: str | None = "silu",
+    initial_state: Tensor | None = None,
+    out: Tensor | None = None,
+    block_l: int = 64,
+    block_d: int = 128,
+    num_warps: int = 8,
+) -> Tensor:
+    """Forward kernel launch. x: (B, L, D), rows may be strided; weight: (D, K); bias: (D,); initial_state:
+    (B, K-1, D). Returns y (B, L, D) in x's dtype (written into ``out`` when given)."""
+    _check_triton_inputs(x, weight, bias, activation, initial_state)
+    _check_blocks(block_l, block_d)
+    x = _unit_stride(x)
+    batch, length, dim = x.shape
+    if out is None:
+        out = torch.empty(batch, length, dim, dtype=x.dtype, device=x.device)
+    elif out.shape != x.shape or out.dtype != x.dtype or out.stride(-1) != 1:
+        raise ValueError("causal_conv1d: out must match x's shape and dtype with unit stride along D")
+    if out.numel() == 0:
+        return out
+    init = x if initial_state is None else _unit_stride(initial_state)
+    grid = (triton.cdiv(length, block_l), triton.cdiv(dim, block_d), batch)
+    _causal_conv1d_fwd_kernel[grid](
+        x, weight, x if bias is None else bias, init, out,
+        length, dim,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), init.stride(0), init.stride(1),
+        out.stride(0), out.stride(1),
+        K=weight.shape[1], HAS_BIAS=bias is not None, HAS_INIT=initial_state is not None,
+        SILU=activation == "silu", BLOCK_L=block_l, BLOCK_D=block_d, num_warps=num_warps,
+    )  # fmt: skip
+    return out
+
+
+def causal_conv1d_bwd_triton(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    activation: str | None,
+    initial_state: Tensor | None,
+    dy: Tensor,
+    dx: Tensor | None = None,
+    dinitial_state: Tensor | None = None,
+    initial_state_grad: bool = True,
+    block_l: int = 64,
+    block_d: int = 64,
+    num_warps: int = 8,
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+    """Backward kernel launch: (dx, d initial_state, dweight, dbias), each in its input's dtype.
+
+    d initial_state is None unless ``initial_state`` is given and ``initial_state_grad``; dbias is None without a
+    bias. dweight and dbias are reduced in torch from per-tile fp32 partial sums (deterministic).
+    """
+    _check_triton_inputs(x, weight, bias, activation, initial_state)
+    _check_blocks(block_l, block_d)
+    if dy.shape != x.shape:
+        raise ValueError(f"causal_conv1d: dy must be {tuple(x.shape)}, got {tuple(dy.shape)}")
+    x, dy = _unit_stride(x), _unit_stride(dy)
+    batch, length, dim = x.shape
+    width = weight.shape[1]
+    if dx is None:
+        dx = torch.empty(batch, length, dim, dtype=x.dtype, device=x.device)
+    want_dinit = initial_state is not None and initial_state_grad
+    if want_dinit and dinitial_state is None:
+        dinitial_state = torch.empty(batch, width - 1, dim, dtype=initial_state.dtype, device=x.device)
+    for out, like in ((dx, x), (dinitial_state if want_dinit else None, initial_state)):
+        if out is not None and (out.shape != like.shape or out.dtype != like.dtype or out.stride(-1) != 1):
+            raise ValueError("causal_conv1d: gradient buffers must match their input's shape and dtype")
+    n_row_blocks = triton.cdiv(length + width - 1, block_l)
+    dw_part = torch.empty(batch * n_row_blocks, width, dim, dtype=torch.float32, device=x.device)
+    db_part = torch.empty(batch * n_row_blocks, dim, dtype=torch.float32, device=x.device) if bias is not None else None
+    init = x if initial_state is None else _unit_stride(initial_state)
+    dinit = dinitial_state if want_dinit else dx
+    db = dw_part if db_part is None else db_part
+    if dw_part.numel():
+        grid = (n_row_blocks, triton.cdiv(dim, block_d), batch)
+        _causal_conv1d_bwd_kernel[grid](
+            x, weight, x if bias is None else bias, init, dy, dx, dinit, dw_part, db,
+            length, dim, n_row_blocks,
+            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), init.stride(0), init.stride(1),
+            dy.stride(0), dy.stride(1), dx.stride(0), dx.stride(1), dinit.stride(0), dinit.stride(1),
+            K=width, HAS_BIAS=bias is not None, HAS_INIT=initial_state is not None, HAS_DINIT=want_dinit,
+            SILU=activation == "silu", BLOCK_L=block_l, BLOCK_D=block_d, num_warps=num_warps,
+        )  # fmt: skip
+    dweight = dw_part.sum(0).t().to(weight.dtype).contiguous()
+    dbias = None if bias is None else db_part.sum(0).to(bias.dtype)
+    return dx, dinitial_state if want_dinit else None, dweight, dbias
+
+
+class CausalConv1dTriton(torch.autograd.Function):
+    """Autograd around the Triton kernels; the backward recomputes the pre-activation from x."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        initial_state: Tensor | None,
+        activation: str | None,
+    ) -> Tensor:
+        ctx.save_for_backward(x, weight, bias, initial_state)
+        ctx.activation = activation
+        return causal_conv1d_fwd_triton(x, weight, bias, activation, initial_state)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, bias, initial_state = ctx.saved_tensors
+        dx, dinit, dweight, dbias = causal_conv1d_bwd_triton(
+            x, weight, bias, ctx.activation, initial_state, dy, initial_state_grad=ctx.needs_input_grad[3]
+        )
+        return dx, dweight, dbias, dinit, None
+
+
+def _final_state(x: Tensor, initial_state: Tensor | None, width: int) -> Tensor:
+    """The last K-1 inputs of the padded sequence, as a new tensor (differentiable through torch)."""
+    batch, length, dim = x.shape
+    if length >= width - 1:
+        return x[:, length - (width - 1) :].clone(memory_format=torch.contiguous_format)
+    left = x.new_zeros(batch, width - 1, dim) if initial_state is None else initial_state
+    return torch.cat([left[:, length:], x], dim=1)
+
+
+def causal_conv1d_triton(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    activation: str | None = "silu",
+    initial_state: Tensor | None = None,
+    return_final_state: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Triton path (differentiable); same arguments and results as :func:`causal_conv1d_ref`."""
+    if initial_state is not None:
+        initial_state = initial_state.to(x.dtype)  # as the reference: the state joins x's sequence
+    _check_triton_inputs(x, weight, bias, activation, initial_state)
+    y = CausalConv1dTriton.apply(x, weight, bias, initial_state, activation)
+    return (y, _final_state(x, initial_state, weight.shape[1])) if return_final_state else y
+
+
 def causal_conv1d(
     x: Tensor,
     weight: Tensor,
@@ -91,7 +391,10 @@ def causal_conv1d(
     return_final_state: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Causal depthwise conv on the selected backend; see :func:`causal_conv1d_ref`."""
-    impl = causal_conv1d_ref if resolve_backend(x) == "ref" else causal_conv1d_shifted
+    backend = resolve_backend(x, has_triton=True)
+    if backend == "triton":
+        return causal_conv1d_triton(x, weight, bias, activation, initial_state, return_final_state)
+    impl = causal_conv1d_ref if backend == "ref" else causal_conv1d_shifted
     return impl(x, weight, bias, activation, initial_state, return_final_state)
 
 

@@ -7,6 +7,22 @@ released ``linear_fc1`` / ``linear_fc2`` weights stacked over experts. Dropless:
 its expert whatever the load. ``moe_experts_ref`` is the plain loop over experts with boolean masks;
 the fast path sorts tokens by expert once and runs one matrix product per expert on a contiguous slice,
 reading the per-expert counts from the device once per call (never once per expert).
+
+On the GPU (backend "triton") nothing is read back to the host: tokens are sorted by expert and the
+row offset of each expert is found with ``searchsorted`` on the device (``bincount`` would size its
+output from a host read of the max), then two grouped GEMMs run over all experts in one launch each.
+The grid is an upper bound on the row tiles, ``cdiv(T, BM) + min(E, T)``; each program finds its expert
+and row tile from the offsets and exits when it has none, so an expert without tokens costs nothing
+and its weights are never read (decode with a few tokens reads only the experts it uses).
+:func:`moe_experts_triton` fuses the permutation into the first GEMM (rows gathered) and the
+un-permutation and gate into the second (rows scattered and scaled); its backward uses the same kernel
+with the weights untransposed for dX and a second kernel, ``dW[e] = dOut[rows e]^T X[rows e]``, for
+the weight gradients. :func:`moe_experts_grouped_mm` is the same op on ``torch._grouped_mm`` (CUDA).
+:data:`GROUPED_GEMM` picks between them for the "triton" backend.
+
+Numerics: GEMMs accumulate in fp32 (fp32 inputs use IEEE products unless TF32 is allowed for torch
+matmuls); the gate multiplies the fp32 accumulator; h and the activation are stored in the experts'
+dtype as in the reference.
 """
 
 from __future__ import annotations
@@ -16,6 +32,19 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .backend import resolve_backend
+
+try:
+    import triton
+    import triton.language as tl
+
+    _jit = triton.jit
+except ImportError:  # triton is an optional extra: without it the kernels are never launched
+
+    def _jit(fn):
+        return fn
+
+
+GROUPED_GEMM = "triton"  # which grouped GEMM the "triton" backend uses: "triton" (ours) or "torch" (_grouped_mm)
 
 
 def gated_activation(h: Tensor, activation: str) -> Tensor:
@@ -90,9 +119,423 @@ def moe_experts_sorted(
     return x_TD.new_zeros(x_TD.shape, dtype=y_sorted.dtype).index_copy(0, order_T, y_sorted)
 
 
+def expert_offsets(expert_T: Tensor, n_experts: int) -> tuple[Tensor, Tensor]:
+    """Stable token order grouping tokens by expert, and row offsets (E+1,) int32 of each expert in that
+    order (expert e owns sorted rows [offs[e], offs[e+1])). No host synchronisation."""
+    sorted_T, order_T = torch.sort(expert_T, stable=True)
+    bounds = torch.arange(n_experts + 1, device=expert_T.device, dtype=sorted_T.dtype)
+    return order_T, torch.searchsorted(sorted_T, bounds, out_int32=True)
+
+
+def grouped_gemm_ref(
+    a_MK: Tensor,
+    b_ENK: Tensor,
+    offs: Tensor,
+    trans_b: bool = True,
+    a_rows: Tensor | None = None,
+    c_rows: Tensor | None = None,
+    c_scale: Tensor | None = None,
+) -> Tensor:
+    """Loop over experts of :func:`grouped_gemm`: sorted row r of expert e is A[a_rows[r]] @ op(B[e]),
+    written to row c_rows[r] and scaled by c_scale[c_rows[r]]; op(B) = B^T when trans_b."""
+    a = a_MK if a_rows is None else a_MK[a_rows]
+    out = torch.cat(
+        [
+            a[lo:hi].float() @ (b_ENK[e].float().t() if trans_b else b_ENK[e].float())
+            for e, (lo, hi) in enumerate(zip(offs[:-1].tolist(), offs[1:].tolist(), strict=True))
+        ]
+    )
+    if c_rows is not None:
+        out = torch.empty_like(out).index_copy(0, c_rows, out)
+    if c_scale is not None:
+        out = out * c_scale.float()[:, None]
+    return out.to(a_MK.dtype)
+
+
+def grouped_gemm_wgrad_ref(
+    a_MN: Tensor,
+    b_MK: Tensor,
+    offs: Tensor,
+    a_rows: Tensor | None = None,
+    b_rows: Tensor | None = None,
+    a_scale: Tensor | None = None,
+) -> Tensor:
+    """Loop over experts of :func:`grouped_gemm_wgrad`: dW[e] = (s * A[a_rows])[rows e]^T @ B[b_rows][rows e]."""
+    a = a_MN if a_scale is None else (a_MN.float() * a_scale.float()[:, None]).to(a_MN.dtype)
+    a = a.float()
+    a = a if a_rows is None else a[a_rows]
+    b = (b_MK if b_rows is None else b_MK[b_rows]).float()
+    bounds = zip(offs[:-1].tolist(), offs[1:].tolist(), strict=True)
+    return torch.stack([a[lo:hi].t() @ b[lo:hi] for lo, hi in bounds]).to(a_MN.dtype)
+
+
+@_jit
+def _grouped_gemm_kernel(
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    offs_ptr,
+    a_rows_ptr,
+    c_rows_ptr,
+    scale_ptr,
+    n_experts,
+    n_out,
+    k_red,
+    m_tiles,
+    stride_am,
+    stride_ak,
+    stride_be,
+    stride_bk,
+    stride_bn,
+    stride_cm,
+    stride_cn,
+    A_GATHER: tl.constexpr,
+    C_SCATTER: tl.constexpr,
+    C_SCALE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    E_P2: tl.constexpr,
+):
+    # Row tiles are visited GROUP_M at a time for every column tile, so neighbouring programs share the
+    # same weight columns and activation rows in L2.
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(n_out, BN)
+    per_group = GROUP_M * n_tiles
+    first_m = (pid // per_group) * GROUP_M
+    group_m = tl.minimum(m_tiles - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_n = (pid % per_group) // group_m
+    # This row tile's expert: expert e owns tiles [before_e, before_e + tiles_e), where before_e sums the
+    # tiles of the experts ahead of it (a masked (E, E) sum; E is small). Past the last tile: exit.
+    e = tl.arange(0, E_P2)
+    lo = tl.load(offs_ptr + e, mask=e < n_experts, other=0)
+    hi = tl.load(offs_ptr + e + 1, mask=e < n_experts, other=0)
+    tiles = (hi - lo + BM - 1) // BM
+    before = tl.sum(tl.where(e[None, :] < e[:, None], tiles[None, :], 0), 1)
+    expert = tl.sum((before + tiles <= pid_m).to(tl.int32), 0)
+    if expert >= n_experts:
+        return
+    mine = e == expert
+    row0 = tl.sum(tl.where(mine, lo + (pid_m - before) * BM, 0), 0)
+    row_end = tl.sum(tl.where(mine, hi, 0), 0)
+    rows = row0 + tl.arange(0, BM)
+    row_ok = rows < row_end
+    if A_GATHER:
+        src = tl.load(a_rows_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    else:
+        src = rows.to(tl.int64)
+    cols = pid_n * BN + tl.arange(0, BN)
+    col_ok = cols < n_out
+    ks = tl.arange(0, BK)
+    a_ptrs = a_ptr + src[:, None] * stride_am + ks[None, :] * stride_ak
+    b_ptrs = b_ptr + expert.to(tl.int64) * stride_be + ks[:, None] * stride_bk + cols[None, :] * stride_bn
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, k_red, BK):
+        k_ok = ks < k_red - k0
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if DOT_F32:
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        a_ptrs += BK * stride_ak
+        b_ptrs += BK * stride_bk
+    if C_SCATTER:
+        dst = tl.load(c_rows_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    else:
+        dst = rows.to(tl.int64)
+    if C_SCALE:
+        acc = acc * tl.load(scale_ptr + dst, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    c_ptrs = c_ptr + dst[:, None] * stride_cm + cols[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@_jit
+def _grouped_wgrad_kernel(
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    offs_ptr,
+    a_rows_ptr,
+    b_rows_ptr,
+    scale_ptr,
+    n_out,
+    k_out,
+    stride_am,
+    stride_an,
+    stride_bm,
+    stride_bk,
+    stride_ce,
+    stride_cn,
+    stride_ck,
+    A_GATHER: tl.constexpr,
+    B_GATHER: tl.constexpr,
+    A_SCALE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
+    # One program per (expert, N tile, K tile) reduces over that expert's rows; an expert without
+    # tokens only writes its zero tile.
+    pid = tl.program_id(0)
+    expert = tl.program_id(1)
+    k_tiles = tl.cdiv(k_out, BK)
+    ns = (pid // k_tiles) * BN + tl.arange(0, BN)
+    ks = (pid % k_tiles) * BK + tl.arange(0, BK)
+    n_ok = ns < n_out
+    k_ok = ks < k_out
+    lo = tl.load(offs_ptr + expert)
+    hi = tl.load(offs_ptr + expert + 1)
+    acc = tl.zeros((BN, BK), dtype=tl.float32)
+    for m0 in range(lo, hi, BM):
+        rows = m0 + tl.arange(0, BM)
+        row_ok = rows < hi
+        if A_GATHER:
+            a_src = tl.load(a_rows_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        else:
+            a_src = rows.to(tl.int64)
+        if B_GATHER:
+            b_src = tl.load(b_rows_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        else:
+            b_src = rows.to(tl.int64)
+        a_ptrs = a_ptr + a_src[None, :] * stride_am + ns[:, None] * stride_an
+        a_t = tl.load(a_ptrs, mask=n_ok[:, None] & row_ok[None, :], other=0.0)
+        if A_SCALE:
+            s = tl.load(scale_ptr + a_src, mask=row_ok, other=0.0).to(tl.float32)
+            a_t = a_t.to(tl.float32) * s[None, :]
+            if not DOT_F32:
+                a_t = a_t.to(a_ptr.dtype.element_ty)
+        b_ptrs = b_ptr + b_src[:, None] * stride_bm + ks[None, :] * stride_bk
+        b = tl.load(b_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        if DOT_F32:
+            a_t, b = a_t.to(tl.float32), b.to(tl.float32)
+        acc = tl.dot(a_t, b, acc, input_precision=PRECISION)
+    c_ptrs = c_ptr + expert.to(tl.int64) * stride_ce + ns[:, None] * stride_cn + ks[None, :] * stride_ck
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
+
+
+def _dot_flags(x: Tensor) -> dict:
+    """How tl.dot multiplies: fp32 inputs in IEEE fp32 unless torch allows TF32 for matmuls.
+
+    Triton's interpreter (CPU tensors) multiplies bf16 tiles as raw 16-bit integers and truncates fp32 ->
+    bf16 casts, so there (DOT_F32) the tiles go to fp32 before tl.dot and the kernels write fp32, which
+    torch then rounds; products of bf16 values are exact in fp32, so this matches the GPU's bf16 MMA."""
+    interpreted = not x.is_cuda
+    tf32 = x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not interpreted
+    return dict(PRECISION="tf32" if tf32 else "ieee", DOT_F32=interpreted and x.dtype != torch.float32)
+
+
+def _vector_or(v: Tensor | None, unused: Tensor) -> Tensor:
+    """An optional row-index or scale vector as the kernels read it (unit stride), or a placeholder."""
+    return unused if v is None else v.contiguous()
+
+
+def _gemm_config(rows: int, n_experts: int, dtype: torch.dtype, on_gpu: bool) -> dict:
+    """Tile sizes: rows per tile follow the mean tokens per expert. Decode (16-row tiles) streams the
+    weights, so narrower, deeper tiles spread them over more programs. Small tiles in the interpreter,
+    which runs every program on the CPU. Guessed for an H100/H200, not tuned."""
+    if not on_gpu:
+        return dict(BM=16, BN=32, BK=32, GROUP_M=2, num_warps=4, num_stages=1)
+    bm = min(128, max(16, triton.next_power_of_2(triton.cdiv(rows, n_experts))))
+    if dtype == torch.float32:
+        return dict(BM=min(bm, 64), BN=64, BK=32, GROUP_M=8, num_warps=4, num_stages=3)
+    if bm == 16:
+        return dict(BM=16, BN=64, BK=128, GROUP_M=8, num_warps=4, num_stages=4)
+    return dict(BM=bm, BN=128, BK=64, GROUP_M=8, num_warps=8 if bm >= 64 else 4, num_stages=4 if bm < 128 else 3)
+
+
+def _wgrad_config(dtype: torch.dtype, on_gpu: bool) -> dict:
+    if not on_gpu:
+        return dict(BM=16, BN=32, BK=32, num_warps=4, num_stages=1)
+    if dtype == torch.float32:
+        return dict(BM=32, BN=64, BK=64, num_warps=4, num_stages=3)
+    return dict(BM=64, BN=128, BK=128, num_warps=8, num_stages=3)
+
+
+def grouped_gemm(
+    a_MK: Tensor,
+    b_ENK: Tensor,
+    offs: Tensor,
+    trans_b: bool = True,
+    a_rows: Tensor | None = None,
+    c_rows: Tensor | None = None,
+    c_scale: Tensor | None = None,
+    out: Tensor | None = None,
+) -> Tensor:
+    """Triton grouped GEMM over rows grouped by expert, in one launch and without host reads.
+
+    Sorted row r in [offs[e], offs[e+1]) is A[a_rows[r]] (A[r] without a_rows) times B[e]^T, with B
+    (E, N, K) when ``trans_b``, else times B[e] with B (E, K, N) (the dX of a backward). The result goes
+    to row c_rows[r] (or r), scaled by c_scale at that row. Returns (R, N) in A's dtype, R the number of
+    sorted rows (a_rows' length, else A's rows), in ``out`` when given; a row no expert owns is left
+    unwritten.
+    """
+    n_rows = a_rows.shape[0] if a_rows is not None else a_MK.shape[0]
+    n_exp, n_out, k_red = b_ENK.shape if trans_b else (b_ENK.shape[0], b_ENK.shape[2], b_ENK.shape[1])
+    if a_MK.ndim != 2 or a_MK.shape[1] != k_red or offs.shape != (n_exp + 1,) or offs.dtype != torch.int32:
+        raise ValueError(
+            f"grouped_gemm: want A (M, {k_red}) and int32 offsets ({n_exp + 1},) for B {tuple(b_ENK.shape)} "
+            f"(trans_b={trans_b}); got A {tuple(a_MK.shape)}, offsets {tuple(offs.shape)} {offs.dtype}"
+        )
+    c = torch.empty(n_rows, n_out, dtype=a_MK.dtype, device=a_MK.device) if out is None else out
+    if a_MK.dtype != b_ENK.dtype or c.shape != (n_rows, n_out):
+        raise ValueError(
+            f"grouped_gemm: want A and B of one dtype and out ({n_rows}, {n_out}); got {a_MK.dtype}, "
+            f"{b_ENK.dtype}, out {tuple(c.shape)}"
+        )
+    if n_rows == 0:
+        return c
+    stride_be, stride_b1, stride_b2 = b_ENK.stride()
+    stride_bn, stride_bk = (stride_b1, stride_b2) if trans_b else (stride_b2, stride_b1)
+    cfg = _gemm_config(n_rows, n_exp, a_MK.dtype, a_MK.is_cuda)
+    m_tiles = triton.cdiv(n_rows, cfg["BM"]) + min(n_exp, n_rows)
+    grid = (m_tiles * triton.cdiv(n_out, cfg["BN"]),)
+    flags = _dot_flags(a_MK)
+    c_k = c.float() if flags["DOT_F32"] else c
+    _grouped_gemm_kernel[grid](
+        a_MK, b_ENK, c_k, offs,
+        _vector_or(a_rows, offs), _vector_or(c_rows, offs), _vector_or(c_scale, offs),
+        n_exp, n_out, k_red, m_tiles,
+        a_MK.stride(0), a_MK.stride(1), stride_be, stride_bk, stride_bn, c_k.stride(0), c_k.stride(1),
+        A_GATHER=a_rows is not None, C_SCATTER=c_rows is not None, C_SCALE=c_scale is not None,
+        E_P2=max(2, triton.next_power_of_2(n_exp)), **flags, **cfg,
+    )  # fmt: skip
+    return c.copy_(c_k) if c_k is not c else c
+
+
+def grouped_gemm_wgrad(
+    a_MN: Tensor,
+    b_MK: Tensor,
+    offs: Tensor,
+    a_rows: Tensor | None = None,
+    b_rows: Tensor | None = None,
+    a_scale: Tensor | None = None,
+    out: Tensor | None = None,
+) -> Tensor:
+    """Weight gradient of a grouped GEMM: dW[e] = (s * A[a_rows])[rows e]^T @ B[b_rows][rows e], (E, N, K).
+
+    Rows of expert e are the sorted rows [offs[e], offs[e+1]); a_scale scales rows of A before the
+    gather. An expert without rows gets zeros. Written to ``out`` when given.
+    """
+    n_exp = offs.shape[0] - 1
+    if a_MN.ndim != 2 or b_MK.ndim != 2 or a_MN.dtype != b_MK.dtype or offs.dtype != torch.int32:
+        raise ValueError(
+            f"grouped_gemm_wgrad: want A (M, N), B (M, K) of one dtype and int32 offsets; got "
+            f"{tuple(a_MN.shape)} {a_MN.dtype}, {tuple(b_MK.shape)} {b_MK.dtype}, offsets {offs.dtype}"
+        )
+    n_out, k_out = a_MN.shape[1], b_MK.shape[1]
+    c = torch.empty(n_exp, n_out, k_out, dtype=a_MN.dtype, device=a_MN.device) if out is None else out
+    if c.shape != (n_exp, n_out, k_out):
+        raise ValueError(f"grouped_gemm_wgrad: want out {(n_exp, n_out, k_out)}; got {tuple(c.shape)}")
+    cfg = _wgrad_config(a_MN.dtype, a_MN.is_cuda)
+    grid = (triton.cdiv(n_out, cfg["BN"]) * triton.cdiv(k_out, cfg["BK"]), n_exp)
+    flags = _dot_flags(a_MN)
+    c_k = c.float() if flags["DOT_F32"] else c
+    _grouped_wgrad_kernel[grid](
+        a_MN, b_MK, c_k, offs,
+        _vector_or(a_rows, offs), _vector_or(b_rows, offs), _vector_or(a_scale, offs),
+        n_out, k_out,
+        a_MN.stride(0), a_MN.stride(1), b_MK.stride(0), b_MK.stride(1), *c_k.stride(),
+        A_GATHER=a_rows is not None, B_GATHER=b_rows is not None, A_SCALE=a_scale is not None,
+        **flags, **cfg,
+    )  # fmt: skip
+    return c.copy_(c_k) if c_k is not c else c
+
+
+class _MoEExpertsTriton(torch.autograd.Function):
+    """permute -> fc1 -> gated activation -> fc2 -> un-permute with the gate, on the grouped GEMMs."""
+
+    @staticmethod
+    def forward(ctx, x_TD, expert_T, gate_T, w1_EFD, w2_EDF, activation):
+        order_T, offs = expert_offsets(expert_T, w1_EFD.shape[0])
+        h_TF2 = grouped_gemm(x_TD, w1_EFD, offs, a_rows=order_T)  # sorted rows
+        act_TF = gated_activation(h_TF2, activation)
+        y_TD = grouped_gemm(act_TF, w2_EDF, offs, c_rows=order_T, c_scale=gate_T)  # token order
+        ctx.save_for_backward(x_TD, gate_T, w1_EFD, w2_EDF, order_T, offs, h_TF2)
+        ctx.activation = activation
+        return y_TD
+
+    @staticmethod
+    def backward(ctx, dy_TD):
+        x_TD, gate_T, w1_EFD, w2_EDF, order_T, offs, h_TF2 = ctx.saved_tensors
+        need_x, _, need_gate, need_w1, need_w2, _ = ctx.needs_input_grad
+        dy_TD = dy_TD.to(h_TF2.dtype)
+        dx = dgate = dw1 = dw2 = None
+        with torch.enable_grad():
+            h = h_TF2.detach().requires_grad_()
+            act_TF = gated_activation(h, ctx.activation)
+        if need_w2:
+            dw2 = grouped_gemm_wgrad(dy_TD, act_TF.detach(), offs, a_rows=order_T, a_scale=gate_T)
+        if need_x or need_gate or need_w1:
+            g_act_TF = grouped_gemm(dy_TD, w2_EDF, offs, trans_b=False, a_rows=order_T)  # dy[order] @ W2[e]
+            gate_sorted = gate_T[order_T].float()[:, None]
+            if need_gate:  # d gate_t = <y_unscaled_t, dy_t> = <act_t, dy_t W2[e]>
+                dgate_sorted = (act_TF.detach().float() * g_act_TF.float()).sum(-1)
+                dgate = torch.empty_like(gate_T).index_copy_(0, order_T, dgate_sorted.to(gate_T.dtype))
+            if need_x or need_w1:
+                (dh_TF2,) = torch.autograd.grad(act_TF, h, (g_act_TF.float() * gate_sorted).to(h.dtype))
+                if need_x:
+                    dx = grouped_gemm(dh_TF2, w1_EFD, offs, trans_b=False, c_rows=order_T)
+                if need_w1:
+                    dw1 = grouped_gemm_wgrad(dh_TF2, x_TD, offs, b_rows=order_T)
+        return dx, None, dgate, dw1, dw2, None
+
+
+def _experts_dtype(x_TD: Tensor, w1_EFD: Tensor, w2_EDF: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """x and the weights in the experts' compute dtype: autocast's when it is on, else the weights'."""
+    device = x_TD.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else w1_EFD.dtype
+    return x_TD.to(dtype), w1_EFD.to(dtype), w2_EDF.to(dtype)
+
+
+def moe_experts_triton(
+    x_TD: Tensor, expert_T: Tensor, gate_T: Tensor, w1_EFD: Tensor, w2_EDF: Tensor, activation: str = "gelu"
+) -> Tensor:
+    """The experts on the Triton grouped GEMMs (CUDA, or CPU under TRITON_INTERPRET=1); differentiable
+    in x, gate, w1 and w2. Expert ids must lie in [0, E). See :func:`moe_experts_ref`."""
+    _check(x_TD, expert_T, gate_T, w1_EFD, w2_EDF)
+    x_TD, w1_EFD, w2_EDF = _experts_dtype(x_TD, w1_EFD, w2_EDF)
+    with torch.autocast(x_TD.device.type, enabled=False):
+        return _MoEExpertsTriton.apply(x_TD, expert_T, gate_T, w1_EFD, w2_EDF, activation)
+
+
+def moe_experts_grouped_mm(
+    x_TD: Tensor, expert_T: Tensor, gate_T: Tensor, w1_EFD: Tensor, w2_EDF: Tensor, activation: str = "gelu"
+) -> Tensor:
+    """The experts on ``torch._grouped_mm`` (autograd by PyTorch). CUDA for training (on the CPU only
+    the forward works); CUDA wants bf16 and widths D, F that are multiples of 8. See :func:`moe_experts_ref`."""
+    _check(x_TD, expert_T, gate_T, w1_EFD, w2_EDF)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x_TD, gate_T, w1_EFD, w2_EDF))
+    if not x_TD.is_cuda and needs_grad:
+        raise NotImplementedError("moe_experts_grouped_mm: torch._grouped_mm has no CPU backward here; use CUDA")
+    x_TD, w1_EFD, w2_EDF = _experts_dtype(x_TD, w1_EFD, w2_EDF)
+    order_T, offs = expert_offsets(expert_T, w1_EFD.shape[0])
+    ends = offs[1:]
+    with torch.autocast(x_TD.device.type, enabled=False):
+        h_TF2 = torch._grouped_mm(x_TD[order_T], w1_EFD.transpose(-2, -1), offs=ends)
+        y_TD = torch._grouped_mm(gated_activation(h_TF2, activation), w2_EDF.transpose(-2, -1), offs=ends)
+        y_TD = y_TD * gate_T[order_T, None].to(y_TD.dtype)
+    return y_TD.new_empty(x_TD.shape).index_copy(0, order_T, y_TD)
+
+
 def moe_experts(
     x_TD: Tensor, expert_T: Tensor, gate_T: Tensor, w1_EFD: Tensor, w2_EDF: Tensor, activation: str = "gelu"
 ) -> Tensor:
-    """The MoE experts on the selected backend; see :func:`moe_experts_ref`."""
-    impl = moe_experts_ref if resolve_backend(x_TD) == "ref" else moe_experts_sorted
+    """The MoE experts on the selected backend; see :func:`moe_experts_ref`. The "triton" backend runs
+    the grouped GEMM named by :data:`GROUPED_GEMM`."""
+    backend = resolve_backend(x_TD, has_triton=True)
+    if backend == "ref":
+        impl = moe_experts_ref
+    elif backend == "triton":
+        impls = {"triton": moe_experts_triton, "torch": moe_experts_grouped_mm}
+        if GROUPED_GEMM not in impls:
+            raise ValueError(f"GROUPED_GEMM must be one of {tuple(impls)}; got {GROUPED_GEMM!r}")
+        impl = impls[GROUPED_GEMM]
+    else:
+        impl = moe_experts_sorted
     return impl(x_TD, expert_T, gate_T, w1_EFD, w2_EDF, activation)

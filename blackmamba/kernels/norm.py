@@ -1,9 +1,24 @@
-"""RMSNorm (the per-block norm of BlackMamba): y = x / sqrt(mean(x^2) + eps) * weight, computed in fp32."""
+"""RMSNorm (the per-block norm of BlackMamba): y = x / sqrt(mean(x^2) + eps) * weight, computed in fp32.
+
+`add_rms_norm` fuses the residual add in front of the norm: the residual stream stays fp32, while the norm
+sees it rounded to the weight's dtype, as the released model does. The Triton path reads each input once and
+writes each output once; the backward recomputes the normalised row from the saved residual and per-row rstd.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from .backend import resolve_backend
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the module still imports; the "triton" backend then refuses to run
+    triton = None
+
+_MAX_WIDTH = 65536
 
 
 def rms_norm_ref(x: Tensor, weight: Tensor, eps: float = 1e-5) -> Tensor:
@@ -13,6 +28,193 @@ def rms_norm_ref(x: Tensor, weight: Tensor, eps: float = 1e-5) -> Tensor:
     return (y * weight.float()).to(x.dtype)
 
 
+def add_rms_norm_ref(x: Tensor, delta: Tensor | None, weight: Tensor, eps: float = 1e-5) -> tuple[Tensor, Tensor]:
+    """Residual add then RMSNorm. x: (..., D) fp32 residual; delta: like x in any dtype, or None; weight: (D,).
+
+    Returns (y, r_new): r_new = x + delta in fp32, y = RMSNorm(r_new rounded to weight's dtype) in weight's dtype.
+    """
+    r_new = x.float() if delta is None else x.float() + delta.float()
+    rr = r_new.to(weight.dtype).float()
+    y = rr * torch.rsqrt(rr.pow(2).mean(dim=-1, keepdim=True) + eps) * weight.float()
+    return y.to(weight.dtype), r_new
+
+
+if triton is not None:
+
+    @triton.jit
+    def _add_rms_norm_fwd_kernel(
+        X, DELTA, W, Y, R, RSTD,
+        stride_x, stride_delta, stride_y, stride_r,
+        n_cols, eps,
+        BLOCK_D: tl.constexpr, HAS_DELTA: tl.constexpr, STORE_R: tl.constexpr, ROUND: tl.constexpr,
+    ):  # fmt: skip
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK_D)
+        mask = cols < n_cols
+        r = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_DELTA:
+            r += tl.load(DELTA + row * stride_delta + cols, mask=mask, other=0.0).to(tl.float32)
+        if STORE_R:
+            tl.store(R + row * stride_r + cols, r, mask=mask)
+        if ROUND:
+            r = r.to(W.dtype.element_ty).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(r * r, axis=0) / n_cols + eps)
+        tl.store(RSTD + row, rstd)
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(Y + row * stride_y + cols, (r * rstd * w).to(Y.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _add_rms_norm_bwd_kernel(
+        R, RSTD, W, DY, DRES, DX, DDELTA, DW_PART,
+        stride_r, stride_dy, stride_dres, stride_dx, stride_ddelta,
+        n_rows, n_cols,
+        ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+        HAS_DRES: tl.constexpr, HAS_DDELTA: tl.constexpr, ROUND: tl.constexpr,
+    ):  # fmt: skip
+        pid = tl.program_id(0)
+        cols = tl.arange(0, BLOCK_D)
+        mask = cols < n_cols
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        dw = tl.zeros([BLOCK_D], dtype=tl.float32)
+        # ROWS is a compile-time constant: the interpreter cannot loop to a runtime bound.
+        for i in range(ROWS):
+            row = pid.to(tl.int64) * ROWS + i
+            m = mask & (row < n_rows)  # only the last program runs past the end
+            r = tl.load(R + row * stride_r + cols, mask=m, other=0.0).to(tl.float32)
+            if ROUND:
+                r = r.to(W.dtype.element_ty).to(tl.float32)
+            rstd = tl.load(RSTD + row, mask=row < n_rows, other=0.0)
+            dy = tl.load(DY + row * stride_dy + cols, mask=m, other=0.0).to(tl.float32)
+            rhat = r * rstd
+            dw += dy * rhat
+            g = dy * w
+            # d/dr of r * rstd(r): rstd * (g - rhat * mean(g * rhat))
+            dr = rstd * (g - rhat * (tl.sum(g * rhat, axis=0) / n_cols))
+            if HAS_DRES:
+                dr += tl.load(DRES + row * stride_dres + cols, mask=m, other=0.0).to(tl.float32)
+            tl.store(DX + row * stride_dx + cols, dr.to(DX.dtype.element_ty), mask=m)
+            if HAS_DDELTA:
+                tl.store(DDELTA + row * stride_ddelta + cols, dr.to(DDELTA.dtype.element_ty), mask=m)
+        tl.store(DW_PART + pid.to(tl.int64) * n_cols + cols, dw, mask=mask)
+
+
+def _rows(t: Tensor) -> Tensor:
+    """(..., D) -> (T, D) with unit stride along D (copies only when it must)."""
+    t = t.reshape(-1, t.shape[-1])
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _launch_config(width: int) -> tuple[int, int]:
+    """(BLOCK_D, num_warps) for rows of ``width`` elements held whole in registers."""
+    if width > _MAX_WIDTH:
+        raise ValueError(f"RMSNorm kernel supports widths up to {_MAX_WIDTH}, got {width}")
+    block = triton.next_power_of_2(width)
+    return block, min(max(block // 256, 1), 8)
+
+
+def _fwd(
+    x: Tensor, delta: Tensor | None, weight: Tensor, eps: float, out_dtype: torch.dtype, store_r: bool, round_: bool
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """x, delta: (T, D); returns y (T, D) in out_dtype, r = x + delta in fp32 (or None), rstd (T,) fp32."""
+    n_rows, n_cols = x.shape
+    y = torch.empty_like(x, dtype=out_dtype)
+    r = torch.empty_like(x, dtype=torch.float32) if store_r else None
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    block, warps = _launch_config(n_cols)
+    d = x if delta is None else delta
+    rr = y if r is None else r
+    if n_rows == 0:
+        return y, r, rstd
+    _add_rms_norm_fwd_kernel[(n_rows,)](
+        x, d, weight, y, rr, rstd,
+        x.stride(0), d.stride(0), y.stride(0), rr.stride(0),
+        n_cols, eps,
+        BLOCK_D=block, HAS_DELTA=delta is not None, STORE_R=store_r, ROUND=round_, num_warps=warps,
+    )  # fmt: skip
+    return y, r, rstd
+
+
+def _bwd(
+    r: Tensor,
+    rstd: Tensor,
+    weight: Tensor,
+    dy: Tensor,
+    dres: Tensor | None,
+    dx_dtype: torch.dtype,
+    ddelta_dtype: torch.dtype | None,
+    round_: bool,
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """r, dy, dres: (T, D). Returns dx (T, D), ddelta (T, D) or None, dweight (D,) in weight's dtype."""
+    n_rows, n_cols = r.shape
+    dx = torch.empty_like(r, dtype=dx_dtype)
+    ddelta = None if ddelta_dtype is None else torch.empty_like(r, dtype=ddelta_dtype)
+    if n_rows == 0:
+        return dx, ddelta, torch.zeros_like(weight)
+    # Each program walks a contiguous run of rows and keeps its dweight partial in registers.
+    programs = torch.cuda.get_device_properties(r.device).multi_processor_count * 4 if r.is_cuda else 4
+    rows_per_program = triton.next_power_of_2(triton.cdiv(n_rows, programs))  # few distinct compiled variants
+    programs = triton.cdiv(n_rows, rows_per_program)
+    dw_part = torch.empty(programs, n_cols, dtype=torch.float32, device=r.device)
+    block, warps = _launch_config(n_cols)
+    dres_ = dx if dres is None else dres
+    ddelta_ = dx if ddelta is None else ddelta
+    _add_rms_norm_bwd_kernel[(programs,)](
+        r, rstd, weight, dy, dres_, dx, ddelta_, dw_part,
+        r.stride(0), dy.stride(0), dres_.stride(0), dx.stride(0), ddelta_.stride(0),
+        n_rows, n_cols,
+        ROWS=rows_per_program, BLOCK_D=block,
+        HAS_DRES=dres is not None, HAS_DDELTA=ddelta is not None, ROUND=round_, num_warps=warps,
+    )  # fmt: skip
+    return dx, ddelta, dw_part.sum(0).to(weight.dtype)
+
+
+class _AddRMSNormFn(torch.autograd.Function):
+    """(x, delta, weight) -> (y, r_new). With nothing to add, r_new is x itself unless an fp32 copy is asked for."""
+
+    @staticmethod
+    def forward(ctx, x, delta, weight, eps, out_dtype, round_, keep_residual):
+        shape = x.shape
+        if weight.shape != (shape[-1],):
+            raise ValueError(f"weight must have shape ({shape[-1]},), got {tuple(weight.shape)}")
+        if delta is not None and delta.shape != shape:
+            raise ValueError(f"delta shape {tuple(delta.shape)} differs from x shape {tuple(shape)}")
+        if not all(t is None or t.is_floating_point() for t in (x, delta, weight)):
+            raise TypeError("x, delta and weight must be floating point")
+        if not (x.device == weight.device and (delta is None or delta.device == x.device)):
+            raise ValueError("x, delta and weight must be on one device")
+        x2 = _rows(x)
+        store_r = delta is not None or (keep_residual and x.dtype != torch.float32)
+        y, r, rstd = _fwd(
+            x2, None if delta is None else _rows(delta), weight.contiguous(), eps, out_dtype, store_r, round_
+        )
+        r_new = x if r is None else r.view(shape)
+        ctx.save_for_backward(x2 if r is None else r, rstd, weight)
+        ctx.meta = (x.dtype, None if delta is None else delta.dtype, round_, shape)
+        ctx.set_materialize_grads(False)
+        return y.view(shape), r_new
+
+    @staticmethod
+    def backward(ctx, dy, dres):
+        r, rstd, weight = ctx.saved_tensors
+        x_dtype, delta_dtype, round_, shape = ctx.meta
+        ddelta_dtype = delta_dtype if ctx.needs_input_grad[1] else None
+        if dy is None:  # only the residual was used: the norm contributes nothing
+            ddelta = None if ddelta_dtype is None else dres.to(ddelta_dtype)
+            return dres.to(x_dtype), ddelta, None, None, None, None, None
+        dres = None if dres is None else _rows(dres)
+        dx, ddelta, dw = _bwd(r, rstd, weight.contiguous(), _rows(dy), dres, x_dtype, ddelta_dtype, round_)
+        return dx.view(shape), None if ddelta is None else ddelta.view(shape), dw, None, None, None, None
+
+
+def add_rms_norm(x: Tensor, delta: Tensor | None, weight: Tensor, eps: float = 1e-5) -> tuple[Tensor, Tensor]:
+    """Residual add then RMSNorm on the selected backend; same arguments and results as `add_rms_norm_ref`."""
+    if resolve_backend(x, has_triton=True) == "triton":
+        return _AddRMSNormFn.apply(x, delta, weight, eps, weight.dtype, weight.dtype != torch.float32, True)
+    return add_rms_norm_ref(x, delta, weight, eps)
+
+
 def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-5) -> Tensor:
-    """RMSNorm on the selected backend (the PyTorch path is the reference itself until a fused kernel lands)."""
+    """RMSNorm on the selected backend; same arguments and result as `rms_norm_ref`."""
+    if resolve_backend(x, has_triton=True) == "triton":
+        return _AddRMSNormFn.apply(x, None, weight, eps, x.dtype, False, False)[0]
     return rms_norm_ref(x, weight, eps)

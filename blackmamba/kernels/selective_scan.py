@@ -29,6 +29,12 @@ from torch import Tensor
 
 from .backend import resolve_backend
 
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the PyTorch paths work without Triton
+    triton = None
+
 
 def _check_inputs(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, initial_state: Tensor | None):
     if u.ndim != 3:
@@ -278,6 +284,577 @@ class _ChunkedScan(torch.autograd.Function):
         )
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Triton kernels. One program (one warp by default) owns (batch row b, BLOCK_D channels); each thread holds
+# one channel's N states and walks the sequence, T_SUB positions per loop step: the step's inputs are
+# loaded as (BLOCK_D, T_SUB) tiles first and y is stored once at the end, so the loads of a step are in
+# flight together. The forward keeps the state at every CHUNK-th position (B, n_chunks, D_in, N fp32) for
+# the backward, which recomputes each chunk forward from it, keeping every 4th state in a small scratch
+# buffer (L2-resident), then walks the chunk backwards 4 positions at a time with those positions' states
+# and decays in registers, running the adjoint recurrence lambda_t = C_t g_t + decay_{t+1} lambda_{t+1}.
+# ---------------------------------------------------------------------------------------------------------
+
+_LOG2E = 1.4426950408889634
+
+if triton is not None:
+
+    @triton.jit
+    def _softplus(x):
+        return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(x)))
+
+    @triton.jit
+    def _seq_inputs(
+        u_ptr, delta_ptr, B_ptr, C_ptr, bias, t, L, offs_d, mask_d, offs_n, mask_n,
+        s_ul, s_dl, s_Bl, s_Cl, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    ):  # fmt: skip
+        valid = t < L
+        m = mask_d & valid
+        u = tl.load(u_ptr + t * s_ul + offs_d, mask=m, other=0.0).to(tl.float32)
+        raw = tl.load(delta_ptr + t * s_dl + offs_d, mask=m, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            raw += bias
+        dt = _softplus(raw) if SOFTPLUS else raw
+        dt = tl.where(m, dt, 0.0)  # past the end: decay 1 and no input
+        b_t = tl.load(B_ptr + t * s_Bl + offs_n, mask=mask_n & valid, other=0.0).to(tl.float32)
+        c_t = tl.load(C_ptr + t * s_Cl + offs_n, mask=mask_n & valid, other=0.0).to(tl.float32)
+        return u, raw, dt, b_t, c_t
+
+    @triton.jit
+    def _scan_fwd_seq_kernel(
+        u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr,
+        y_ptr, hT_ptr, ckpt_ptr,
+        L, D_IN,
+        s_ub, s_ul, s_db, s_dl, s_Bb, s_Bl, s_Cb, s_Cl, s_zb, s_zl,
+        N: tl.constexpr, N_P2: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, T_SUB: tl.constexpr,
+        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
+        SOFTPLUS: tl.constexpr, SAVE_CKPT: tl.constexpr,
+    ):  # fmt: skip
+        b = tl.program_id(0)
+        offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)[:, None]
+        mask_d = offs_d < D_IN
+        offs_n = tl.arange(0, N_P2)[None, :]
+        mask_n = offs_n < N
+        state_mask = mask_d & mask_n
+        state_offs = offs_d * N + offs_n
+        A2 = tl.load(A_ptr + state_offs, mask=state_mask, other=0.0) * 1.4426950408889634
+        if HAS_H0:
+            h = tl.load(h0_ptr + b * D_IN * N + state_offs, mask=state_mask, other=0.0)
+        else:
+            h = tl.zeros((BLOCK_D, N_P2), tl.float32)
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
+        d_skip = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) if HAS_D else 0.0
+        u_ptr += b * s_ub
+        delta_ptr += b * s_db
+        B_ptr += b * s_Bb
+        C_ptr += b * s_Cb
+        z_ptr += b * s_zb
+        y_ptr += b * L * D_IN
+        n_chunks = (L + CHUNK - 1) // CHUNK
+        cols = tl.arange(0, T_SUB)[None, :]
+        for t0 in range(0, L, T_SUB):
+            if SAVE_CKPT:
+                if t0 % CHUNK == 0:
+                    tl.store(ckpt_ptr + (b * n_chunks + t0 // CHUNK) * D_IN * N + state_offs, h, mask=state_mask)
+            # All loads of the group first, as (BLOCK_D, T_SUB) tiles, and one store of y at the end: a store
+            # between two steps would keep the next step's loads from being issued early (possible aliasing).
+            t_cols = t0 + cols
+            m = mask_d & (t_cols < L)
+            u_tile = tl.load(u_ptr + t_cols * s_ul + offs_d, mask=m, other=0.0).to(tl.float32)
+            raw_tile = tl.load(delta_ptr + t_cols * s_dl + offs_d, mask=m, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                raw_tile += bias
+            dt_tile = tl.where(m, _softplus(raw_tile) if SOFTPLUS else raw_tile, 0.0)
+            y_tile = tl.zeros((BLOCK_D, T_SUB), tl.float32)
+            for j in tl.static_range(T_SUB):
+                t = t0 + j
+                u = tl.sum(tl.where(cols == j, u_tile, 0.0), 1, keep_dims=True)
+                dt = tl.sum(tl.where(cols == j, dt_tile, 0.0), 1, keep_dims=True)
+                b_t = tl.load(B_ptr + t * s_Bl + offs_n, mask=mask_n & (t < L), other=0.0).to(tl.float32)
+                c_t = tl.load(C_ptr + t * s_Cl + offs_n, mask=mask_n & (t < L), other=0.0).to(tl.float32)
+                h = tl.exp2(dt * A2) * h + (dt * u) * b_t
+                y_tile = tl.where(cols == j, tl.sum(h * c_t, 1, keep_dims=True), y_tile)
+            if HAS_D:
+                y_tile += d_skip * u_tile
+            if HAS_Z:
+                zv = tl.load(z_ptr + t_cols * s_zl + offs_d, mask=m, other=0.0).to(tl.float32)
+                y_tile = y_tile * zv * tl.sigmoid(zv)
+            tl.store(y_ptr + t_cols * D_IN + offs_d, y_tile.to(y_ptr.dtype.element_ty), mask=m)
+        tl.store(hT_ptr + b * D_IN * N + state_offs, h, mask=state_mask)
+
+    @triton.jit
+    def _seq_g(dy_ptr, z_ptr, t, L, offs_d, mask_d, s_yl, s_zl, HAS_Z: tl.constexpr):
+        """dy at position t and g = dy * silu(z), the gradient of the output before the gate."""
+        m = mask_d & (t < L)
+        dy = tl.load(dy_ptr + t * s_yl + offs_d, mask=m, other=0.0).to(tl.float32)
+        if HAS_Z:
+            zv = tl.load(z_ptr + t * s_zl + offs_d, mask=m, other=0.0).to(tl.float32)
+            return dy * zv * tl.sigmoid(zv), dy, zv
+        return dy, dy, dy
+
+    @triton.jit
+    def _seq_grads(
+        lam, h, h_prev, decay, u, raw, dt, b_t, c_t, g, dy, zv, t, L, A, d_skip, dA_acc,
+        du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, offs_d, mask_d, offs_n, mask_n,
+        D_IN, N: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
+    ):  # fmt: skip
+        """Position t of the backward; lam is the gradient reaching h_t from every later position."""
+        valid = t < L
+        m = mask_d & valid
+        if HAS_Z:
+            y_core = tl.sum(h * c_t, 1, keep_dims=True)
+            if HAS_D:
+                y_core += d_skip * u
+            sig = tl.sigmoid(zv)
+            dz = dy * y_core * sig * (1.0 + zv * (1.0 - sig))
+            tl.store(dz_ptr + t * D_IN + offs_d, dz.to(dz_ptr.dtype.element_ty), mask=m)
+        tl.store(dC_ptr + t * N + offs_n, tl.sum(h * g, 0, keep_dims=True), mask=mask_n & valid)
+        lam_b = lam * b_t
+        du = tl.sum(lam_b, 1, keep_dims=True)
+        g_decay = lam * h_prev * decay  # d(decay_t) * decay_t
+        ddt = du * u + tl.sum(g_decay * A, 1, keep_dims=True)
+        tl.store(dB_ptr + t * N + offs_n, tl.sum(lam * (dt * u), 0, keep_dims=True), mask=mask_n & valid)
+        du = du * dt
+        if HAS_D:
+            du += d_skip * g
+        if SOFTPLUS:
+            ddt = ddt * tl.sigmoid(raw)
+        ddt = tl.where(m, ddt, 0.0)
+        tl.store(du_ptr + t * D_IN + offs_d, du.to(du_ptr.dtype.element_ty), mask=m)
+        tl.store(ddelta_ptr + t * D_IN + offs_d, ddt.to(ddelta_ptr.dtype.element_ty), mask=m)
+        dA_acc += g_decay * dt
+        return ddt, dA_acc
+
+    @triton.jit
+    def _scan_bwd_seq_kernel(
+        u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ckpt_ptr, dy_ptr, dhT_ptr,
+        du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, dh0_ptr,
+        L, D_IN, BATCH,
+        s_ub, s_ul, s_db, s_dl, s_Bb, s_Bl, s_Cb, s_Cl, s_zb, s_zl, s_yb, s_yl,
+        N: tl.constexpr, N_P2: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
+        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DHT: tl.constexpr,
+        SOFTPLUS: tl.constexpr, scratch_ptr,
+    ):  # fmt: skip
+        # T_SUB is 4 here: the four positions' states and decays are named registers.
+        b = tl.program_id(0)
+        pid_d = tl.program_id(1)
+        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)[:, None]
+        mask_d = offs_d < D_IN
+        offs_n = tl.arange(0, N_P2)[None, :]
+        mask_n = offs_n < N
+        state_mask = mask_d & mask_n
+        state_offs = offs_d * N + offs_n
+        A = tl.load(A_ptr + state_offs, mask=state_mask, other=0.0)
+        A2 = A * 1.4426950408889634
+        if HAS_DHT:
+            lam = tl.load(dhT_ptr + b * D_IN * N + state_offs, mask=state_mask, other=0.0)
+        else:
+            lam = tl.zeros((BLOCK_D, N_P2), tl.float32)
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
+        d_skip = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) if HAS_D else 0.0
+        dA_acc = tl.zeros((BLOCK_D, N_P2), tl.float32)
+        dD_acc = tl.zeros((BLOCK_D, 1), tl.float32)
+        dbias_acc = tl.zeros((BLOCK_D, 1), tl.float32)
+        decay_next = tl.full((BLOCK_D, N_P2), 1.0, tl.float32)  # after the last position: lambda_L = dhT
+        u_ptr += b * s_ub
+        delta_ptr += b * s_db
+        B_ptr += b * s_Bb
+        C_ptr += b * s_Cb
+        z_ptr += b * s_zb
+        dy_ptr += b * s_yb
+        du_ptr += b * L * D_IN
+        ddelta_ptr += b * L * D_IN
+        dz_ptr += b * L * D_IN
+        dB_ptr += (pid_d * BATCH + b) * L * N
+        dC_ptr += (pid_d * BATCH + b) * L * N
+        scratch_ptr += (b * tl.num_programs(1) + pid_d) * (CHUNK // 4) * BLOCK_D * N_P2
+        local = tl.arange(0, BLOCK_D)[:, None] * N_P2 + offs_n
+        n_chunks = (L + CHUNK - 1) // CHUNK
+        for kk in range(n_chunks):
+            k = n_chunks - 1 - kk
+            # Forward through the chunk from its saved start, keeping every 4th state.
+            h = tl.load(ckpt_ptr + (b * n_chunks + k) * D_IN * N + state_offs, mask=state_mask, other=0.0)
+            for s in range(CHUNK // 4):
+                tl.store(scratch_ptr + s * BLOCK_D * N_P2 + local, h)
+                for j in tl.static_range(4):
+                    t = k * CHUNK + s * 4 + j
+                    u, raw, dt, b_t, c_t = _seq_inputs(
+                        u_ptr, delta_ptr, B_ptr, C_ptr, bias, t, L, offs_d, mask_d, offs_n, mask_n,
+                        s_ul, s_dl, s_Bl, s_Cl, HAS_BIAS, SOFTPLUS,
+                    )  # fmt: skip
+                    h = tl.exp2(dt * A2) * h + (dt * u) * b_t
+            tl.debug_barrier()
+            # Backwards, four positions at a time.
+            for ss in range(CHUNK // 4):
+                s = CHUNK // 4 - 1 - ss
+                t0 = k * CHUNK + s * 4
+                h_start = tl.load(scratch_ptr + s * BLOCK_D * N_P2 + local)
+                u0, raw0, dt0, b0, c0 = _seq_inputs(
+                    u_ptr,
+                    delta_ptr,
+                    B_ptr,
+                    C_ptr,
+                    bias,
+                    t0,
+                    L,
+                    offs_d,
+                    mask_d,
+                    offs_n,
+                    mask_n,
+                    s_ul,
+                    s_dl,
+                    s_Bl,
+                    s_Cl,
+                    HAS_BIAS,
+                    SOFTPLUS,
+                )
+                u1, raw1, dt1, b1, c1 = _seq_inputs(
+                    u_ptr,
+                    delta_ptr,
+                    B_ptr,
+                    C_ptr,
+                    bias,
+                    t0 + 1,
+                    L,
+                    offs_d,
+                    mask_d,
+                    offs_n,
+                    mask_n,
+                    s_ul,
+                    s_dl,
+                    s_Bl,
+                    s_Cl,
+                    HAS_BIAS,
+                    SOFTPLUS,
+                )
+                u2, raw2, dt2, b2, c2 = _seq_inputs(
+                    u_ptr,
+                    delta_ptr,
+                    B_ptr,
+                    C_ptr,
+                    bias,
+                    t0 + 2,
+                    L,
+                    offs_d,
+                    mask_d,
+                    offs_n,
+                    mask_n,
+                    s_ul,
+                    s_dl,
+                    s_Bl,
+                    s_Cl,
+                    HAS_BIAS,
+                    SOFTPLUS,
+                )
+                u3, raw3, dt3, b3, c3 = _seq_inputs(
+                    u_ptr,
+                    delta_ptr,
+                    B_ptr,
+                    C_ptr,
+                    bias,
+                    t0 + 3,
+                    L,
+                    offs_d,
+                    mask_d,
+                    offs_n,
+                    mask_n,
+                    s_ul,
+                    s_dl,
+                    s_Bl,
+                    s_Cl,
+                    HAS_BIAS,
+                    SOFTPLUS,
+                )
+                e0 = tl.exp2(dt0 * A2)
+                e1 = tl.exp2(dt1 * A2)
+                e2 = tl.exp2(dt2 * A2)
+                e3 = tl.exp2(dt3 * A2)
+                h0 = e0 * h_start + (dt0 * u0) * b0
+                h1 = e1 * h0 + (dt1 * u1) * b1
+                h2 = e2 * h1 + (dt2 * u2) * b2
+                h3 = e3 * h2 + (dt3 * u3) * b3
+                g0, dy0, z0 = _seq_g(dy_ptr, z_ptr, t0, L, offs_d, mask_d, s_yl, s_zl, HAS_Z)
+                g1, dy1, z1 = _seq_g(dy_ptr, z_ptr, t0 + 1, L, offs_d, mask_d, s_yl, s_zl, HAS_Z)
+                g2, dy2, z2 = _seq_g(dy_ptr, z_ptr, t0 + 2, L, offs_d, mask_d, s_yl, s_zl, HAS_Z)
+                g3, dy3, z3 = _seq_g(dy_ptr, z_ptr, t0 + 3, L, offs_d, mask_d, s_yl, s_zl, HAS_Z)
+                # lambda_t = C_t g_t + decay_{t+1} lambda_{t+1}
+                lam = decay_next * lam + g3 * c3
+                ddt3, dA_acc = _seq_grads(
+                    lam,
+                    h3,
+                    h2,
+                    e3,
+                    u3,
+                    raw3,
+                    dt3,
+                    b3,
+                    c3,
+                    g3,
+                    dy3,
+                    z3,
+                    t0 + 3,
+                    L,
+                    A,
+                    d_skip,
+                    dA_acc,
+                    du_ptr,
+                    ddelta_ptr,
+                    dz_ptr,
+                    dB_ptr,
+                    dC_ptr,
+                    offs_d,
+                    mask_d,
+                    offs_n,
+                    mask_n,
+                    D_IN,
+                    N,
+                    HAS_D,
+                    HAS_Z,
+                    SOFTPLUS,
+                )
+                lam = e3 * lam + g2 * c2
+                ddt2, dA_acc = _seq_grads(
+                    lam,
+                    h2,
+                    h1,
+                    e2,
+                    u2,
+                    raw2,
+                    dt2,
+                    b2,
+                    c2,
+                    g2,
+                    dy2,
+                    z2,
+                    t0 + 2,
+                    L,
+                    A,
+                    d_skip,
+                    dA_acc,
+                    du_ptr,
+                    ddelta_ptr,
+                    dz_ptr,
+                    dB_ptr,
+                    dC_ptr,
+                    offs_d,
+                    mask_d,
+                    offs_n,
+                    mask_n,
+                    D_IN,
+                    N,
+                    HAS_D,
+                    HAS_Z,
+                    SOFTPLUS,
+                )
+                lam = e2 * lam + g1 * c1
+                ddt1, dA_acc = _seq_grads(
+                    lam,
+                    h1,
+                    h0,
+                    e1,
+                    u1,
+                    raw1,
+                    dt1,
+                    b1,
+                    c1,
+                    g1,
+                    dy1,
+                    z1,
+                    t0 + 1,
+                    L,
+                    A,
+                    d_skip,
+                    dA_acc,
+                    du_ptr,
+                    ddelta_ptr,
+                    dz_ptr,
+                    dB_ptr,
+                    dC_ptr,
+                    offs_d,
+                    mask_d,
+                    offs_n,
+                    mask_n,
+                    D_IN,
+                    N,
+                    HAS_D,
+                    HAS_Z,
+                    SOFTPLUS,
+                )
+                lam = e1 * lam + g0 * c0
+                ddt0, dA_acc = _seq_grads(
+                    lam,
+                    h0,
+                    h_start,
+                    e0,
+                    u0,
+                    raw0,
+                    dt0,
+                    b0,
+                    c0,
+                    g0,
+                    dy0,
+                    z0,
+                    t0,
+                    L,
+                    A,
+                    d_skip,
+                    dA_acc,
+                    du_ptr,
+                    ddelta_ptr,
+                    dz_ptr,
+                    dB_ptr,
+                    dC_ptr,
+                    offs_d,
+                    mask_d,
+                    offs_n,
+                    mask_n,
+                    D_IN,
+                    N,
+                    HAS_D,
+                    HAS_Z,
+                    SOFTPLUS,
+                )
+                decay_next = e0
+                dD_acc += g0 * u0 + g1 * u1 + g2 * u2 + g3 * u3
+                dbias_acc += ddt0 + ddt1 + ddt2 + ddt3
+            tl.debug_barrier()
+        tl.store(dh0_ptr + b * D_IN * N + state_offs, decay_next * lam, mask=state_mask)
+        tl.store(dA_ptr + b * D_IN * N + state_offs, dA_acc, mask=state_mask)
+        tl.store(dD_ptr + b * D_IN + offs_d, dD_acc, mask=mask_d)
+        tl.store(dbias_ptr + b * D_IN + offs_d, dbias_acc, mask=mask_d)
+
+
+# Positions between the states the forward keeps for the backward (a multiple of 4 and of SCAN_T_SUB);
+# (BLOCK_D, num_warps) of the forward and of the backward; positions per forward loop step.
+SCAN_CHUNK = 64
+SCAN_FWD_CONFIG = (32, 1)
+SCAN_BWD_CONFIG = (8, 1)
+SCAN_T_SUB = 8
+
+
+def _rows_contiguous(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _scan_fwd_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, save_ckpt):
+    batch, length, d_in = u.shape
+    n = A.shape[1]
+    chunk, (block_d, warps) = SCAN_CHUNK, SCAN_FWD_CONFIG
+    u, delta, B, C = (_rows_contiguous(t) for t in (u, delta, B, C))
+    z = None if z is None else _rows_contiguous(z)
+    A = A.float().contiguous()
+    y = torch.empty(batch, length, d_in, device=u.device, dtype=u.dtype)
+    hT = torch.empty(batch, d_in, n, device=u.device, dtype=torch.float32)
+    n_chunks = triton.cdiv(length, chunk)
+    ckpt = torch.empty(batch, n_chunks, d_in, n, device=u.device, dtype=torch.float32) if save_ckpt else hT
+    zz = u if z is None else z
+    grid = (batch, triton.cdiv(d_in, block_d))
+    _scan_fwd_seq_kernel[grid](
+        u, delta, A, B, C, u if D is None else D.float().contiguous(), zz,
+        u if delta_bias is None else delta_bias.float().contiguous(), hT if h0 is None else h0.float().contiguous(),
+        y, hT, ckpt, length, d_in,
+        u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), B.stride(0), B.stride(1),
+        C.stride(0), C.stride(1), zz.stride(0), zz.stride(1),
+        N=n, N_P2=triton.next_power_of_2(n), CHUNK=chunk, BLOCK_D=block_d,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_H0=h0 is not None,
+        SOFTPLUS=delta_softplus, SAVE_CKPT=save_ckpt, T_SUB=SCAN_T_SUB, num_warps=warps,
+    )  # fmt: skip
+    return y, hT, (ckpt if save_ckpt else None)
+
+
+def _scan_bwd_triton(dy, dhT, u, delta, A, B, C, D, z, delta_bias, delta_softplus, ckpt):
+    batch, length, d_in = u.shape
+    n = A.shape[1]
+    chunk, (block_d, warps) = SCAN_CHUNK, SCAN_BWD_CONFIG
+    if ckpt.shape[1] != triton.cdiv(length, chunk):
+        raise RuntimeError("selective scan: the saved states do not match the chunk size (SCAN_CHUNK changed?)")
+    dy = _rows_contiguous(dy)
+    n_dblocks = triton.cdiv(d_in, block_d)
+    dev, f32 = u.device, torch.float32
+    du = torch.empty(batch, length, d_in, device=dev, dtype=u.dtype)
+    ddelta = torch.empty(batch, length, d_in, device=dev, dtype=delta.dtype)
+    dz = torch.empty(batch, length, d_in, device=dev, dtype=z.dtype) if z is not None else du
+    dB = torch.empty(n_dblocks, batch, length, n, device=dev, dtype=f32)
+    dC = torch.empty(n_dblocks, batch, length, n, device=dev, dtype=f32)
+    dA = torch.empty(batch, d_in, n, device=dev, dtype=f32)
+    dD = torch.empty(batch, d_in, device=dev, dtype=f32)
+    dbias = torch.empty(batch, d_in, device=dev, dtype=f32)
+    dh0 = torch.empty(batch, d_in, n, device=dev, dtype=f32)
+    zz = u if z is None else z
+    n_p2 = triton.next_power_of_2(n)
+    scratch = torch.empty(batch * n_dblocks * (chunk // 4) * block_d * n_p2, device=dev, dtype=f32)
+    _scan_bwd_seq_kernel[(batch, n_dblocks)](
+        u, delta, A, B, C, u if D is None else D.float().contiguous(), zz,
+        u if delta_bias is None else delta_bias.float().contiguous(), ckpt, dy,
+        dh0 if dhT is None else dhT.float().contiguous(),
+        du, ddelta, dz, dB, dC, dA, dD, dbias, dh0, length, d_in, batch,
+        u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), B.stride(0), B.stride(1),
+        C.stride(0), C.stride(1), zz.stride(0), zz.stride(1), dy.stride(0), dy.stride(1),
+        N=n, N_P2=triton.next_power_of_2(n), CHUNK=chunk, BLOCK_D=block_d,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_DHT=dhT is not None,
+        SOFTPLUS=delta_softplus, scratch_ptr=scratch, num_warps=warps,
+    )  # fmt: skip
+    return du, ddelta, dA.sum(0), dB.sum(0), dC.sum(0), dD.sum(0), (None if z is None else dz), dbias.sum(0), dh0
+
+
+class _TritonScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, h0, delta_softplus):
+        u, delta, B, C = (_rows_contiguous(t) for t in (u, delta, B, C))
+        y, hT, ckpt = _scan_fwd_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, save_ckpt=True)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ckpt)
+        ctx.softplus = delta_softplus
+        ctx.has_h0 = h0 is not None
+        return y, hT
+
+    @staticmethod
+    def backward(ctx, dy, dhT):
+        u, delta, A, B, C, D, z, delta_bias, ckpt = ctx.saved_tensors
+        du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = _scan_bwd_triton(
+            dy, dhT, u, delta, A, B, C, D, z, delta_bias, ctx.softplus, ckpt
+        )
+        return (
+            du,
+            ddelta,
+            dA.to(A.dtype),
+            dB.to(B.dtype),
+            dC.to(C.dtype),
+            None if D is None else dD.to(D.dtype),
+            dz,
+            None if delta_bias is None else dbias.to(delta_bias.dtype),
+            dh0 if ctx.has_h0 else None,
+            None,
+        )
+
+
+def selective_scan_triton(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = True,
+    initial_state: Tensor | None = None,
+    return_final_state: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """The fused Triton scan (forward and backward); same arguments and results as :func:`selective_scan_ref`."""
+    if triton is None:
+        raise RuntimeError("selective_scan_triton needs the triton package")
+    _check_inputs(u, delta, A, B, C, initial_state)
+    if u.shape[1] == 0:
+        return selective_scan_ref(
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_final_state
+        )
+    tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        y, hT = _TritonScan.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus)
+    else:
+        y, hT, _ = _scan_fwd_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, False)
+    return (y, hT) if return_final_state else y
+
+
 def selective_scan(
     u: Tensor,
     delta: Tensor,
@@ -292,8 +869,8 @@ def selective_scan(
     return_final_state: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """The selective scan on the selected backend; see :func:`selective_scan_ref` for shapes."""
-    backend = resolve_backend(u)
-    impl = selective_scan_ref if backend == "ref" else selective_scan_chunked
+    backend = resolve_backend(u, has_triton=True)
+    impl = {"ref": selective_scan_ref, "triton": selective_scan_triton}.get(backend, selective_scan_chunked)
     return impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_final_state)
 
 

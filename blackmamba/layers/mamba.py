@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import BlackMambaConfig
-from ..kernels import causal_conv1d, causal_conv1d_update, selective_scan, selective_state_update
+from ..kernels import causal_conv1d, mamba_decode_step, selective_scan
 
 
 @dataclass
@@ -112,11 +112,18 @@ class MambaMixer(nn.Module):
         return self.out_proj(y)
 
     def step(self, u_t: Tensor, cache: MambaCache) -> Tensor:
-        """One token: u_t (B, D) -> (B, D); updates ``cache`` in place."""
-        x, z = self.in_proj(u_t).chunk(2, dim=-1)
-        x = causal_conv1d_update(x, cache.conv_state, self.conv1d.weight[:, 0, :], self.conv1d.bias, "silu")
-        dt, B, C, A = self._ssm_inputs(x)
-        y = selective_state_update(
-            cache.ssm_state, x, dt, A, B, C, self.D, z, delta_bias=self.dt_proj.bias, delta_softplus=True
+        """One token: u_t (B, D) -> (B, D); updates ``cache`` in place (fused kernels on the Triton backend)."""
+        return mamba_decode_step(
+            u_t,
+            cache.conv_state,
+            cache.ssm_state,
+            self.in_proj.weight,
+            self.conv1d.weight[:, 0, :],
+            self.conv1d.bias,
+            self.x_proj.weight,
+            self.dt_proj.weight,
+            self.dt_proj.bias,
+            -torch.exp(self.A_log.float()),
+            self.D,
+            self.out_proj.weight,
         )
-        return self.out_proj(y)

@@ -1,0 +1,409 @@
+"""The Triton kernels against the PyTorch paths, the hardware floors and the reference (run on the GPU machine).
+
+Rows (BlackMamba-2.8B shapes: d_model 1472, d_inner 2944, N 16, conv 4, 8 experts of F 3872, bf16):
+  scan_fwd, scan_fwd_bwd   selective scan (softplus(dt + bias), D skip, SiLU(z) gate)  B x L in 1x2048, 8x2048, 2x16384
+  conv_fwd                 causal depthwise conv (width 4) + SiLU                       same shapes
+  norm_fwd                 residual add + RMSNorm (d_model 1472)                        same shapes
+  decode_step              one token through one Mamba mixer (in_proj ... out_proj)     batch 1, 16, 64 (CUDA graphs)
+  moe_fwd, moe_fwd_bwd     route -> permute -> fc1 -> gated GELU -> fc2 -> un-permute   T in 1 ... 65536, uniform/skewed
+
+Each row: ours (ms, median of triton.testing.do_bench), one peer measured in the same run, the floor (bytes
+over the measured copy bandwidth, or FLOPs over the measured bf16 matmul rate), fraction of the floor,
+speedup over the peer, and the max error against the plain reference (max |ours - ref| / max |ref|, the
+reference in fp32 on the same inputs). Other peers measured in the same run are kept in "others".
+
+    python benchmarks/kernels.py [--quick] [--out benchmarks/results/kernels.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import fmt, markdown_table, text_table  # noqa: E402
+from blackmamba import BlackMambaConfig  # noqa: E402
+from blackmamba.kernels import add_rms_norm, add_rms_norm_ref, use_backend  # noqa: E402
+from blackmamba.kernels.causal_conv1d import causal_conv1d_ref, causal_conv1d_shifted, causal_conv1d_triton  # noqa: E402
+from blackmamba.kernels.moe import (  # noqa: E402
+    moe_experts_grouped_mm,
+    moe_experts_ref,
+    moe_experts_sorted,
+    moe_experts_triton,
+)
+from blackmamba.kernels.selective_scan import (  # noqa: E402
+    selective_scan_chunked,
+    selective_scan_ref,
+    selective_scan_triton,
+)
+from blackmamba.layers import MambaMixer  # noqa: E402
+
+scan_mod = importlib.import_module("blackmamba.kernels.selective_scan")
+from blackmamba.model import cast_model  # noqa: E402
+
+CFG = BlackMambaConfig.from_preset("blackmamba-2.8b")
+D_MODEL, D_IN, N, R, K = CFG.d_model, CFG.d_inner, CFG.d_state, CFG.dt_rank, CFG.d_conv
+E, F_FF = CFG.n_experts, CFG.d_ff
+BF16 = torch.bfloat16
+
+
+def ms(fn) -> float:
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def max_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((ours.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30)).item()
+
+
+def ceilings() -> tuple[float, float]:
+    """(copy bandwidth in bytes/s counting read + write, bf16 matmul FLOP/s), measured now on this card."""
+    src = torch.randn(2**30, device="cuda", dtype=BF16)  # 2 GiB
+    dst = torch.empty_like(src)
+    bw = 2 * src.numel() * 2 / (ms(lambda: dst.copy_(src)) * 1e-3)
+    a = torch.randn(8192, 8192, device="cuda", dtype=BF16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=BF16)
+    flops = 2 * 8192**3 / (ms(lambda: a @ b) * 1e-3)
+    return bw, flops
+
+
+def row(benchmark, shape, ours, peer, peer_value, floor, err, **others) -> dict:
+    return {
+        "benchmark": benchmark,
+        "shape": shape,
+        "unit": "ms",
+        "ours": ours,
+        "peer": peer,
+        "peer_value": peer_value,
+        "floor": floor,
+        "fraction_of_floor": None if floor is None else floor / ours,
+        "speedup": None if peer_value is None else peer_value / ours,
+        "max_err": err,
+        "others": others,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ scan, conv, norm
+
+
+def scan_inputs(batch: int, length: int, seed: int = 0) -> dict:
+    g = torch.Generator(device="cuda").manual_seed(seed)
+
+    def rand(*shape, scale=1.0, dtype=BF16):
+        return (scale * torch.randn(*shape, generator=g, device="cuda")).to(dtype)
+
+    proj = rand(batch, length, R + 2 * N)  # B and C are views of the x_proj output, as in the model
+    return {
+        "u": rand(batch, length, D_IN),
+        "delta": rand(batch, length, D_IN, scale=0.5),
+        "A": -torch.exp(torch.rand(D_IN, N, generator=g, device="cuda") * 2.5),
+        "B": proj[..., R : R + N],
+        "C": proj[..., R + N :],
+        "D": rand(D_IN, dtype=torch.float32),
+        "z": rand(batch, length, 2 * D_IN)[..., D_IN:],
+        "delta_bias": torch.rand(D_IN, generator=g, device="cuda") * 4 - 5,
+    }
+
+
+def scan_rows(batch: int, length: int, bw: float, check_grads: bool) -> list[dict]:
+    shape = f"{batch}x{length}"
+    x = scan_inputs(batch, length)
+    with torch.no_grad():
+        y = selective_scan_triton(**x)
+        ref = selective_scan_ref(**{k: (v.float() if v.dtype == BF16 else v) for k, v in x.items()})
+        err = max_err(y, ref)
+        del ref
+        t_ours = ms(lambda: selective_scan_triton(**x))
+        t_torch = ms(lambda: selective_scan_chunked(**x))
+    act = batch * length * D_IN * 2  # one (B, L, D_in) bf16 tensor
+    bc = batch * length * 2 * N * 2
+    fwd_bytes = 4 * act + bc  # read u, delta, z, B, C; write y
+    rows = [row("scan_fwd", shape, t_ours, "torch chunked scan (ours, PyTorch)", t_torch, fwd_bytes / bw * 1e3, err)]
+
+    leaves = {k: v.detach().clone().requires_grad_(v.is_floating_point()) for k, v in x.items()}
+    dy = torch.randn(batch, length, D_IN, device="cuda", dtype=BF16)
+
+    def fwd_bwd(fn):
+        out = fn(**leaves)
+        return torch.autograd.grad(out, list(leaves.values()), dy)
+
+    t_ours = ms(lambda: fwd_bwd(selective_scan_triton))
+    t_torch = ms(lambda: fwd_bwd(selective_scan_chunked))
+    err = None
+    if check_grads:
+        grads = fwd_bwd(selective_scan_triton)
+        ref_leaves = {k: (v.detach().float() if v.dtype == BF16 else v.detach()).requires_grad_() for k, v in x.items()}
+        ref_out = selective_scan_ref(**ref_leaves)
+        ref_grads = torch.autograd.grad(ref_out, list(ref_leaves.values()), dy.float())
+        err = max(max_err(a, b) for a, b in zip(grads, ref_grads, strict=True))
+        del ref_out, ref_grads
+    bwd_bytes = 7 * act + 2 * bc  # read u, delta, z, dy, B, C; write du, ddelta, dz, dB, dC
+    floor = (fwd_bytes + bwd_bytes) / bw * 1e3
+    rows.append(row("scan_fwd_bwd", shape, t_ours, "torch chunked scan (ours, PyTorch)", t_torch, floor, err))
+    return rows
+
+
+def conv_row(batch: int, length: int, bw: float) -> dict:
+    g = torch.Generator(device="cuda").manual_seed(1)
+    xz = torch.randn(batch, length, 2 * D_IN, device="cuda", generator=g).to(BF16)
+    x = xz[..., :D_IN]  # the in_proj half, as in the model
+    w = torch.randn(D_IN, K, device="cuda", generator=g).to(BF16)
+    b = torch.randn(D_IN, device="cuda", generator=g).to(BF16)
+    with torch.no_grad():
+        y = causal_conv1d_triton(x, w, b, "silu")
+        err = max_err(y, causal_conv1d_ref(x.float(), w.float(), b.float(), "silu"))
+        t_ours = ms(lambda: causal_conv1d_triton(x, w, b, "silu"))
+        t_ref = ms(lambda: causal_conv1d_ref(x, w, b, "silu"))
+        compiled = torch.compile(causal_conv1d_shifted)
+        t_compiled = ms(lambda: compiled(x, w, b, "silu"))
+    floor = 2 * batch * length * D_IN * 2 / bw * 1e3
+    return row("conv_fwd", f"{batch}x{length}", t_ours, "torch.compile(shifted conv)", t_compiled, floor, err,
+               f_conv1d=t_ref)  # fmt: skip
+
+
+def norm_row(batch: int, length: int, bw: float) -> dict:
+    g = torch.Generator(device="cuda").manual_seed(2)
+    x = torch.randn(batch * length, D_MODEL, device="cuda", generator=g)
+    delta = torch.randn(batch * length, D_MODEL, device="cuda", generator=g).to(BF16)
+    w = (1 + 0.1 * torch.randn(D_MODEL, device="cuda", generator=g)).to(BF16)
+    with torch.no_grad():
+        with use_backend("triton"):
+            y, _ = add_rms_norm(x, delta, w)
+            t_ours = ms(lambda: add_rms_norm(x, delta, w))
+        err = max_err(y, add_rms_norm_ref(x, delta, w)[0])
+        compiled = torch.compile(add_rms_norm_ref)
+        t_compiled = ms(lambda: compiled(x, delta, w))
+        t_eager = ms(lambda: add_rms_norm_ref(x, delta, w))
+    n = batch * length * D_MODEL
+    floor = n * (4 + 2 + 4 + 2) / bw * 1e3  # read x fp32, delta bf16; write residual fp32, y bf16
+    return row("norm_fwd", f"{batch}x{length}", t_ours, "torch.compile(reference)", t_compiled, floor, err,
+               eager_reference=t_eager)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ decode step
+
+
+def decode_row(batch: int, bw: float, layers: int = 4) -> dict:
+    """One token through ``layers`` different Mamba mixers in a CUDA graph (so the weights are read from
+    memory, not L2); the time per mixer is reported."""
+    torch.manual_seed(3)
+    mixers = [cast_model(MambaMixer(CFG), BF16).cuda() for _ in range(layers)]
+    u = torch.randn(batch, D_MODEL, device="cuda", dtype=BF16)
+    caches = {b: [m.allocate_cache(batch) for m in mixers] for b in ("triton", "ref")}
+    for cs in caches.values():
+        for c in cs:
+            c.conv_state.normal_()
+            c.ssm_state.normal_()
+    outs = {}
+
+    def graph(backend):
+        def step():
+            with use_backend(backend):
+                h = u
+                for m, c in zip(mixers, caches[backend], strict=True):
+                    h = m.step(h, c)
+                outs[backend] = h
+
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.no_grad():
+            step()  # warm-up (compiles the kernels)
+        torch.cuda.current_stream().wait_stream(stream)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g), torch.no_grad():
+            step()
+        return g
+
+    graphs = {b: graph(b) for b in ("triton", "ref")}
+    # Equal states first, then one step each: the outputs must agree.
+    for c_t, c_r in zip(caches["triton"], caches["ref"], strict=True):
+        c_t.conv_state.copy_(c_r.conv_state)
+        c_t.ssm_state.copy_(c_r.ssm_state)
+    graphs["triton"].replay()
+    graphs["ref"].replay()
+    err = max_err(outs["triton"], outs["ref"])
+    t_ours = ms(graphs["triton"].replay) / layers
+    t_ref = ms(graphs["ref"].replay) / layers
+    m = mixers[0]
+    weight_bytes = sum(p.numel() * p.element_size() for p in m.parameters())
+    state_bytes = 2 * batch * (D_IN * N * 4 + (K - 1) * D_IN * 2)  # read + write both states
+    floor = (weight_bytes + state_bytes) / bw * 1e3
+    return row("decode_step", f"b{batch}", t_ours, "PyTorch step (CUDA graph)", t_ref, floor, err)
+
+
+# ------------------------------------------------------------------------------------------------ MoE
+
+SKEW = torch.tensor([0.5, 0.2, 0.1, 0.1, 0.05, 0.05, 0.0, 0.0])
+
+
+def moe_rows(tokens: int, routing: str, bw: float, peak: float, with_bwd: bool) -> list[dict]:
+    g = torch.Generator(device="cuda").manual_seed(4)
+    x = torch.randn(tokens, D_MODEL, device="cuda", generator=g).to(BF16)
+    wr = (0.02 * torch.randn(E, D_MODEL, device="cuda", generator=g)).to(BF16)
+    br = torch.zeros(E, device="cuda")
+    w1 = (0.02 * torch.randn(E, 2 * F_FF, D_MODEL, device="cuda", generator=g)).to(BF16)
+    w2 = (0.02 * torch.randn(E, D_MODEL, F_FF, device="cuda", generator=g)).to(BF16)
+    probs = torch.full((E,), 1.0 / E) if routing == "uniform" else SKEW
+    assign = torch.multinomial(probs, tokens, replacement=True, generator=torch.Generator().manual_seed(5)).cuda()
+
+    def layer(experts, x, w1, w2):
+        # The router runs (logits, sigmoid, gate gather); the argmax is replaced by the fixed assignment so the
+        # load is controlled (uniform or skewed).
+        probs_TE = torch.sigmoid(F.linear(x.float(), wr.float(), br))
+        gate = probs_TE.gather(1, assign[:, None])[:, 0]
+        return experts(x, assign, gate, w1, w2, "gelu")
+
+    a = torch.randn(tokens, D_MODEL, device="cuda", dtype=BF16)
+    h = torch.randn(tokens, F_FF, device="cuda", dtype=BF16)
+    w1_dense = torch.randn(D_MODEL, 2 * F_FF, device="cuda", dtype=BF16)
+    w2_dense = torch.randn(F_FF, D_MODEL, device="cuda", dtype=BF16)
+
+    def dense():
+        return (a @ w1_dense, h @ w2_dense)
+
+    shape = f"T={tokens}/{routing}"
+    used = int((torch.bincount(assign, minlength=E) > 0).sum())
+    flop = 2 * tokens * D_MODEL * 3 * F_FF
+    weight_bytes = used * 3 * F_FF * D_MODEL * 2
+    act_bytes = tokens * (2 * D_MODEL * 2 + 3 * F_FF * 2 * 2)
+    with torch.no_grad():
+        y = layer(moe_experts_triton, x, w1, w2)
+        err = max_err(y, layer(moe_experts_ref, x.float(), w1.float(), w2.float()))
+        t_ours = ms(lambda: layer(moe_experts_triton, x, w1, w2))
+        t_dense = ms(dense)
+        t_gmm = ms(lambda: layer(moe_experts_grouped_mm, x, w1, w2))
+        t_loop = ms(lambda: layer(moe_experts_sorted, x, w1, w2))
+    floor = max(flop / peak, (weight_bytes + act_bytes) / bw) * 1e3
+    rows = [
+        row(
+            "moe_fwd",
+            shape,
+            t_ours,
+            "two dense GEMMs of the same shapes",
+            t_dense,
+            floor,
+            err,
+            torch_grouped_mm=t_gmm,
+            torch_loop_over_experts=t_loop,
+        )  # fmt: skip
+    ]
+    if not with_bwd:
+        return rows
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w1, w2)]
+    dy = torch.randn(tokens, D_MODEL, device="cuda", dtype=BF16)
+
+    def fwd_bwd(experts):
+        return torch.autograd.grad(layer(experts, *leaves), leaves, dy)
+
+    dense_in = [t.detach().requires_grad_() for t in (a, w1_dense, h, w2_dense)]
+    dense_dy = (torch.randn(tokens, 2 * F_FF, device="cuda", dtype=BF16), dy)
+
+    def dense_fwd_bwd():  # both GEMMs and their input and weight gradients
+        outs = (dense_in[0] @ dense_in[1], dense_in[2] @ dense_in[3])
+        return torch.autograd.grad(outs, dense_in, dense_dy)
+
+    t_ours = ms(lambda: fwd_bwd(moe_experts_triton))
+    t_dense = ms(dense_fwd_bwd)
+    t_gmm = ms(lambda: fwd_bwd(moe_experts_grouped_mm))
+    grads = fwd_bwd(moe_experts_triton)
+    ref_leaves = [t.detach().float().requires_grad_() for t in (x, w1, w2)]
+    ref_grads = torch.autograd.grad(layer(moe_experts_ref, *ref_leaves), ref_leaves, dy.float())
+    err = max(max_err(o, r) for o, r in zip(grads, ref_grads, strict=True))
+    rows.append(
+        row(
+            "moe_fwd_bwd",
+            shape,
+            t_ours,
+            "two dense GEMMs of the same shapes (fwd+bwd)",
+            t_dense,
+            3 * floor,
+            err,
+            torch_grouped_mm=t_gmm,
+        )  # fmt: skip
+    )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer shapes (a smoke run)")
+    parser.add_argument("--only", nargs="*", default=None, help="benchmarks to run (default: all)")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "kernels.json"))
+    parser.add_argument("--scan-fwd", help="forward scan tiles BLOCK_D,WARPS,T_SUB (default: the module's)")
+    parser.add_argument("--scan-bwd", help="backward scan tiles BLOCK_D,WARPS (default: the module's)")
+    args = parser.parse_args()
+    if args.scan_fwd:
+        *scan_mod.SCAN_FWD_CONFIG, scan_mod.SCAN_T_SUB = (int(v) for v in args.scan_fwd.split(","))
+        scan_mod.SCAN_FWD_CONFIG = tuple(scan_mod.SCAN_FWD_CONFIG)
+    if args.scan_bwd:
+        scan_mod.SCAN_BWD_CONFIG = tuple(int(v) for v in args.scan_bwd.split(","))
+    want = set(args.only or ["scan", "conv", "norm", "decode", "moe"])
+    bw, peak = ceilings()
+    print(f"measured: copy {bw / 1e12:.2f} TB/s, bf16 matmul {peak / 1e12:.0f} TFLOP/s", flush=True)
+    shapes = [(8, 2048)] if args.quick else [(1, 2048), (8, 2048), (2, 16384)]
+    rows: list[dict] = []
+
+    def log(new):
+        for r in new:
+            print(json.dumps(r), flush=True)
+        rows.extend(new)
+
+    for batch, length in shapes:
+        if "scan" in want:
+            log(scan_rows(batch, length, bw, check_grads=batch * length <= 16384))
+        if "conv" in want:
+            log([conv_row(batch, length, bw)])
+        if "norm" in want:
+            log([norm_row(batch, length, bw)])
+        torch.cuda.empty_cache()
+    if "decode" in want:
+        for batch in [1] if args.quick else [1, 16, 64]:
+            log([decode_row(batch, bw)])
+    if "moe" in want:
+        for tokens in [2048, 16384] if args.quick else [1, 64, 2048, 16384, 65536]:
+            for routing in ("uniform", "skewed"):
+                log(moe_rows(tokens, routing, bw, peak, with_bwd=tokens >= 2048))
+                torch.cuda.empty_cache()
+    meta = {
+        "card": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": "python " + " ".join(sys.argv),
+        "copy_bandwidth_TBps": bw / 1e12,
+        "bf16_matmul_TFLOPs": peak / 1e12,
+        "scan_config": {"fwd": scan_mod.SCAN_FWD_CONFIG, "t_sub": scan_mod.SCAN_T_SUB, "bwd": scan_mod.SCAN_BWD_CONFIG},
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "results": rows}, indent=1) + "\n")
+    header = ["benchmark", "shape", "ours ms", "peer", "peer ms", "speedup", "floor ms", "of floor", "max err"]
+    body = [
+        [r["benchmark"], r["shape"], fmt(r["ours"]), r["peer"], fmt(r["peer_value"]), fmt(r["speedup"]),
+         fmt(r["floor"]), "n/a" if r["fraction_of_floor"] is None else f"{r['fraction_of_floor']:.0%}",
+         fmt(r["max_err"])]
+        for r in rows
+    ]  # fmt: skip
+    out.with_suffix(".md").write_text(
+        f"{meta['card']}, torch {meta['torch']}, triton {meta['triton']}, {meta['date']}\n\n"
+        + markdown_table(header, body)
+        + "\n"
+    )
+    print(f"\n{meta['card']}, torch {meta['torch']}, triton {meta['triton']}, {meta['date']}")
+    print(text_table(header, body))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,256 @@
+"""MoE experts on grouped GEMMs (Triton kernels and torch._grouped_mm) against the loop over experts.
+
+On the CPU the kernels run in Triton's interpreter on tiny shapes; the ``gpu`` tests use the 2.8B
+model's widths (D=1472, F=3872, E=8).
+"""
+
+import pytest
+import torch
+
+import blackmamba.kernels.moe as moe
+from blackmamba.kernels import moe_experts, moe_experts_grouped_mm, moe_experts_ref, moe_experts_triton, use_backend
+from blackmamba.kernels.moe import (
+    expert_offsets,
+    grouped_gemm,
+    grouped_gemm_ref,
+    grouped_gemm_wgrad,
+    grouped_gemm_wgrad_ref,
+)
+
+from .conftest import DEVICE, ON_GPU, TOL, nan_filled, rel_err
+
+N_EXPERTS = 4
+TOL_F32 = dict(zip(("rtol", "atol"), TOL[torch.float32], strict=True))
+
+
+def routing(tokens: int, experts: int, skew: bool, g: torch.Generator, device=DEVICE) -> torch.Tensor:
+    """Uniform routing, or skewed: most tokens to expert 0, the rest to the last, the others empty."""
+    if skew:
+        expert = torch.where(torch.rand(tokens, generator=g) < 0.8, 0, experts - 1)
+    else:
+        expert = torch.randint(0, experts, (tokens,), generator=g)
+    return expert.to(device)
+
+
+def moe_inputs(tokens, dim, ff, experts, dtype, skew, seed=0, device=DEVICE):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, dim, generator=g).to(device, dtype).requires_grad_()
+    gate = torch.rand(tokens, generator=g).to(device, dtype).requires_grad_()
+    w1 = (torch.randn(experts, 2 * ff, dim, generator=g) / dim**0.5).to(device, dtype).requires_grad_()
+    w2 = (torch.randn(experts, dim, ff, generator=g) / ff**0.5).to(device, dtype).requires_grad_()
+    return x, routing(tokens, experts, skew, g, device), gate, w1, w2
+
+
+def forward_and_grads(fn, x, expert, gate, w1, w2, activation="gelu"):
+    y = fn(x, expert, gate, w1, w2, activation)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.device, y.dtype)
+    return y, torch.autograd.grad(y, (x, gate, w1, w2), dy)
+
+
+def test_expert_offsets_group_tokens_stably():
+    expert = torch.tensor([2, 0, 3, 0, 2, 2, 0])
+    order, offs = expert_offsets(expert, 5)
+    assert offs.dtype == torch.int32
+    assert offs.tolist() == [0, 3, 3, 6, 7, 7]  # experts 1 and 4 are empty
+    assert order.tolist() == torch.argsort(expert, stable=True).tolist()
+
+
+# (trans_b, gather A rows, scatter C rows, scale C rows): fc1, fc2, dX of fc2, dX of fc1, plain.
+GEMM_VARIANTS = [(True, True, False, False), (True, False, True, True), (False, True, False, False),
+                 (False, False, True, False), (True, False, False, False)]  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 33])
+@pytest.mark.parametrize("trans_b,gather,scatter,scale", GEMM_VARIANTS)
+def test_grouped_gemm_matches_loop(dtype, tokens, trans_b, gather, scatter, scale):
+    g = torch.Generator().manual_seed(tokens)
+    k_red, n_out = 24, 40
+    order, offs = expert_offsets(routing(tokens, N_EXPERTS, skew=True, g=g), N_EXPERTS)
+    a = torch.randn(tokens, k_red, generator=g).to(DEVICE, dtype)
+    b_shape = (N_EXPERTS, n_out, k_red) if trans_b else (N_EXPERTS, k_red, n_out)
+    b = torch.randn(b_shape, generator=g).to(DEVICE, dtype)
+    s = torch.rand(tokens, generator=g).to(DEVICE) if scale else None
+    kw = dict(trans_b=trans_b, a_rows=order if gather else None, c_rows=order if scatter else None, c_scale=s)
+    out = grouped_gemm(a, b, offs, **kw, out=nan_filled((tokens, n_out), dtype))
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(out, grouped_gemm_ref(a, b, offs, **kw), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 33])
+@pytest.mark.parametrize("gather_a,gather_b", [(False, False), (True, False), (False, True)])
+def test_grouped_gemm_wgrad_matches_loop(dtype, tokens, gather_a, gather_b):
+    g = torch.Generator().manual_seed(tokens)
+    n_out, k_out = 40, 24
+    order, offs = expert_offsets(routing(tokens, N_EXPERTS, skew=True, g=g), N_EXPERTS)
+    a = torch.randn(tokens, n_out, generator=g).to(DEVICE, dtype)
+    b = torch.randn(tokens, k_out, generator=g).to(DEVICE, dtype)
+    s = torch.rand(tokens, generator=g).to(DEVICE) if gather_a else None  # dW2 scales dy by the gate
+    kw = dict(a_rows=order if gather_a else None, b_rows=order if gather_b else None, a_scale=s)
+    out = grouped_gemm_wgrad(a, b, offs, **kw, out=nan_filled((N_EXPERTS, n_out, k_out), dtype))
+    expected = grouped_gemm_wgrad_ref(a, b, offs, **kw)
+    assert (expected[1:3] == 0).all()  # empty experts get zero gradients
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(out, expected, rtol=rtol, atol=atol)
+
+
+def test_grouped_gemm_rejects_bad_shapes():
+    offs = torch.zeros(N_EXPERTS + 1, dtype=torch.int32, device=DEVICE)
+    b = torch.randn(N_EXPERTS, 8, 6, device=DEVICE)
+    with pytest.raises(ValueError, match="grouped_gemm"):
+        grouped_gemm(torch.randn(3, 8, device=DEVICE), b, offs)  # K is 6 with trans_b
+    with pytest.raises(ValueError, match="grouped_gemm"):
+        grouped_gemm(torch.randn(3, 6, device=DEVICE), b, offs.long())
+    with pytest.raises(ValueError, match="grouped_gemm_wgrad"):
+        grouped_gemm_wgrad(torch.randn(3, 8, device=DEVICE), torch.randn(3, 5, device=DEVICE), offs, out=b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "tokens,skew,activation", [(1, False, "gelu"), (7, True, "silu"), (33, True, "gelu"), (33, False, "gelu_tanh")]
+)
+def test_moe_triton_matches_loop(poisoned, dtype, tokens, skew, activation):
+    inputs = moe_inputs(tokens, 24, 20, N_EXPERTS, dtype, skew, seed=tokens)
+    y_ref, g_ref = forward_and_grads(moe_experts_ref, *inputs, activation)
+    with use_backend("triton"):
+        y, grads = forward_and_grads(moe_experts, *inputs, activation)
+    rtol, atol = TOL[dtype]
+    assert y.dtype == y_ref.dtype
+    torch.testing.assert_close(y, y_ref, rtol=rtol, atol=atol)
+    for got, want in zip(grads, g_ref, strict=True):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got.float(), want.float(), rtol=rtol * 5, atol=atol * 5)
+
+
+def test_moe_triton_fp32_gate_under_autocast(poisoned):
+    """The layer's case: fp32 weights and gate, the experts in autocast's bf16 (the output too)."""
+    x, expert, gate, w1, w2 = moe_inputs(7, 24, 20, N_EXPERTS, torch.float32, skew=True)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        y_ref, g_ref = forward_and_grads(moe_experts_ref, x, expert, gate, w1, w2)
+        y, grads = forward_and_grads(moe_experts_triton, x, expert, gate, w1, w2)
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    rtol, atol = TOL[torch.bfloat16]
+    torch.testing.assert_close(y, y_ref, rtol=rtol, atol=atol)
+    for got, want in zip(grads, g_ref, strict=True):
+        torch.testing.assert_close(got.float(), want.float(), rtol=rtol * 5, atol=atol * 5)
+
+
+def test_moe_triton_takes_strided_inputs(poisoned):
+    x, expert, gate, w1, w2 = moe_inputs(7, 24, 20, N_EXPERTS, torch.float32, skew=False)
+    x_strided = x.detach().t().contiguous().t().requires_grad_()  # column-major
+    gate_strided = torch.stack([gate.detach(), gate.detach()], 1)[:, 1].requires_grad_()
+    inputs = (x_strided, expert, gate_strided, w1, w2)
+    y_ref, g_ref = forward_and_grads(moe_experts_ref, *inputs)
+    y, grads = forward_and_grads(moe_experts_triton, *inputs)
+    torch.testing.assert_close(y, y_ref, **TOL_F32)
+    for got, want in zip(grads, g_ref, strict=True):
+        torch.testing.assert_close(got, want, **TOL_F32)
+
+
+def test_moe_experts_picks_the_grouped_gemm(monkeypatch):
+    x, expert, gate, w1, w2 = moe_inputs(9, 24, 20, N_EXPERTS, torch.float32, skew=False)
+    calls = []
+    monkeypatch.setattr(moe, "moe_experts_triton", lambda *a: calls.append("triton") or moe_experts_ref(*a))
+    monkeypatch.setattr(moe, "moe_experts_grouped_mm", lambda *a: calls.append("torch") or moe_experts_ref(*a))
+    with use_backend("triton"):
+        moe_experts(x, expert, gate, w1, w2)
+        monkeypatch.setattr(moe, "GROUPED_GEMM", "torch")
+        moe_experts(x, expert, gate, w1, w2)
+        monkeypatch.setattr(moe, "GROUPED_GEMM", "cutlass")
+        with pytest.raises(ValueError, match="GROUPED_GEMM"):
+            moe_experts(x, expert, gate, w1, w2)
+    with use_backend("torch"):
+        moe_experts(x, expert, gate, w1, w2)
+    assert calls == ["triton", "torch"]
+
+
+@pytest.mark.skipif(ON_GPU, reason="checks the CPU guard")
+def test_grouped_mm_forward_on_cpu_and_its_guard():
+    x, expert, gate, w1, w2 = moe_inputs(33, 24, 20, N_EXPERTS, torch.float32, skew=True)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            moe_experts_grouped_mm(x, expert, gate, w1, w2), moe_experts_ref(x, expert, gate, w1, w2), **TOL_F32
+        )
+    with pytest.raises(NotImplementedError, match="CUDA"):
+        moe_experts_grouped_mm(x, expert, gate, w1, w2)
+
+
+# The 2.8B model's expert widths.
+D_28B, F_28B, E_28B = 1472, 3872, 8
+
+
+def fp32_reference(x, expert, gate, w1, w2):
+    """The loop over experts in fp32 from the same (rounded) inputs, with grads in the inputs' dtype."""
+    leaves = [t.detach().float().requires_grad_() for t in (x, gate, w1, w2)]
+    y, grads = forward_and_grads(moe_experts_ref, leaves[0], expert, *leaves[1:])
+    return y, grads
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", [moe_experts_triton, moe_experts_grouped_mm])
+@pytest.mark.parametrize("tokens", [2048, 16384])
+@pytest.mark.parametrize("skew", [False, True])
+def test_moe_grouped_full_size_bf16(poisoned, impl, tokens, skew):
+    inputs = moe_inputs(tokens, D_28B, F_28B, E_28B, torch.bfloat16, skew, device="cuda")
+    y_ref, g_ref = fp32_reference(*inputs)
+    y, grads = forward_and_grads(impl, *inputs)
+    assert y.dtype == torch.bfloat16
+    assert rel_err(y, y_ref) < 1e-2
+    for name, got, want in zip(("x", "gate", "w1", "w2"), grads, g_ref, strict=True):
+        assert got.dtype == torch.bfloat16 and rel_err(got, want) < 2e-2, name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [1, 3, 17, 64, 2048])
+def test_moe_triton_full_size_fp32(poisoned, tokens):
+    """Decode sizes (1-64 tokens, most experts empty) and a prefill, in fp32 against the loop."""
+    inputs = moe_inputs(tokens, D_28B, F_28B, E_28B, torch.float32, skew=tokens > 64, device="cuda")
+    y_ref, g_ref = forward_and_grads(moe_experts_ref, *inputs)
+    y, grads = forward_and_grads(moe_experts_triton, *inputs)
+    assert rel_err(y, y_ref) < 1e-5
+    for name, got, want in zip(("x", "gate", "w1", "w2"), grads, g_ref, strict=True):
+        assert rel_err(got, want) < 1e-5, name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("trans_b,gather,scatter,scale", GEMM_VARIANTS)
+def test_grouped_gemm_full_size(trans_b, gather, scatter, scale):
+    g = torch.Generator().manual_seed(0)
+    tokens, k_red, n_out = 4096, D_28B, 2 * F_28B
+    order, offs = expert_offsets(routing(tokens, E_28B, skew=True, g=g, device="cuda"), E_28B)
+    a = torch.randn(tokens, k_red, generator=g).to("cuda", torch.bfloat16)
+    b_shape = (E_28B, n_out, k_red) if trans_b else (E_28B, k_red, n_out)
+    b = torch.randn(b_shape, generator=g).to("cuda", torch.bfloat16)
+    s = torch.rand(tokens, generator=g).cuda() if scale else None
+    kw = dict(trans_b=trans_b, a_rows=order if gather else None, c_rows=order if scatter else None, c_scale=s)
+    out = grouped_gemm(a, b, offs, **kw, out=nan_filled((tokens, n_out), torch.bfloat16, "cuda"))
+    assert rel_err(out, grouped_gemm_ref(a, b, offs, **kw)) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gather_a,gather_b", [(False, False), (True, False), (False, True)])
+def test_grouped_gemm_wgrad_full_size(gather_a, gather_b):
+    g = torch.Generator().manual_seed(0)
+    tokens, n_out, k_out = 4096, D_28B, F_28B
+    order, offs = expert_offsets(routing(tokens, E_28B, skew=True, g=g, device="cuda"), E_28B)
+    a = torch.randn(tokens, n_out, generator=g).to("cuda", torch.bfloat16)
+    b = torch.randn(tokens, k_out, generator=g).to("cuda", torch.bfloat16)
+    s = torch.rand(tokens, generator=g).cuda() if gather_a else None
+    kw = dict(a_rows=order if gather_a else None, b_rows=order if gather_b else None, a_scale=s)
+    out = grouped_gemm_wgrad(a, b, offs, **kw, out=nan_filled((E_28B, n_out, k_out), torch.bfloat16, "cuda"))
+    assert rel_err(out, grouped_gemm_wgrad_ref(a, b, offs, **kw)) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", [moe_experts_triton, moe_experts_grouped_mm])
+def test_moe_grouped_never_syncs_with_the_host(impl):
+    x, expert, gate, w1, w2 = moe_inputs(2048, D_28B, F_28B, E_28B, torch.bfloat16, skew=True, device="cuda")
+    dy = torch.randn(x.shape, device="cuda", dtype=x.dtype)
+    torch.autograd.grad(impl(x, expert, gate, w1, w2), (x, gate, w1, w2), dy)  # compile first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        torch.autograd.grad(impl(x, expert, gate, w1, w2), (x, gate, w1, w2), dy)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

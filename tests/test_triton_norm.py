@@ -1,0 +1,116 @@
+"""Triton RMSNorm with fused residual add against its reference, forward and every gradient."""
+
+import pytest
+import torch
+
+from blackmamba.kernels import add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_ref, use_backend
+
+from .conftest import DEVICE, ON_GPU, TOL, rel_err
+
+pytest.importorskip("triton")
+
+SHAPES = [(7, 13), (1, 5), (3, 4, 33), (1, 63, 24)] if not ON_GPU else [(7, 13), (1, 5), (3, 63, 1472), (8, 2560)]
+
+
+def norm_inputs(shape, weight_dtype, delta_dtype, device=DEVICE, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (2 * torch.randn(shape, generator=g)).to(device).requires_grad_()
+    delta = None
+    if delta_dtype is not None:
+        delta = torch.randn(shape, generator=g).to(device, delta_dtype).requires_grad_()
+    weight = (1 + 0.2 * torch.randn(shape[-1], generator=g)).to(device, weight_dtype).requires_grad_()
+    return x, delta, weight
+
+
+def outputs_and_grads(fn, inputs, use_y=True, use_r=True, seed=1):
+    """Both outputs of ``fn`` and the gradients of a random linear function of them."""
+    y, r = fn(*inputs)
+    g = torch.Generator().manual_seed(seed)
+    gy = torch.randn(y.shape, generator=g).to(y.device)
+    gr = torch.randn(r.shape, generator=g).to(r.device)
+    # An output left out of the loss gets no gradient at all (None in the backward), as in a real graph.
+    loss = sum(((y.float() * gy).sum(),) * use_y + ((r * gr).sum(),) * use_r)
+    wrt = [t for t in inputs if t is not None and t.requires_grad]
+    return (y, r), torch.autograd.grad(loss, wrt, allow_unused=True)
+
+
+def check(fn, ref, inputs, tol_dtype, **kw):
+    (y, r), grads = outputs_and_grads(fn, inputs, **kw)
+    (y_ref, r_ref), grads_ref = outputs_and_grads(ref, inputs, **kw)
+    rtol, atol = TOL[tol_dtype]
+    assert y.dtype == y_ref.dtype and r.dtype == r_ref.dtype
+    torch.testing.assert_close(y, y_ref, rtol=rtol, atol=atol)
+    torch.testing.assert_close(r, r_ref, rtol=TOL[torch.float32][0], atol=TOL[torch.float32][1])
+    for a, b in zip(grads, grads_ref, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a.dtype == b.dtype
+            torch.testing.assert_close(a.float(), b.float(), rtol=rtol * 5, atol=atol * 5)
+
+
+def triton_add_rms_norm(x, delta, weight):
+    with use_backend("triton"):
+        return add_rms_norm(x, delta, weight, 1e-5)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("delta_dtype", [torch.float32, torch.bfloat16, None])
+def test_add_rms_norm_matches_reference(poisoned, shape, weight_dtype, delta_dtype):
+    inputs = norm_inputs(shape, weight_dtype, delta_dtype, seed=len(shape) + shape[-1])
+    # The reference rounds the gradient through rr to bf16 too, so bf16 anywhere sets the tolerance.
+    tol_dtype = torch.bfloat16 if torch.bfloat16 in (weight_dtype, delta_dtype) else torch.float32
+    check(triton_add_rms_norm, lambda x, d, w: add_rms_norm_ref(x, d, w, 1e-5), inputs, tol_dtype)
+
+
+@pytest.mark.parametrize("use_y,use_r", [(True, False), (False, True)])
+def test_add_rms_norm_one_output_used(poisoned, use_y, use_r):
+    x, delta, weight = norm_inputs((5, 19), torch.bfloat16, torch.bfloat16)
+    delta.requires_grad_(False)
+    ref = lambda x, d, w: add_rms_norm_ref(x, d, w, 1e-5)  # noqa: E731
+    check(triton_add_rms_norm, ref, (x, delta, weight), torch.bfloat16, use_y=use_y, use_r=use_r)
+
+
+@pytest.mark.parametrize("shape", [(7, 13), (1, 5), (3, 4, 33)])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_triton_matches_reference(poisoned, shape, x_dtype, weight_dtype):
+    x, _, weight = norm_inputs(shape, weight_dtype, None, seed=shape[-1])
+    x = x.detach().to(x_dtype).requires_grad_()
+
+    def fast(x, w):
+        with use_backend("triton"):
+            y = rms_norm(x, w, 1e-5)
+        return y, y.new_zeros(())
+
+    ref = lambda x, w: (rms_norm_ref(x, w, 1e-5), x.new_zeros(()))  # noqa: E731
+    check(fast, ref, (x, weight), torch.bfloat16 if torch.bfloat16 in (x_dtype, weight_dtype) else torch.float32)
+
+
+def test_add_rms_norm_without_delta_returns_the_residual():
+    x, _, weight = norm_inputs((4, 9), torch.bfloat16, None)
+    with use_backend("triton"):
+        _, r = add_rms_norm(x, None, weight)
+    assert r.dtype == torch.float32 and torch.equal(r, x)
+
+
+def test_add_rms_norm_backends_agree_outside_triton():
+    x, delta, weight = norm_inputs((3, 8), torch.bfloat16, torch.bfloat16)
+    y_ref, r_ref = add_rms_norm_ref(x, delta, weight)
+    for name in ("ref", "auto"):
+        with use_backend(name):
+            y, r = add_rms_norm(x, delta, weight)
+        assert torch.equal(y, y_ref) and torch.equal(r, r_ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("width", [1472, 2560])
+def test_add_rms_norm_full_size_on_gpu(width):
+    inputs = norm_inputs((8 * 2048, width), torch.bfloat16, torch.bfloat16, device="cuda")
+    (y, r), grads = outputs_and_grads(triton_add_rms_norm, inputs)
+    (y_ref, r_ref), grads_ref = outputs_and_grads(lambda x, d, w: add_rms_norm_ref(x, d, w, 1e-5), inputs)
+    assert not y.isnan().any() and not any(g.isnan().any() for g in grads)
+    assert rel_err(r, r_ref) == 0
+    assert rel_err(y, y_ref) < 1e-2
+    for a, b in zip(grads, grads_ref, strict=True):
+        assert rel_err(a, b) < 1e-2
