@@ -4,10 +4,11 @@ One training step = forward of (batch, 2048) random token ids under bf16 autocas
 as ``blackmamba train`` does on GPU), cross-entropy, backward, fused AdamW step. Train-mode routing is
 Sinkhorn. Reported: tokens/s (median of the timed steps, CUDA-synchronised), MFU = tokens/s x training
 FLOPs per token (``blackmamba.training.flops``) / peak (784 TFLOP/s, the bf16 matmul rate measured on
-the H200), peak memory, and the loss of the first step (finite). These figures come from the plain
-PyTorch path (chunked scan, per-expert matmuls); the Triton kernels of the kernels issue will raise them.
+the H200), peak memory, and the loss of the first step (finite). The default backend ("auto") runs the
+Triton kernels; ``--backend torch`` measures the plain PyTorch path (chunked scan, per-expert matmuls).
 
     python benchmarks/train_gpu.py [--presets blackmamba-1.5b blackmamba-2.8b] [--batch 4] [--steps 5]
+                                   [--backend auto|torch]
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from blackmamba import BlackMamba, BlackMambaConfig  # noqa: E402
+from blackmamba.kernels import use_backend  # noqa: E402
 from blackmamba.training.flops import flops_per_token  # noqa: E402
 from blackmamba.training.optim import build_optimizer  # noqa: E402
 
@@ -86,10 +88,12 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "train_gpu.json"))
+    parser.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
     args = parser.parse_args()
     rows = []
     for preset in args.presets:
-        rows.append(bench(preset, args.batch, args.seq_len, args.steps))
+        with use_backend(args.backend):
+            rows.append(bench(preset, args.batch, args.seq_len, args.steps))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     meta = {
         "card": torch.cuda.get_device_name(),
@@ -98,6 +102,7 @@ def main() -> None:
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": "python " + " ".join(sys.argv),
         "peak_tflops_assumed": PEAK_TFLOPS,
+        "backend": args.backend,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "results": rows}, indent=1) + "\n")
