@@ -1,12 +1,15 @@
-"""Sweep the selective-scan kernel tile sizes on the GPU (median ms of the forward and of forward+backward at
-8x2048, 2.8B shape) and print the fastest as the arguments of ``benchmarks/kernels.py``.
+"""Sweep the tile sizes of the selective-scan kernels (median ms of the forward and of forward+backward at
+8x2048, 2.8B shape) and of the causal conv forward, on the GPU; print the fastest scan tiles as the
+arguments of ``benchmarks/kernels.py``.
 
-    python benchmarks/tune_scan.py [--best-out FILE]
+    python benchmarks/tune_scan.py [--fwd 16,1,8 8,1,8 ...] [--bwd 16,1 8,1 ...] [--conv 64,128,8 ...]
+                                   [--best-out FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import sys
 from pathlib import Path
@@ -19,19 +22,37 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.kernels import scan_inputs  # noqa: E402
 
 scan = importlib.import_module("blackmamba.kernels.selective_scan")
+conv = importlib.import_module("blackmamba.kernels.causal_conv1d")
 FWD = [(32, 1, 8), (32, 1, 4), (64, 2, 8), (16, 1, 8)]  # BLOCK_D, num_warps, T_SUB
 BWD = [(8, 1), (16, 1), (16, 2), (32, 2)]  # BLOCK_D, num_warps
+
+
+def conv_sweep(variants: list[tuple[int, int, int]]) -> None:
+    x = torch.randn(8, 2048, 2 * 2944, device="cuda", dtype=torch.bfloat16)[..., :2944]
+    w = torch.randn(2944, 4, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(2944, device="cuda", dtype=torch.bfloat16)
+    for block_l, block_d, warps in variants:
+        run = functools.partial(
+            conv.causal_conv1d_fwd_triton, x, w, b, "silu", block_l=block_l, block_d=block_d, num_warps=warps
+        )
+        t = do_bench(run, rep=50, return_mode="median")
+        print(f"conv fwd 8x2048 BLOCK_L {block_l:3} BLOCK_D {block_d:3} warps {warps} | {t:.4f} ms", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--best-out", help="write '--scan-fwd B,W,T --scan-bwd B,W' for the fastest here")
+    parser.add_argument("--fwd", nargs="*", help="forward variants BLOCK_D,WARPS,T_SUB")
+    parser.add_argument("--bwd", nargs="*", help="backward variants BLOCK_D,WARPS")
+    parser.add_argument("--conv", nargs="*", default=[], help="conv forward variants BLOCK_L,BLOCK_D,WARPS")
     args = parser.parse_args()
+    fwd_variants = [tuple(int(v) for v in a.split(",")) for a in args.fwd] if args.fwd else FWD
+    bwd_variants = [tuple(int(v) for v in a.split(",")) for a in args.bwd] if args.bwd else BWD
     x = scan_inputs(8, 2048)
     with torch.no_grad():
         ref = scan.selective_scan_chunked(**{k: (v.float() if v.dtype == torch.bfloat16 else v) for k, v in x.items()})
     fwd = {}
-    for block, warps, t_sub in FWD:
+    for block, warps, t_sub in fwd_variants:
         scan.SCAN_FWD_CONFIG, scan.SCAN_T_SUB = (block, warps), t_sub
         with torch.no_grad():
             err = ((scan.selective_scan_triton(**x).float() - ref).abs().max() / ref.abs().max()).item()
@@ -44,7 +65,7 @@ def main() -> None:
     leaves = {k: v.detach().clone().requires_grad_(v.is_floating_point()) for k, v in x.items()}
     dy = torch.randn_like(x["u"])
     bwd = {}
-    for cfg in BWD:
+    for cfg in bwd_variants:
         scan.SCAN_BWD_CONFIG = cfg
         bwd[cfg] = do_bench(
             lambda: torch.autograd.grad(scan.selective_scan_triton(**leaves), list(leaves.values()), dy),
@@ -53,6 +74,7 @@ def main() -> None:
         )
         print(f"fwd+bwd BLOCK_D {cfg[0]:3} warps {cfg[1]}         | {bwd[cfg]:.3f} ms", flush=True)
     best_bwd = min(bwd, key=bwd.get)
+    conv_sweep([tuple(int(v) for v in a.split(",")) for a in args.conv])
     best = f"--scan-fwd {','.join(map(str, best_fwd))} --scan-bwd {','.join(map(str, best_bwd))}"
     print("best:", best)
     if args.best_out:
