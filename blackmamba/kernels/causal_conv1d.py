@@ -248,9 +248,9 @@ def causal_conv1d_fwd_triton(
     activation: str | None = "silu",
     initial_state: Tensor | None = None,
     out: Tensor | None = None,
-    block_l: int = 64,
+    block_l: int = 16,
     block_d: int = 128,
-    num_warps: int = 8,
+    num_warps: int = 2,
 ) -> Tensor:
     """Forward kernel launch. x: (B, L, D), rows may be strided; weight: (D, K); bias: (D,); initial_state:
     (B, K-1, D). Returns y (B, L, D) in x's dtype (written into ``out`` when given)."""

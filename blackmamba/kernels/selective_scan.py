@@ -726,9 +726,9 @@ if triton is not None:
 # Positions between the states the forward keeps for the backward (a multiple of 4 and of SCAN_T_SUB);
 # (BLOCK_D, num_warps) of the forward and of the backward; positions per forward loop step.
 SCAN_CHUNK = 64
-SCAN_FWD_CONFIG = (16, 1)
+SCAN_FWD_CONFIG = (8, 1)
 SCAN_BWD_CONFIG = (16, 1)
-SCAN_T_SUB = 8
+SCAN_T_SUB = 4  # 8x2048: T_SUB 4 0.82 ms, 8 1.01 ms, 16 1.59 ms (benchmarks/results/tune_scan.log)
 
 
 def _rows_contiguous(t: Tensor) -> Tensor:
