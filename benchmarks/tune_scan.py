@@ -39,12 +39,28 @@ def conv_sweep(variants: list[tuple[int, int, int]]) -> None:
         print(f"conv fwd 8x2048 BLOCK_L {block_l:3} BLOCK_D {block_d:3} warps {warps} | {t:.4f} ms", flush=True)
 
 
+def segment_sweep(values: list[str]) -> None:
+    for batch, length in [(1, 2048), (8, 2048), (2, 16384)] if values else []:
+        x = scan_inputs(batch, length)
+        scan.SCAN_SEGMENTS = 1
+        with torch.no_grad():
+            ref = scan.selective_scan_triton(**x).float()  # unsplit: the segments must not change the result
+            for value in values:
+                scan.SCAN_SEGMENTS = value if value == "auto" else int(value)
+                err = ((scan.selective_scan_triton(**x).float() - ref).abs().max() / ref.abs().max()).item()
+                t = do_bench(functools.partial(scan.selective_scan_triton, **x), rep=50, return_mode="median")
+                used = scan._segments(batch, length, x["u"].shape[-1], scan.SCAN_FWD_CONFIG[0])
+                print(f"fwd {batch}x{length} segments {value:>4} ({used}) | {t:.3f} ms | vs unsplit {err:.1e}")
+    scan.SCAN_SEGMENTS = "auto"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--best-out", help="write '--scan-fwd B,W,T --scan-bwd B,W' for the fastest here")
     parser.add_argument("--fwd", nargs="*", help="forward variants BLOCK_D,WARPS,T_SUB")
     parser.add_argument("--bwd", nargs="*", help="backward variants BLOCK_D,WARPS")
     parser.add_argument("--conv", nargs="*", default=[], help="conv forward variants BLOCK_L,BLOCK_D,WARPS")
+    parser.add_argument("--segments", nargs="*", default=[], help="forward sequence segments to time (or auto)")
     args = parser.parse_args()
     fwd_variants = [tuple(int(v) for v in a.split(",")) for a in args.fwd] if args.fwd else FWD
     bwd_variants = [tuple(int(v) for v in a.split(",")) for a in args.bwd] if args.bwd else BWD
@@ -75,6 +91,7 @@ def main() -> None:
         print(f"fwd+bwd BLOCK_D {cfg[0]:3} warps {cfg[1]}         | {bwd[cfg]:.3f} ms", flush=True)
     best_bwd = min(bwd, key=bwd.get)
     conv_sweep([tuple(int(v) for v in a.split(",")) for a in args.conv])
+    segment_sweep(args.segments)
     best = f"--scan-fwd {','.join(map(str, best_fwd))} --scan-bwd {','.join(map(str, best_bwd))}"
     print("best:", best)
     if args.best_out:

@@ -80,6 +80,14 @@ def test_triton_scan_matches_reference(poisoned, small_chunks, dtype, batch, len
     check(scan_inputs(batch, length, d_in, n, dtype), dtype)
 
 
+@pytest.mark.parametrize("segments", [2, 3])
+def test_triton_scan_sequence_segments(poisoned, small_chunks, monkeypatch, segments):
+    """The forward split over the sequence (two passes and a carry across segments) changes nothing."""
+    monkeypatch.setattr(scan_mod, "SCAN_SEGMENTS", segments)
+    check(scan_inputs(2, 21, 5, 4, torch.float32), torch.float32)
+    check(scan_inputs(1, 17, 3, 2, torch.float32, with_state=False), torch.float32)
+
+
 def test_triton_scan_without_optional_inputs(poisoned, small_chunks):
     inputs = scan_inputs(2, 11, 6, 4, torch.float32, with_state=False)
     inputs.update(D=None, z=None, delta_bias=None)
@@ -97,6 +105,13 @@ def test_public_op_routes_to_triton(small_chunks):
         with use_backend("triton"):
             y = selective_scan(**inputs)
         torch.testing.assert_close(y, selective_scan_ref(**inputs))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("segments", ["auto", 1, 4])
+def test_triton_scan_segments_full_shape(poisoned, monkeypatch, segments):
+    monkeypatch.setattr(scan_mod, "SCAN_SEGMENTS", segments)
+    check(scan_inputs(1, 2048, 2944, 16, torch.float32, device=torch.device("cuda")), torch.float32)
 
 
 @pytest.mark.gpu

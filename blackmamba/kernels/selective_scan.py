@@ -322,14 +322,19 @@ if triton is not None:
     @triton.jit
     def _scan_fwd_seq_kernel(
         u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr,
-        y_ptr, hT_ptr, ckpt_ptr,
-        L, D_IN,
+        y_ptr, hT_ptr, ckpt_ptr, dtsum_ptr,
+        L, D_IN, SEG,
         s_ub, s_ul, s_db, s_dl, s_Bb, s_Bl, s_Cb, s_Cl, s_zb, s_zl,
         N: tl.constexpr, N_P2: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, T_SUB: tl.constexpr,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
-        SOFTPLUS: tl.constexpr, SAVE_CKPT: tl.constexpr,
+        SOFTPLUS: tl.constexpr, SAVE_CKPT: tl.constexpr, STORE_Y: tl.constexpr,
     ):  # fmt: skip
+        # Program (b, channel block, g) runs positions [g * SEG, (g + 1) * SEG) from the start state
+        # h0[b, g] (zero without HAS_H0) and leaves its end state in hT[b, g]. Without STORE_Y it only
+        # sums dt per channel (the segment's total decay is exp(A * sum dt)) for the carry across segments.
         b = tl.program_id(0)
+        g = tl.program_id(2)
+        n_seg = tl.num_programs(2)
         offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)[:, None]
         mask_d = offs_d < D_IN
         offs_n = tl.arange(0, N_P2)[None, :]
@@ -337,10 +342,12 @@ if triton is not None:
         state_mask = mask_d & mask_n
         state_offs = offs_d * N + offs_n
         A2 = tl.load(A_ptr + state_offs, mask=state_mask, other=0.0) * 1.4426950408889634
+        seg_state = (b * n_seg + g) * D_IN * N + state_offs
         if HAS_H0:
-            h = tl.load(h0_ptr + b * D_IN * N + state_offs, mask=state_mask, other=0.0)
+            h = tl.load(h0_ptr + seg_state, mask=state_mask, other=0.0)
         else:
             h = tl.zeros((BLOCK_D, N_P2), tl.float32)
+        dt_sum = tl.zeros((BLOCK_D, 1), tl.float32)
         bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
         d_skip = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) if HAS_D else 0.0
         u_ptr += b * s_ub
@@ -351,7 +358,7 @@ if triton is not None:
         y_ptr += b * L * D_IN
         n_chunks = (L + CHUNK - 1) // CHUNK
         cols = tl.arange(0, T_SUB)[None, :]
-        for t0 in range(0, L, T_SUB):
+        for t0 in range(g * SEG, tl.minimum((g + 1) * SEG, L), T_SUB):
             if SAVE_CKPT:
                 if t0 % CHUNK == 0:
                     tl.store(ckpt_ptr + (b * n_chunks + t0 // CHUNK) * D_IN * N + state_offs, h, mask=state_mask)
@@ -364,6 +371,8 @@ if triton is not None:
             if HAS_BIAS:
                 raw_tile += bias
             dt_tile = tl.where(m, _softplus(raw_tile) if SOFTPLUS else raw_tile, 0.0)
+            if not STORE_Y:
+                dt_sum += tl.sum(dt_tile, 1, keep_dims=True)
             y_tile = tl.zeros((BLOCK_D, T_SUB), tl.float32)
             for j in tl.static_range(T_SUB):
                 t = t0 + j
@@ -372,14 +381,18 @@ if triton is not None:
                 b_t = tl.load(B_ptr + t * s_Bl + offs_n, mask=mask_n & (t < L), other=0.0).to(tl.float32)
                 c_t = tl.load(C_ptr + t * s_Cl + offs_n, mask=mask_n & (t < L), other=0.0).to(tl.float32)
                 h = tl.exp2(dt * A2) * h + (dt * u) * b_t
-                y_tile = tl.where(cols == j, tl.sum(h * c_t, 1, keep_dims=True), y_tile)
-            if HAS_D:
-                y_tile += d_skip * u_tile
-            if HAS_Z:
-                zv = tl.load(z_ptr + t_cols * s_zl + offs_d, mask=m, other=0.0).to(tl.float32)
-                y_tile = y_tile * zv * tl.sigmoid(zv)
-            tl.store(y_ptr + t_cols * D_IN + offs_d, y_tile.to(y_ptr.dtype.element_ty), mask=m)
-        tl.store(hT_ptr + b * D_IN * N + state_offs, h, mask=state_mask)
+                if STORE_Y:
+                    y_tile = tl.where(cols == j, tl.sum(h * c_t, 1, keep_dims=True), y_tile)
+            if STORE_Y:
+                if HAS_D:
+                    y_tile += d_skip * u_tile
+                if HAS_Z:
+                    zv = tl.load(z_ptr + t_cols * s_zl + offs_d, mask=m, other=0.0).to(tl.float32)
+                    y_tile = y_tile * zv * tl.sigmoid(zv)
+                tl.store(y_ptr + t_cols * D_IN + offs_d, y_tile.to(y_ptr.dtype.element_ty), mask=m)
+        tl.store(hT_ptr + seg_state, h, mask=state_mask)
+        if not STORE_Y:
+            tl.store(dtsum_ptr + (b * n_seg + g) * D_IN + offs_d, dt_sum, mask=mask_d)
 
     @triton.jit
     def _seq_g(dy_ptr, z_ptr, t, L, offs_d, mask_d, s_yl, s_zl, HAS_Z: tl.constexpr):
@@ -728,11 +741,28 @@ if triton is not None:
 SCAN_CHUNK = 64
 SCAN_FWD_CONFIG = (8, 1)
 SCAN_BWD_CONFIG = (16, 1)
+# Sequence segments of the forward ("auto": split until about SCAN_MIN_PROGRAMS programs run, segments of at
+# least 8 chunks; or a number). H200, forward ms by segments (benchmarks/results/tune_scan.log):
+# 1x2048: 1 0.72, 2 0.58, 4 0.34, 8 0.46; 8x2048: 1 0.87, 2 1.37, 4 1.26; 2x16384: 1 5.7, 4 2.9, 16 2.6.
+SCAN_SEGMENTS: int | str = "auto"
+SCAN_MIN_PROGRAMS = 3000
 SCAN_T_SUB = 4  # 8x2048: T_SUB 4 0.82 ms, 8 1.01 ms, 16 1.59 ms (benchmarks/results/tune_scan.log)
 
 
 def _rows_contiguous(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _segments(batch: int, length: int, d_in: int, block_d: int) -> int:
+    """Sequence segments for the forward: enough programs to fill the GPU even at batch 1. Splitting costs
+    a second pass over the sequence, so it stops once about SCAN_MIN_PROGRAMS programs exist."""
+    if SCAN_SEGMENTS != "auto":
+        return max(1, min(int(SCAN_SEGMENTS), triton.cdiv(length, SCAN_CHUNK)))
+    programs = batch * triton.cdiv(d_in, block_d)
+    segments = 1
+    while programs * segments * 2 <= SCAN_MIN_PROGRAMS and length // (segments * 2) >= 8 * SCAN_CHUNK:
+        segments *= 2
+    return segments
 
 
 def _scan_fwd_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, save_ckpt):
@@ -742,23 +772,48 @@ def _scan_fwd_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, sa
     u, delta, B, C = (_rows_contiguous(t) for t in (u, delta, B, C))
     z = None if z is None else _rows_contiguous(z)
     A = A.float().contiguous()
-    y = torch.empty(batch, length, d_in, device=u.device, dtype=u.dtype)
-    hT = torch.empty(batch, d_in, n, device=u.device, dtype=torch.float32)
+    dev, f32 = u.device, torch.float32
+    y = torch.empty(batch, length, d_in, device=dev, dtype=u.dtype)
     n_chunks = triton.cdiv(length, chunk)
-    ckpt = torch.empty(batch, n_chunks, d_in, n, device=u.device, dtype=torch.float32) if save_ckpt else hT
+    segments = _segments(batch, length, d_in, block_d)
+    seg_len = triton.cdiv(n_chunks, segments) * chunk  # whole chunks, so the kept states line up
+    segments = triton.cdiv(length, seg_len)
+    hT = torch.empty(batch, segments, d_in, n, device=dev, dtype=f32)
+    ckpt = torch.empty(batch, n_chunks, d_in, n, device=dev, dtype=f32) if save_ckpt else hT
+    starts = None if h0 is None else h0.float().contiguous()[:, None]
     zz = u if z is None else z
-    grid = (batch, triton.cdiv(d_in, block_d))
-    _scan_fwd_seq_kernel[grid](
+    dtsum = hT
+    if segments > 1:
+        # Pass 1: every segment from a zero state gives its end state and sum of dt; then the true start of
+        # each segment follows sequentially over the (few) segments.
+        dtsum = torch.empty(batch, segments, d_in, 1, device=dev, dtype=f32)
+        ends = torch.empty_like(hT)
+        _launch_fwd(u, delta, A, B, C, D, zz, z, delta_bias, None, y, ends, ckpt, dtsum, seg_len, segments,
+                    delta_softplus, False, False, block_d, warps)  # fmt: skip
+        state = torch.zeros(batch, d_in, n, device=dev, dtype=f32) if h0 is None else h0.float()
+        starts = torch.empty_like(hT)
+        for g in range(segments):
+            starts[:, g] = state
+            state = torch.exp(dtsum[:, g] * A) * state + ends[:, g]
+    _launch_fwd(u, delta, A, B, C, D, zz, z, delta_bias, starts, y, hT, ckpt, dtsum, seg_len, segments,
+                delta_softplus, save_ckpt, True, block_d, warps)  # fmt: skip
+    return y, hT[:, -1], (ckpt if save_ckpt else None)
+
+
+def _launch_fwd(u, delta, A, B, C, D, zz, z, delta_bias, starts, y, hT, ckpt, dtsum, seg_len, segments,
+                softplus, save_ckpt, store_y, block_d, warps):  # fmt: skip
+    batch, length, d_in = u.shape
+    n = A.shape[1]
+    _scan_fwd_seq_kernel[(batch, triton.cdiv(d_in, block_d), segments)](
         u, delta, A, B, C, u if D is None else D.float().contiguous(), zz,
-        u if delta_bias is None else delta_bias.float().contiguous(), hT if h0 is None else h0.float().contiguous(),
-        y, hT, ckpt, length, d_in,
+        u if delta_bias is None else delta_bias.float().contiguous(), hT if starts is None else starts,
+        y, hT, ckpt, dtsum, length, d_in, seg_len,
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), B.stride(0), B.stride(1),
         C.stride(0), C.stride(1), zz.stride(0), zz.stride(1),
-        N=n, N_P2=triton.next_power_of_2(n), CHUNK=chunk, BLOCK_D=block_d,
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_H0=h0 is not None,
-        SOFTPLUS=delta_softplus, SAVE_CKPT=save_ckpt, T_SUB=SCAN_T_SUB, num_warps=warps,
+        N=n, N_P2=triton.next_power_of_2(n), CHUNK=SCAN_CHUNK, BLOCK_D=block_d,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_H0=starts is not None,
+        SOFTPLUS=softplus, SAVE_CKPT=save_ckpt, STORE_Y=store_y, T_SUB=SCAN_T_SUB, num_warps=warps,
     )  # fmt: skip
-    return y, hT, (ckpt if save_ckpt else None)
 
 
 def _scan_bwd_triton(dy, dhT, u, delta, A, B, C, D, z, delta_bias, delta_softplus, ckpt):
