@@ -1,8 +1,9 @@
 """Prefill + decode for BlackMamba.
 
-Prefill runs the prompts through one parallel forward that leaves each Mamba block's conv window and
-SSM state in the cache; every new token then costs one :meth:`BlackMamba.step`, O(1) in the length so
-far, so memory stays constant however long the output. Prompts of different lengths are left-padded
+Prefill runs the prompts through one parallel forward (in chunks of positions for long prompts, carrying
+the state) that leaves each Mamba block's conv window and SSM state in the cache; every new token then
+costs one step, O(1) in the length so far, on static buffers (:mod:`.decoder`; captured in CUDA graphs on
+a GPU), so memory stays constant however long the output. Prompts of different lengths are left-padded
 and masked so that each row gets exactly the state it would get alone; prompts shorter than the conv
 width are fine (the released code fails on them).
 """
@@ -14,8 +15,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from ..model import BlackMamba
-from .sampling import apply_repetition_penalty, sample_next
+from ..model import BlackMamba, InferenceCache
+from .decoder import SamplingOptions, decoder_for
 
 
 def _check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> None:
@@ -59,6 +60,22 @@ def _left_pad(prompts: Sequence[Sequence[int]], device: torch.device) -> tuple[T
 
 
 @torch.inference_mode()
+def prefill(
+    model: BlackMamba, ids: Tensor, cache: InferenceCache, mask: Tensor | None = None, chunk_size: int | None = None
+) -> Tensor:
+    """Run prompts ``ids`` (B, L) into ``cache``, ``chunk_size`` positions at a time (all at once by default);
+    returns the logits of the last position (B, V). Only the last position's logits are computed."""
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"prefill chunk size must be >= 1, got {chunk_size}")
+    length = ids.shape[1]
+    chunk = chunk_size or length
+    for start in range(0, length, chunk):
+        part_mask = None if mask is None else mask[:, start : start + chunk]
+        logits = model(ids[:, start : start + chunk], cache=cache, mask=part_mask, num_last_tokens=1).logits
+    return logits[:, -1]
+
+
+@torch.inference_mode()
 def stream_generate(
     model: BlackMamba,
     prompts: Sequence[Sequence[int]],
@@ -69,11 +86,14 @@ def stream_generate(
     repetition_penalty: float | None = None,
     eos_token_id: int | None = None,
     seed: int | None = None,
+    cuda_graphs: bool | None = None,
+    prefill_chunk_size: int | None = None,
 ) -> Iterator[list[int | None]]:
     """Yield, per decoding step, the new token of each prompt (None once a prompt has hit EOS).
 
     The EOS token itself is not yielded. Ids the tokenizer cannot produce (``config.tokenizer_vocab_size``
-    and above, the embedding's padding rows) are never sampled.
+    and above, the embedding's padding rows) are never sampled. ``cuda_graphs``: replay the decode step
+    from CUDA graphs (default: on a GPU); ``prefill_chunk_size``: positions per prefill forward.
     """
     config = model.config
     _check_prompts(prompts, config.vocab_size)
@@ -84,34 +104,36 @@ def stream_generate(
     ids, mask = _left_pad(prompts, device)
     batch = ids.shape[0]
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
-    usable = config.tokenizer_vocab_size or config.vocab_size
+
+    def uniforms() -> Tensor | None:
+        return None if temperature == 0 else torch.rand(batch, generator=generator, device=device)
+
+    decoder = decoder_for(model, SamplingOptions(temperature, top_k, top_p, repetition_penalty), cuda_graphs)
     seen = None
     if repetition_penalty is not None:
         seen = torch.zeros(batch, config.vocab_size, dtype=torch.bool, device=device)
         for i, p in enumerate(prompts):
             seen[i, list(p)] = True
-
     cache = model.allocate_cache(batch, device=device)
-    logits = model(ids, cache=cache, mask=mask, num_last_tokens=1).logits[:, -1]
+    logits = prefill(model, ids, cache, mask, prefill_chunk_size)
+    first = uniforms()
+    tokens = decoder.process(logits, seen, torch.zeros(batch, device=device) if first is None else first)
+    slot = None
     finished = [False] * batch
     for step in range(max_new_tokens):
-        logits = logits.float()
-        if usable < logits.shape[-1]:
-            logits[:, usable:] = float("-inf")
-        if seen is not None:
-            logits = apply_repetition_penalty(logits, seen, repetition_penalty)
-        tokens = sample_next(logits, temperature, top_k, top_p, generator)
         out: list[int | None] = []
-        for i, t in enumerate(tokens.tolist()):
+        for i, t in enumerate(tokens[:batch].tolist()):
             if not finished[i] and eos_token_id is not None and t == eos_token_id:
                 finished[i] = True
             out.append(None if finished[i] else t)
         yield out
         if all(finished) or step == max_new_tokens - 1:
             return
-        if seen is not None:
-            seen[torch.arange(batch, device=device), tokens] = True
-        logits = model.step(tokens, cache)
+        if slot is None:
+            if seen is not None:
+                seen[torch.arange(batch, device=device), tokens] = True
+            slot = decoder.start(cache, tokens, seen)
+        tokens = decoder.step(slot, uniforms())
 
 
 def generate(
@@ -124,13 +146,16 @@ def generate(
     repetition_penalty: float | None = None,
     eos_token_id: int | None = None,
     seed: int | None = None,
+    cuda_graphs: bool | None = None,
+    prefill_chunk_size: int | None = None,
 ) -> list[list[int]]:
     """Generate up to ``max_new_tokens`` tokens after each prompt (lists of token ids); returns the new
-    tokens per prompt, without the EOS. Greedy when ``temperature`` is 0."""
+    tokens per prompt, without the EOS. Greedy when ``temperature`` is 0. See :func:`stream_generate`."""
     results: list[list[int]] = [[] for _ in prompts]
     for step_tokens in stream_generate(
-        model, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_token_id, seed
-    ):
+        model, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_token_id, seed,
+        cuda_graphs, prefill_chunk_size,
+    ):  # fmt: skip
         for i, t in enumerate(step_tokens):
             if t is not None:
                 results[i].append(t)

@@ -19,8 +19,14 @@ def sample_next(
     top_k: int | None = None,
     top_p: float | None = None,
     generator: torch.Generator | None = None,
+    uniform: Tensor | None = None,
 ) -> Tensor:
-    """logits (B, V) -> next token ids (B,). Greedy when ``temperature`` is 0."""
+    """logits (B, V) -> next token ids (B,). Greedy when ``temperature`` is 0.
+
+    Sampling inverts the CDF of the (filtered) distribution at one uniform number per row: ``uniform`` (B,)
+    in [0, 1), or drawn from ``generator``. Nothing here reads from the device, so the step can run inside
+    a CUDA graph, and the same uniforms give the same tokens with or without one.
+    """
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(dim=-1)
@@ -35,5 +41,11 @@ def sample_next(
         drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if uniform is None:
+        uniform = torch.rand(logits.shape[0], generator=generator, device=logits.device)
+    cdf = torch.softmax(logits, dim=-1).cumsum(dim=-1)
+    target = uniform.to(cdf.dtype)[:, None] * cdf[:, -1:]
+    token = torch.searchsorted(cdf, target, right=True).squeeze(-1)
+    # Rounding can leave the target at the very top of the cdf: take the last token with mass then.
+    last = (cdf < cdf[:, -1:]).sum(dim=-1)
+    return torch.minimum(token, last)

@@ -77,5 +77,7 @@ class MoE(nn.Module):
                 terms.append(cfg.z_loss_weight * router_z_loss(logits_TE))
             aux = sum(terms) if terms else None
         y_TD = moe_experts(x_TD, expert_T, gate_T, self.w1, self.w2, self.activation)
-        counts_E = torch.bincount(expert_T, minlength=self.n_experts)
+        # Not bincount: on CUDA it reads the largest id back to the host, which a CUDA graph cannot hold.
+        counts_E = torch.zeros(self.n_experts, dtype=torch.long, device=expert_T.device)
+        counts_E.index_add_(0, expert_T, torch.ones_like(expert_T))
         return y_TD.view_as(x), RouterStats(counts_E, aux, iters)

@@ -13,7 +13,8 @@ from torch import Tensor
 
 def load_balancing_loss(logits_TE: Tensor, expert_T: Tensor) -> Tensor:
     experts = logits_TE.shape[-1]
-    fraction_E = torch.bincount(expert_T, minlength=experts).to(logits_TE.dtype) / expert_T.numel()
+    counts_E = torch.zeros(experts, dtype=logits_TE.dtype, device=expert_T.device)
+    fraction_E = counts_E.index_add_(0, expert_T, torch.ones_like(expert_T, dtype=logits_TE.dtype)) / expert_T.numel()
     prob_E = torch.softmax(logits_TE.float(), dim=-1).mean(dim=0)
     return experts * (fraction_E * prob_E).sum()
 

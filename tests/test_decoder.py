@@ -1,0 +1,91 @@
+"""The decode loop on static buffers: chunked prefill, bucketed batches, CUDA graphs (on the GPU)."""
+
+import importlib
+
+import pytest
+import torch
+
+from blackmamba.generation import Decoder, SamplingOptions, generate, prefill
+from blackmamba.generation.generate import _left_pad
+
+from .conftest import tiny_model
+
+PROMPTS = [[5, 9, 200, 17, 3, 99, 4], [8], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13], [77, 78]]
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 5])
+def test_chunked_prefill_equals_one_forward(chunk):
+    model = tiny_model()
+    ids, mask = _left_pad(PROMPTS, model.device)
+    whole_cache, part_cache = model.allocate_cache(len(PROMPTS)), model.allocate_cache(len(PROMPTS))
+    whole = prefill(model, ids, whole_cache, mask)
+    parts = prefill(model, ids, part_cache, mask, chunk_size=chunk)
+    torch.testing.assert_close(parts, whole, rtol=1e-5, atol=1e-5)
+    for a, b in zip(part_cache.layers, whole_cache.layers, strict=True):
+        if a is not None:
+            torch.testing.assert_close(a.ssm_state, b.ssm_state, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(a.conv_state, b.conv_state, rtol=1e-5, atol=1e-5)
+
+
+def test_prefill_rejects_a_bad_chunk_size():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="chunk size"):
+        prefill(model, torch.tensor([[1, 2]]), model.allocate_cache(1), chunk_size=0)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_bucketed_batch_gives_the_same_tokens(temperature, monkeypatch):
+    """Rows of a bucket beyond the batch (3 prompts in a bucket of 4) change nothing for the real rows."""
+    model = tiny_model()
+    kwargs = dict(max_new_tokens=12, temperature=temperature, top_k=20, seed=7)
+    exact = generate(model, PROMPTS[:3], **kwargs)
+    bucketed = Decoder(model, SamplingOptions(temperature, 20), use_graphs=False, buckets=True)
+    monkeypatch.setattr(importlib.import_module("blackmamba.generation.generate"), "decoder_for", lambda *a: bucketed)
+    assert generate(model, PROMPTS[:3], **kwargs) == exact
+    assert set(bucketed._slots) == {4}
+
+
+def test_sampling_is_reproducible_and_penalty_applies():
+    model = tiny_model()
+    a = generate(model, PROMPTS, 10, temperature=1.0, top_p=0.9, seed=3)
+    b = generate(model, PROMPTS, 10, temperature=1.0, top_p=0.9, seed=3)
+    c = generate(model, PROMPTS, 10, temperature=1.0, top_p=0.9, seed=4)
+    assert a == b and a != c
+    # A strong repetition penalty never repeats a token that is already there (vocabulary 256 is ample).
+    out = generate(model, [[1, 2, 3]], 30, repetition_penalty=1e6)[0]
+    assert len(set(out)) == len(out) and not {1, 2, 3} & set(out)
+
+
+def test_cuda_graphs_need_a_gpu():
+    with pytest.raises(ValueError, match="CUDA"):
+        Decoder(tiny_model(), SamplingOptions(), use_graphs=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_graphs_give_the_same_tokens_as_eager(temperature):
+    model = tiny_model().cuda()
+    kwargs = dict(max_new_tokens=40, temperature=temperature, top_k=50, seed=11)
+    eager = generate(model, PROMPTS, cuda_graphs=False, **kwargs)
+    graphed = generate(model, PROMPTS, cuda_graphs=True, **kwargs)
+    assert graphed == eager
+
+
+@pytest.mark.gpu
+def test_graph_batch_equals_one_by_one():
+    model = tiny_model().cuda()
+    together = generate(model, PROMPTS, 30, cuda_graphs=True)
+    alone = [generate(model, [p], 30, cuda_graphs=True)[0] for p in PROMPTS]
+    assert together == alone
+
+
+@pytest.mark.gpu
+def test_decode_memory_does_not_grow():
+    model = tiny_model().cuda()
+    generate(model, PROMPTS, 8, cuda_graphs=True)  # capture first
+    peaks = []
+    for n in (256, 2048):
+        torch.cuda.reset_peak_memory_stats()
+        generate(model, PROMPTS, n, cuda_graphs=True)
+        peaks.append(torch.cuda.max_memory_allocated())
+    assert peaks[1] <= peaks[0] * 1.01
