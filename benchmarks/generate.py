@@ -1,0 +1,441 @@
+"""Generation on one GPU: decode and prefill throughput, latency, memory, against transformers' Jamba.
+
+BlackMamba-2.8B and -1.5B shapes, random bf16 weights, the default backend (Triton kernels, CUDA graphs).
+  decode   tokens/s at batch 1, 16, 64, 256 after a prompt of 16 (and 512) tokens, 256 new tokens, greedy;
+           p50/p99 of the time per step as the caller sees it (one host read of the tokens per step)
+  prefill  tokens/s of the prompt forward at 1x2048, 8x2048, 64x2048 (logits of the last position only),
+           and the time to first token (prefill + first sampled token) at 1x2048
+  memory   peak GPU memory after 1K, 8K and 64K new tokens at batch 1 (constant: no KV cache)
+  latency  time to generate N tokens for N up to 16K, BlackMamba against a dense transformer of the same
+           active size (scaled_dot_product_attention with a KV cache, CUDA graphs per 1K of cache length)
+Peer: transformers' JambaForCausalLM with the same shapes and no attention layer, in the same process.
+Floors: decode, the bytes one step must read (weights of the blocks, the experts the batch touches, the
+states) over the copy bandwidth measured here; prefill, 2 x active parameters FLOPs per token over the
+bf16 matmul rate measured here. Max err: logits of our fast path against our reference backend.
+
+    python benchmarks/generate.py [--presets 2.8b 1.5b] [--quick]     (on the GPU machine)
+    python benchmarks/generate.py --plot benchmarks/results/generate.json  (the PNG, where matplotlib is)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/cpu.py imports its siblings plainly
+
+from benchmarks.common import fmt, markdown_table, text_table  # noqa: E402
+from blackmamba import BlackMamba, BlackMambaConfig  # noqa: E402
+from blackmamba.generation import stream_generate  # noqa: E402
+from blackmamba.kernels import use_backend  # noqa: E402
+from blackmamba.model import cast_model  # noqa: E402
+
+BF16 = torch.bfloat16
+RESULTS = Path(__file__).parent / "results"
+DEVICE = "cuda"  # "cpu" only for a smoke run of the code paths (--smoke)
+
+
+def sync_time() -> float:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def max_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((ours.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30)).item()
+
+
+def ceilings() -> tuple[float, float]:
+    """(copy bandwidth, bytes read + written per second; bf16 matmul FLOP/s), measured now."""
+    from triton.testing import do_bench
+
+    src = torch.randn(2**30, device=DEVICE, dtype=BF16)
+    dst = torch.empty_like(src)
+    bw = 4 * src.numel() / (do_bench(lambda: dst.copy_(src), return_mode="median") * 1e-3)
+    a, b = (torch.randn(8192, 8192, device=DEVICE, dtype=BF16) for _ in range(2))
+    peak = 2 * 8192**3 / (do_bench(lambda: a @ b, return_mode="median") * 1e-3)
+    return bw, peak
+
+
+def build(preset: str) -> BlackMamba:
+    torch.manual_seed(0)
+    config = BlackMambaConfig.from_preset(preset)
+    with torch.device(DEVICE):
+        model = BlackMamba(config)
+    return cast_model(model, BF16).eval()
+
+
+def row(benchmark, shape, unit, ours, peer_value, floor, err, **extra) -> dict:
+    return {
+        "benchmark": benchmark,
+        "shape": shape,
+        "unit": unit,
+        "ours": ours,
+        "peer": "transformers JambaForCausalLM" if peer_value is not None else None,
+        "peer_value": peer_value,
+        "floor": floor,
+        "fraction_of_floor": None if floor is None else ours / floor,
+        "speedup": None if peer_value is None else ours / peer_value,
+        "max_err": err,
+        **extra,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ ours
+
+
+def prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, length), generator=g).tolist()
+
+
+def decode_run(model: BlackMamba, batch: int, prompt_len: int, new_tokens: int) -> tuple[float, list[float]]:
+    """(decode tokens/s, seconds per step as the caller sees them), prefill excluded."""
+    ps = prompts(batch, prompt_len, 50277)
+    stamps = []
+    for _ in stream_generate(model, ps, new_tokens):
+        stamps.append(time.perf_counter())  # the tokens are on the host: the step is done
+    steps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    return batch * len(steps) / sum(steps), steps
+
+
+def decode_floor(model: BlackMamba, batch: int, bw: float) -> float:
+    """Tokens/s if a step only read what it must: every weight but the experts, the experts the batch
+    touches (expected count under uniform routing), each Mamba state read and written once."""
+    c = model.config
+    expert_bytes, other = 0, 0
+    for name, p in model.named_parameters():
+        if name.endswith(("mixer.w1", "mixer.w2")):
+            expert_bytes += p.numel() * p.element_size() // c.n_experts
+        elif name != "embedding.weight":
+            other += p.numel() * p.element_size()
+    touched = c.n_experts * (1 - (1 - 1 / c.n_experts) ** batch)
+    head = model.embedding.weight.numel() * 2
+    state = batch * c.layer_pattern.count("mamba") * c.d_inner * (c.d_state * 4 + (c.d_conv - 1) * 2) * 2
+    step_bytes = other + head + touched * expert_bytes + state
+    return batch * bw / step_bytes
+
+
+@torch.inference_mode()
+def prefill_time(model: BlackMamba, batch: int, length: int) -> float:
+    ids = torch.randint(0, 50277, (batch, length), device=DEVICE)
+    cache = model.allocate_cache(batch)
+    model(ids, cache=cache, num_last_tokens=1)  # warm-up
+    times = []
+    for _ in range(3):
+        cache = model.allocate_cache(batch)
+        t0 = sync_time()
+        model(ids, cache=cache, num_last_tokens=1)
+        times.append(sync_time() - t0)
+    return statistics.median(times)
+
+
+def time_to_first_token(model: BlackMamba, length: int) -> float:
+    ps = prompts(1, length, 50277)
+    next(iter(stream_generate(model, ps, 1)))  # warm-up
+    t0 = sync_time()
+    next(iter(stream_generate(model, ps, 1)))
+    return time.perf_counter() - t0
+
+
+@torch.inference_mode()
+def fast_path_errors(model: BlackMamba) -> tuple[float, float]:
+    """(prefill, decode step) max error of the default backend's logits against the reference backend."""
+    ids = torch.randint(0, 50277, (1, 256), device=DEVICE)
+    out = {}
+    for backend in ("auto", "ref"):
+        with use_backend(backend):
+            cache = model.allocate_cache(1)
+            logits = model(ids, cache=cache).logits[:, -1]
+            step = model.step(ids[:, -1], cache)
+        out[backend] = (logits, step)
+    return max_err(out["auto"][0], out["ref"][0]), max_err(out["auto"][1], out["ref"][1])
+
+
+def memory_and_latency(model: BlackMamba, total: int, marks: list[int]) -> tuple[dict, list[tuple[int, float]]]:
+    """Peak memory after each count in ``marks`` and the time to generate N tokens (batch 1)."""
+    torch.cuda.reset_peak_memory_stats()
+    peaks, curve = {}, []
+    t0 = sync_time()
+    for n, _ in enumerate(stream_generate(model, prompts(1, 16, 50277), total), start=1):
+        if n in marks:
+            peaks[n] = torch.cuda.max_memory_allocated() / 2**30
+        if n & (n - 1) == 0 or n % 1024 == 0:
+            curve.append((n, time.perf_counter() - t0))
+    return peaks, curve
+
+
+# ------------------------------------------------------------------------------------------------ peer
+
+
+def jamba_peer(config: BlackMambaConfig):
+    from transformers import JambaForCausalLM
+
+    from benchmarks.cpu import jamba_config
+
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        model = JambaForCausalLM(jamba_config(config))
+    return model.to(BF16).eval()
+
+
+@torch.inference_mode()
+def peer_decode(peer, batch: int, prompt_len: int, new_tokens: int) -> float:
+    """Greedy decode tokens/s of the peer with its own cache (prefill excluded)."""
+    from transformers import DynamicCache
+
+    masks = {"full_attention": None, "linear_attention": None}  # no attention layer: skip mask building
+    ids = torch.randint(0, 50277, (batch, prompt_len), device=DEVICE)
+    cache = DynamicCache(config=peer.config)
+    pos = torch.arange(prompt_len, device=DEVICE)[None].expand(batch, -1)
+    out = peer(ids, cache=cache, use_cache=True, attention_mask=masks, position_ids=pos, logits_to_keep=1)
+    token = out.logits[:, -1].argmax(-1, keepdim=True)
+    t0 = sync_time()
+    for step in range(new_tokens):
+        pos = torch.full((batch, 1), prompt_len + step, device=DEVICE)
+        out = peer(token, cache=out.cache, use_cache=True, attention_mask=masks, position_ids=pos)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        token.tolist()  # hand the tokens over, as ours does
+    return batch * new_tokens / (sync_time() - t0)
+
+
+@torch.inference_mode()
+def peer_prefill(peer, batch: int, length: int) -> float:
+    masks = {"full_attention": None, "linear_attention": None}
+    ids = torch.randint(0, 50277, (batch, length), device=DEVICE)
+    pos = torch.arange(length, device=DEVICE)[None].expand(batch, -1)
+    t0 = sync_time()
+    peer(ids, use_cache=False, attention_mask=masks, position_ids=pos, logits_to_keep=1)
+    return sync_time() - t0
+
+
+def guarded(fn, *args):
+    """The peer's figure, or None (with the reason printed) when transformers fails at this shape."""
+    try:
+        return fn(*args)
+    except Exception as exc:  # noqa: BLE001 - a failing peer must not lose our own figures
+        print(f"peer failed: {fn.__name__}{args[1:]}: {type(exc).__name__}: {exc}", flush=True)
+        return None
+
+
+# ------------------------------------------------------------------------------------------------ dense line
+
+
+class DenseLM(nn.Module):
+    """A pre-norm transformer (SDPA attention, GELU MLP of 4d) with a static KV cache, for the latency line."""
+
+    def __init__(self, vocab: int, d: int, layers: int, heads: int, max_len: int) -> None:
+        super().__init__()
+        self.heads, self.max_len = heads, max_len
+        self.embed = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict(
+                {
+                    "n1": nn.RMSNorm(d),
+                    "qkv": nn.Linear(d, 3 * d, bias=False),
+                    "o": nn.Linear(d, d, bias=False),
+                    "n2": nn.RMSNorm(d),
+                    "up": nn.Linear(d, 4 * d, bias=False),
+                    "down": nn.Linear(4 * d, d, bias=False),
+                }
+            )
+            for _ in range(layers)
+        )
+        self.norm = nn.RMSNorm(d)
+        shape = (layers, 2, 1, heads, max_len, d // heads)
+        self.register_buffer("kv", torch.zeros(shape), persistent=False)
+
+    def step(self, token: torch.Tensor, pos: torch.Tensor, cap: int) -> torch.Tensor:
+        """One token at position ``pos`` (a device scalar) attending to the cache up to ``cap`` (masked)."""
+        x = self.embed(token)[:, None]
+        visible = (torch.arange(cap, device=x.device) <= pos)[None, None, None]
+        for i, blk in enumerate(self.blocks):
+            q, k, v = blk["qkv"](blk["n1"](x)).view(1, 1, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+            self.kv[i, 0].index_copy_(2, pos[None], k)
+            self.kv[i, 1].index_copy_(2, pos[None], v)
+            att = F.scaled_dot_product_attention(q, self.kv[i, 0, :, :, :cap], self.kv[i, 1, :, :, :cap], visible)
+            x = x + blk["o"](att.transpose(1, 2).reshape(1, 1, -1))
+            x = x + blk["down"](F.gelu(blk["up"](blk["n2"](x))))
+        return F.linear(self.norm(x[:, 0]), self.embed.weight).argmax(-1)
+
+
+@torch.inference_mode()
+def dense_latency(active_params: int, d: int, vocab: int, total: int) -> list[tuple[int, float]]:
+    layers = max(1, round((active_params - vocab * d) / (12 * d * d)))
+    with torch.device(DEVICE):
+        model = DenseLM(vocab, d, layers, d // 64, total).to(BF16).eval()
+    token = torch.zeros(1, dtype=torch.long, device=DEVICE)
+    pos = torch.zeros((), dtype=torch.long, device=DEVICE)
+    graphs: dict[int, torch.cuda.CUDAGraph] = {}
+
+    def graph(cap: int) -> torch.cuda.CUDAGraph:
+        if cap not in graphs:
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                model.step(token, pos, cap)
+            torch.cuda.current_stream().wait_stream(s)
+            graphs[cap] = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graphs[cap]):
+                token.copy_(model.step(token, pos, cap))
+        return graphs[cap]
+
+    def cap_for(n: int) -> int:
+        return min(total, -(-n // 1024) * 1024)
+
+    for n in range(1, total + 1, 1024):
+        graph(cap_for(n))  # capture outside the timed loop
+    curve = []
+    t0 = sync_time()
+    for n in range(1, total + 1):
+        pos.fill_(n - 1)
+        graph(cap_for(n)).replay()
+        token.tolist()
+        if n & (n - 1) == 0 or n % 1024 == 0:
+            curve.append((n, time.perf_counter() - t0))
+    return curve
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def bench_preset(preset: str, args, bw: float, peak: float, rows: list, extras: dict) -> None:
+    short = preset.removeprefix("blackmamba-")
+    model = build(f"blackmamba-{short}")
+    active = model.num_parameters(active=True)
+    err_prefill, err_step = fast_path_errors(model)
+    peer = None if args.no_peer else jamba_peer(model.config)
+    for batch in [1, 16] if args.quick else [1, 16, 64, 256]:
+        for prompt_len in (16, 512):
+            decode_run(model, batch, prompt_len, 8)  # warm-up: graph capture for this bucket
+            tps, steps = decode_run(model, batch, prompt_len, args.new_tokens)
+            peer_tps = None
+            if peer is not None and batch <= 16 and prompt_len == 16:
+                peer_tps = guarded(peer_decode, peer, batch, prompt_len, 16 if batch > 1 else 32)
+            ms = sorted(1e3 * s for s in steps)
+            shape = f"{short}/b{batch}" + ("" if prompt_len == 16 else f"/p{prompt_len}")
+            rows.append(
+                row(
+                    "decode",
+                    shape,
+                    "tokens/s",
+                    tps,
+                    peer_tps,
+                    decode_floor(model, batch, bw),
+                    err_step,
+                    p50_ms=ms[len(ms) // 2],
+                    p99_ms=ms[min(len(ms) - 1, int(0.99 * len(ms)))],
+                )  # fmt: skip
+            )
+            print(json.dumps(rows[-1]), flush=True)
+    for batch in [1, 8] if args.quick else [1, 8, 64]:
+        seconds = prefill_time(model, batch, 2048)
+        peer_s = guarded(peer_prefill, peer, batch, 2048) if peer is not None and batch <= 8 else None
+        extra = {"time_to_first_token_ms": 1e3 * time_to_first_token(model, 2048)} if batch == 1 else {}
+        rows.append(
+            row(
+                "prefill",
+                f"{short}/{batch}x2048",
+                "tokens/s",
+                batch * 2048 / seconds,
+                None if peer_s is None else batch * 2048 / peer_s,
+                peak / (2 * active),
+                err_prefill,
+                seconds=seconds,
+                **extra,
+            )  # fmt: skip
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    del peer
+    torch.cuda.empty_cache()
+    if short == "2.8b":
+        marks = [1024, 8192, 65536] if not args.quick else [1024, 8192]
+        peaks, curve = memory_and_latency(model, marks[-1], marks)
+        extras["peak_memory_gib_after_new_tokens"] = peaks
+        extras["latency_curve"] = {"blackmamba-2.8b": curve[: sum(1 for n, _ in curve if n <= args.curve_tokens)]}
+        extras["latency_curve"]["dense transformer (same active size)"] = dense_latency(
+            active, model.config.d_model, model.config.vocab_size, args.curve_tokens
+        )
+        print(json.dumps(extras), flush=True)
+
+
+def plot(path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = json.loads(path.read_text())
+    curves = data["extras"]["latency_curve"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, points in curves.items():
+        ax.plot([n for n, _ in points], [s for _, s in points], marker="o", ms=3, label=name)
+    ax.set_xlabel("generated tokens (batch 1)")
+    ax.set_ylabel("seconds")
+    ax.set_title(f"Time to generate N tokens, {data['meta']['card']}")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    out = path.with_name("generate_latency.png")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", nargs="+", default=["2.8b", "1.5b"])
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--curve-tokens", type=int, default=16384)
+    parser.add_argument("--quick", action="store_true", help="fewer shapes (a smoke run)")
+    parser.add_argument("--no-peer", action="store_true")
+    parser.add_argument("--out", default=str(RESULTS / "generate.json"))
+    parser.add_argument("--plot", help="draw the latency PNG from a results file and exit")
+    args = parser.parse_args()
+    if args.plot:
+        print(plot(Path(args.plot)))
+        return
+    bw, peak = ceilings()
+    rows: list[dict] = []
+    extras: dict = {}
+    for preset in args.presets:
+        bench_preset(preset, args, bw, peak, rows, extras)
+    import transformers
+
+    meta = {
+        "card": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": "python " + " ".join(sys.argv),
+        "copy_bandwidth_TBps": bw / 1e12,
+        "bf16_matmul_TFLOPs": peak / 1e12,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "results": rows, "extras": extras}, indent=1) + "\n")
+    header = ["benchmark", "shape", "ours", "peer", "speedup", "floor", "of floor", "p50 ms", "p99 ms", "max err"]
+    body = [
+        [r["benchmark"], r["shape"], fmt(r["ours"]), fmt(r["peer_value"]), fmt(r["speedup"]), fmt(r["floor"]),
+         f"{r['fraction_of_floor']:.0%}", fmt(r.get("p50_ms")), fmt(r.get("p99_ms")), fmt(r["max_err"])]
+        for r in rows
+    ]  # fmt: skip
+    title = f"{meta['card']}, torch {meta['torch']}, transformers {meta['transformers']}, {meta['date']}"
+    out.with_suffix(".md").write_text(f"{title}\n\nUnit: tokens/s.\n\n{markdown_table(header, body)}\n")
+    print(f"\n{title}\n{text_table(header, body)}")
+    print("peak memory after N new tokens (GiB):", extras.get("peak_memory_gib_after_new_tokens"))
+
+
+if __name__ == "__main__":
+    main()
