@@ -72,6 +72,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         repetition_penalty=args.repetition_penalty,
         eos_token_id=eos,
         seed=args.seed,
+        cuda_graphs=False if args.no_cuda_graphs else None,
+        prefill_chunk_size=args.prefill_chunk_size,
     ):
         if args.stream and shown is None:
             print(args.prompt, end="", flush=True)
@@ -237,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     g.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bf16 on GPU, fp32 on CPU")
+    g.add_argument("--no-cuda-graphs", action="store_true", help="on a GPU, run the decode step eagerly")
+    g.add_argument("--prefill-chunk-size", type=int, default=None, help="prompt positions per prefill forward")
     g.set_defaults(func=cmd_generate)
 
     i = sub.add_parser("info", help="describe a checkpoint")
