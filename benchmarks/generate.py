@@ -383,7 +383,8 @@ def plot(path: Path) -> Path:
         ax.plot([n for n, _ in points], [s for _, s in points], marker="o", ms=3, label=name)
     ax.set_xlabel("generated tokens (batch 1)")
     ax.set_ylabel("seconds")
-    ax.set_title(f"Time to generate N tokens, {data['meta']['card']}")
+    meta = data["meta"]
+    ax.set_title(f"Time to generate N tokens, 2.8B shape, {meta['card']}, {meta['date'][:10]}", fontsize=9)
     ax.legend()
     ax.grid(alpha=0.3)
     out = path.with_name("generate_latency.png")
