@@ -154,7 +154,7 @@ def test_moe_experts_picks_the_grouped_gemm(monkeypatch):
     monkeypatch.setattr(moe, "moe_experts_triton", lambda *a: calls.append("triton") or moe_experts_ref(*a))
     monkeypatch.setattr(moe, "moe_experts_grouped_mm", lambda *a: calls.append("torch") or moe_experts_ref(*a))
     with use_backend("triton"):
-        moe_experts(x, expert, gate, w1, w2)
+        moe_experts(x, expert, gate, w1, w2)  # "auto": fp32 (or CPU) tensors take ours
         monkeypatch.setattr(moe, "GROUPED_GEMM", "torch")
         moe_experts(x, expert, gate, w1, w2)
         monkeypatch.setattr(moe, "GROUPED_GEMM", "cutlass")
@@ -254,3 +254,13 @@ def test_moe_grouped_never_syncs_with_the_host(impl):
         torch.autograd.grad(impl(x, expert, gate, w1, w2), (x, gate, w1, w2), dy)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_auto_grouped_gemm_choice():
+    w1 = torch.empty(N_EXPERTS, 32, 24, dtype=torch.bfloat16)
+    assert moe._grouped_gemm_choice(torch.empty(4096, 24, dtype=torch.bfloat16), w1) == "triton"  # not CUDA
+    if ON_GPU:
+        w1 = w1.cuda()
+        assert moe._grouped_gemm_choice(torch.empty(4096, 24, device="cuda", dtype=torch.bfloat16), w1) == "torch"
+        assert moe._grouped_gemm_choice(torch.empty(64, 24, device="cuda", dtype=torch.bfloat16), w1) == "triton"
+        assert moe._grouped_gemm_choice(torch.empty(4096, 24, device="cuda"), w1.float()) == "triton"

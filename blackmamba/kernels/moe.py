@@ -44,7 +44,12 @@ except ImportError:  # triton is an optional extra: without it the kernels are n
         return fn
 
 
-GROUPED_GEMM = "triton"  # which grouped GEMM the "triton" backend uses: "triton" (ours) or "torch" (_grouped_mm)
+# Which grouped GEMM the "triton" backend uses: "triton" (ours), "torch" (torch._grouped_mm) or "auto":
+# _grouped_mm from GROUPED_MM_MIN_TOKENS tokens where it applies (CUDA, bf16, widths divisible by 8), ours
+# below. On the H200 (benchmarks/results/kernels.json) _grouped_mm was as fast or faster from 2K tokens
+# (16K fwd+bwd 4.6 vs 6.5 ms); ours is the one measured inside the CUDA-graph decode step.
+GROUPED_GEMM = "auto"
+GROUPED_MM_MIN_TOKENS = 1024
 
 
 def gated_activation(h: Tensor, activation: str) -> Tensor:
@@ -523,19 +528,27 @@ def moe_experts_grouped_mm(
     return y_TD.new_empty(x_TD.shape).index_copy(0, order_T, y_TD)
 
 
+def _grouped_gemm_choice(x_TD: Tensor, w1_EFD: Tensor) -> str:
+    device = x_TD.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else w1_EFD.dtype
+    fits = x_TD.is_cuda and dtype == torch.bfloat16 and w1_EFD.shape[1] % 16 == 0 and w1_EFD.shape[2] % 8 == 0
+    return "torch" if fits and x_TD.shape[0] >= GROUPED_MM_MIN_TOKENS else "triton"
+
+
 def moe_experts(
     x_TD: Tensor, expert_T: Tensor, gate_T: Tensor, w1_EFD: Tensor, w2_EDF: Tensor, activation: str = "gelu"
 ) -> Tensor:
     """The MoE experts on the selected backend; see :func:`moe_experts_ref`. The "triton" backend runs
-    the grouped GEMM named by :data:`GROUPED_GEMM`."""
+    the grouped GEMM named by :data:`GROUPED_GEMM` (by default chosen by the token count)."""
     backend = resolve_backend(x_TD, has_triton=True)
     if backend == "ref":
         impl = moe_experts_ref
     elif backend == "triton":
         impls = {"triton": moe_experts_triton, "torch": moe_experts_grouped_mm}
-        if GROUPED_GEMM not in impls:
-            raise ValueError(f"GROUPED_GEMM must be one of {tuple(impls)}; got {GROUPED_GEMM!r}")
-        impl = impls[GROUPED_GEMM]
+        choice = _grouped_gemm_choice(x_TD, w1_EFD) if GROUPED_GEMM == "auto" else GROUPED_GEMM
+        if choice not in impls:
+            raise ValueError(f"GROUPED_GEMM must be 'auto' or one of {tuple(impls)}; got {GROUPED_GEMM!r}")
+        impl = impls[choice]
     else:
         impl = moe_experts_sorted
     return impl(x_TD, expert_T, gate_T, w1_EFD, w2_EDF, activation)
