@@ -17,6 +17,9 @@ across chunks (L/Q steps), (3) the recurrence runs again inside every chunk from
 reads y out. That is about 2*sqrt(L) + Q Python steps instead of L; every exponent, dt * A, is <= 0, so
 nothing overflows. Without autograd it works in place on channel blocks; with autograd a custom
 backward runs the adjoint recurrence backwards with the same chunking (see ``_ChunkedScan``).
+
+``selective_scan_triton`` is the GPU path: fused Triton kernels for the forward (split over the sequence
+when the batch is small) and the backward, described above the kernels below.
 """
 
 from __future__ import annotations
@@ -288,13 +291,14 @@ class _ChunkedScan(torch.autograd.Function):
 # Triton kernels. One program (one warp by default) owns (batch row b, BLOCK_D channels); each thread holds
 # one channel's N states and walks the sequence, T_SUB positions per loop step: the step's inputs are
 # loaded as (BLOCK_D, T_SUB) tiles first and y is stored once at the end, so the loads of a step are in
-# flight together. The forward keeps the state at every CHUNK-th position (B, n_chunks, D_in, N fp32) for
+# flight together. With few programs the forward also splits the sequence into segments: a pass from zero
+# states gives each segment's end state and sum of dt, a carry over the segments gives their true start
+# states, and the real pass runs from those. The forward keeps the state at every CHUNK-th position
+# (B, n_chunks, D_in, N fp32) for
 # the backward, which recomputes each chunk forward from it, keeping every 4th state in a small scratch
 # buffer (L2-resident), then walks the chunk backwards 4 positions at a time with those positions' states
 # and decays in registers, running the adjoint recurrence lambda_t = C_t g_t + decay_{t+1} lambda_{t+1}.
 # ---------------------------------------------------------------------------------------------------------
-
-_LOG2E = 1.4426950408889634
 
 if triton is not None:
 
