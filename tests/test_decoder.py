@@ -89,3 +89,26 @@ def test_decode_memory_does_not_grow():
         generate(model, PROMPTS, n, cuda_graphs=True)
         peaks.append(torch.cuda.max_memory_allocated())
     assert peaks[1] <= peaks[0] * 1.01
+
+
+def test_decoder_is_rebuilt_when_the_weights_move():
+    """Casting the model gives its parameters new storage: a kept decoder (and its graphs) must not be
+    reused then; an unchanged model reuses its decoder."""
+    from blackmamba.generation import decoder_for
+    from blackmamba.model import cast_model
+
+    model = tiny_model()
+    options = SamplingOptions()
+    first = decoder_for(model, options)
+    assert decoder_for(model, options) is first
+    cast_model(model, torch.bfloat16)
+    assert decoder_for(model, options) is not first
+    out = generate(model, PROMPTS, 5)  # decodes in bf16 with fresh buffers
+    assert all(len(o) == 5 for o in out)
+
+
+def test_training_mode_decodes_eagerly():
+    from blackmamba.generation import decoder_for
+
+    model = tiny_model().train()
+    assert decoder_for(model, SamplingOptions(), use_graphs=None).use_graphs is False

@@ -155,12 +155,25 @@ class Decoder:
         return slot.out
 
 
-_DECODERS: weakref.WeakKeyDictionary[BlackMamba, dict[tuple, Decoder]] = weakref.WeakKeyDictionary()
+_DECODERS: weakref.WeakKeyDictionary[BlackMamba, dict] = weakref.WeakKeyDictionary()
+
+
+def _weights_key(model: BlackMamba) -> tuple:
+    """What a captured graph depends on: where every parameter lives, its dtype, and the mode. Casting or
+    moving the model (new parameter storage) must not replay a graph that reads the old storage."""
+    return (model.training, tuple((p.data_ptr(), p.dtype) for p in model.parameters()))
 
 
 def decoder_for(model: BlackMamba, options: SamplingOptions, use_graphs: bool | None = None) -> Decoder:
-    """The model's decoder for these options, created on first use and kept (with its graphs) after."""
-    per_model = _DECODERS.setdefault(model, {})
+    """The model's decoder for these options, created on first use and kept (with its graphs) while the
+    parameters stay where they are. A model in training mode decodes eagerly (its routing may sync)."""
+    if model.training:
+        use_graphs = False
+    weights = _weights_key(model)
+    per_model = _DECODERS.get(model)
+    if per_model is None or per_model.get("weights") != weights:
+        per_model = {"weights": weights}
+        _DECODERS[model] = per_model
     key = (options, use_graphs)
     if key not in per_model:
         per_model[key] = Decoder(model, options, use_graphs)
