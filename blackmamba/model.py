@@ -51,7 +51,7 @@ class Block(nn.Module):
 
     def step(self, residual: Tensor, delta: Tensor | None, cache: MambaCache | None) -> tuple[Tensor, Tensor]:
         h, residual = add_rms_norm(residual, delta, self.norm.weight, self.norm.eps)
-        return residual, (self.mixer.step(h, cache) if self.kind == "mamba" else self.mixer(h)[0])
+        return residual, (self.mixer.step(h, cache) if self.kind == "mamba" else self.mixer(h, with_stats=False)[0])
 
 
 @dataclass

@@ -57,8 +57,9 @@ class MoE(nn.Module):
         """Router logits in fp32, then sigmoid top-1 as in the released code: (expert (T,), gate (T,))."""
         return top1_sigmoid(self.router_logits(x_TD))
 
-    def forward(self, x: Tensor) -> tuple[Tensor, RouterStats]:
-        """x: (B, L, D) -> (B, L, D) and the routing statistics of this call."""
+    def forward(self, x: Tensor, with_stats: bool = True) -> tuple[Tensor, RouterStats | None]:
+        """x: (B, L, D) -> (B, L, D) and the routing statistics of this call (None without ``with_stats``:
+        the decode step skips counting tokens per expert, three small kernels per layer and token)."""
         cfg = self.config
         x_TD = x.reshape(-1, x.shape[-1])
         logits_TE = self.router_logits(x_TD)
@@ -77,6 +78,8 @@ class MoE(nn.Module):
                 terms.append(cfg.z_loss_weight * router_z_loss(logits_TE))
             aux = sum(terms) if terms else None
         y_TD = moe_experts(x_TD, expert_T, gate_T, self.w1, self.w2, self.activation)
+        if not with_stats and aux is None:
+            return y_TD.view_as(x), None
         # Not bincount: on CUDA it reads the largest id back to the host, which a CUDA graph cannot hold.
         counts_E = torch.zeros(self.n_experts, dtype=torch.long, device=expert_T.device)
         counts_E.index_add_(0, expert_T, torch.ones_like(expert_T))
