@@ -341,12 +341,15 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "kernels.json"))
     parser.add_argument("--scan-fwd", help="forward scan tiles BLOCK_D,WARPS,T_SUB (default: the module's)")
     parser.add_argument("--scan-bwd", help="backward scan tiles BLOCK_D,WARPS (default: the module's)")
+    parser.add_argument("--scan-bc-tiles", action="store_true", help="forward scan loads B, C per group as tiles")
     args = parser.parse_args()
     if args.scan_fwd:
         *scan_mod.SCAN_FWD_CONFIG, scan_mod.SCAN_T_SUB = (int(v) for v in args.scan_fwd.split(","))
         scan_mod.SCAN_FWD_CONFIG = tuple(scan_mod.SCAN_FWD_CONFIG)
     if args.scan_bwd:
         scan_mod.SCAN_BWD_CONFIG = tuple(int(v) for v in args.scan_bwd.split(","))
+    if args.scan_bc_tiles:
+        scan_mod.SCAN_BC_TILES = True
     want = set(args.only or ["scan", "conv", "norm", "decode", "moe"])
     bw, peak = ceilings()
     print(f"measured: copy {bw / 1e12:.2f} TB/s, bf16 matmul {peak / 1e12:.0f} TFLOP/s", flush=True)
@@ -384,7 +387,12 @@ def main() -> None:
         "command": "python " + " ".join(sys.argv),
         "copy_bandwidth_TBps": bw / 1e12,
         "bf16_matmul_TFLOPs": peak / 1e12,
-        "scan_config": {"fwd": scan_mod.SCAN_FWD_CONFIG, "t_sub": scan_mod.SCAN_T_SUB, "bwd": scan_mod.SCAN_BWD_CONFIG},
+        "scan_config": {
+            "fwd": scan_mod.SCAN_FWD_CONFIG,
+            "t_sub": scan_mod.SCAN_T_SUB,
+            "bc_tiles": scan_mod.SCAN_BC_TILES,
+            "bwd": scan_mod.SCAN_BWD_CONFIG,
+        },
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

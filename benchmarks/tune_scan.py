@@ -23,7 +23,7 @@ from benchmarks.kernels import scan_inputs  # noqa: E402
 
 scan = importlib.import_module("blackmamba.kernels.selective_scan")
 conv = importlib.import_module("blackmamba.kernels.causal_conv1d")
-FWD = [(32, 1, 8), (32, 1, 4), (64, 2, 8), (16, 1, 8)]  # BLOCK_D, num_warps, T_SUB
+FWD = [(8, 1, 4), (8, 1, 4, 1), (16, 1, 8), (16, 1, 8, 1)]  # BLOCK_D, num_warps, T_SUB[, BC_TILES]
 BWD = [(8, 1), (16, 1), (16, 2), (32, 2)]  # BLOCK_D, num_warps
 
 
@@ -57,7 +57,7 @@ def segment_sweep(values: list[str]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--best-out", help="write '--scan-fwd B,W,T --scan-bwd B,W' for the fastest here")
-    parser.add_argument("--fwd", nargs="*", help="forward variants BLOCK_D,WARPS,T_SUB")
+    parser.add_argument("--fwd", nargs="*", help="forward variants BLOCK_D,WARPS,T_SUB[,BC_TILES 0|1]")
     parser.add_argument("--bwd", nargs="*", help="backward variants BLOCK_D,WARPS")
     parser.add_argument("--conv", nargs="*", default=[], help="conv forward variants BLOCK_L,BLOCK_D,WARPS")
     parser.add_argument("--segments", nargs="*", default=[], help="forward sequence segments to time (or auto)")
@@ -68,16 +68,17 @@ def main() -> None:
     with torch.no_grad():
         ref = scan.selective_scan_chunked(**{k: (v.float() if v.dtype == torch.bfloat16 else v) for k, v in x.items()})
     fwd = {}
-    for block, warps, t_sub in fwd_variants:
-        scan.SCAN_FWD_CONFIG, scan.SCAN_T_SUB = (block, warps), t_sub
+    for variant in fwd_variants:
+        block, warps, t_sub, *bc = variant
+        scan.SCAN_FWD_CONFIG, scan.SCAN_T_SUB, scan.SCAN_BC_TILES = (block, warps), t_sub, bool(bc and bc[0])
         with torch.no_grad():
             err = ((scan.selective_scan_triton(**x).float() - ref).abs().max() / ref.abs().max()).item()
-            fwd[(block, warps, t_sub)] = do_bench(lambda: scan.selective_scan_triton(**x), rep=50, return_mode="median")
-        print(
-            f"fwd     BLOCK_D {block:3} warps {warps} T_SUB {t_sub} | {fwd[block, warps, t_sub]:.3f} ms | err {err:.1e}"
-        )
+            fwd[variant] = do_bench(lambda: scan.selective_scan_triton(**x), rep=50, return_mode="median")
+        name = f"BLOCK_D {block:3} warps {warps} T_SUB {t_sub} BC_TILES {int(scan.SCAN_BC_TILES)}"
+        print(f"fwd     {name} | {fwd[variant]:.3f} ms | err {err:.1e}", flush=True)
     best_fwd = min(fwd, key=fwd.get)
     scan.SCAN_FWD_CONFIG, scan.SCAN_T_SUB = best_fwd[:2], best_fwd[2]
+    scan.SCAN_BC_TILES = bool(best_fwd[3:] and best_fwd[3])
     leaves = {k: v.detach().clone().requires_grad_(v.is_floating_point()) for k, v in x.items()}
     dy = torch.randn_like(x["u"])
     bwd = {}
@@ -92,7 +93,9 @@ def main() -> None:
     best_bwd = min(bwd, key=bwd.get)
     conv_sweep([tuple(int(v) for v in a.split(",")) for a in args.conv])
     segment_sweep(args.segments)
-    best = f"--scan-fwd {','.join(map(str, best_fwd))} --scan-bwd {','.join(map(str, best_bwd))}"
+    best = f"--scan-fwd {','.join(map(str, best_fwd[:3]))} --scan-bwd {','.join(map(str, best_bwd))}"
+    if scan.SCAN_BC_TILES:
+        best += " --scan-bc-tiles"
     print("best:", best)
     if args.best_out:
         Path(args.best_out).write_text(best + "\n")

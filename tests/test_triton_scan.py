@@ -88,6 +88,13 @@ def test_triton_scan_sequence_segments(poisoned, small_chunks, monkeypatch, segm
     check(scan_inputs(1, 17, 3, 2, torch.float32, with_state=False), torch.float32)
 
 
+def test_triton_scan_with_bc_tiles(poisoned, small_chunks, monkeypatch):
+    """The forward variant that loads B and C per group as tiles."""
+    monkeypatch.setattr(scan_mod, "SCAN_BC_TILES", True)
+    check(scan_inputs(2, 19, 13, 4, torch.bfloat16), torch.bfloat16)
+    check(scan_inputs(1, 21, 5, 16, torch.float32), torch.float32)
+
+
 def test_triton_scan_without_optional_inputs(poisoned, small_chunks):
     inputs = scan_inputs(2, 11, 6, 4, torch.float32, with_state=False)
     inputs.update(D=None, z=None, delta_bias=None)

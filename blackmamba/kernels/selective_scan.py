@@ -331,7 +331,7 @@ if triton is not None:
         s_ub, s_ul, s_db, s_dl, s_Bb, s_Bl, s_Cb, s_Cl, s_zb, s_zl,
         N: tl.constexpr, N_P2: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, T_SUB: tl.constexpr,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
-        SOFTPLUS: tl.constexpr, SAVE_CKPT: tl.constexpr, STORE_Y: tl.constexpr,
+        SOFTPLUS: tl.constexpr, SAVE_CKPT: tl.constexpr, STORE_Y: tl.constexpr, BC_TILES: tl.constexpr,
     ):  # fmt: skip
         # Program (b, channel block, g) runs positions [g * SEG, (g + 1) * SEG) from the start state
         # h0[b, g] (zero without HAS_H0) and leaves its end state in hT[b, g]. Without STORE_Y it only
@@ -362,6 +362,7 @@ if triton is not None:
         y_ptr += b * L * D_IN
         n_chunks = (L + CHUNK - 1) // CHUNK
         cols = tl.arange(0, T_SUB)[None, :]
+        rows = tl.arange(0, T_SUB)[:, None]
         for t0 in range(g * SEG, tl.minimum((g + 1) * SEG, L), T_SUB):
             if SAVE_CKPT:
                 if t0 % CHUNK == 0:
@@ -377,13 +378,24 @@ if triton is not None:
             dt_tile = tl.where(m, _softplus(raw_tile) if SOFTPLUS else raw_tile, 0.0)
             if not STORE_Y:
                 dt_sum += tl.sum(dt_tile, 1, keep_dims=True)
+            if BC_TILES:
+                # B and C of the group as (T_SUB, N) tiles as well, each step's row picked in registers: all
+                # global loads of the group are then issued first (the picks cost shared-memory round trips).
+                t_rows = t0 + rows
+                m_bc = (t_rows < L) & mask_n
+                B_tile = tl.load(B_ptr + t_rows * s_Bl + offs_n, mask=m_bc, other=0.0).to(tl.float32)
+                C_tile = tl.load(C_ptr + t_rows * s_Cl + offs_n, mask=m_bc, other=0.0).to(tl.float32)
             y_tile = tl.zeros((BLOCK_D, T_SUB), tl.float32)
             for j in tl.static_range(T_SUB):
                 t = t0 + j
                 u = tl.sum(tl.where(cols == j, u_tile, 0.0), 1, keep_dims=True)
                 dt = tl.sum(tl.where(cols == j, dt_tile, 0.0), 1, keep_dims=True)
-                b_t = tl.load(B_ptr + t * s_Bl + offs_n, mask=mask_n & (t < L), other=0.0).to(tl.float32)
-                c_t = tl.load(C_ptr + t * s_Cl + offs_n, mask=mask_n & (t < L), other=0.0).to(tl.float32)
+                if BC_TILES:
+                    b_t = tl.sum(tl.where(rows == j, B_tile, 0.0), 0, keep_dims=True)
+                    c_t = tl.sum(tl.where(rows == j, C_tile, 0.0), 0, keep_dims=True)
+                else:
+                    b_t = tl.load(B_ptr + t * s_Bl + offs_n, mask=mask_n & (t < L), other=0.0).to(tl.float32)
+                    c_t = tl.load(C_ptr + t * s_Cl + offs_n, mask=mask_n & (t < L), other=0.0).to(tl.float32)
                 h = tl.exp2(dt * A2) * h + (dt * u) * b_t
                 if STORE_Y:
                     y_tile = tl.where(cols == j, tl.sum(h * c_t, 1, keep_dims=True), y_tile)
@@ -750,6 +762,9 @@ SCAN_BWD_CONFIG = (16, 1)
 # 1x2048: 1 0.72, 2 0.58, 4 0.34, 8 0.46; 8x2048: 1 0.87, 2 1.37, 4 1.26; 2x16384: 1 5.7, 4 2.9, 16 2.6.
 SCAN_SEGMENTS: int | str = "auto"
 SCAN_MIN_PROGRAMS = 3000
+# Forward: load B and C per group as tiles (all loads first) instead of per step. Not measured yet (the
+# compiled loop has its global loads first but adds shared-memory round trips), so off by default.
+SCAN_BC_TILES = False
 SCAN_T_SUB = 4  # 8x2048: T_SUB 4 0.82 ms, 8 1.01 ms, 16 1.59 ms (benchmarks/results/tune_scan.log)
 
 
@@ -816,7 +831,8 @@ def _launch_fwd(u, delta, A, B, C, D, zz, z, delta_bias, starts, y, hT, ckpt, dt
         C.stride(0), C.stride(1), zz.stride(0), zz.stride(1),
         N=n, N_P2=triton.next_power_of_2(n), CHUNK=SCAN_CHUNK, BLOCK_D=block_d,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_H0=starts is not None,
-        SOFTPLUS=softplus, SAVE_CKPT=save_ckpt, STORE_Y=store_y, T_SUB=SCAN_T_SUB, num_warps=warps,
+        SOFTPLUS=softplus, SAVE_CKPT=save_ckpt, STORE_Y=store_y, T_SUB=SCAN_T_SUB, BC_TILES=SCAN_BC_TILES,
+        num_warps=warps,
     )  # fmt: skip
 
 
