@@ -55,3 +55,25 @@ def fmt(value: float | None, digits: int = 3) -> str:
     if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5):
         return f"{value:.2e}"
     return f"{value:.{digits}g}"
+
+
+def max_err(ours, ref) -> float:
+    """max |ours - ref| / max |ref| (tensors; computed in fp32)."""
+    return ((ours.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30)).item()
+
+
+def gpu_ceilings(device: str = "cuda") -> tuple[float, float]:
+    """(copy bandwidth in bytes/s, counting bytes read and written; bf16 matmul FLOP/s), measured now on
+    this card with ``triton.testing.do_bench`` (medians): a 2 GiB device copy and an 8192^3 product."""
+    import torch
+    from triton.testing import do_bench
+
+    def ms(fn) -> float:
+        return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+    src = torch.randn(2**30, device=device, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    bw = 2 * src.numel() * src.element_size() / (ms(lambda: dst.copy_(src)) * 1e-3)
+    a, b = (torch.randn(8192, 8192, device=device, dtype=torch.bfloat16) for _ in range(2))
+    flops = 2 * 8192**3 / (ms(lambda: a @ b) * 1e-3)
+    return bw, flops

@@ -35,7 +35,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/cpu.py imports its siblings plainly
 
-from benchmarks.common import fmt, markdown_table, text_table  # noqa: E402
+from benchmarks.common import fmt, gpu_ceilings, markdown_table, max_err, text_table  # noqa: E402
 from blackmamba import BlackMamba, BlackMambaConfig  # noqa: E402
 from blackmamba.generation import stream_generate  # noqa: E402
 from blackmamba.kernels import use_backend  # noqa: E402
@@ -50,22 +50,6 @@ def sync_time() -> float:
     if DEVICE == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter()
-
-
-def max_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((ours.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30)).item()
-
-
-def ceilings() -> tuple[float, float]:
-    """(copy bandwidth, bytes read + written per second; bf16 matmul FLOP/s), measured now."""
-    from triton.testing import do_bench
-
-    src = torch.randn(2**30, device=DEVICE, dtype=BF16)
-    dst = torch.empty_like(src)
-    bw = 4 * src.numel() / (do_bench(lambda: dst.copy_(src), return_mode="median") * 1e-3)
-    a, b = (torch.randn(8192, 8192, device=DEVICE, dtype=BF16) for _ in range(2))
-    peak = 2 * 8192**3 / (do_bench(lambda: a @ b, return_mode="median") * 1e-3)
-    return bw, peak
 
 
 def build(preset: str) -> BlackMamba:
@@ -406,7 +390,7 @@ def main() -> None:
     if args.plot:
         print(plot(Path(args.plot)))
         return
-    bw, peak = ceilings()
+    bw, peak = gpu_ceilings(DEVICE)
     rows: list[dict] = []
     extras: dict = {}
     for preset in args.presets:

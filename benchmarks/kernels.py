@@ -32,7 +32,7 @@ from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import fmt, markdown_table, text_table  # noqa: E402
+from benchmarks.common import fmt, gpu_ceilings, markdown_table, max_err, text_table  # noqa: E402
 from blackmamba import BlackMambaConfig  # noqa: E402
 from blackmamba.kernels import add_rms_norm, add_rms_norm_ref, use_backend  # noqa: E402
 from blackmamba.kernels.causal_conv1d import causal_conv1d_ref, causal_conv1d_shifted, causal_conv1d_triton  # noqa: E402
@@ -60,21 +60,6 @@ BF16 = torch.bfloat16
 
 def ms(fn) -> float:
     return do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-
-def max_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((ours.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30)).item()
-
-
-def ceilings() -> tuple[float, float]:
-    """(copy bandwidth in bytes/s counting read + write, bf16 matmul FLOP/s), measured now on this card."""
-    src = torch.randn(2**30, device="cuda", dtype=BF16)  # 2 GiB
-    dst = torch.empty_like(src)
-    bw = 2 * src.numel() * 2 / (ms(lambda: dst.copy_(src)) * 1e-3)
-    a = torch.randn(8192, 8192, device="cuda", dtype=BF16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=BF16)
-    flops = 2 * 8192**3 / (ms(lambda: a @ b) * 1e-3)
-    return bw, flops
 
 
 def row(benchmark, shape, ours, peer, peer_value, floor, err, **others) -> dict:
@@ -351,7 +336,7 @@ def main() -> None:
     if args.scan_bc_tiles:
         scan_mod.SCAN_BC_TILES = True
     want = set(args.only or ["scan", "conv", "norm", "decode", "moe"])
-    bw, peak = ceilings()
+    bw, peak = gpu_ceilings()
     print(f"measured: copy {bw / 1e12:.2f} TB/s, bf16 matmul {peak / 1e12:.0f} TFLOP/s", flush=True)
     shapes = [(8, 2048)] if args.quick else [(1, 2048), (8, 2048), (2, 16384)]
     rows: list[dict] = []

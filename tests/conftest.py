@@ -61,6 +61,14 @@ def randomize(model: BlackMamba, seed: int = 0, scale: float = 0.3) -> BlackMamb
     return model
 
 
+def assert_caches_close(a, b, rtol: float = 1e-5, atol: float = 1e-5) -> None:
+    """Two InferenceCaches hold the same conv windows and SSM states, block by block."""
+    for x, y in zip(a.layers, b.layers, strict=True):
+        if x is not None:
+            torch.testing.assert_close(x.ssm_state, y.ssm_state, rtol=rtol, atol=atol)
+            torch.testing.assert_close(x.conv_state, y.conv_state, rtol=rtol, atol=atol)
+
+
 def tiny_model(seed: int = 0, **overrides) -> BlackMamba:
     torch.manual_seed(seed)
     return randomize(BlackMamba(BlackMambaConfig.from_preset("tiny", **overrides)), seed).eval()

@@ -7,7 +7,7 @@ from blackmamba import BlackMamba, BlackMambaConfig, cast_model
 from blackmamba.kernels import use_backend
 from blackmamba.routing import top1_sigmoid
 
-from .conftest import rel_err, tiny_model
+from .conftest import assert_caches_close, rel_err, tiny_model
 
 
 def test_logits_shape_and_dtype(tiny):
@@ -84,10 +84,7 @@ def test_left_padding_mask_is_exact(tiny):
         cache_p = tiny.allocate_cache(1)
         with_pad = tiny(padded, cache=cache_p, mask=mask).logits[:, 4:]
     torch.testing.assert_close(with_pad, alone, rtol=1e-5, atol=1e-5)
-    for a, p in zip(cache_a.layers, cache_p.layers, strict=True):
-        if a is not None:
-            torch.testing.assert_close(a.ssm_state, p.ssm_state, rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(a.conv_state, p.conv_state, rtol=1e-5, atol=1e-5)
+    assert_caches_close(cache_a, cache_p)
 
 
 def test_fp32_params_stay_fp32_when_cast():

@@ -62,7 +62,11 @@ class Decoder:
         # Graphs need fixed shapes, hence buckets; eager steps can use the exact batch.
         self.buckets = self.use_graphs if buckets is None else buckets
         config = model.config
-        self.usable = config.tokenizer_vocab_size or config.vocab_size
+        usable = config.tokenizer_vocab_size or config.vocab_size
+        # Ids the tokenizer cannot produce (the embedding's padding rows): masked at every step, built once.
+        self._unusable = None
+        if usable < config.vocab_size:
+            self._unusable = torch.arange(config.vocab_size, device=model.device) >= usable
         self._slots: dict[int, _Slot] = {}
 
     @staticmethod
@@ -74,10 +78,8 @@ class Decoder:
         """Logits (B, V) of the last position -> next tokens (B,): unusable ids masked, repetition penalty,
         then greedy or sampled with ``uniform``. Reads nothing back from the device."""
         logits = logits.float()
-        if self.usable < logits.shape[-1]:
-            logits = logits.masked_fill(
-                torch.arange(logits.shape[-1], device=logits.device) >= self.usable, float("-inf")
-            )
+        if self._unusable is not None:
+            logits = logits.masked_fill(self._unusable, float("-inf"))
         o = self.options
         if seen is not None:
             logits = apply_repetition_penalty(logits, seen, o.repetition_penalty)
