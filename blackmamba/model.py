@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from .config import BlackMambaConfig
 from .kernels import add_rms_norm
+from .kernels.norm import add_rms_norm_route
 from .layers import MambaCache, MambaMixer, MoE, RMSNorm, RouterStats
 
 # Parameters kept in fp32 whatever the model dtype (name suffixes).
@@ -50,6 +51,13 @@ class Block(nn.Module):
         return residual, out, stats
 
     def step(self, residual: Tensor, delta: Tensor | None, cache: MambaCache | None) -> tuple[Tensor, Tensor]:
+        if self.kind == "moe" and self.mixer.decode_kernels_apply(residual, self.norm.weight.dtype):
+            # Decode kernels: the norm's launch also routes, then two launches for the experts.
+            router = self.mixer.router
+            h, residual, expert, gate = add_rms_norm_route(
+                residual, delta, self.norm.weight, self.norm.eps, router.weight, router.bias
+            )
+            return residual, self.mixer.experts_decode(h, expert, gate)
         h, residual = add_rms_norm(residual, delta, self.norm.weight, self.norm.eps)
         return residual, (self.mixer.step(h, cache) if self.kind == "mamba" else self.mixer(h, with_stats=False)[0])
 

@@ -184,3 +184,8 @@ def test_eval_command_line(model_dir, tmp_path, capsys):
     assert main(["--model", str(model_dir), "--tasks", "no_such_task"]) == 1
     err = capsys.readouterr().err
     assert "error:" in err and "no offline data for task 'no_such_task'" in err
+
+
+def test_model_object_with_too_small_a_vocabulary_is_an_error(tok):
+    with pytest.raises(ValueError, match="only 256"):
+        BlackMambaLM(model=tiny_model(), tokenizer=tok)

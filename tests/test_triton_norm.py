@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from blackmamba.kernels import add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_ref, use_backend
+from blackmamba.kernels.norm import add_rms_norm_route, add_rms_norm_route_ref
 
 from .conftest import DEVICE, ON_GPU, TOL, rel_err
 
@@ -114,3 +115,41 @@ def test_add_rms_norm_full_size_on_gpu(width):
     assert rel_err(y, y_ref) < 1e-2
     for a, b in zip(grads, grads_ref, strict=True):
         assert rel_err(a, b) < 1e-2
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "shape,experts", [((1, 24), 3), ((5, 100), 8), ((2, 3, 33), 5)] + ([((64, 1472), 8)] if ON_GPU else [])
+)
+@pytest.mark.parametrize("with_delta", [True, False])
+def test_add_rms_norm_route_matches_reference(poisoned, weight_dtype, shape, experts, with_delta):
+    x, delta, weight = (
+        t if t is None else t.detach() for t in norm_inputs(shape, weight_dtype, weight_dtype if with_delta else None)
+    )
+    g = torch.Generator().manual_seed(7)
+    rw = (torch.randn(experts, shape[-1], generator=g) / shape[-1] ** 0.5).to(DEVICE, weight_dtype)
+    rb = (0.1 * torch.randn(experts, generator=g)).to(DEVICE, weight_dtype)
+    y_ref, r_ref, _, _ = add_rms_norm_route_ref(x, delta, weight, 1e-5, rw, rb)
+    with use_backend("triton"):
+        y, r, expert, gate = add_rms_norm_route(x, delta, weight, 1e-5, rw, rb)
+    rtol, atol = TOL[weight_dtype]
+    torch.testing.assert_close(y, y_ref, rtol=rtol, atol=atol)
+    torch.testing.assert_close(r, r_ref, rtol=1e-6, atol=1e-6)
+    # Routing of the row the kernel stored (the interpreter's casts truncate where the GPU rounds)
+    logits = torch.nn.functional.linear(y.reshape(-1, shape[-1]).float(), rw.float(), rb.float())
+    gate_ref, expert_ref = torch.sigmoid(logits).max(-1)
+    assert expert.dtype == torch.long and gate.dtype == torch.float32
+    assert torch.equal(expert, expert_ref)
+    torch.testing.assert_close(gate, gate_ref, rtol=1e-6, atol=1e-6)
+
+
+def test_add_rms_norm_route_ties_and_bad_shapes():
+    x = torch.randn(2, 16, device=DEVICE)
+    weight = torch.ones(16, device=DEVICE)
+    rw = torch.zeros(4, 16, device=DEVICE)
+    rb = torch.tensor([0.0, 60.0, -3.0, 80.0], device=DEVICE)  # sigmoid saturates to 1.0 for experts 1 and 3
+    with use_backend("triton"):
+        _, _, expert, gate = add_rms_norm_route(x, None, weight, 1e-5, rw, rb)
+        assert expert.tolist() == [1, 1] and gate.tolist() == [1.0, 1.0]
+        with pytest.raises(ValueError, match="router weight"):
+            add_rms_norm_route(x, None, weight, 1e-5, rw[:, :8], rb)

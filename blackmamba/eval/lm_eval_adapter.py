@@ -64,6 +64,11 @@ class BlackMambaLM(LM):
             if pretrained is None:
                 raise ValueError("blackmamba: a model given as an object needs its tokenizer too")
             tokenizer = load_tokenizer(pretrained, model.config.vocab_size)
+        if tokenizer.get_vocab_size() > model.config.vocab_size:
+            raise ValueError(
+                f"blackmamba: the tokenizer has {tokenizer.get_vocab_size()} ids but the model's vocabulary only "
+                f"{model.config.vocab_size}"
+            )
         self.model = model.eval()
         self.tokenizer = tokenizer
         eos = eos_token_id(tokenizer)

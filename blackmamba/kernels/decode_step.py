@@ -25,6 +25,7 @@ from torch import Tensor
 from .backend import resolve_backend
 from .causal_conv1d import causal_conv1d_update
 from .selective_scan import selective_state_update
+from .tl_math import softplus
 
 try:
     import triton
@@ -187,6 +188,7 @@ def _ssm_update_kernel(
     stride_y_b,
     stride_y_d,
     FUSED_DT: tl.constexpr,
+    A_FROM_LOG: tl.constexpr,
     HAS_DT_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr,
     HAS_D: tl.constexpr,
@@ -219,10 +221,12 @@ def _ssm_update_kernel(
         dt = tl.load(dt_ptr + b * stride_dt_b + d * stride_dt_k, mask=mask_d, other=0.0).to(tl.float32)
     if HAS_DT_BIAS:
         dt += tl.load(dt_bias_ptr + d, mask=mask_d, other=0.0).to(tl.float32)
-    if SOFTPLUS:  # torch's softplus: identity above 20
-        dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(tl.minimum(dt, 20.0))), dt)
+    if SOFTPLUS:
+        dt = softplus(dt)
 
     A = tl.load(A_ptr + d[:, None] * stride_A_d + n[None, :] * stride_A_n, mask=mask, other=0.0).to(tl.float32)
+    if A_FROM_LOG:  # A = -exp(A_log), which would otherwise take two launches per step
+        A = -tl.exp(A)
     B = tl.load(B_ptr + b * stride_B_b + n * stride_B_n, mask=mask_n, other=0.0).to(tl.float32)
     C = tl.load(C_ptr + b * stride_C_b + n * stride_C_n, mask=mask_n, other=0.0).to(tl.float32)
     h_ptrs = state_ptr + b * stride_h_b + d[:, None] * stride_h_d + n[None, :] * stride_h_n
@@ -252,12 +256,14 @@ def ssm_update_triton(
     delta_softplus: bool = True,
     dt_weight: Tensor | None = None,
     out: Tensor | None = None,
+    a_from_log: bool = False,
 ) -> Tensor:
     """One SSM decode step; same semantics as :func:`selective_state_update`, updating ``state`` in place.
 
     state: (B, D_in, N) fp32; x, z: (B, D_in); dt: (B, D_in), or (B, R) with ``dt_weight`` (D_in, R), in
     which case dt = dt @ dt_weight^T is computed inside the kernel; A: (D_in, N); B, C: (B, N);
     D, delta_bias: (D_in,). Inputs may be strided views. Returns y (B, D_in) in x's dtype (or ``out``).
+    With ``a_from_log`` the ``A`` argument holds the parameter A_log and the kernel uses -exp(A_log).
     """
     op = "ssm_update_triton"
     if state.ndim != 3 or state.dtype != torch.float32:
@@ -313,6 +319,7 @@ def ssm_update_triton(
         *(z.stride() if z is not None else (0, 0)),
         *out.stride(),
         FUSED_DT=dt_weight is not None,
+        A_FROM_LOG=a_from_log,
         HAS_DT_BIAS=delta_bias is not None,
         SOFTPLUS=delta_softplus,
         HAS_D=D is not None,
@@ -335,26 +342,30 @@ def mamba_decode_step(
     x_proj_weight: Tensor,
     dt_proj_weight: Tensor,
     dt_proj_bias: Tensor,
-    A: Tensor,
+    A_log: Tensor,
     D: Tensor,
     out_proj_weight: Tensor,
 ) -> Tensor:
     """One token through a Mamba mixer: u (B, D) -> (B, D), updating both caches in place.
 
     conv_state: (B, K-1, D_in); ssm_state: (B, D_in, N) fp32; in_proj_weight: (2 D_in, D);
-    conv_weight: (D_in, K); x_proj_weight: (R + 2N, D_in); dt_proj_weight: (D_in, R); A = -exp(A_log): (D_in, N)
+    conv_weight: (D_in, K); x_proj_weight: (R + 2N, D_in); dt_proj_weight: (D_in, R); A_log: (D_in, N)
     fp32; D, dt_proj_bias: (D_in,); out_proj_weight: (D, D_in). Triton kernels when the backend resolves
-    to "triton" (the dt_proj GEMV then runs inside the SSM kernel), the references otherwise.
+    to "triton" (the dt_proj GEMV and A = -exp(A_log) then run inside the SSM kernel), the references
+    otherwise.
     """
     rank, dstate = dt_proj_weight.shape[1], ssm_state.shape[2]
     x, z = F.linear(u, in_proj_weight).chunk(2, dim=-1)
     if resolve_backend(u, has_triton=True) == "triton":
         x = conv_update_triton(x, conv_state, conv_weight, conv_bias, "silu")
         dt_low, B, C = F.linear(x, x_proj_weight).split([rank, dstate, dstate], dim=-1)
-        y = ssm_update_triton(ssm_state, x, dt_low, A, B, C, D, z, dt_proj_bias, True, dt_weight=dt_proj_weight)
+        y = ssm_update_triton(
+            ssm_state, x, dt_low, A_log, B, C, D, z, dt_proj_bias, True, dt_weight=dt_proj_weight, a_from_log=True
+        )
     else:
         x = causal_conv1d_update(x, conv_state, conv_weight, conv_bias, "silu")
         dt_low, B, C = F.linear(x, x_proj_weight).split([rank, dstate, dstate], dim=-1)
         dt = F.linear(dt_low, dt_proj_weight)
+        A = -torch.exp(A_log.float())
         y = selective_state_update(ssm_state, x, dt, A, B, C, D, z, dt_proj_bias, True)
     return F.linear(y, out_proj_weight)

@@ -8,6 +8,7 @@ writes each output once; the backward recomputes the normalised row from the sav
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .backend import resolve_backend
@@ -96,6 +97,38 @@ if triton is not None:
             if HAS_DDELTA:
                 tl.store(DDELTA + row * stride_ddelta + cols, dr.to(DDELTA.dtype.element_ty), mask=m)
         tl.store(DW_PART + pid.to(tl.int64) * n_cols + cols, dw, mask=mask)
+
+    @triton.jit
+    def _add_rms_norm_route_kernel(
+        X, DELTA, W, Y, R, RW, RB, EXPERT, GATE,
+        stride_x, stride_delta, stride_y, stride_r, stride_rw,
+        n_cols, n_experts, eps,
+        BLOCK_D: tl.constexpr, E_P2: tl.constexpr, HAS_DELTA: tl.constexpr, ROUND: tl.constexpr,
+    ):  # fmt: skip
+        # The forward above for one row, then the MoE router on the normalised row as stored: fp32 logits,
+        # sigmoid, top-1 (lowest index on ties, as torch.max).
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK_D)
+        mask = cols < n_cols
+        r = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_DELTA:
+            r += tl.load(DELTA + row * stride_delta + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(R + row * stride_r + cols, r, mask=mask)
+        if ROUND:
+            r = r.to(W.dtype.element_ty).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(r * r, axis=0) / n_cols + eps)
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        y = (r * rstd * w).to(Y.dtype.element_ty)
+        tl.store(Y + row * stride_y + cols, y, mask=mask)
+        e = tl.arange(0, E_P2)
+        e_ok = e < n_experts
+        rw = tl.load(RW + e[:, None] * stride_rw + cols[None, :], mask=e_ok[:, None] & mask[None, :], other=0.0)
+        logits = tl.sum(rw.to(tl.float32) * y.to(tl.float32)[None, :], axis=1)
+        logits += tl.load(RB + e, mask=e_ok, other=0.0).to(tl.float32)
+        probs = tl.where(e_ok, tl.sigmoid(logits), -1.0)
+        best = tl.max(probs, 0)
+        tl.store(EXPERT + row, tl.min(tl.where(probs == best, e, E_P2), 0).to(tl.int64))
+        tl.store(GATE + row, best)
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -211,6 +244,59 @@ def add_rms_norm(x: Tensor, delta: Tensor | None, weight: Tensor, eps: float = 1
     if resolve_backend(x, has_triton=True) == "triton":
         return _AddRMSNormFn.apply(x, delta, weight, eps, weight.dtype, weight.dtype != torch.float32, True)
     return add_rms_norm_ref(x, delta, weight, eps)
+
+
+def add_rms_norm_route_ref(
+    x: Tensor, delta: Tensor | None, weight: Tensor, eps: float, router_weight: Tensor, router_bias: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`add_rms_norm_ref`, then the MoE router on its output: (y, r_new, expert (T,) int64, gate (T,) fp32),
+    with expert and gate as ``top1_sigmoid(F.linear(y.float(), router_weight.float(), router_bias.float()))``
+    for the rows of y flattened to (T, D)."""
+    y, r_new = add_rms_norm_ref(x, delta, weight, eps)
+    logits = F.linear(y.reshape(-1, y.shape[-1]).float(), router_weight.float(), router_bias.float())
+    gate, expert = torch.sigmoid(logits).max(dim=-1)
+    return y, r_new, expert, gate
+
+
+def add_rms_norm_route(
+    x: Tensor, delta: Tensor | None, weight: Tensor, eps: float, router_weight: Tensor, router_bias: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Residual add, RMSNorm and the MoE block's top-1 router in one launch (inference: no autograd).
+
+    The decode step of a MoE block: the router needs the whole normalised row, which the norm's program
+    already holds, so routing costs no launch of its own. Same results as `add_rms_norm_route_ref` (the
+    logits up to the order of the sum); the reference runs off the "triton" backend. ``x`` is the fp32
+    residual (..., D), ``router_weight`` (E, D), ``router_bias`` (E,).
+    """
+    if resolve_backend(x, has_triton=True) != "triton":
+        return add_rms_norm_route_ref(x, delta, weight, eps, router_weight, router_bias)
+    shape = x.shape
+    n_exp = router_weight.shape[0]
+    if weight.shape != (shape[-1],) or router_weight.shape != (n_exp, shape[-1]) or router_bias.shape != (n_exp,):
+        raise ValueError(
+            f"add_rms_norm_route: want weight ({shape[-1]},), router weight (E, {shape[-1]}) and bias (E,); got "
+            f"{tuple(weight.shape)}, {tuple(router_weight.shape)}, {tuple(router_bias.shape)}"
+        )
+    if delta is not None and delta.shape != shape:
+        raise ValueError(f"delta shape {tuple(delta.shape)} differs from x shape {tuple(shape)}")
+    x2 = _rows(x)
+    d2 = x2 if delta is None else _rows(delta)
+    n_rows, n_cols = x2.shape
+    y = torch.empty(n_rows, n_cols, dtype=weight.dtype, device=x.device)
+    r = torch.empty(n_rows, n_cols, dtype=torch.float32, device=x.device)
+    expert = torch.empty(n_rows, dtype=torch.long, device=x.device)
+    gate = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    rw = router_weight if router_weight.stride(1) == 1 else router_weight.contiguous()
+    if n_rows:
+        block, warps = _launch_config(n_cols)
+        _add_rms_norm_route_kernel[(n_rows,)](
+            x2, d2, weight.contiguous(), y, r, rw, router_bias.contiguous(), expert, gate,
+            x2.stride(0), d2.stride(0), y.stride(0), r.stride(0), rw.stride(0),
+            n_cols, n_exp, eps,
+            BLOCK_D=block, E_P2=max(2, triton.next_power_of_2(n_exp)), HAS_DELTA=delta is not None,
+            ROUND=weight.dtype != torch.float32, num_warps=warps,
+        )  # fmt: skip
+    return y.view(shape), r.view(shape), expert, gate
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-5) -> Tensor:

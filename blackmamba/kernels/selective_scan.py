@@ -301,10 +301,7 @@ class _ChunkedScan(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------------------
 
 if triton is not None:
-
-    @triton.jit
-    def _softplus(x):
-        return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(x)))
+    from .tl_math import softplus as _softplus
 
     @triton.jit
     def _seq_inputs(

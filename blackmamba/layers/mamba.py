@@ -123,7 +123,7 @@ class MambaMixer(nn.Module):
             self.x_proj.weight,
             self.dt_proj.weight,
             self.dt_proj.bias,
-            -torch.exp(self.A_log.float()),
+            self.A_log,
             self.D,
             self.out_proj.weight,
         )

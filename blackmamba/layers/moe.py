@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import BlackMambaConfig
-from ..kernels import moe_experts
+from ..kernels import moe_decode, moe_experts, resolve_backend
+from ..kernels.moe_decode import moe_experts_decode_triton, route_top1_triton
 from ..routing import load_balancing_loss, router_z_loss, sinkhorn_top1, top1_sigmoid
 
 
@@ -57,11 +58,34 @@ class MoE(nn.Module):
         """Router logits in fp32, then sigmoid top-1 as in the released code: (expert (T,), gate (T,))."""
         return top1_sigmoid(self.router_logits(x_TD))
 
+    def decode_kernels_apply(self, x: Tensor, dtype: torch.dtype | None = None) -> bool:
+        """Whether the experts of tokens ``x`` (..., D) run on the decode kernels (:mod:`..kernels.moe_decode`):
+        inference (no training, no autograd, no autocast) of at most ``moe_decode.DECODE_TOKENS`` tokens on
+        the Triton backend, with the input in the experts' dtype (``dtype``: the input's, if not x's)."""
+        dtype = x.dtype if dtype is None else dtype
+        tokens = x.numel() // x.shape[-1] if x.ndim else 0
+        return (
+            not self.training
+            and tokens <= min(moe_decode.DECODE_TOKENS, moe_decode.MAX_TOKENS)
+            and not (torch.is_grad_enabled() and (x.requires_grad or self.w1.requires_grad))
+            and not torch.is_autocast_enabled(x.device.type)
+            and dtype == self.w1.dtype == self.w2.dtype
+            and resolve_backend(x, has_triton=True) == "triton"
+        )
+
+    def experts_decode(self, x_TD: Tensor, expert_T: Tensor, gate_T: Tensor) -> Tensor:
+        """The experts on the decode kernels for tokens already routed: x (T, D) -> (T, D)."""
+        return moe_experts_decode_triton(x_TD, expert_T, gate_T, self.w1, self.w2, self.activation)
+
     def forward(self, x: Tensor, with_stats: bool = True) -> tuple[Tensor, RouterStats | None]:
         """x: (B, L, D) -> (B, L, D) and the routing statistics of this call (None without ``with_stats``:
-        the decode step skips counting tokens per expert, three small kernels per layer and token)."""
+        the decode step skips counting tokens per expert, three small kernels per layer and token, and on
+        the Triton backend runs the fused decode kernels of :mod:`..kernels.moe_decode`)."""
         cfg = self.config
         x_TD = x.reshape(-1, x.shape[-1])
+        if not with_stats and self.decode_kernels_apply(x_TD):
+            expert_T, gate_T = route_top1_triton(x_TD, self.router.weight, self.router.bias)
+            return self.experts_decode(x_TD, expert_T, gate_T).view_as(x), None
         logits_TE = self.router_logits(x_TD)
         iters, aux = 0, None
         if self.training and cfg.train_routing == "sinkhorn":

@@ -1,0 +1,291 @@
+"""The MoE layer for a few tokens at a time (decode): routing and both expert GEMMs in three launches.
+
+    logits = W_r x + b_r (fp32);  e, g = argmax / max of sigmoid(logits)
+    y = g * W2[e] ( act(a) * b ),   [a ; b] = W1[e] x
+
+At decode time a step has 1-64 tokens, so the layer is bound by reading the weights of the experts in
+use, and the sort, offsets and permutation of the general path (:mod:`.moe`) are a dozen launches that
+cost more than the reads. Here nothing is permuted:
+
+* :func:`route_top1_triton`: one program per token computes its router logits in fp32, the sigmoid and
+  the top-1 expert (the lowest index on ties, as ``torch.max`` picks) in one launch.
+* :func:`moe_experts_decode_triton`: two launches over a grid of (expert, column tile). A program loads
+  the expert ids of all tokens (at most ``MAX_TOKENS``), exits when none is its expert, and otherwise
+  multiplies the tile of the expert's weights with the token block, masked to its tokens. Every weight
+  of a used expert is read once; an unused expert's never. fc1 computes both halves and applies the
+  gated activation in its epilogue; fc2 scales by the gate and writes each token's row from the one
+  program set that owns it, so no scatter, atomics or zero-fill are needed.
+
+Rounding follows :func:`.moe.moe_experts_ref` on the GPU: a, b, act(a) and act(a) * b are rounded to the
+experts' dtype, fc2's fp32 accumulator is scaled by the fp32 gate and rounded once. Triton's interpreter
+truncates float casts, so there the intermediates stay fp32 and torch rounds the outputs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .moe import _check, _dot_flags
+
+try:
+    import triton
+    import triton.language as tl
+
+    _jit = triton.jit
+except ImportError:  # triton is an optional extra: without it the kernels are never launched
+
+    def _jit(fn):
+        return fn
+
+
+MAX_TOKENS = 64  # the token block of one program: the most tokens a call may have
+# The MoE layer's inference calls with at most this many tokens take these kernels (0: never). Above
+# it the sorted grouped GEMMs of .moe win: each program here multiplies the whole token block.
+DECODE_TOKENS = 64
+ACTIVATIONS = {"gelu": 0, "silu": 1, "gelu_tanh": 2}
+ROUTER_TILE = 16384  # elements of the router's weight tile per step (E_P2 x BLOCK_D)
+
+
+@_jit
+def _route_top1_kernel(
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    expert_ptr,
+    gate_ptr,
+    dim,
+    n_experts,
+    stride_x,
+    stride_we,
+    stride_wd,
+    E_P2: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    e = tl.arange(0, E_P2)
+    e_ok = e < n_experts
+    acc = tl.zeros((E_P2, BLOCK_D), dtype=tl.float32)
+    for d0 in range(0, dim, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = d < dim
+        x = tl.load(x_ptr + t * stride_x + d, mask=d_ok, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + e[:, None] * stride_we + d[None, :] * stride_wd, mask=e_ok[:, None] & d_ok[None, :])
+        acc += w.to(tl.float32) * x[None, :]
+    logits = tl.sum(acc, 1) + tl.load(bias_ptr + e, mask=e_ok, other=0.0).to(tl.float32)
+    probs = tl.where(e_ok, tl.sigmoid(logits), -1.0)
+    best = tl.max(probs, 0)
+    expert = tl.min(tl.where(probs == best, e, E_P2), 0)
+    tl.store(expert_ptr + t, expert.to(tl.int64))
+    tl.store(gate_ptr + t, best)
+
+
+def route_top1_triton(x_TD: Tensor, weight_ED: Tensor, bias_E: Tensor) -> tuple[Tensor, Tensor]:
+    """Sigmoid top-1 routing in one launch: x (T, D) -> (expert (T,) int64, gate (T,) fp32), the same as
+    ``top1_sigmoid(F.linear(x.float(), weight.float(), bias.float()))`` up to the order of the sum."""
+    n_tok, dim = x_TD.shape
+    n_exp = weight_ED.shape[0]
+    if weight_ED.shape != (n_exp, dim) or bias_E.shape != (n_exp,):
+        raise ValueError(
+            f"route_top1_triton: want weight (E, {dim}) and bias (E,); got {tuple(weight_ED.shape)}, "
+            f"{tuple(bias_E.shape)}"
+        )
+    expert_T = torch.empty(n_tok, dtype=torch.long, device=x_TD.device)
+    gate_T = torch.empty(n_tok, dtype=torch.float32, device=x_TD.device)
+    if n_tok:
+        x_TD = x_TD if x_TD.stride(1) == 1 else x_TD.contiguous()
+        # All of D in one step on the GPU (one program per token would wait on each step's loads).
+        e_p2 = max(2, triton.next_power_of_2(n_exp))
+        block = min(triton.next_power_of_2(dim), max(64, ROUTER_TILE // e_p2)) if x_TD.is_cuda else 64
+        _route_top1_kernel[(n_tok,)](
+            x_TD, weight_ED, bias_E.contiguous(), expert_T, gate_T, dim, n_exp,
+            x_TD.stride(0), weight_ED.stride(0), weight_ED.stride(1),
+            E_P2=e_p2, BLOCK_D=block, num_warps=8 if x_TD.is_cuda else 1,
+        )  # fmt: skip
+    return expert_T, gate_T
+
+
+@_jit
+def _gated(a, b, ACT: tl.constexpr, ROUND: tl.constexpr, dtype: tl.constexpr):
+    if ROUND:  # h = x W1^T is stored in the experts' dtype in the reference
+        a = a.to(dtype).to(tl.float32)
+        b = b.to(dtype).to(tl.float32)
+    if ACT == 0:
+        act = 0.5 * a * (1.0 + tl.math.erf(a * 0.7071067811865476))
+    elif ACT == 1:
+        act = a * tl.sigmoid(a)
+    else:  # tanh(u) = 2 sigmoid(2u) - 1
+        u = 0.7978845608028654 * (a + 0.044715 * a * a * a)
+        act = a * tl.sigmoid(2.0 * u)
+    if ROUND:
+        act = act.to(dtype).to(tl.float32)
+    return act * b
+
+
+@_jit
+def _decode_fc1_kernel(
+    x_ptr,
+    w_ptr,
+    expert_ptr,
+    h_ptr,
+    n_tok,
+    dim,
+    d_ff,
+    stride_x,
+    stride_we,
+    stride_wf,
+    stride_wd,
+    stride_h,
+    ACT: tl.constexpr,
+    ROUND: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BT: tl.constexpr,
+    BF: tl.constexpr,
+    BK: tl.constexpr,
+):
+    expert = tl.program_id(0)
+    ts = tl.arange(0, BT)
+    mine = tl.load(expert_ptr + ts, mask=ts < n_tok, other=-1) == expert
+    if tl.sum(mine.to(tl.int32), 0) == 0:
+        return
+    fs = tl.program_id(1) * BF + tl.arange(0, BF)
+    f_ok = fs < d_ff
+    ks = tl.arange(0, BK)
+    x_ptrs = x_ptr + ts[:, None].to(tl.int64) * stride_x + ks[None, :]
+    w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + fs[None, :] * stride_wf + ks[:, None] * stride_wd
+    acc_a = tl.zeros((BT, BF), dtype=tl.float32)
+    acc_b = tl.zeros((BT, BF), dtype=tl.float32)
+    for k0 in range(0, dim, BK):
+        k_ok = ks < dim - k0
+        x = tl.load(x_ptrs, mask=mine[:, None] & k_ok[None, :], other=0.0)
+        wa = tl.load(w_ptrs, mask=k_ok[:, None] & f_ok[None, :], other=0.0)
+        wb = tl.load(w_ptrs + d_ff * stride_wf, mask=k_ok[:, None] & f_ok[None, :], other=0.0)
+        if DOT_F32:
+            x, wa, wb = x.to(tl.float32), wa.to(tl.float32), wb.to(tl.float32)
+        acc_a = tl.dot(x, wa, acc_a, input_precision=PRECISION)
+        acc_b = tl.dot(x, wb, acc_b, input_precision=PRECISION)
+        x_ptrs += BK
+        w_ptrs += BK * stride_wd
+    h = _gated(acc_a, acc_b, ACT, ROUND, w_ptr.dtype.element_ty)
+    h_ptrs = h_ptr + ts[:, None].to(tl.int64) * stride_h + fs[None, :]
+    tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=mine[:, None] & f_ok[None, :])
+
+
+@_jit
+def _decode_fc2_kernel(
+    h_ptr,
+    w_ptr,
+    expert_ptr,
+    gate_ptr,
+    y_ptr,
+    n_tok,
+    dim,
+    d_ff,
+    stride_h,
+    stride_we,
+    stride_wd,
+    stride_wf,
+    stride_y,
+    DOT_F32: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BT: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
+    expert = tl.program_id(0)
+    ts = tl.arange(0, BT)
+    mine = tl.load(expert_ptr + ts, mask=ts < n_tok, other=-1) == expert
+    if tl.sum(mine.to(tl.int32), 0) == 0:
+        return
+    ns = tl.program_id(1) * BN + tl.arange(0, BN)
+    n_ok = ns < dim
+    ks = tl.arange(0, BK)
+    h_ptrs = h_ptr + ts[:, None].to(tl.int64) * stride_h + ks[None, :]
+    w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + ns[None, :] * stride_wd + ks[:, None] * stride_wf
+    acc = tl.zeros((BT, BN), dtype=tl.float32)
+    for k0 in range(0, d_ff, BK):
+        k_ok = ks < d_ff - k0
+        h = tl.load(h_ptrs, mask=mine[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if DOT_F32:
+            h, w = h.to(tl.float32), w.to(tl.float32)
+        acc = tl.dot(h, w, acc, input_precision=PRECISION)
+        h_ptrs += BK
+        w_ptrs += BK * stride_wf
+    acc = acc * tl.load(gate_ptr + ts, mask=mine, other=0.0).to(tl.float32)[:, None]
+    y_ptrs = y_ptr + ts[:, None].to(tl.int64) * stride_y + ns[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mine[:, None] & n_ok[None, :])
+
+
+# Launch configurations on the GPU by token count (the entry of the smallest count >= the call's), from
+# benchmarks/tune_moe_decode.py on an H200 (2.8B widths, bf16). fc1 tiles BF rows of each half of W1,
+# fc2 BN rows of W2; BK is the reduction step. With one token a single expert is read, so narrow tiles
+# spread it over many programs; deep BK and several stages keep bytes in flight per SM.
+FC1_CONFIG = {
+    1: dict(BF=32, BK=256, num_warps=4, num_stages=3),
+    16: dict(BF=64, BK=128, num_warps=4, num_stages=4),
+    64: dict(BF=64, BK=128, num_warps=4, num_stages=4),
+}
+FC2_CONFIG = {
+    1: dict(BN=32, BK=512, num_warps=4, num_stages=4),
+    16: dict(BN=32, BK=256, num_warps=4, num_stages=3),
+    64: dict(BN=32, BK=256, num_warps=4, num_stages=4),
+}
+_INTERPRETED = dict(BF=16, BN=16, BK=32, num_warps=4, num_stages=1)  # tiny tiles: the CPU runs each program
+
+
+def _config(table: dict[int, dict], tokens: int, dtype: torch.dtype, on_gpu: bool) -> dict:
+    """The entry for the smallest token count >= ``tokens`` (else the largest one). The tables are for
+    16-bit weights; fp32 tiles take twice the shared memory, so their reduction step is capped."""
+    if not on_gpu:
+        return _INTERPRETED
+    fits = [n for n in table if n >= tokens]
+    cfg = table[min(fits) if fits else max(table)]
+    if dtype == torch.float32:
+        cfg = {**cfg, "BK": min(cfg["BK"], 64), "num_stages": min(cfg["num_stages"], 3)}
+    return cfg
+
+
+def moe_experts_decode_triton(
+    x_TD: Tensor, expert_T: Tensor, gate_T: Tensor, w1_EFD: Tensor, w2_EDF: Tensor, activation: str = "gelu"
+) -> Tensor:
+    """The experts for at most :data:`MAX_TOKENS` tokens in two launches, with no permutation and no
+    autograd (inference). Same result as :func:`.moe.moe_experts_ref`; expert ids must lie in [0, E)."""
+    _check(x_TD, expert_T, gate_T, w1_EFD, w2_EDF)
+    n_tok, dim = x_TD.shape
+    n_exp, two_f, _ = w1_EFD.shape
+    d_ff = two_f // 2
+    if n_tok > MAX_TOKENS:
+        raise ValueError(f"moe_experts_decode_triton: at most {MAX_TOKENS} tokens per call, got {n_tok}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown MoE activation {activation!r}")
+    if x_TD.dtype != w1_EFD.dtype or w2_EDF.dtype != w1_EFD.dtype:
+        raise ValueError(
+            f"moe_experts_decode_triton: x and weights must share a dtype; got {x_TD.dtype}, {w1_EFD.dtype}, "
+            f"{w2_EDF.dtype}"
+        )
+    dtype = x_TD.dtype
+    if n_tok == 0:
+        return x_TD.new_empty(0, dim)
+    flags = _dot_flags(x_TD)
+    work = torch.float32 if flags["DOT_F32"] else dtype  # the interpreter's casts truncate: torch rounds
+    x_TD = x_TD if x_TD.stride(1) == 1 else x_TD.contiguous()
+    expert_T = expert_T.contiguous()
+    h_TF = torch.empty(n_tok, d_ff, dtype=work, device=x_TD.device)
+    y_TD = torch.empty(n_tok, dim, dtype=work, device=x_TD.device)
+    bt = max(16, triton.next_power_of_2(n_tok))
+    c1 = _config(FC1_CONFIG, n_tok, dtype, x_TD.is_cuda)
+    c2 = _config(FC2_CONFIG, n_tok, dtype, x_TD.is_cuda)
+    _decode_fc1_kernel[(n_exp, triton.cdiv(d_ff, c1["BF"]))](
+        x_TD, w1_EFD, expert_T, h_TF, n_tok, dim, d_ff,
+        x_TD.stride(0), *w1_EFD.stride(), h_TF.stride(0),
+        ACT=ACTIVATIONS[activation], ROUND=not flags["DOT_F32"] and dtype != torch.float32,
+        BT=bt, BF=c1["BF"], BK=c1["BK"], num_warps=c1["num_warps"], num_stages=c1["num_stages"], **flags,
+    )  # fmt: skip
+    _decode_fc2_kernel[(n_exp, triton.cdiv(dim, c2["BN"]))](
+        h_TF, w2_EDF, expert_T, gate_T.contiguous(), y_TD, n_tok, dim, d_ff,
+        h_TF.stride(0), *w2_EDF.stride(), y_TD.stride(0),
+        BT=bt, BN=c2["BN"], BK=c2["BK"], num_warps=c2["num_warps"], num_stages=c2["num_stages"], **flags,
+    )  # fmt: skip
+    return y_TD if work == dtype else y_TD.to(dtype)
