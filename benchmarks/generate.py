@@ -188,7 +188,7 @@ def peer_decode(peer, batch: int, prompt_len: int, new_tokens: int) -> float:
     t0 = sync_time()
     for step in range(new_tokens):
         pos = torch.full((batch, 1), prompt_len + step, device=DEVICE)
-        out = peer(token, cache=out.cache, use_cache=True, attention_mask=masks, position_ids=pos)
+        out = peer(token, cache=cache, use_cache=True, attention_mask=masks, position_ids=pos)  # updated in place
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         token.tolist()  # hand the tokens over, as ours does
     return batch * new_tokens / (sync_time() - t0)
