@@ -4,7 +4,8 @@ Random bf16 weights of a preset shape; the step is replayed from its graph back 
 per step, unlike benchmarks/generate.py, which times what a caller sees). For each batch and each
 variant (``--variants``: module settings such as the MoE layer's DECODE_TOKENS, 0 = the general sorted
 path) it prints the replay time per step, tokens/s, the kernels per step and their summed GPU time, then the
-kernels that take the most time in the first variant. Results go to benchmarks/results/profile_decode.json.
+kernels that take the most time in the first variant; then the same for one 1 x N prefill
+(``--prefill``), with its wall time against its kernel time. Results go to benchmarks/results/profile_decode.json.
 
     python benchmarks/profile_decode.py [--preset 2.8b] [--batches 1 16] [--variants default 'a.B=0;c.D=1']
 """
@@ -17,6 +18,7 @@ import datetime
 import json
 import platform
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -26,11 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import fmt, text_table  # noqa: E402
 from blackmamba import BlackMamba, BlackMambaConfig  # noqa: E402
 from blackmamba.generation.decoder import Decoder, SamplingOptions  # noqa: E402
-from blackmamba.kernels import decode_step, moe_decode  # noqa: E402
+from blackmamba.kernels import decode_step, moe_decode, norm  # noqa: E402
 from blackmamba.model import cast_model  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-MODULES = {"moe_decode": moe_decode, "decode_step": decode_step}
+MODULES = {"moe_decode": moe_decode, "decode_step": decode_step, "norm": norm}
 
 
 def build(preset: str) -> BlackMamba:
@@ -52,20 +54,41 @@ def replay_us(decoder: Decoder, slot, steps: int) -> float:
     return 1e3 * start.elapsed_time(end) / steps
 
 
-def kernels_per_step(decoder: Decoder, slot, steps: int = 5) -> dict[str, tuple[float, float]]:
-    """name -> (launches per step, GPU microseconds per step), from the profiler's CUDA activity."""
+def kernels_per_call(fn, calls: int = 5) -> dict[str, tuple[float, float]]:
+    """name -> (launches per call of ``fn``, GPU microseconds per call), from the profiler's CUDA activity."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            decoder.step(slot, None)
+        for _ in range(calls):
+            fn()
         torch.cuda.synchronize()
     count, time_us = collections.Counter(), collections.Counter()
     for ev in prof.events():
         if ev.device_type == torch.autograd.DeviceType.CUDA and not ev.name.startswith(("Memcpy", "Memset")):
             count[ev.name] += 1
             time_us[ev.name] += ev.device_time
-    return {name: (count[name] / steps, time_us[name] / steps) for name in count}
+    return {name: (count[name] / calls, time_us[name] / calls) for name in count}
+
+
+def prefill_profile(model: BlackMamba, length: int) -> tuple[dict, list]:
+    """One 1 x ``length`` prefill (logits of the last position): wall time, kernel time, launches, top kernels."""
+    ids = torch.randint(0, 50000, (1, length), device="cuda")
+
+    @torch.inference_mode()
+    def run():
+        model(ids, cache=model.allocate_cache(1), num_last_tokens=1)
+
+    run()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(5):
+        run()
+    torch.cuda.synchronize()
+    wall_us = 1e6 * (time.perf_counter() - start) / 5
+    kernels = kernels_per_call(run, 3)
+    row = dict(prefill=f"1x{length}", wall_us=wall_us, launches=sum(n for n, _ in kernels.values()),
+               kernel_us=sum(t for _, t in kernels.values()))  # fmt: skip
+    return row, sorted(kernels.items(), key=lambda kv: -kv[1][1])[:15]
 
 
 def main() -> None:
@@ -79,6 +102,7 @@ def main() -> None:
         help="settings per run, e.g. 'moe_decode.DECODE_TOKENS=0'",
     )
     parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--prefill", type=int, default=2048, help="also profile a 1 x N prefill (0: skip)")
     parser.add_argument("--out", default=str(RESULTS / "profile_decode.json"))
     args = parser.parse_args()
     model = build(args.preset)
@@ -97,7 +121,7 @@ def main() -> None:
             decoder = Decoder(model, SamplingOptions(), use_graphs=True)  # a fresh graph per setting
             slot = decoder.start(model.allocate_cache(batch), torch.randint(0, 50000, (batch,), device="cuda"), None)
             us = replay_us(decoder, slot, args.steps)
-            kernels = kernels_per_step(decoder, slot)
+            kernels = kernels_per_call(lambda decoder=decoder, slot=slot: decoder.step(slot, None))
             launches = sum(n for n, _ in kernels.values())
             busy = sum(t for _, t in kernels.values())
             rows.append(
@@ -113,9 +137,18 @@ def main() -> None:
     cols = ["preset", "batch", "variant", "us_per_step", "tokens_per_s", "launches_per_step",
             "kernel_us_per_step"]  # fmt: skip
     print(text_table(cols, [[r[c] if isinstance(r[c], str) else fmt(r[c]) for c in cols] for r in rows]))
+    prefill = prefill_top = None
+    if args.prefill:
+        prefill, prefill_top = prefill_profile(model, args.prefill)
+        print(f"\nprefill {prefill['prefill']}: {fmt(prefill['wall_us'])} us wall, {fmt(prefill['kernel_us'])} us in "
+              f"{fmt(prefill['launches'])} kernels")  # fmt: skip
+        print(
+            text_table(["kernel", "per call", "us per call"], [[n[:90], fmt(c), fmt(t)] for n, (c, t) in prefill_top])
+        )
     meta = dict(card=torch.cuda.get_device_name(), torch=torch.__version__, python=platform.python_version(),
-                date=datetime.date.today().isoformat())  # fmt: skip
-    Path(args.out).write_text(json.dumps(dict(meta=meta, rows=rows, top_kernels=top), indent=1) + "\n")
+                date=datetime.date.today().isoformat(), command="python " + " ".join(sys.argv))  # fmt: skip
+    report = dict(meta=meta, rows=rows, top_kernels=top, prefill=prefill, prefill_top_kernels=prefill_top)
+    Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
 
 
 if __name__ == "__main__":

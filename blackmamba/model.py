@@ -19,7 +19,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from .config import BlackMambaConfig
-from .kernels import add_rms_norm
+from .kernels import add_rms_norm, moe_decode
 from .kernels.norm import add_rms_norm_route
 from .layers import MambaCache, MambaMixer, MoE, RMSNorm, RouterStats
 
@@ -51,7 +51,8 @@ class Block(nn.Module):
         return residual, out, stats
 
     def step(self, residual: Tensor, delta: Tensor | None, cache: MambaCache | None) -> tuple[Tensor, Tensor]:
-        if self.kind == "moe" and self.mixer.decode_kernels_apply(residual, self.norm.weight.dtype):
+        moe = self.kind == "moe"
+        if moe and moe_decode.FUSE_ROUTER and self.mixer.decode_kernels_apply(residual, self.norm.weight.dtype):
             # Decode kernels: the norm's launch also routes, then two launches for the experts.
             router = self.mixer.router
             h, residual, expert, gate = add_rms_norm_route(

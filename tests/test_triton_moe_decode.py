@@ -129,3 +129,21 @@ def test_interpreter_rounds_outputs_in_torch():
     y = moe_experts_decode_triton(x, expert, gate, w1, w2)
     y32 = moe_experts_decode_triton(x.float(), expert, gate, w1.float(), w2.float())
     assert torch.equal(y, y32.to(torch.bfloat16))
+
+
+def test_model_step_routes_inside_the_norm(monkeypatch):
+    """The decode step's MoE blocks route in the norm kernel; logits equal the unfused step's."""
+    import blackmamba.model as model_module
+
+    model = tiny_model().to(DEVICE)
+    tokens = torch.randint(0, model.config.vocab_size, (3,), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    calls = []
+    real = model_module.add_rms_norm_route
+    monkeypatch.setattr(model_module, "add_rms_norm_route", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad(), use_backend("triton"):
+        fused = model.step(tokens, model.allocate_cache(3))
+        assert len(calls) == model.config.layer_pattern.count("moe")
+        monkeypatch.setattr(moe_decode, "FUSE_ROUTER", False)
+        unfused = model.step(tokens, model.allocate_cache(3))
+    assert len(calls) == model.config.layer_pattern.count("moe")
+    torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-5)

@@ -43,6 +43,9 @@ MAX_TOKENS = 64  # the token block of one program: the most tokens a call may ha
 # The MoE layer's inference calls with at most this many tokens take these kernels (0: never). Above
 # it the sorted grouped GEMMs of .moe win: each program here multiplies the whole token block.
 DECODE_TOKENS = 64
+# The model's decode step routes inside the MoE block's norm kernel (kernels.norm.add_rms_norm_route)
+# instead of a launch of route_top1_triton.
+FUSE_ROUTER = True
 ACTIVATIONS = {"gelu": 0, "silu": 1, "gelu_tanh": 2}
 ROUTER_TILE = 16384  # elements of the router's weight tile per step (E_P2 x BLOCK_D)
 
