@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from .moe import _check, _dot_flags
+from .tl_math import top1_sigmoid
 
 try:
     import triton
@@ -75,12 +76,9 @@ def _route_top1_kernel(
         x = tl.load(x_ptr + t * stride_x + d, mask=d_ok, other=0.0).to(tl.float32)
         w = tl.load(w_ptr + e[:, None] * stride_we + d[None, :] * stride_wd, mask=e_ok[:, None] & d_ok[None, :])
         acc += w.to(tl.float32) * x[None, :]
-    logits = tl.sum(acc, 1) + tl.load(bias_ptr + e, mask=e_ok, other=0.0).to(tl.float32)
-    probs = tl.where(e_ok, tl.sigmoid(logits), -1.0)
-    best = tl.max(probs, 0)
-    expert = tl.min(tl.where(probs == best, e, E_P2), 0)
+    expert, gate = top1_sigmoid(tl.sum(acc, 1) + tl.load(bias_ptr + e, mask=e_ok, other=0.0).to(tl.float32), e_ok, E_P2)
     tl.store(expert_ptr + t, expert.to(tl.int64))
-    tl.store(gate_ptr + t, best)
+    tl.store(gate_ptr + t, gate)
 
 
 def route_top1_triton(x_TD: Tensor, weight_ED: Tensor, bias_E: Tensor) -> tuple[Tensor, Tensor]:
@@ -106,6 +104,13 @@ def route_top1_triton(x_TD: Tensor, weight_ED: Tensor, bias_E: Tensor) -> tuple[
             E_P2=e_p2, BLOCK_D=block, num_warps=8 if x_TD.is_cuda else 1,
         )  # fmt: skip
     return expert_T, gate_T
+
+
+@_jit
+def _tokens_of(expert_ptr, n_tok, expert, BT: tl.constexpr):
+    """Mask (BT,) of the tokens routed to ``expert`` among the first ``n_tok``."""
+    ts = tl.arange(0, BT)
+    return tl.load(expert_ptr + ts, mask=ts < n_tok, other=-1) == expert
 
 
 @_jit
@@ -148,10 +153,10 @@ def _decode_fc1_kernel(
     BK: tl.constexpr,
 ):
     expert = tl.program_id(0)
-    ts = tl.arange(0, BT)
-    mine = tl.load(expert_ptr + ts, mask=ts < n_tok, other=-1) == expert
-    if tl.sum(mine.to(tl.int32), 0) == 0:
+    mine = _tokens_of(expert_ptr, n_tok, expert, BT)
+    if tl.sum(mine.to(tl.int32), 0) == 0:  # an expert without tokens: its weights are never read
         return
+    ts = tl.arange(0, BT)
     fs = tl.program_id(1) * BF + tl.arange(0, BF)
     f_ok = fs < d_ff
     ks = tl.arange(0, BK)
@@ -197,10 +202,10 @@ def _decode_fc2_kernel(
     BK: tl.constexpr,
 ):
     expert = tl.program_id(0)
-    ts = tl.arange(0, BT)
-    mine = tl.load(expert_ptr + ts, mask=ts < n_tok, other=-1) == expert
-    if tl.sum(mine.to(tl.int32), 0) == 0:
+    mine = _tokens_of(expert_ptr, n_tok, expert, BT)
+    if tl.sum(mine.to(tl.int32), 0) == 0:  # an expert without tokens: its weights are never read
         return
+    ts = tl.arange(0, BT)
     ns = tl.program_id(1) * BN + tl.arange(0, BN)
     n_ok = ns < dim
     ks = tl.arange(0, BK)

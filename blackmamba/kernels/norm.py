@@ -41,6 +41,25 @@ def add_rms_norm_ref(x: Tensor, delta: Tensor | None, weight: Tensor, eps: float
 
 
 if triton is not None:
+    from .tl_math import top1_sigmoid
+
+    @triton.jit
+    def _add_norm_row(
+        X, DELTA, W, R, row, cols, mask, stride_x, stride_delta, stride_r, n_cols, eps,
+        HAS_DELTA: tl.constexpr, STORE_R: tl.constexpr, ROUND: tl.constexpr,
+    ):  # fmt: skip
+        """One row: r = x + delta (fp32, stored to R), then (rstd, y = r' * rstd * w in fp32) where r' is r
+        rounded to the weight's dtype with ROUND."""
+        r = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_DELTA:
+            r += tl.load(DELTA + row * stride_delta + cols, mask=mask, other=0.0).to(tl.float32)
+        if STORE_R:
+            tl.store(R + row * stride_r + cols, r, mask=mask)
+        if ROUND:
+            r = r.to(W.dtype.element_ty).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(r * r, axis=0) / n_cols + eps)
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        return rstd, r * rstd * w
 
     @triton.jit
     def _add_rms_norm_fwd_kernel(
@@ -52,17 +71,11 @@ if triton is not None:
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK_D)
         mask = cols < n_cols
-        r = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-        if HAS_DELTA:
-            r += tl.load(DELTA + row * stride_delta + cols, mask=mask, other=0.0).to(tl.float32)
-        if STORE_R:
-            tl.store(R + row * stride_r + cols, r, mask=mask)
-        if ROUND:
-            r = r.to(W.dtype.element_ty).to(tl.float32)
-        rstd = 1.0 / tl.sqrt(tl.sum(r * r, axis=0) / n_cols + eps)
+        rstd, y = _add_norm_row(
+            X, DELTA, W, R, row, cols, mask, stride_x, stride_delta, stride_r, n_cols, eps, HAS_DELTA, STORE_R, ROUND
+        )
         tl.store(RSTD + row, rstd)
-        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(Y + row * stride_y + cols, (r * rstd * w).to(Y.dtype.element_ty), mask=mask)
+        tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _add_rms_norm_bwd_kernel(
@@ -110,25 +123,18 @@ if triton is not None:
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK_D)
         mask = cols < n_cols
-        r = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-        if HAS_DELTA:
-            r += tl.load(DELTA + row * stride_delta + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(R + row * stride_r + cols, r, mask=mask)
-        if ROUND:
-            r = r.to(W.dtype.element_ty).to(tl.float32)
-        rstd = 1.0 / tl.sqrt(tl.sum(r * r, axis=0) / n_cols + eps)
-        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-        y = (r * rstd * w).to(Y.dtype.element_ty)
+        _, y = _add_norm_row(
+            X, DELTA, W, R, row, cols, mask, stride_x, stride_delta, stride_r, n_cols, eps, HAS_DELTA, True, ROUND
+        )
+        y = y.to(Y.dtype.element_ty)
         tl.store(Y + row * stride_y + cols, y, mask=mask)
         e = tl.arange(0, E_P2)
         e_ok = e < n_experts
         rw = tl.load(RW + e[:, None] * stride_rw + cols[None, :], mask=e_ok[:, None] & mask[None, :], other=0.0)
         logits = tl.sum(rw.to(tl.float32) * y.to(tl.float32)[None, :], axis=1)
-        logits += tl.load(RB + e, mask=e_ok, other=0.0).to(tl.float32)
-        probs = tl.where(e_ok, tl.sigmoid(logits), -1.0)
-        best = tl.max(probs, 0)
-        tl.store(EXPERT + row, tl.min(tl.where(probs == best, e, E_P2), 0).to(tl.int64))
-        tl.store(GATE + row, best)
+        expert, gate = top1_sigmoid(logits + tl.load(RB + e, mask=e_ok, other=0.0).to(tl.float32), e_ok, E_P2)
+        tl.store(EXPERT + row, expert.to(tl.int64))
+        tl.store(GATE + row, gate)
 
 
 def _rows(t: Tensor) -> Tensor:

@@ -25,3 +25,13 @@ def softplus(x):
     s = tl.minimum(e, 0.1)  # the series is only kept below 0.1; capped so that it never overflows
     series = s * (1.0 + s * (-0.5 + s * (1.0 / 3.0 + s * (-0.25 + s * (0.2 + s * (-1.0 / 6.0 + s / 7.0))))))
     return tl.where(x > 20.0, x, tl.where(e < 0.1, series, tl.log(1.0 + e)))
+
+
+@_jit
+def top1_sigmoid(logits, e_ok, E_P2: tl.constexpr):
+    """(expert, gate) of one token from its router logits (E_P2,) fp32, ``e_ok`` masking the padded
+    experts: gate = the largest sigmoid, expert = its lowest index on ties (as ``torch.max`` picks)."""
+    e = tl.arange(0, E_P2)
+    probs = tl.where(e_ok, tl.sigmoid(logits), -1.0)
+    best = tl.max(probs, 0)
+    return tl.min(tl.where(probs == best, e, E_P2), 0), best
