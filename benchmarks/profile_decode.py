@@ -28,11 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import fmt, text_table  # noqa: E402
 from blackmamba import BlackMamba, BlackMambaConfig  # noqa: E402
 from blackmamba.generation.decoder import Decoder, SamplingOptions  # noqa: E402
-from blackmamba.kernels import decode_step, moe_decode, norm  # noqa: E402
+from blackmamba.kernels import decode_step, moe_decode  # noqa: E402
 from blackmamba.model import cast_model  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-MODULES = {"moe_decode": moe_decode, "decode_step": decode_step, "norm": norm}
+MODULES = {"moe_decode": moe_decode, "decode_step": decode_step}  # what --variants may set
 
 
 def build(preset: str) -> BlackMamba:
@@ -114,6 +114,8 @@ def main() -> None:
         for setting in [] if variant == "default" else variant.split(";"):
             path, value = setting.split("=")
             module, attr = path.rsplit(".", 1)
+            if module not in MODULES or not hasattr(MODULES[module], attr):
+                parser.error(f"--variants: no setting {path!r}; modules: {', '.join(MODULES)}")
             target = MODULES[module]
             defaults.setdefault((target, attr), getattr(target, attr))
             setattr(target, attr, int(value))
