@@ -8,10 +8,8 @@ Everything runs in one process with random weights built from configs (nothing i
   at the 1.5B shape warms up on a short sequence and is timed once: one forward takes minutes).
 * ``decode``: greedy decoding after a 16-token random prompt, batch 1. tokens/s = new tokens / wall
   time of the whole generation (its 16-token prefill included, for both models; prefill is also timed
-  alone and reported in the JSON). Ours is ``blackmamba.generate``. The peer is a greedy loop over
-  ``JambaForCausalLM.forward`` with its own cache: transformers' ``generate`` cannot run a Jamba without
-  an attention layer (it asks the cache for a sequence length only attention layers hold), and a bare
-  loop has less overhead than ``generate``, so this only favours the peer.
+  alone and reported in the JSON). Ours is ``blackmamba.generate``; the peer's is a greedy loop over its
+  ``forward`` with its own cache (``benchmarks/peers.py`` says why).
 * ``floor``: the matrix-product floor of our forward. Matmul FLOPs are counted from the layer shapes
   (per Mamba block in_proj, x_proj, dt_proj, out_proj; per MoE block the router and, per token, one
   expert's fc1 d->2F and fc2 F->d; the tied head d->vocab) and divided by the best fp32
@@ -21,50 +19,60 @@ Everything runs in one process with random weights built from configs (nothing i
   max |fast - ref| / max |ref| over the logits. Forward rows: a 1x64 forward. Decode rows: prefill of
   the prompt plus 16 teacher-forced ``step`` calls through the cache, logits of every step.
 
-The peer gets our shapes: one Jamba layer is a Mamba mixer plus an MoE FFN, so it has as many layers as
-we have Mamba blocks, each with 8 experts and top-1 routing, no attention layer, tied embeddings. On
-CPU it runs its pure-PyTorch path (no mamba_ssm / causal_conv1d kernels). Differences that remain:
-Jamba's extra RMSNorms on dt, B and C, and SiLU experts where ours use GELU.
+The peer, transformers' Jamba with our shapes and no attention layer, is described in
+``benchmarks/peers.py``; on CPU it runs its pure-PyTorch path.
 
-The table is printed last on stdout and written to ``benchmarks/results/cpu.json`` and ``cpu.md``;
-progress goes to stderr. ``--profile`` adds a torch.profiler summary of our forward to stderr.
+The table is printed last on stdout and written to ``benchmarks/results/cpu.json`` and ``cpu.md``
+(``--out`` another folder); progress goes to stderr. ``--profile`` adds a torch.profiler summary of our
+forward to stderr. ``--quick`` runs every code path once at a tiny size (a check of the script, not a
+measurement).
 
-    .venv/bin/python benchmarks/cpu.py                 # everything (about 15-20 minutes on 2 cores)
-    .venv/bin/python benchmarks/cpu.py --only small    # the small preset only
-    .venv/bin/python benchmarks/cpu.py --skip-1.5b --skip-peer
+    .venv/bin/python -m benchmarks.cpu                 # everything (about 15-20 minutes on 2 cores)
+    .venv/bin/python -m benchmarks.cpu --only small    # the small preset only
+    .venv/bin/python -m benchmarks.cpu --skip-1.5b --skip-peer
+    .venv/bin/python -m benchmarks.cpu --quick --skip-peer --out /tmp/bench
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import gc
-import json
-import math
 import os
-import platform
 import statistics
 import sys
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+import torch
 
-import torch  # noqa: E402
+from blackmamba import BlackMamba, BlackMambaConfig, generate
+from blackmamba.kernels import use_backend
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmark this checkout of the package
+from .harness import (
+    RESULTS_DIR,
+    Row,
+    argument_parser,
+    build_model,
+    cpu_matmul_rates,
+    elapsed_s,
+    fmt,
+    load_average,
+    log,
+    mark_targets,
+    markdown_table,
+    max_err,
+    median_s,
+    meta_line,
+    random_ids,
+    run_meta,
+    text_table,
+    wait_for_idle,
+    wall_times,
+    write_results,
+)
+from .peers import PEER_NAME, build_jamba, jamba_greedy
 
-from common import cpu_busy, cpu_model, fmt, markdown_table, text_table  # noqa: E402
-
-from blackmamba import BlackMamba, BlackMambaConfig, generate  # noqa: E402
-
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
-PEER_NAME = "transformers JambaForCausalLM"
 FORWARD_LEN = 2048
 ERR_LEN = 64
 ERR_STEPS = 16
@@ -72,14 +80,6 @@ PROMPT_LEN = 16
 TARGET_FORWARD_SPEEDUP = 5.0  # small forward, vs the peer
 TARGET_DECODE_SPEEDUP = 4.0  # decode tokens/s, vs the peer
 TARGET_FLOOR_RATIO = 1.5  # 1.5B forward time / matmul floor
-_START = time.perf_counter()
-
-
-def log(message: str) -> None:
-    print(f"[{time.perf_counter() - _START:7.1f}s] {message}", file=sys.stderr, flush=True)
-
-
-# ----------------------------------------------------------------------------- plan and results
 
 
 @dataclass(frozen=True)
@@ -95,12 +95,15 @@ class Plan:
     peer_new_tokens: int
     decode_repeats: int
     peer_decode_repeats: int
+    forward_len: int = FORWARD_LEN
 
 
 PLANS = {
     "small": Plan("small", "small", 5, 3, FORWARD_LEN, 128, 128, 3, 3),
     "1.5b": Plan("1.5b", "blackmamba-1.5b", 3, 1, 128, 64, 32, 3, 1),
 }
+# --quick: every code path once at a tiny size, to check the script and its files; not a measurement.
+QUICK = Plan("small", "small", 1, 1, 64, 8, 8, 1, 1, forward_len=128)
 
 
 @dataclass
@@ -115,139 +118,17 @@ class Measured:
     decode_tokens: int
 
 
-@dataclass
-class Row:
-    benchmark: str
-    shape: str
-    unit: str
-    ours: float
-    peer_value: float | None
-    higher_is_better: bool
-    floor: float | None = None
-    max_err: float | None = None
-    target: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def speedup(self) -> float | None:
-        if self.peer_value is None:
-            return None
-        return self.ours / self.peer_value if self.higher_is_better else self.peer_value / self.ours
-
-    @property
-    def fraction_of_floor(self) -> float | None:
-        return None if self.floor is None else self.floor / self.ours
-
-    def meets_target(self) -> bool | None:
-        if self.target.startswith("speedup"):
-            goal = TARGET_FORWARD_SPEEDUP if self.benchmark == "forward" else TARGET_DECODE_SPEEDUP
-            return None if self.speedup is None else self.speedup >= goal
-        if self.target.startswith("time"):
-            return None if self.floor is None else self.ours <= TARGET_FLOOR_RATIO * self.floor
-        return None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "benchmark": self.benchmark,
-            "shape": self.shape,
-            "unit": self.unit,
-            "ours": self.ours,
-            "peer": PEER_NAME,
-            "peer_value": self.peer_value,
-            "floor": self.floor,
-            "fraction_of_floor": self.fraction_of_floor,
-            "speedup": self.speedup,
-            "max_err": self.max_err,
-            "target": self.target,
-            "meets_target": self.meets_target(),
-            **self.extra,
-        }
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def timed(fn: Callable[[], object], warmup: int, repeats: int) -> list[float]:
-    """Wall times of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def random_ids(length: int, vocab: int, seed: int) -> torch.Tensor:
-    """Random token ids in [1, vocab), shape (1, length)."""
-    return torch.randint(1, vocab, (1, length), generator=torch.Generator().manual_seed(seed))
+def meets_target(row: Row, target: str) -> bool | None:
+    if target.startswith("speedup"):
+        goal = TARGET_FORWARD_SPEEDUP if row.benchmark == "forward" else TARGET_DECODE_SPEEDUP
+        return None if row.speedup is None else row.speedup >= goal
+    if target.startswith("time"):
+        return None if row.floor is None else row.ours <= TARGET_FLOOR_RATIO * row.floor
+    return None
 
 
 def n_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def max_rel_err(fast: torch.Tensor, ref: torch.Tensor) -> float:
-    """max |fast - ref| / max |ref|."""
-    fast, ref = fast.double(), ref.double()
-    return float((fast - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
-
-
-# ----------------------------------------------------------------------------- models
-
-
-def build_ours(cfg: BlackMambaConfig, seed: int = 0) -> BlackMamba:
-    torch.manual_seed(seed)
-    return BlackMamba(cfg).eval()
-
-
-def jamba_config(cfg: BlackMambaConfig) -> Any:
-    """A transformers JambaConfig with our shapes and no attention layer."""
-    from transformers import JambaConfig
-
-    n_mamba = cfg.layer_pattern.count("mamba")
-    if cfg.layer_pattern.count("moe") != n_mamba:
-        raise ValueError("a Jamba layer pairs one Mamba mixer with one MoE: the counts must match")
-    heads = max(1, cfg.d_model // 128)  # unused: there is no attention layer
-    return JambaConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.d_model,
-        intermediate_size=cfg.d_ff,
-        num_hidden_layers=n_mamba,
-        # Layer i is attention iff i % period == offset; with offset n and period n + 1 none is.
-        attn_layer_period=n_mamba + 1,
-        attn_layer_offset=n_mamba,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        expert_layer_period=1,
-        expert_layer_offset=0,
-        num_experts=cfg.n_experts,
-        num_experts_per_tok=1,
-        mamba_d_state=cfg.d_state,
-        mamba_d_conv=cfg.d_conv,
-        mamba_expand=cfg.expand,
-        mamba_dt_rank=math.ceil(cfg.d_model / 16),
-        rms_norm_eps=cfg.norm_eps,
-        tie_word_embeddings=True,
-        use_cache=False,
-    )
-
-
-def build_peer(cfg: BlackMambaConfig, seed: int = 0) -> Any:
-    from transformers import JambaForCausalLM
-
-    torch.manual_seed(seed)
-    jcfg = jamba_config(cfg)
-    if "attention" in jcfg.layers_block_type:
-        raise RuntimeError(f"the peer config has attention layers: {jcfg.layers_block_type}")
-    model = JambaForCausalLM(jcfg).eval()
-    if model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr():
-        raise RuntimeError("the peer's head is not tied to its embedding")
-    return model
-
-
-# ----------------------------------------------------------------------------- decoding
 
 
 def ours_generate(model: BlackMamba, prompt: list[int], new_tokens: int) -> list[int]:
@@ -256,28 +137,8 @@ def ours_generate(model: BlackMamba, prompt: list[int], new_tokens: int) -> list
 
 def peer_generate(model: Any, prompt: list[int], new_tokens: int) -> list[int]:
     """Greedy decoding with the peer's own cache, one forward per new token."""
-    from transformers import DynamicCache
-
-    # Masks given as a dict skip transformers' mask construction, which needs an attention layer.
-    masks = {"full_attention": None, "linear_attention": None}
-    cache = DynamicCache(config=model.config)
-    pos = torch.arange(len(prompt))[None]
-    out = model(
-        torch.tensor([prompt]),
-        cache=cache,
-        use_cache=True,
-        attention_mask=masks,
-        position_ids=pos,
-        logits_to_keep=1,
-    )
-    token = out.logits[:, -1].argmax(-1, keepdim=True)
-    result = [int(token)]
-    for step in range(new_tokens - 1):
-        pos = torch.tensor([[len(prompt) + step]])
-        out = model(token, cache=out.cache, use_cache=True, attention_mask=masks, position_ids=pos)
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
-        result.append(int(token))
-    return result
+    steps: Iterator[torch.Tensor] = jamba_greedy(model, torch.tensor([prompt]), new_tokens)
+    return [int(token) for token in steps]
 
 
 def decode_rate(
@@ -290,31 +151,15 @@ def decode_rate(
     def run() -> None:
         produced[0] = len(gen(prompt, new_tokens))
 
-    seconds = statistics.median(timed(run, warmup=0, repeats=repeats))
+    seconds = median_s(run, warmup=0, repeats=repeats)
     return produced[0] / seconds, produced[0]
 
 
-# ----------------------------------------------------------------------------- error vs reference
-
-
-def use_ref_backend() -> Any | None:
-    """The ``use_backend`` context manager factory, or None when the package lacks it."""
-    try:
-        from blackmamba.kernels import use_backend
-    except ImportError:
-        # TODO(blackmamba): expose blackmamba.kernels.use_backend so the max-err column can be filled.
-        return None
-    return use_backend
-
-
-def forward_error(model: BlackMamba, ids: torch.Tensor) -> float | None:
-    use_backend = use_ref_backend()
-    if use_backend is None:
-        return None
+def forward_error(model: BlackMamba, ids: torch.Tensor) -> float:
     fast = model(ids).logits
     with use_backend("ref"):
         ref = model(ids).logits
-    return max_rel_err(fast, ref)
+    return max_err(fast, ref)
 
 
 def step_logits(model: BlackMamba, prompt: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -326,19 +171,13 @@ def step_logits(model: BlackMamba, prompt: torch.Tensor, tokens: torch.Tensor) -
     return torch.cat(out)
 
 
-def decode_error(model: BlackMamba, prompt: list[int]) -> float | None:
-    use_backend = use_ref_backend()
-    if use_backend is None:
-        return None
+def decode_error(model: BlackMamba, prompt: list[int]) -> float:
     prompt_ids = torch.tensor([prompt])
-    tokens = random_ids(ERR_STEPS, model.config.vocab_size, seed=4)[0]
+    tokens = random_ids(1, ERR_STEPS, model.config.vocab_size, seed=4)[0]
     fast = step_logits(model, prompt_ids, tokens)
     with use_backend("ref"):
         ref = step_logits(model, prompt_ids, tokens)
-    return max_rel_err(fast, ref)
-
-
-# ----------------------------------------------------------------------------- matmul floor
+    return max_err(fast, ref)
 
 
 def matmul_shapes(cfg: BlackMambaConfig, tokens: int) -> list[tuple[str, int, int, int, int]]:
@@ -365,29 +204,14 @@ def matmul_flops(cfg: BlackMambaConfig, tokens: int) -> float:
 def matmul_rates(cfg: BlackMambaConfig, tokens: int, repeats: int = 5) -> dict[str, float]:
     """fp32 torch.matmul FLOP/s on the model's large GEMM shapes plus a square one (median per shape)."""
     d, d_in, f = cfg.d_model, cfg.d_inner, cfg.d_ff
-    shapes = [
-        (tokens, d, 2 * d_in),
-        (tokens, d_in, d),
-        (tokens, d, 2 * f),
-        (tokens, f, d),
-        (2048, 2048, 2048),
-    ]
-    gen = torch.Generator().manual_seed(0)
-    rates: dict[str, float] = {}
-    for m, k, n in shapes:
-        a, b = torch.randn(m, k, generator=gen), torch.randn(k, n, generator=gen)
-        seconds = statistics.median(timed(lambda a=a, b=b: torch.matmul(a, b), warmup=2, repeats=repeats))
-        rates[f"{m}x{k}x{n}"] = 2.0 * m * k * n / seconds
-    return rates
-
-
-# ----------------------------------------------------------------------------- measuring one shape
+    shapes = [(tokens, d, 2 * d_in), (tokens, d_in, d), (tokens, d, 2 * f), (tokens, f, d), (2048, 2048, 2048)]
+    return cpu_matmul_rates(shapes, repeats)
 
 
 def measure_ours(plan: Plan, model: BlackMamba, ids: torch.Tensor, prompt: list[int]) -> Measured:
-    fwd = timed(lambda: model(ids), warmup=1, repeats=plan.ours_repeats)
+    fwd = wall_times(lambda: model(ids), warmup=1, repeats=plan.ours_repeats)
     log(f"{plan.key}: ours forward {[round(t, 3) for t in fwd]} s")
-    prefill = statistics.median(timed(lambda: model(torch.tensor([prompt])), warmup=1, repeats=3))
+    prefill = median_s(lambda: model(torch.tensor([prompt])), warmup=1, repeats=3)
     tps, produced = decode_rate(
         lambda p, n: ours_generate(model, p, n), prompt, plan.ours_new_tokens, plan.decode_repeats
     )
@@ -396,12 +220,12 @@ def measure_ours(plan: Plan, model: BlackMamba, ids: torch.Tensor, prompt: list[
 
 
 def measure_peer(plan: Plan, cfg: BlackMambaConfig, ids: torch.Tensor, prompt: list[int]) -> Measured:
-    model = build_peer(cfg)
+    model = build_jamba(cfg)
     log(f"{plan.key}: peer built, {n_params(model) / 1e6:.2f}M parameters")
     model(ids[:, : plan.peer_warmup_len], use_cache=False)  # warm-up
-    fwd = timed(lambda: model(ids, use_cache=False), warmup=0, repeats=plan.peer_repeats)
+    fwd = wall_times(lambda: model(ids, use_cache=False), warmup=0, repeats=plan.peer_repeats)
     log(f"{plan.key}: peer forward {[round(t, 3) for t in fwd]} s")
-    prefill = statistics.median(timed(lambda: model(torch.tensor([prompt]), use_cache=False), warmup=1, repeats=3))
+    prefill = median_s(lambda: model(torch.tensor([prompt]), use_cache=False), warmup=1, repeats=3)
     tps, produced = decode_rate(
         lambda p, n: peer_generate(model, p, n), prompt, plan.peer_new_tokens, plan.peer_decode_repeats
     )
@@ -409,8 +233,8 @@ def measure_peer(plan: Plan, cfg: BlackMambaConfig, ids: torch.Tensor, prompt: l
     return Measured(n_params(model), statistics.median(fwd), fwd, prefill, tps, produced)
 
 
-def measure_errors(plan: Plan, model: BlackMamba, prompt: list[int]) -> tuple[float | None, float | None]:
-    fwd_err = forward_error(model, random_ids(ERR_LEN, model.config.vocab_size, seed=3))
+def measure_errors(plan: Plan, model: BlackMamba, prompt: list[int]) -> tuple[float, float]:
+    fwd_err = forward_error(model, random_ids(1, ERR_LEN, model.config.vocab_size, seed=3))
     dec_err = decode_error(model, prompt)
     log(f"{plan.key}: max rel err vs ref: forward {fwd_err}, decode {dec_err}")
     return fwd_err, dec_err
@@ -418,10 +242,10 @@ def measure_errors(plan: Plan, model: BlackMamba, prompt: list[int]) -> tuple[fl
 
 def bench_plan(plan: Plan, rate: float, skip_peer: bool) -> list[Row]:
     cfg = BlackMambaConfig.from_preset(plan.preset)
-    ids = random_ids(FORWARD_LEN, cfg.vocab_size, seed=1)
-    prompt = random_ids(PROMPT_LEN, cfg.vocab_size, seed=2)[0].tolist()
+    ids = random_ids(1, plan.forward_len, cfg.vocab_size, seed=1)
+    prompt = random_ids(1, PROMPT_LEN, cfg.vocab_size, seed=2)[0].tolist()
     with torch.inference_mode():
-        model = build_ours(cfg)
+        model = build_model(cfg)
         log(f"{plan.key}: ours built, {n_params(model) / 1e6:.2f}M parameters")
         fwd_err, dec_err = measure_errors(plan, model, prompt)
         ours = measure_ours(plan, model, ids, prompt)
@@ -433,22 +257,23 @@ def bench_plan(plan: Plan, rate: float, skip_peer: bool) -> list[Row]:
         log(
             f"{plan.key}: parameters ours {ours.params:,}, peer {peer.params:,} ({peer.params / ours.params:.3f}x ours)"
         )
-    flops = matmul_flops(cfg, FORWARD_LEN)
-    common = {"params_ours": ours.params, "params_peer": None if peer is None else peer.params}
+    flops = matmul_flops(cfg, plan.forward_len)
+    params = {"params_ours": ours.params, "params_peer": None if peer is None else peer.params}
+    forward_target = (
+        f"speedup >= {TARGET_FORWARD_SPEEDUP:g}x" if plan.key == "small" else f"time <= {TARGET_FLOOR_RATIO:g}x floor"
+    )
     forward = Row(
         "forward",
-        f"{plan.key}/1x{FORWARD_LEN}",
+        f"{plan.key}/1x{plan.forward_len}",
         "s",
         ours.forward_s,
+        PEER_NAME,
         None if peer is None else peer.forward_s,
-        higher_is_better=False,
         floor=flops / rate,
         max_err=fwd_err,
-        target=f"speedup >= {TARGET_FORWARD_SPEEDUP:g}x"
-        if plan.key == "small"
-        else f"time <= {TARGET_FLOOR_RATIO:g}x floor",
         extra={
-            **common,
+            "target": forward_target,
+            **params,
             "ours_all_s": ours.forward_all_s,
             "peer_all_s": None if peer is None else peer.forward_all_s,
             "matmul_flops": flops,
@@ -460,12 +285,12 @@ def bench_plan(plan: Plan, rate: float, skip_peer: bool) -> list[Row]:
         f"{plan.key}/b1",
         "tokens/s",
         ours.decode_tps,
+        PEER_NAME,
         None if peer is None else peer.decode_tps,
-        higher_is_better=True,
         max_err=dec_err,
-        target=f"speedup >= {TARGET_DECODE_SPEEDUP:g}x",
         extra={
-            **common,
+            "target": f"speedup >= {TARGET_DECODE_SPEEDUP:g}x",
+            **params,
             "prompt_len": PROMPT_LEN,
             "new_tokens_ours": ours.decode_tokens,
             "new_tokens_peer": None if peer is None else peer.decode_tokens,
@@ -476,24 +301,18 @@ def bench_plan(plan: Plan, rate: float, skip_peer: bool) -> list[Row]:
     return [forward, decode]
 
 
-# ----------------------------------------------------------------------------- profile
-
-
 def profile_forward(preset: str, top: int = 15) -> str:
     """torch.profiler table of our forward at 1x2048 (top ops by self CPU time)."""
     from torch.profiler import ProfilerActivity, profile
 
     cfg = BlackMambaConfig.from_preset(preset)
-    ids = random_ids(FORWARD_LEN, cfg.vocab_size, seed=1)
-    model = build_ours(cfg)
+    ids = random_ids(1, FORWARD_LEN, cfg.vocab_size, seed=1)
+    model = build_model(cfg)
     with torch.inference_mode():
         model(ids)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             model(ids)
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
-
-
-# ----------------------------------------------------------------------------- report
 
 
 def table_cells(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
@@ -511,7 +330,7 @@ def table_cells(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
     ]
     body = []
     for r in rows:
-        met = r.meets_target()
+        met = r.extra["meets_target"]
         body.append(
             [
                 r.benchmark,
@@ -522,40 +341,11 @@ def table_cells(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
                 f"{fmt(r.floor)} s" if r.floor is not None else "n/a",
                 fmt(r.fraction_of_floor),
                 fmt(r.max_err),
-                r.target,
+                r.extra["target"],
                 "n/a" if met is None else ("yes" if met else "NO"),
             ]
         )
     return header, body
-
-
-def wait_for_idle(max_wait_s: float, threshold: float = 0.1) -> float:
-    """Wait (at most ``max_wait_s``) until other processes leave the CPU idle; returns the busy fraction."""
-    deadline = time.perf_counter() + max_wait_s
-    busy = cpu_busy()
-    while busy > threshold and time.perf_counter() < deadline:
-        log(f"CPU {busy:.0%} busy with other work; waiting")
-        time.sleep(10)
-        busy = cpu_busy()
-    return busy
-
-
-def environment() -> dict[str, Any]:
-    try:
-        import transformers
-
-        tf_version: str | None = transformers.__version__
-    except ImportError:
-        tf_version = None
-    return {
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "transformers": tf_version,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-    }
 
 
 def summary(rows: list[Row], meta: dict[str, Any]) -> str:
@@ -578,33 +368,32 @@ def summary(rows: list[Row], meta: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(rows: list[Row], meta: dict[str, Any], out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "cpu.json").write_text(json.dumps({**meta, "results": [r.to_json() for r in rows]}, indent=2) + "\n")
-    env = meta["machine"]
-    md = [
-        "# CPU benchmark: blackmamba vs transformers JambaForCausalLM",
-        "",
-        f"{meta['date']}, {env['cpu']}, {env['cores']} cores, torch {env['torch']}, "
-        f"transformers {env['transformers']}, python {env['python']}, run took {meta['wall_s']:.0f} s.",
-        "Generated by `benchmarks/cpu.py`; forward in seconds (lower is better), decode in tokens/s "
-        "(higher is better).",
-        "",
-        markdown_table(*table_cells(rows)),
-        "",
-    ]
-    (out_dir / "cpu.md").write_text("\n".join(md))
+def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
+    return "\n".join(
+        [
+            "# CPU benchmark: blackmamba vs transformers JambaForCausalLM",
+            "",
+            f"{meta_line(meta)}, run took {meta['wall_s']:.0f} s.",
+            f"Generated by `{meta['command']}`; forward in seconds (lower is better), decode in tokens/s "
+            "(higher is better).",
+            "",
+            markdown_table(*table_cells(rows)),
+            "",
+        ]
+    )
 
 
-# ----------------------------------------------------------------------------- main
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(argv: list[str] | None) -> Any:
+    p = argument_parser(__spec__, __doc__)
     p.add_argument("--only", choices=sorted(PLANS), help="run one shape only")
     p.add_argument("--skip-1.5b", dest="skip_big", action="store_true", help="skip the 1.5B shape")
     p.add_argument("--skip-peer", action="store_true", help="do not build or time transformers' Jamba")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of our 1.5B forward")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run of every code path: the small preset at 1x128, 8 new tokens, one repeat (not a measurement)",
+    )
     p.add_argument(
         "--wait-idle",
         type=float,
@@ -619,29 +408,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
-    keys = [args.only] if args.only else [k for k in PLANS if not (args.skip_big and k == "1.5b")]
-    meta: dict[str, Any] = {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": environment(),
-        "load_average_start": os.getloadavg(),
-    }
-    log(f"threads {torch.get_num_threads()}, shapes {keys}, load average {os.getloadavg()}")
+    if args.quick:
+        plans = [QUICK]
+    else:
+        keys = [args.only] if args.only else [k for k in PLANS if not (args.skip_big and k == "1.5b")]
+        plans = [PLANS[k] for k in keys]
+    meta = run_meta("cpu", load_average_start=load_average())
+    log(f"threads {torch.get_num_threads()}, shapes {[p.key for p in plans]}, load average {os.getloadavg()}")
 
-    big = BlackMambaConfig.from_preset(PLANS["1.5b"].preset)
-    first = matmul_rates(big, FORWARD_LEN)
+    # The floor's matmul rate is measured on the 1.5B GEMM shapes (the small preset's on --quick).
+    rate_cfg = BlackMambaConfig.from_preset(QUICK.preset if args.quick else PLANS["1.5b"].preset)
+    rate_len, rate_repeats = (QUICK.forward_len, 1) if args.quick else (FORWARD_LEN, 5)
+    first = matmul_rates(rate_cfg, rate_len, rate_repeats)
     log("matmul GFLOP/s: " + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in first.items()))
 
     rows: list[Row] = []
     meta["cpu_busy_before"] = {}
-    for key in keys:
+    for plan in plans:
         busy = wait_for_idle(args.wait_idle)
-        meta["cpu_busy_before"][key] = busy
-        log(f"{key}: CPU {busy:.0%} busy before starting")
+        meta["cpu_busy_before"][plan.key] = busy
+        log(f"{plan.key}: CPU {busy:.0%} busy before starting")
         # The floor is a lower bound, so the best rate seen so far is used (rows get it at the end).
-        rows += bench_plan(PLANS[key], max(first.values()), args.skip_peer)
+        rows += bench_plan(plan, max(first.values()), args.skip_peer)
     rows.sort(key=lambda r: r.benchmark != "forward")  # stable: keeps the plan order within a benchmark
 
-    second = matmul_rates(big, FORWARD_LEN)
+    second = matmul_rates(rate_cfg, rate_len, rate_repeats)
     log("matmul GFLOP/s again: " + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in second.items()))
     rates = {k: max(first[k], second[k]) for k in first}
     rate = max(rates.values())
@@ -649,15 +440,16 @@ def main(argv: list[str] | None = None) -> None:
         if row.floor is not None:
             row.floor = row.extra["matmul_flops"] / rate
             row.extra["matmul_rate_flops_per_s"] = rate
+    mark_targets(rows, meets_target)
     meta["matmul_gflops"] = {k: v / 1e9 for k, v in rates.items()}
 
     if args.profile:
         log("profiling our 1.5B forward")
         print(profile_forward(PLANS["1.5b"].preset), file=sys.stderr)
 
-    meta["load_average_end"] = os.getloadavg()
-    meta["wall_s"] = time.perf_counter() - _START
-    write_results(rows, meta, args.out)
+    meta["load_average_end"] = load_average()
+    meta["wall_s"] = elapsed_s()
+    write_results(args.out / "cpu.json", meta, rows, markdown(rows, meta))
     log(f"wrote {args.out / 'cpu.json'} and {args.out / 'cpu.md'}")
     print(summary(rows, meta))
     print(text_table(*table_cells(rows)))

@@ -8,87 +8,70 @@ BlackMamba-2.8B and -1.5B shapes, random bf16 weights, the default backend (Trit
   memory   peak GPU memory after 1K, 8K and 64K new tokens at batch 1 (constant: no KV cache)
   latency  time to generate N tokens for N up to 16K, BlackMamba against a dense transformer of the same
            active size (scaled_dot_product_attention with a KV cache, CUDA graphs per 1K of cache length)
-Peer: transformers' JambaForCausalLM with the same shapes and no attention layer, in the same process.
+Peer: transformers' JambaForCausalLM with the same shapes and no attention layer, in the same process
+(benchmarks/peers.py).
 Floors: decode, the bytes one step must read (weights of the blocks, the experts the batch touches, the
 states) over the copy bandwidth measured here; prefill, 2 x active parameters FLOPs per token over the
 bf16 matmul rate measured here. Max err: logits of our fast path against our reference backend.
 
-    python benchmarks/generate.py [--presets 2.8b 1.5b] [--quick]     (on the GPU machine)
-    python benchmarks/generate.py --plot benchmarks/results/generate.json  (the PNG, where matplotlib is)
+    python -m benchmarks.generate [--presets 2.8b 1.5b] [--quick]     (on the GPU machine)
+    python -m benchmarks.generate --plot benchmarks/results/generate.json  (the PNG, where matplotlib is)
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import statistics
-import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/cpu.py imports its siblings plainly
+from blackmamba import BlackMamba
+from blackmamba.generation import stream_generate
+from blackmamba.kernels import use_backend
 
-from benchmarks.common import fmt, gpu_ceilings, markdown_table, max_err, text_table  # noqa: E402
-from blackmamba import BlackMamba, BlackMambaConfig  # noqa: E402
-from blackmamba.generation import stream_generate  # noqa: E402
-from blackmamba.kernels import use_backend  # noqa: E402
-from blackmamba.model import cast_model  # noqa: E402
+from .harness import (
+    BF16,
+    RESULTS_DIR,
+    Row,
+    argument_parser,
+    build_model,
+    fmt,
+    gpu_ceilings,
+    markdown_table,
+    max_err,
+    meta_line,
+    random_ids,
+    run_meta,
+    sync_time,
+    text_table,
+    write_results,
+)
+from .peers import PEER_NAME, build_jamba, jamba_greedy, jamba_prefill
 
-BF16 = torch.bfloat16
-RESULTS = Path(__file__).parent / "results"
-DEVICE = "cuda"  # "cpu" only for a smoke run of the code paths (--smoke)
-
-
-def sync_time() -> float:
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter()
-
-
-def build(preset: str) -> BlackMamba:
-    torch.manual_seed(0)
-    config = BlackMambaConfig.from_preset(preset)
-    with torch.device(DEVICE):
-        model = BlackMamba(config)
-    return cast_model(model, BF16).eval()
-
-
-def row(benchmark, shape, unit, ours, peer_value, floor, err, **extra) -> dict:
-    return {
-        "benchmark": benchmark,
-        "shape": shape,
-        "unit": unit,
-        "ours": ours,
-        "peer": "transformers JambaForCausalLM" if peer_value is not None else None,
-        "peer_value": peer_value,
-        "floor": floor,
-        "fraction_of_floor": None if floor is None else ours / floor,
-        "speedup": None if peer_value is None else ours / peer_value,
-        "max_err": err,
-        **extra,
-    }
+DEVICE = "cuda"
+VOCAB = 50277  # token ids of the GPT-NeoX tokenizer the released models use
 
 
-# ------------------------------------------------------------------------------------------------ ours
+def row(benchmark: str, shape: str, ours: float, peer_value: float | None, floor: float, err: float, **extra) -> Row:
+    """A tokens/s row; the peer is named only where it was measured."""
+    peer = PEER_NAME if peer_value is not None else None
+    return Row(benchmark, shape, "tokens/s", ours, peer, peer_value, floor, err, extra)
 
 
-def prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab, (batch, length), generator=g).tolist()
+def prompts(batch: int, length: int, seed: int = 0) -> list[list[int]]:
+    return random_ids(batch, length, VOCAB, seed).tolist()
 
 
 def decode_run(model: BlackMamba, batch: int, prompt_len: int, new_tokens: int) -> tuple[float, list[float]]:
     """(decode tokens/s, seconds per step as the caller sees them), prefill excluded."""
-    ps = prompts(batch, prompt_len, 50277)
     stamps = []
-    for _ in stream_generate(model, ps, new_tokens):
+    for _ in stream_generate(model, prompts(batch, prompt_len), new_tokens):
         stamps.append(time.perf_counter())  # the tokens are on the host: the step is done
     steps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
     return batch * len(steps) / sum(steps), steps
@@ -113,22 +96,22 @@ def decode_floor(model: BlackMamba, batch: int, bw: float) -> float:
 
 @torch.inference_mode()
 def prefill_time(model: BlackMamba, batch: int, length: int) -> float:
-    ids = torch.randint(0, 50277, (batch, length), device=DEVICE)
+    ids = random_ids(batch, length, VOCAB, seed=1, device=DEVICE)
     cache = model.allocate_cache(batch)
     model(ids, cache=cache, num_last_tokens=1)  # warm-up
     times = []
     for _ in range(3):
         cache = model.allocate_cache(batch)
-        t0 = sync_time()
+        t0 = sync_time(DEVICE)
         model(ids, cache=cache, num_last_tokens=1)
-        times.append(sync_time() - t0)
+        times.append(sync_time(DEVICE) - t0)
     return statistics.median(times)
 
 
 def time_to_first_token(model: BlackMamba, length: int) -> float:
-    ps = prompts(1, length, 50277)
+    ps = prompts(1, length)
     next(iter(stream_generate(model, ps, 1)))  # warm-up
-    t0 = sync_time()
+    t0 = sync_time(DEVICE)
     next(iter(stream_generate(model, ps, 1)))
     return time.perf_counter() - t0
 
@@ -136,7 +119,7 @@ def time_to_first_token(model: BlackMamba, length: int) -> float:
 @torch.inference_mode()
 def fast_path_errors(model: BlackMamba) -> tuple[float, float]:
     """(prefill, decode step) max error of the default backend's logits against the reference backend."""
-    ids = torch.randint(0, 50277, (1, 256), device=DEVICE)
+    ids = random_ids(1, 256, VOCAB, seed=2, device=DEVICE)
     out = {}
     for backend in ("auto", "ref"):
         with use_backend(backend):
@@ -151,8 +134,8 @@ def memory_and_latency(model: BlackMamba, total: int, marks: list[int]) -> tuple
     """Peak memory after each count in ``marks`` and the time to generate N tokens (batch 1)."""
     torch.cuda.reset_peak_memory_stats()
     peaks, curve = {}, []
-    t0 = sync_time()
-    for n, _ in enumerate(stream_generate(model, prompts(1, 16, 50277), total), start=1):
+    t0 = sync_time(DEVICE)
+    for n, _ in enumerate(stream_generate(model, prompts(1, 16), total), start=1):
         if n in marks:
             peaks[n] = torch.cuda.max_memory_allocated() / 2**30
         if n & (n - 1) == 0 or n % 1024 == 0:
@@ -160,48 +143,23 @@ def memory_and_latency(model: BlackMamba, total: int, marks: list[int]) -> tuple
     return peaks, curve
 
 
-# ------------------------------------------------------------------------------------------------ peer
-
-
-def jamba_peer(config: BlackMambaConfig):
-    from transformers import JambaForCausalLM
-
-    from benchmarks.cpu import jamba_config
-
-    torch.manual_seed(0)
-    with torch.device(DEVICE):
-        model = JambaForCausalLM(jamba_config(config))
-    return model.to(BF16).eval()
-
-
 @torch.inference_mode()
-def peer_decode(peer, batch: int, prompt_len: int, new_tokens: int) -> float:
+def peer_decode(peer: Any, batch: int, prompt_len: int, new_tokens: int) -> float:
     """Greedy decode tokens/s of the peer with its own cache (prefill excluded)."""
-    from transformers import DynamicCache
-
-    masks = {"full_attention": None, "linear_attention": None}  # no attention layer: skip mask building
-    ids = torch.randint(0, 50277, (batch, prompt_len), device=DEVICE)
-    cache = DynamicCache(config=peer.config)
-    pos = torch.arange(prompt_len, device=DEVICE)[None].expand(batch, -1)
-    out = peer(ids, cache=cache, use_cache=True, attention_mask=masks, position_ids=pos, logits_to_keep=1)
-    token = out.logits[:, -1].argmax(-1, keepdim=True)
-    t0 = sync_time()
-    for step in range(new_tokens):
-        pos = torch.full((batch, 1), prompt_len + step, device=DEVICE)
-        out = peer(token, cache=cache, use_cache=True, attention_mask=masks, position_ids=pos)  # updated in place
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
+    steps = jamba_greedy(peer, random_ids(batch, prompt_len, VOCAB, seed=0, device=DEVICE), new_tokens + 1)
+    next(steps)  # the prefill
+    t0 = sync_time(DEVICE)
+    for token in steps:
         token.tolist()  # hand the tokens over, as ours does
-    return batch * new_tokens / (sync_time() - t0)
+    return batch * new_tokens / (sync_time(DEVICE) - t0)
 
 
 @torch.inference_mode()
-def peer_prefill(peer, batch: int, length: int) -> float:
-    masks = {"full_attention": None, "linear_attention": None}
-    ids = torch.randint(0, 50277, (batch, length), device=DEVICE)
-    pos = torch.arange(length, device=DEVICE)[None].expand(batch, -1)
-    t0 = sync_time()
-    peer(ids, use_cache=False, attention_mask=masks, position_ids=pos, logits_to_keep=1)
-    return sync_time() - t0
+def peer_prefill(peer: Any, batch: int, length: int) -> float:
+    ids = random_ids(batch, length, VOCAB, seed=1, device=DEVICE)
+    t0 = sync_time(DEVICE)
+    jamba_prefill(peer, ids)
+    return sync_time(DEVICE) - t0
 
 
 def guarded(fn, *args):
@@ -211,9 +169,6 @@ def guarded(fn, *args):
     except Exception as exc:  # noqa: BLE001 - a failing peer must not lose our own figures
         print(f"peer failed: {fn.__name__}{args[1:]}: {type(exc).__name__}: {exc}", flush=True)
         return None
-
-
-# ------------------------------------------------------------------------------------------------ dense line
 
 
 class DenseLM(nn.Module):
@@ -281,7 +236,7 @@ def dense_latency(active_params: int, d: int, vocab: int, total: int) -> list[tu
     for n in range(1, total + 1, 1024):
         graph(cap_for(n))  # capture outside the timed loop
     curve = []
-    t0 = sync_time()
+    t0 = sync_time(DEVICE)
     for n in range(1, total + 1):
         pos.fill_(n - 1)
         graph(cap_for(n)).replay()
@@ -291,15 +246,12 @@ def dense_latency(active_params: int, d: int, vocab: int, total: int) -> list[tu
     return curve
 
 
-# ------------------------------------------------------------------------------------------------ main
-
-
-def bench_preset(preset: str, args, bw: float, peak: float, rows: list, extras: dict) -> None:
+def bench_preset(preset: str, args: argparse.Namespace, bw: float, peak: float, rows: list[Row], extras: dict) -> None:
     short = preset.removeprefix("blackmamba-")
-    model = build(f"blackmamba-{short}")
+    model = build_model(f"blackmamba-{short}", DEVICE, BF16)
     active = model.num_parameters(active=True)
     err_prefill, err_step = fast_path_errors(model)
-    peer = None if args.no_peer else jamba_peer(model.config)
+    peer = None if args.no_peer else build_jamba(model.config, DEVICE, BF16)
     for batch in [1, 16] if args.quick else [1, 16, 64, 256]:
         for prompt_len in (16, 512):
             decode_run(model, batch, prompt_len, 8)  # warm-up: graph capture for this bucket
@@ -313,16 +265,15 @@ def bench_preset(preset: str, args, bw: float, peak: float, rows: list, extras: 
                 row(
                     "decode",
                     shape,
-                    "tokens/s",
                     tps,
                     peer_tps,
                     decode_floor(model, batch, bw),
                     err_step,
                     p50_ms=ms[len(ms) // 2],
                     p99_ms=ms[min(len(ms) - 1, int(0.99 * len(ms)))],
-                )  # fmt: skip
+                )
             )
-            print(json.dumps(rows[-1]), flush=True)
+            print(json.dumps(rows[-1].to_json()), flush=True)
     for batch in [1, 8] if args.quick else [1, 8, 64]:
         seconds = prefill_time(model, batch, 2048)
         peer_s = guarded(peer_prefill, peer, batch, 2048) if peer is not None and batch <= 8 else None
@@ -331,16 +282,15 @@ def bench_preset(preset: str, args, bw: float, peak: float, rows: list, extras: 
             row(
                 "prefill",
                 f"{short}/{batch}x2048",
-                "tokens/s",
                 batch * 2048 / seconds,
                 None if peer_s is None else batch * 2048 / peer_s,
                 peak / (2 * active),
                 err_prefill,
                 seconds=seconds,
                 **extra,
-            )  # fmt: skip
+            )
         )
-        print(json.dumps(rows[-1]), flush=True)
+        print(json.dumps(rows[-1].to_json()), flush=True)
     del peer
     torch.cuda.empty_cache()
     if short == "2.8b":
@@ -377,48 +327,39 @@ def plot(path: Path) -> Path:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--presets", nargs="+", default=["2.8b", "1.5b"])
-    parser.add_argument("--new-tokens", type=int, default=256)
-    parser.add_argument("--curve-tokens", type=int, default=16384)
+def table(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
+    header = ["benchmark", "shape", "ours", "peer", "speedup", "floor", "of floor", "p50 ms", "p99 ms", "max err"]
+    body = [
+        [r.benchmark, r.shape, fmt(r.ours), fmt(r.peer_value), fmt(r.speedup), fmt(r.floor),
+         f"{r.fraction_of_floor:.0%}", fmt(r.extra.get("p50_ms")), fmt(r.extra.get("p99_ms")), fmt(r.max_err)]
+        for r in rows
+    ]  # fmt: skip
+    return header, body
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argument_parser(__spec__, __doc__)
+    parser.add_argument("--presets", nargs="+", default=["2.8b", "1.5b"], help="model shapes (2.8b, 1.5b)")
+    parser.add_argument("--new-tokens", type=int, default=256, help="new tokens per decode run")
+    parser.add_argument("--curve-tokens", type=int, default=16384, help="length of the latency curve")
     parser.add_argument("--quick", action="store_true", help="fewer shapes (a smoke run)")
-    parser.add_argument("--no-peer", action="store_true")
-    parser.add_argument("--out", default=str(RESULTS / "generate.json"))
+    parser.add_argument("--no-peer", action="store_true", help="do not build or time transformers' Jamba")
+    parser.add_argument("--out", default=str(RESULTS_DIR / "generate.json"), help="results file (and .md beside it)")
     parser.add_argument("--plot", help="draw the latency PNG from a results file and exit")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.plot:
         print(plot(Path(args.plot)))
         return
     bw, peak = gpu_ceilings(DEVICE)
-    rows: list[dict] = []
+    rows: list[Row] = []
     extras: dict = {}
     for preset in args.presets:
         bench_preset(preset, args, bw, peak, rows, extras)
-    import transformers
-
-    meta = {
-        "card": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "command": "python " + " ".join(sys.argv),
-        "copy_bandwidth_TBps": bw / 1e12,
-        "bf16_matmul_TFLOPs": peak / 1e12,
-    }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "results": rows, "extras": extras}, indent=1) + "\n")
-    header = ["benchmark", "shape", "ours", "peer", "speedup", "floor", "of floor", "p50 ms", "p99 ms", "max err"]
-    body = [
-        [r["benchmark"], r["shape"], fmt(r["ours"]), fmt(r["peer_value"]), fmt(r["speedup"]), fmt(r["floor"]),
-         f"{r['fraction_of_floor']:.0%}", fmt(r.get("p50_ms")), fmt(r.get("p99_ms")), fmt(r["max_err"])]
-        for r in rows
-    ]  # fmt: skip
-    title = f"{meta['card']}, torch {meta['torch']}, transformers {meta['transformers']}, {meta['date']}"
-    out.with_suffix(".md").write_text(f"{title}\n\nUnit: tokens/s.\n\n{markdown_table(header, body)}\n")
-    print(f"\n{title}\n{text_table(header, body)}")
+    meta = run_meta(DEVICE, copy_bandwidth_TBps=bw / 1e12, bf16_matmul_TFLOPs=peak / 1e12)
+    header, body = table(rows)
+    md = f"{meta_line(meta)}\n\nUnit: tokens/s.\n\n{markdown_table(header, body)}\n"
+    write_results(Path(args.out), meta, rows, md, extras=extras)
+    print(f"\n{meta_line(meta)}\n{text_table(header, body)}")
     print("peak memory after N new tokens (GiB):", extras.get("peak_memory_gib_after_new_tokens"))
 
 

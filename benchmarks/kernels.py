@@ -12,95 +12,70 @@ over the measured copy bandwidth, or FLOPs over the measured bf16 matmul rate), 
 speedup over the peer, and the max error against the plain reference (max |ours - ref| / max |ref|, the
 reference in fp32 on the same inputs). Other peers measured in the same run are kept in "others".
 
-    python benchmarks/kernels.py [--quick] [--out benchmarks/results/kernels.json]
+    python -m benchmarks.kernels [--quick] [--out benchmarks/results/kernels.json]
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import importlib
 import json
-import platform
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import triton
-from triton.testing import do_bench
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import fmt, gpu_ceilings, markdown_table, max_err, text_table  # noqa: E402
-from blackmamba import BlackMambaConfig  # noqa: E402
-from blackmamba.kernels import add_rms_norm, add_rms_norm_ref, use_backend  # noqa: E402
-from blackmamba.kernels.causal_conv1d import causal_conv1d_ref, causal_conv1d_shifted, causal_conv1d_triton  # noqa: E402
-from blackmamba.kernels.moe import (  # noqa: E402
+from blackmamba.kernels import (
+    KernelSettings,
+    add_rms_norm,
+    add_rms_norm_ref,
+    causal_conv1d_ref,
+    causal_conv1d_triton,
     moe_experts_grouped_mm,
     moe_experts_ref,
-    moe_experts_sorted,
     moe_experts_triton,
-)
-from blackmamba.kernels.selective_scan import (  # noqa: E402
     selective_scan_chunked,
     selective_scan_ref,
     selective_scan_triton,
+    use_backend,
+    use_settings,
 )
-from blackmamba.layers import MambaMixer  # noqa: E402
+from blackmamba.kernels.causal_conv1d import causal_conv1d_shifted
+from blackmamba.kernels.moe import moe_experts_sorted
+from blackmamba.layers import MambaMixer
+from blackmamba.model import cast_model
 
-scan_mod = importlib.import_module("blackmamba.kernels.selective_scan")
-from blackmamba.model import cast_model  # noqa: E402
-
-CFG = BlackMambaConfig.from_preset("blackmamba-2.8b")
-D_MODEL, D_IN, N, R, K = CFG.d_model, CFG.d_inner, CFG.d_state, CFG.dt_rank, CFG.d_conv
-E, F_FF = CFG.n_experts, CFG.d_ff
-BF16 = torch.bfloat16
-
-
-def ms(fn) -> float:
-    return do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-
-def row(benchmark, shape, ours, peer, peer_value, floor, err, **others) -> dict:
-    return {
-        "benchmark": benchmark,
-        "shape": shape,
-        "unit": "ms",
-        "ours": ours,
-        "peer": peer,
-        "peer_value": peer_value,
-        "floor": floor,
-        "fraction_of_floor": None if floor is None else floor / ours,
-        "speedup": None if peer_value is None else peer_value / ours,
-        "max_err": err,
-        "others": others,
-    }
+from .harness import (
+    RESULTS_DIR,
+    Row,
+    argument_parser,
+    bench_ms,
+    fmt,
+    gpu_ceilings,
+    markdown_table,
+    max_err,
+    meta_line,
+    run_meta,
+    text_table,
+    write_results,
+)
+from .kernel_inputs import BF16, CFG, D_IN, D_MODEL, F_FF, E, K, N, scan_inputs
 
 
-# ------------------------------------------------------------------------------------------------ scan, conv, norm
+def row(
+    benchmark: str,
+    shape: str,
+    ours: float,
+    peer: str,
+    peer_value: float,
+    floor: float,
+    err: float | None,
+    **others: float,
+) -> Row:
+    """A row in milliseconds; peers other than the main one measured in the same run go to ``others``."""
+    return Row(benchmark, shape, "ms", ours, peer, peer_value, floor, err, {"others": others})
 
 
-def scan_inputs(batch: int, length: int, seed: int = 0) -> dict:
-    g = torch.Generator(device="cuda").manual_seed(seed)
-
-    def rand(*shape, scale=1.0, dtype=BF16):
-        return (scale * torch.randn(*shape, generator=g, device="cuda")).to(dtype)
-
-    proj = rand(batch, length, R + 2 * N)  # B and C are views of the x_proj output, as in the model
-    return {
-        "u": rand(batch, length, D_IN),
-        "delta": rand(batch, length, D_IN, scale=0.5),
-        "A": -torch.exp(torch.rand(D_IN, N, generator=g, device="cuda") * 2.5),
-        "B": proj[..., R : R + N],
-        "C": proj[..., R + N :],
-        "D": rand(D_IN, dtype=torch.float32),
-        "z": rand(batch, length, 2 * D_IN)[..., D_IN:],
-        "delta_bias": torch.rand(D_IN, generator=g, device="cuda") * 4 - 5,
-    }
-
-
-def scan_rows(batch: int, length: int, bw: float, check_grads: bool) -> list[dict]:
+def scan_rows(batch: int, length: int, bw: float, check_grads: bool) -> list[Row]:
     shape = f"{batch}x{length}"
     x = scan_inputs(batch, length)
     with torch.no_grad():
@@ -108,8 +83,8 @@ def scan_rows(batch: int, length: int, bw: float, check_grads: bool) -> list[dic
         ref = selective_scan_ref(**{k: (v.float() if v.dtype == BF16 else v) for k, v in x.items()})
         err = max_err(y, ref)
         del ref
-        t_ours = ms(lambda: selective_scan_triton(**x))
-        t_torch = ms(lambda: selective_scan_chunked(**x))
+        t_ours = bench_ms(lambda: selective_scan_triton(**x))
+        t_torch = bench_ms(lambda: selective_scan_chunked(**x))
     act = batch * length * D_IN * 2  # one (B, L, D_in) bf16 tensor
     bc = batch * length * 2 * N * 2
     fwd_bytes = 4 * act + bc  # read u, delta, z, B, C; write y
@@ -122,8 +97,8 @@ def scan_rows(batch: int, length: int, bw: float, check_grads: bool) -> list[dic
         out = fn(**leaves)
         return torch.autograd.grad(out, list(leaves.values()), dy)
 
-    t_ours = ms(lambda: fwd_bwd(selective_scan_triton))
-    t_torch = ms(lambda: fwd_bwd(selective_scan_chunked))
+    t_ours = bench_ms(lambda: fwd_bwd(selective_scan_triton))
+    t_torch = bench_ms(lambda: fwd_bwd(selective_scan_chunked))
     err = None
     if check_grads:
         grads = fwd_bwd(selective_scan_triton)
@@ -138,7 +113,7 @@ def scan_rows(batch: int, length: int, bw: float, check_grads: bool) -> list[dic
     return rows
 
 
-def conv_row(batch: int, length: int, bw: float) -> dict:
+def conv_row(batch: int, length: int, bw: float) -> Row:
     g = torch.Generator(device="cuda").manual_seed(1)
     xz = torch.randn(batch, length, 2 * D_IN, device="cuda", generator=g).to(BF16)
     x = xz[..., :D_IN]  # the in_proj half, as in the model
@@ -147,16 +122,16 @@ def conv_row(batch: int, length: int, bw: float) -> dict:
     with torch.no_grad():
         y = causal_conv1d_triton(x, w, b, "silu")
         err = max_err(y, causal_conv1d_ref(x.float(), w.float(), b.float(), "silu"))
-        t_ours = ms(lambda: causal_conv1d_triton(x, w, b, "silu"))
-        t_ref = ms(lambda: causal_conv1d_ref(x, w, b, "silu"))
+        t_ours = bench_ms(lambda: causal_conv1d_triton(x, w, b, "silu"))
+        t_ref = bench_ms(lambda: causal_conv1d_ref(x, w, b, "silu"))
         compiled = torch.compile(causal_conv1d_shifted)
-        t_compiled = ms(lambda: compiled(x, w, b, "silu"))
+        t_compiled = bench_ms(lambda: compiled(x, w, b, "silu"))
     floor = 2 * batch * length * D_IN * 2 / bw * 1e3
     return row("conv_fwd", f"{batch}x{length}", t_ours, "torch.compile(shifted conv)", t_compiled, floor, err,
                f_conv1d=t_ref)  # fmt: skip
 
 
-def norm_row(batch: int, length: int, bw: float) -> dict:
+def norm_row(batch: int, length: int, bw: float) -> Row:
     g = torch.Generator(device="cuda").manual_seed(2)
     x = torch.randn(batch * length, D_MODEL, device="cuda", generator=g)
     delta = torch.randn(batch * length, D_MODEL, device="cuda", generator=g).to(BF16)
@@ -164,21 +139,18 @@ def norm_row(batch: int, length: int, bw: float) -> dict:
     with torch.no_grad():
         with use_backend("triton"):
             y, _ = add_rms_norm(x, delta, w)
-            t_ours = ms(lambda: add_rms_norm(x, delta, w))
+            t_ours = bench_ms(lambda: add_rms_norm(x, delta, w))
         err = max_err(y, add_rms_norm_ref(x, delta, w)[0])
         compiled = torch.compile(add_rms_norm_ref)
-        t_compiled = ms(lambda: compiled(x, delta, w))
-        t_eager = ms(lambda: add_rms_norm_ref(x, delta, w))
+        t_compiled = bench_ms(lambda: compiled(x, delta, w))
+        t_eager = bench_ms(lambda: add_rms_norm_ref(x, delta, w))
     n = batch * length * D_MODEL
     floor = n * (4 + 2 + 4 + 2) / bw * 1e3  # read x fp32, delta bf16; write residual fp32, y bf16
     return row("norm_fwd", f"{batch}x{length}", t_ours, "torch.compile(reference)", t_compiled, floor, err,
                eager_reference=t_eager)  # fmt: skip
 
 
-# ------------------------------------------------------------------------------------------------ decode step
-
-
-def decode_row(batch: int, bw: float, layers: int = 4) -> dict:
+def decode_row(batch: int, bw: float, layers: int = 4) -> Row:
     """One token through ``layers`` different Mamba mixers in a CUDA graph (so the weights are read from
     memory, not L2); the time per mixer is reported."""
     torch.manual_seed(3)
@@ -217,8 +189,8 @@ def decode_row(batch: int, bw: float, layers: int = 4) -> dict:
     graphs["triton"].replay()
     graphs["ref"].replay()
     err = max_err(outs["triton"], outs["ref"])
-    t_ours = ms(graphs["triton"].replay) / layers
-    t_ref = ms(graphs["ref"].replay) / layers
+    t_ours = bench_ms(graphs["triton"].replay) / layers
+    t_ref = bench_ms(graphs["ref"].replay) / layers
     m = mixers[0]
     weight_bytes = sum(p.numel() * p.element_size() for p in m.parameters())
     state_bytes = 2 * batch * (D_IN * N * 4 + (K - 1) * D_IN * 2)  # read + write both states
@@ -226,12 +198,10 @@ def decode_row(batch: int, bw: float, layers: int = 4) -> dict:
     return row("decode_step", f"b{batch}", t_ours, "PyTorch step (CUDA graph)", t_ref, floor, err)
 
 
-# ------------------------------------------------------------------------------------------------ MoE
-
 SKEW = torch.tensor([0.5, 0.2, 0.1, 0.1, 0.05, 0.05, 0.0, 0.0])
 
 
-def moe_rows(tokens: int, routing: str, bw: float, peak: float, with_bwd: bool) -> list[dict]:
+def moe_rows(tokens: int, routing: str, bw: float, peak: float, with_bwd: bool) -> list[Row]:
     g = torch.Generator(device="cuda").manual_seed(4)
     x = torch.randn(tokens, D_MODEL, device="cuda", generator=g).to(BF16)
     wr = (0.02 * torch.randn(E, D_MODEL, device="cuda", generator=g)).to(BF16)
@@ -264,10 +234,10 @@ def moe_rows(tokens: int, routing: str, bw: float, peak: float, with_bwd: bool) 
     with torch.no_grad():
         y = layer(moe_experts_triton, x, w1, w2)
         err = max_err(y, layer(moe_experts_ref, x.float(), w1.float(), w2.float()))
-        t_ours = ms(lambda: layer(moe_experts_triton, x, w1, w2))
-        t_dense = ms(dense)
-        t_gmm = ms(lambda: layer(moe_experts_grouped_mm, x, w1, w2))
-        t_loop = ms(lambda: layer(moe_experts_sorted, x, w1, w2))
+        t_ours = bench_ms(lambda: layer(moe_experts_triton, x, w1, w2))
+        t_dense = bench_ms(dense)
+        t_gmm = bench_ms(lambda: layer(moe_experts_grouped_mm, x, w1, w2))
+        t_loop = bench_ms(lambda: layer(moe_experts_sorted, x, w1, w2))
     floor = max(flop / peak, (weight_bytes + act_bytes) / bw) * 1e3
     rows = [
         row(
@@ -297,9 +267,9 @@ def moe_rows(tokens: int, routing: str, bw: float, peak: float, with_bwd: bool) 
         outs = (dense_in[0] @ dense_in[1], dense_in[2] @ dense_in[3])
         return torch.autograd.grad(outs, dense_in, dense_dy)
 
-    t_ours = ms(lambda: fwd_bwd(moe_experts_triton))
-    t_dense = ms(dense_fwd_bwd)
-    t_gmm = ms(lambda: fwd_bwd(moe_experts_grouped_mm))
+    t_ours = bench_ms(lambda: fwd_bwd(moe_experts_triton))
+    t_dense = bench_ms(dense_fwd_bwd)
+    t_gmm = bench_ms(lambda: fwd_bwd(moe_experts_grouped_mm))
     grads = fwd_bwd(moe_experts_triton)
     ref_leaves = [t.detach().float().requires_grad_() for t in (x, w1, w2)]
     ref_grads = torch.autograd.grad(layer(moe_experts_ref, *ref_leaves), ref_leaves, dy.float())
@@ -319,31 +289,48 @@ def moe_rows(tokens: int, routing: str, bw: float, peak: float, with_bwd: bool) 
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def table(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
+    header = ["benchmark", "shape", "ours ms", "peer", "peer ms", "speedup", "floor ms", "of floor", "max err"]
+    body = [
+        [r.benchmark, r.shape, fmt(r.ours), r.peer or "n/a", fmt(r.peer_value), fmt(r.speedup), fmt(r.floor),
+         "n/a" if r.fraction_of_floor is None else f"{r.fraction_of_floor:.0%}", fmt(r.max_err)]
+        for r in rows
+    ]  # fmt: skip
+    return header, body
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argument_parser(__spec__, __doc__)
     parser.add_argument("--quick", action="store_true", help="fewer shapes (a smoke run)")
-    parser.add_argument("--only", nargs="*", default=None, help="benchmarks to run (default: all)")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "kernels.json"))
+    parser.add_argument("--only", nargs="*", default=None, help="benchmarks to run: scan conv norm decode moe (all)")
+    parser.add_argument("--out", default=str(RESULTS_DIR / "kernels.json"), help="results file (and .md beside it)")
     parser.add_argument("--scan-fwd", help="forward scan tiles BLOCK_D,WARPS,T_SUB (default: the module's)")
     parser.add_argument("--scan-bwd", help="backward scan tiles BLOCK_D,WARPS (default: the module's)")
     parser.add_argument("--scan-bc-tiles", action="store_true", help="forward scan loads B, C per group as tiles")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    scan_settings = {}
     if args.scan_fwd:
-        *scan_mod.SCAN_FWD_CONFIG, scan_mod.SCAN_T_SUB = (int(v) for v in args.scan_fwd.split(","))
-        scan_mod.SCAN_FWD_CONFIG = tuple(scan_mod.SCAN_FWD_CONFIG)
+        block_d, warps, t_sub = (int(v) for v in args.scan_fwd.split(","))
+        scan_settings.update(scan_fwd_config=(block_d, warps), scan_t_sub=t_sub)
     if args.scan_bwd:
-        scan_mod.SCAN_BWD_CONFIG = tuple(int(v) for v in args.scan_bwd.split(","))
+        scan_settings["scan_bwd_config"] = tuple(int(v) for v in args.scan_bwd.split(","))
     if args.scan_bc_tiles:
-        scan_mod.SCAN_BC_TILES = True
+        scan_settings["scan_bc_tiles"] = True
+    with use_settings(**scan_settings) as settings:
+        run(args, settings)
+
+
+def run(args: argparse.Namespace, settings: KernelSettings) -> None:
+    """The benchmarks named by ``args``, under the kernel ``settings`` (recorded in the results)."""
     want = set(args.only or ["scan", "conv", "norm", "decode", "moe"])
     bw, peak = gpu_ceilings()
     print(f"measured: copy {bw / 1e12:.2f} TB/s, bf16 matmul {peak / 1e12:.0f} TFLOP/s", flush=True)
     shapes = [(8, 2048)] if args.quick else [(1, 2048), (8, 2048), (2, 16384)]
-    rows: list[dict] = []
+    rows: list[Row] = []
 
-    def log(new):
+    def log(new: list[Row]) -> None:
         for r in new:
-            print(json.dumps(r), flush=True)
+            print(json.dumps(r.to_json()), flush=True)
         rows.extend(new)
 
     for batch, length in shapes:
@@ -362,39 +349,16 @@ def main() -> None:
             for routing in ("uniform", "skewed"):
                 log(moe_rows(tokens, routing, bw, peak, with_bwd=tokens >= 2048))
                 torch.cuda.empty_cache()
-    meta = {
-        "card": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "command": "python " + " ".join(sys.argv),
-        "copy_bandwidth_TBps": bw / 1e12,
-        "bf16_matmul_TFLOPs": peak / 1e12,
-        "scan_config": {
-            "fwd": scan_mod.SCAN_FWD_CONFIG,
-            "t_sub": scan_mod.SCAN_T_SUB,
-            "bc_tiles": scan_mod.SCAN_BC_TILES,
-            "bwd": scan_mod.SCAN_BWD_CONFIG,
-        },
+    scan_config = {
+        "fwd": settings.scan_fwd_config,
+        "t_sub": settings.scan_t_sub,
+        "bc_tiles": settings.scan_bc_tiles,
+        "bwd": settings.scan_bwd_config,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "results": rows}, indent=1) + "\n")
-    header = ["benchmark", "shape", "ours ms", "peer", "peer ms", "speedup", "floor ms", "of floor", "max err"]
-    body = [
-        [r["benchmark"], r["shape"], fmt(r["ours"]), r["peer"], fmt(r["peer_value"]), fmt(r["speedup"]),
-         fmt(r["floor"]), "n/a" if r["fraction_of_floor"] is None else f"{r['fraction_of_floor']:.0%}",
-         fmt(r["max_err"])]
-        for r in rows
-    ]  # fmt: skip
-    out.with_suffix(".md").write_text(
-        f"{meta['card']}, torch {meta['torch']}, triton {meta['triton']}, {meta['date']}\n\n"
-        + markdown_table(header, body)
-        + "\n"
-    )
-    print(f"\n{meta['card']}, torch {meta['torch']}, triton {meta['triton']}, {meta['date']}")
+    meta = run_meta("cuda", copy_bandwidth_TBps=bw / 1e12, bf16_matmul_TFLOPs=peak / 1e12, scan_config=scan_config)
+    header, body = table(rows)
+    write_results(Path(args.out), meta, rows, f"{meta_line(meta)}\n\n{markdown_table(header, body)}\n")
+    print(f"\n{meta_line(meta)}")
     print(text_table(header, body))
 
 

@@ -7,16 +7,13 @@ FLOPs per token (``blackmamba.training.flops``) / peak (784 TFLOP/s, the bf16 ma
 the H200), peak memory, and the loss of the first step (finite). The default backend ("auto") runs the
 Triton kernels; ``--backend torch`` measures the plain PyTorch path (chunked scan, per-expert matmuls).
 
-    python benchmarks/train_gpu.py [--presets blackmamba-1.5b blackmamba-2.8b] [--batch 4] [--steps 5]
+    python -m benchmarks.train_gpu [--presets blackmamba-1.5b blackmamba-2.8b] [--batch 4] [--steps 5]
                                    [--backend auto|torch]
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import json
-import platform
 import statistics
 import sys
 import time
@@ -25,20 +22,27 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from blackmamba.kernels import use_backend
+from blackmamba.training.flops import flops_per_token
+from blackmamba.training.optim import build_optimizer
 
-from blackmamba import BlackMamba, BlackMambaConfig  # noqa: E402
-from blackmamba.kernels import use_backend  # noqa: E402
-from blackmamba.training.flops import flops_per_token  # noqa: E402
-from blackmamba.training.optim import build_optimizer  # noqa: E402
+from .harness import (
+    H200_BF16_TFLOPS,
+    RESULTS_DIR,
+    Row,
+    argument_parser,
+    build_model,
+    meta_line,
+    run_meta,
+    write_results,
+)
 
-PEAK_TFLOPS = 784.0
+PEAK_TFLOPS = H200_BF16_TFLOPS
 
 
-def bench(preset: str, batch: int, seq_len: int, steps: int) -> dict:
-    torch.manual_seed(0)
-    config = BlackMambaConfig.from_preset(preset)
-    model = BlackMamba(config).cuda().train()
+def bench(preset: str, batch: int, seq_len: int, steps: int) -> Row:
+    model = build_model(preset, "cuda", train=True)
+    config = model.config
     opt = build_optimizer(model, 1e-4, 0.1, fused=True)
     ids = torch.randint(0, config.tokenizer_vocab_size or config.vocab_size, (batch, seq_len + 1), device="cuda")
     torch.cuda.reset_peak_memory_stats()
@@ -60,58 +64,47 @@ def bench(preset: str, batch: int, seq_len: int, steps: int) -> dict:
     step = statistics.median(times)
     tps = batch * seq_len / step
     fpt = flops_per_token(config, seq_len)["train"]
-    row = {
-        "benchmark": "train_step",
-        "shape": f"{preset.removeprefix('blackmamba-')}/{batch}x{seq_len}",
-        "unit": "tokens/s",
-        "ours": tps,
-        "peer": None,
-        "peer_value": None,
-        "floor": PEAK_TFLOPS * 1e12 / fpt,
-        "fraction_of_floor": tps * fpt / (PEAK_TFLOPS * 1e12),
-        "speedup": None,
-        "max_err": None,
-        "step_s": step,
-        "mfu": tps * fpt / (PEAK_TFLOPS * 1e12),
-        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
-        "first_loss": first_loss,
-    }
+    row = Row(
+        "train_step",
+        f"{preset.removeprefix('blackmamba-')}/{batch}x{seq_len}",
+        "tokens/s",
+        tps,
+        floor=PEAK_TFLOPS * 1e12 / fpt,
+        extra={
+            "step_s": step,
+            "mfu": tps * fpt / (PEAK_TFLOPS * 1e12),
+            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "first_loss": first_loss,
+        },
+    )
     del model, opt
     torch.cuda.empty_cache()
     return row
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--presets", nargs="+", default=["blackmamba-1.5b", "blackmamba-2.8b"])
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "train_gpu.json"))
-    parser.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
-    args = parser.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    parser = argument_parser(__spec__, __doc__)
+    parser.add_argument("--presets", nargs="+", default=["blackmamba-1.5b", "blackmamba-2.8b"], help="model shapes")
+    parser.add_argument("--batch", type=int, default=4, help="sequences per step")
+    parser.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (after two warm-up steps)")
+    parser.add_argument("--out", default=str(RESULTS_DIR / "train_gpu.json"), help="results file")
+    parser.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"], help="kernel backend")
+    args = parser.parse_args(argv)
     rows = []
     for preset in args.presets:
         with use_backend(args.backend):
             rows.append(bench(preset, args.batch, args.seq_len, args.steps))
-        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    meta = {
-        "card": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "command": "python " + " ".join(sys.argv),
-        "peak_tflops_assumed": PEAK_TFLOPS,
-        "backend": args.backend,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"meta": meta, "results": rows}, indent=1) + "\n")
-    print(f"\n{meta['card']}, torch {meta['torch']}, {meta['date']}")
+        print(json.dumps(rows[-1].to_json()), file=sys.stderr, flush=True)
+    meta = run_meta("cuda", peak_tflops_assumed=PEAK_TFLOPS, backend=args.backend)
+    write_results(Path(args.out), meta, rows)
+    print(f"\n{meta_line(meta)}")
     print(f"{'shape':<22} {'tokens/s':>10} {'MFU':>7} {'step s':>8} {'peak GiB':>9} {'first loss':>10}")
     for r in rows:
+        e = r.extra
         print(
-            f"{r['shape']:<22} {r['ours']:>10,.0f} {r['mfu']:>7.1%} {r['step_s']:>8.3f} "
-            f"{r['peak_memory_gib']:>9.1f} {r['first_loss']:>10.3f}"
+            f"{r.shape:<22} {r.ours:>10,.0f} {e['mfu']:>7.1%} {e['step_s']:>8.3f} "
+            f"{e['peak_memory_gib']:>9.1f} {e['first_loss']:>10.3f}"
         )
 
 

@@ -7,25 +7,24 @@ with fc2's current entry, then fc2's with the best fc1. It prints microseconds p
 fastest of each, then per token count the best pair, the bandwidth it reaches on the bytes of the
 experts in use, and the router's time.
 
-    python benchmarks/tune_moe_decode.py [--tokens 1 16 64]
+    python -m benchmarks.tune.tune_moe_decode [--tokens 1 16 64]
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from blackmamba.kernels import get_settings, use_settings
+from blackmamba.kernels.moe_decode import moe_experts_decode_triton, route_top1_triton
 
-from benchmarks.common import fmt, text_table  # noqa: E402
-from blackmamba.kernels import moe_decode  # noqa: E402
-from blackmamba.kernels.moe_decode import moe_experts_decode_triton, route_top1_triton  # noqa: E402
+from ..harness import argument_parser, cuda_event_us, cuda_graph, fmt, text_table
+from ..kernel_inputs import D_MODEL as D
+from ..kernel_inputs import F_FF as F
+from ..kernel_inputs import E
 
-D, F, E, LAYERS = 1472, 3872, 8, 8
+LAYERS = 8
 # (BF or BN, BK, num_warps, num_stages)
 SPACE = {"fc1": ([16, 32, 64], [128, 256], [4, 8], [3, 4]), "fc2": ([16, 32], [256, 512, 1024], [4, 8], [2, 3, 4])}
 
@@ -39,32 +38,26 @@ def layer_weights(seed: int):
 
 def time_layers(fn, reps: int = 20) -> float:
     """Microseconds per call of ``fn`` (which runs all layers), from a CUDA graph."""
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return 1e3 * start.elapsed_time(end) / reps
+    return cuda_event_us(cuda_graph(fn).replay, reps)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 64])
-    args = parser.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    parser = argument_parser(__spec__, __doc__)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 64], help="token counts to tune")
+    args = parser.parse_args(argv)
     weights = [layer_weights(i) for i in range(LAYERS)]
     fc1_space = [dict(BF=bf, BK=bk, num_warps=w, num_stages=s)
                  for bf, bk, w, s in itertools.product(*SPACE['fc1'])]  # fmt: skip
     fc2_space = [dict(BN=bn, BK=bk, num_warps=w, num_stages=s)
                  for bn, bk, w, s in itertools.product(*SPACE['fc2'])]  # fmt: skip
     best_rows, all_rows = [], []
+    # The tile tables under test (token count -> tiles), as the moe_fc1_tiles / moe_fc2_tiles settings.
+    tables = {"fc1": dict(get_settings().moe_fc1_tiles), "fc2": dict(get_settings().moe_fc2_tiles)}
+
+    def timed(run) -> float:
+        with use_settings(moe_fc1_tiles=tables["fc1"], moe_fc2_tiles=tables["fc2"]):
+            return time_layers(run) / LAYERS
+
     for tokens in args.tokens:
         block = max(16, 1 << (tokens - 1).bit_length())
         g = torch.Generator(device="cuda").manual_seed(tokens)
@@ -79,15 +72,13 @@ def main() -> None:
                 moe_experts_decode_triton(x, expert, gate, w1, w2, "gelu")
 
         best = {}
-        for name, space, table in (
-            ("fc1", fc1_space, moe_decode.FC1_CONFIG),
-            ("fc2", fc2_space, moe_decode.FC2_CONFIG),
-        ):
+        for name, space in (("fc1", fc1_space), ("fc2", fc2_space)):
+            table = tables[name]
             results = []
             for cfg in space:
                 table[tokens] = cfg
                 try:
-                    us = time_layers(run) / LAYERS
+                    us = timed(run)
                 except Exception as exc:  # a tile that does not fit (shared memory) is skipped
                     print(f"{name} {cfg}: {type(exc).__name__}", flush=True)
                     continue
@@ -97,7 +88,7 @@ def main() -> None:
             us, cfg = results[0]
             table[tokens] = cfg
             best[name] = cfg
-        us = time_layers(run) / LAYERS
+        us = timed(run)
         router_w = torch.randn(E, D, device="cuda", dtype=torch.bfloat16)
         router_b = torch.randn(E, device="cuda", dtype=torch.bfloat16)
 

@@ -1,36 +1,35 @@
 """Sweep the tile sizes of the selective-scan kernels (median ms of the forward and of forward+backward at
 8x2048, 2.8B shape) and of the causal conv forward, on the GPU; print the fastest scan tiles as the
-arguments of ``benchmarks/kernels.py``.
+arguments of ``python -m benchmarks.kernels``.
 
-    python benchmarks/tune_scan.py [--fwd 16,1,8 8,1,8 ...] [--bwd 16,1 8,1 ...] [--conv 64,128,8 ...]
-                                   [--best-out FILE]
+    python -m benchmarks.tune.tune_scan [--fwd 16,1,8 8,1,8 ...] [--bwd 16,1 8,1 ...] [--conv 64,128,8 ...]
+                                        [--best-out FILE]
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import importlib
-import sys
 from pathlib import Path
 
 import torch
 from triton.testing import do_bench
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from blackmamba.kernels import selective_scan_chunked, use_settings
 
-from benchmarks.kernels import scan_inputs  # noqa: E402
+from ..harness import argument_parser
+from ..kernel_inputs import D_IN, scan_inputs
 
-scan = importlib.import_module("blackmamba.kernels.selective_scan")
+scan = importlib.import_module("blackmamba.kernels.scan_triton")  # the launchers and their segment rule
 conv = importlib.import_module("blackmamba.kernels.causal_conv1d")
 FWD = [(8, 1, 4), (8, 1, 4, 1), (16, 1, 8), (16, 1, 8, 1)]  # BLOCK_D, num_warps, T_SUB[, BC_TILES]
 BWD = [(8, 1), (16, 1), (16, 2), (32, 2)]  # BLOCK_D, num_warps
 
 
 def conv_sweep(variants: list[tuple[int, int, int]]) -> None:
-    x = torch.randn(8, 2048, 2 * 2944, device="cuda", dtype=torch.bfloat16)[..., :2944]
-    w = torch.randn(2944, 4, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(2944, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(8, 2048, 2 * D_IN, device="cuda", dtype=torch.bfloat16)[..., :D_IN]
+    w = torch.randn(D_IN, 4, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(D_IN, device="cuda", dtype=torch.bfloat16)
     for block_l, block_d, warps in variants:
         run = functools.partial(
             conv.causal_conv1d_fwd_triton, x, w, b, "silu", block_l=block_l, block_d=block_d, num_warps=warps
@@ -42,59 +41,62 @@ def conv_sweep(variants: list[tuple[int, int, int]]) -> None:
 def segment_sweep(values: list[str]) -> None:
     for batch, length in [(1, 2048), (8, 2048), (2, 16384)] if values else []:
         x = scan_inputs(batch, length)
-        scan.SCAN_SEGMENTS = 1
         with torch.no_grad():
-            ref = scan.selective_scan_triton(**x).float()  # unsplit: the segments must not change the result
+            with use_settings(scan_segments=1):
+                ref = scan.selective_scan_triton(**x).float()  # unsplit: the segments must not change the result
             for value in values:
-                scan.SCAN_SEGMENTS = value if value == "auto" else int(value)
-                err = ((scan.selective_scan_triton(**x).float() - ref).abs().max() / ref.abs().max()).item()
-                t = do_bench(functools.partial(scan.selective_scan_triton, **x), rep=50, return_mode="median")
-                used = scan._segments(batch, length, x["u"].shape[-1], scan.SCAN_FWD_CONFIG[0])
+                with use_settings(scan_segments=value if value == "auto" else int(value)) as settings:
+                    err = ((scan.selective_scan_triton(**x).float() - ref).abs().max() / ref.abs().max()).item()
+                    t = do_bench(functools.partial(scan.selective_scan_triton, **x), rep=50, return_mode="median")
+                    used = scan._segments(batch, length, x["u"].shape[-1], settings.scan_fwd_config[0])
                 print(f"fwd {batch}x{length} segments {value:>4} ({used}) | {t:.3f} ms | vs unsplit {err:.1e}")
-    scan.SCAN_SEGMENTS = "auto"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def fwd_settings(variant: tuple[int, ...]) -> dict:
+    """The kernel settings of a forward variant (BLOCK_D, num_warps, T_SUB[, BC_TILES])."""
+    block, warps, t_sub, *bc = variant
+    return dict(scan_fwd_config=(block, warps), scan_t_sub=t_sub, scan_bc_tiles=bool(bc and bc[0]))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argument_parser(__spec__, __doc__)
     parser.add_argument("--best-out", help="write '--scan-fwd B,W,T --scan-bwd B,W' for the fastest here")
     parser.add_argument("--fwd", nargs="*", help="forward variants BLOCK_D,WARPS,T_SUB[,BC_TILES 0|1]")
     parser.add_argument("--bwd", nargs="*", help="backward variants BLOCK_D,WARPS")
     parser.add_argument("--conv", nargs="*", default=[], help="conv forward variants BLOCK_L,BLOCK_D,WARPS")
     parser.add_argument("--segments", nargs="*", default=[], help="forward sequence segments to time (or auto)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     fwd_variants = [tuple(int(v) for v in a.split(",")) for a in args.fwd] if args.fwd else FWD
     bwd_variants = [tuple(int(v) for v in a.split(",")) for a in args.bwd] if args.bwd else BWD
     x = scan_inputs(8, 2048)
     with torch.no_grad():
-        ref = scan.selective_scan_chunked(**{k: (v.float() if v.dtype == torch.bfloat16 else v) for k, v in x.items()})
+        ref = selective_scan_chunked(**{k: (v.float() if v.dtype == torch.bfloat16 else v) for k, v in x.items()})
     fwd = {}
     for variant in fwd_variants:
         block, warps, t_sub, *bc = variant
-        scan.SCAN_FWD_CONFIG, scan.SCAN_T_SUB, scan.SCAN_BC_TILES = (block, warps), t_sub, bool(bc and bc[0])
-        with torch.no_grad():
+        with torch.no_grad(), use_settings(**fwd_settings(variant)):
             err = ((scan.selective_scan_triton(**x).float() - ref).abs().max() / ref.abs().max()).item()
             fwd[variant] = do_bench(lambda: scan.selective_scan_triton(**x), rep=50, return_mode="median")
-        name = f"BLOCK_D {block:3} warps {warps} T_SUB {t_sub} BC_TILES {int(scan.SCAN_BC_TILES)}"
+        name = f"BLOCK_D {block:3} warps {warps} T_SUB {t_sub} BC_TILES {int(bool(bc and bc[0]))}"
         print(f"fwd     {name} | {fwd[variant]:.3f} ms | err {err:.1e}", flush=True)
     best_fwd = min(fwd, key=fwd.get)
-    scan.SCAN_FWD_CONFIG, scan.SCAN_T_SUB = best_fwd[:2], best_fwd[2]
-    scan.SCAN_BC_TILES = bool(best_fwd[3:] and best_fwd[3])
     leaves = {k: v.detach().clone().requires_grad_(v.is_floating_point()) for k, v in x.items()}
     dy = torch.randn_like(x["u"])
     bwd = {}
     for cfg in bwd_variants:
-        scan.SCAN_BWD_CONFIG = cfg
-        bwd[cfg] = do_bench(
-            lambda: torch.autograd.grad(scan.selective_scan_triton(**leaves), list(leaves.values()), dy),
-            rep=50,
-            return_mode="median",
-        )
+        with use_settings(**fwd_settings(best_fwd), scan_bwd_config=cfg):
+            bwd[cfg] = do_bench(
+                lambda: torch.autograd.grad(scan.selective_scan_triton(**leaves), list(leaves.values()), dy),
+                rep=50,
+                return_mode="median",
+            )
         print(f"fwd+bwd BLOCK_D {cfg[0]:3} warps {cfg[1]}         | {bwd[cfg]:.3f} ms", flush=True)
     best_bwd = min(bwd, key=bwd.get)
     conv_sweep([tuple(int(v) for v in a.split(",")) for a in args.conv])
-    segment_sweep(args.segments)
+    with use_settings(**fwd_settings(best_fwd)):  # the segments with the fastest forward tiles
+        segment_sweep(args.segments)
     best = f"--scan-fwd {','.join(map(str, best_fwd[:3]))} --scan-bwd {','.join(map(str, best_bwd))}"
-    if scan.SCAN_BC_TILES:
+    if fwd_settings(best_fwd)["scan_bc_tiles"]:
         best += " --scan-bc-tiles"
     print("best:", best)
     if args.best_out:

@@ -2,56 +2,65 @@
 
 Random bf16 weights of a preset shape; the step is replayed from its graph back to back (no host read
 per step, unlike benchmarks/generate.py, which times what a caller sees). For each batch and each
-variant (``--variants``: module settings such as the MoE layer's DECODE_TOKENS, 0 = the general sorted
-path) it prints the replay time per step, tokens/s, the kernels per step and their summed GPU time, then the
-kernels that take the most time in the first variant; then the same for one 1 x N prefill
-(``--prefill``), with its wall time against its kernel time. Results go to benchmarks/results/profile_decode.json.
+variant (``--variants``: kernel settings such as the MoE layer's decode_tokens, 0 = the general sorted
+path; see blackmamba.kernels.KernelSettings) it prints the replay time per step, tokens/s, the kernels
+per step and their summed GPU time, then the kernels that take the most time in the first variant; then the
+same for one 1 x N prefill (``--prefill``), with its wall time against its kernel time. Results go to
+benchmarks/results/profile_decode.json.
 
-    python benchmarks/profile_decode.py [--preset 2.8b] [--batches 1 16] [--variants default 'a.B=0;c.D=1']
+    python -m benchmarks.tune.profile_decode [--preset 2.8b] [--batches 1 16]
+                                             [--variants default 'decode_tokens=0;fuse_router=0']
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
-import datetime
 import json
-import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from blackmamba import BlackMamba
+from blackmamba.generation.decoder import Decoder, SamplingOptions
+from blackmamba.kernels import get_settings, use_settings
+from blackmamba.kernels.settings import FIELDS
 
-from benchmarks.common import fmt, text_table  # noqa: E402
-from blackmamba import BlackMamba, BlackMambaConfig  # noqa: E402
-from blackmamba.generation.decoder import Decoder, SamplingOptions  # noqa: E402
-from blackmamba.kernels import decode_step, moe_decode  # noqa: E402
-from blackmamba.model import cast_model  # noqa: E402
+from ..harness import (
+    BF16,
+    RESULTS_DIR,
+    argument_parser,
+    build_model,
+    cuda_event_us,
+    fmt,
+    run_meta,
+    text_table,
+    write_json,
+)
 
-RESULTS = Path(__file__).parent / "results"
-MODULES = {"moe_decode": moe_decode, "decode_step": decode_step}  # what --variants may set
 
-
-def build(preset: str) -> BlackMamba:
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = BlackMamba(BlackMambaConfig.from_preset(f"blackmamba-{preset}"))
-    return cast_model(model, torch.bfloat16).eval()
+def parse_variant(variant: str) -> dict:
+    """'decode_tokens=0;fuse_router=0' -> settings changes, typed like the defaults. The older spelling
+    'moe_decode.DECODE_TOKENS=0' names the same field."""
+    changes = {}
+    for setting in [] if variant == "default" else variant.split(";"):
+        name, _, value = setting.partition("=")
+        name = name.rsplit(".", 1)[-1].lower()
+        if name not in FIELDS:
+            raise ValueError(f"--variants: no kernel setting {name!r}; settings: {', '.join(FIELDS)}")
+        default = getattr(get_settings(), name)
+        if isinstance(default, bool):
+            changes[name] = bool(int(value))
+        elif isinstance(default, int) or value != "auto":
+            changes[name] = int(value)
+        else:
+            changes[name] = value
+    return changes
 
 
 def replay_us(decoder: Decoder, slot, steps: int) -> float:
-    for _ in range(10):
-        decoder.step(slot, None)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(steps):
-        decoder.step(slot, None)
-    end.record()
-    torch.cuda.synchronize()
-    return 1e3 * start.elapsed_time(end) / steps
+    """Microseconds per decode step, ``steps`` graph replays back to back after 10 warm-up steps."""
+    return cuda_event_us(lambda: decoder.step(slot, None), steps, warmup=10)
 
 
 def kernels_per_call(fn, calls: int = 5) -> dict[str, tuple[float, float]]:
@@ -91,39 +100,35 @@ def prefill_profile(model: BlackMamba, length: int) -> tuple[dict, list]:
     return row, sorted(kernels.items(), key=lambda kv: -kv[1][1])[:15]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="2.8b", choices=["2.8b", "1.5b"])
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
+def main(argv: list[str] | None = None) -> None:
+    parser = argument_parser(__spec__, __doc__)
+    parser.add_argument("--preset", default="2.8b", choices=["2.8b", "1.5b"], help="model shape")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64], help="decode batch sizes")
     parser.add_argument(
         "--variants",
         nargs="+",
         default=["default"],
-        help="settings per run, e.g. 'moe_decode.DECODE_TOKENS=0'",
+        help="kernel settings per run, e.g. 'decode_tokens=0;fuse_router=0'",
     )
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=200, help="graph replays timed per batch")
     parser.add_argument("--prefill", type=int, default=2048, help="also profile a 1 x N prefill (0: skip)")
-    parser.add_argument("--out", default=str(RESULTS / "profile_decode.json"))
-    args = parser.parse_args()
-    model = build(args.preset)
+    parser.add_argument("--out", default=str(RESULTS_DIR / "profile_decode.json"), help="results file")
+    args = parser.parse_args(argv)
+    model = build_model(f"blackmamba-{args.preset}", "cuda", BF16)
     rows, top = [], None
-    defaults = {}
-    for variant in args.variants:
-        for name, value in defaults.items():  # undo the previous variant
-            setattr(*name, value)
-        for setting in [] if variant == "default" else variant.split(";"):
-            path, value = setting.split("=")
-            module, attr = path.rsplit(".", 1)
-            if module not in MODULES or not hasattr(MODULES[module], attr):
-                parser.error(f"--variants: no setting {path!r}; modules: {', '.join(MODULES)}")
-            target = MODULES[module]
-            defaults.setdefault((target, attr), getattr(target, attr))
-            setattr(target, attr, int(value))
+    try:
+        variants = {variant: parse_variant(variant) for variant in args.variants}
+    except ValueError as exc:
+        parser.error(str(exc))
+    for variant, changes in variants.items():
         for batch in args.batches:
-            decoder = Decoder(model, SamplingOptions(), use_graphs=True)  # a fresh graph per setting
-            slot = decoder.start(model.allocate_cache(batch), torch.randint(0, 50000, (batch,), device="cuda"), None)
-            us = replay_us(decoder, slot, args.steps)
-            kernels = kernels_per_call(lambda decoder=decoder, slot=slot: decoder.step(slot, None))
+            with use_settings(**changes):
+                decoder = Decoder(model, SamplingOptions(), use_graphs=True)  # a fresh graph per setting
+                slot = decoder.start(
+                    model.allocate_cache(batch), torch.randint(0, 50000, (batch,), device="cuda"), None
+                )
+                us = replay_us(decoder, slot, args.steps)
+                kernels = kernels_per_call(lambda decoder=decoder, slot=slot: decoder.step(slot, None))
             launches = sum(n for n, _ in kernels.values())
             busy = sum(t for _, t in kernels.values())
             rows.append(
@@ -147,10 +152,8 @@ def main() -> None:
         print(
             text_table(["kernel", "per call", "us per call"], [[n[:90], fmt(c), fmt(t)] for n, (c, t) in prefill_top])
         )
-    meta = dict(card=torch.cuda.get_device_name(), torch=torch.__version__, python=platform.python_version(),
-                date=datetime.date.today().isoformat(), command="python " + " ".join(sys.argv))  # fmt: skip
-    report = dict(meta=meta, rows=rows, top_kernels=top, prefill=prefill, prefill_top_kernels=prefill_top)
-    Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    report = dict(meta=run_meta("cuda"), rows=rows, top_kernels=top, prefill=prefill, prefill_top_kernels=prefill_top)
+    write_json(Path(args.out), report)
 
 
 if __name__ == "__main__":
