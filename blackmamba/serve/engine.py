@@ -1,0 +1,164 @@
+"""What the scheduler needs from the model: a fixed pool of per-stream recurrent states, and three operations.
+
+A Mamba state has the same size whatever the length of the sequence, so a stream's whole memory is one slot
+of the model's state pool (:class:`~blackmamba.model.InferenceCache`), allocated once. The scheduler talks to
+the model only through :class:`PoolEngine`:
+
+- ``acquire()`` / ``release(slot)``: take a zeroed slot for a new stream, give it back when the stream ends;
+- ``prefill(slot, ids)``: run a piece of a prompt into the slot (continuing from what it holds), returning
+  the logits of the last position (or of every position, for prompt log-probabilities);
+- ``decode(slots, tokens)``: one token for each of any set of slots, in one batched step;
+- ``snapshot(slot)`` / ``restore(slot, snapshot)``: copy one slot's state out and back (the prompt cache).
+
+The decode step runs over the pool with the slot of each row as an index (``model.step(tokens, pool,
+slots)``), each row exactly as if it ran alone, so a stream's tokens do not depend on what shares the step.
+On a GPU the step is captured in a CUDA graph per batch bucket (1, 2, 4, ... up to the pool's capacity), as
+the offline decoder does: rows beyond the batch decode the pool's pad slot (its last, never handed out, zeroed
+inside the graph at every step). Logit processing and sampling stay outside the graph, because the requests
+of one step each have their own sampling options.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..generation.decoder import BUCKETS
+from ..model import BlackMamba, InferenceCache
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One stream's recurrent state copied out of the pool (a cache of one slot), and its size in bytes."""
+
+    state: InferenceCache | None
+    nbytes: int
+
+
+@dataclass
+class _Graph:
+    """The static buffers of one bucket's captured decode step."""
+
+    size: int
+    tokens: Tensor  # (size,)
+    slots: Tensor  # (size,)
+    logits: Tensor | None = None  # (size, V), written by the graph
+    graph: torch.cuda.CUDAGraph | None = None
+
+
+class PoolEngine:
+    """A pool of ``capacity`` stream states for one model, on the model's device (see the module docstring).
+    ``cuda_graphs``: capture the decode step (default: on a GPU).
+
+    Every method must run under ``torch.inference_mode()`` in the scheduler's thread."""
+
+    def __init__(self, model: BlackMamba, capacity: int, cuda_graphs: bool | None = None) -> None:
+        if capacity < 1:
+            raise ValueError(f"the pool needs at least one slot, got {capacity}")
+        on_gpu = model.device.type == "cuda"
+        if cuda_graphs and not on_gpu:
+            raise ValueError(f"CUDA graphs need the model on a CUDA device, not {model.device}")
+        self.model = model
+        self.capacity = capacity
+        self.device = model.device
+        self.vocab_size = model.config.vocab_size
+        self.cuda_graphs = on_gpu if cuda_graphs is None else cuda_graphs
+        with torch.inference_mode():
+            self.pool = model.allocate_cache(capacity + 1, device=self.device)
+        self.pad = capacity  # the last slot: where padding rows of a graph bucket decode
+        self._free = list(range(capacity))
+        self.state_bytes = sum(t[0].numel() * t.element_size() for t in self.pool.tensors())
+        self._graphs: dict[int, _Graph] = {}
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    def _ids(self, slots: Sequence[int]) -> Tensor:
+        return torch.tensor(list(slots), dtype=torch.long, device=self.device)
+
+    def acquire(self) -> int:
+        """A free slot with a zeroed state; the lowest index."""
+        if not self._free:
+            raise RuntimeError("no free slot in the state pool")
+        self._free.sort()
+        slot = self._free.pop(0)
+        self.pool.reset(slot)
+        return slot
+
+    def release(self, slot: int) -> None:
+        if slot in self._free or not 0 <= slot < self.capacity:
+            raise RuntimeError(f"slot {slot} is not in use")
+        self._free.append(slot)
+
+    def prefill(self, slot: int, ids: Sequence[int], all_logits: bool = False) -> Tensor:
+        """Run ``ids`` into ``slot`` after what it holds; logits (V,) of the last position, or (L, V) of all."""
+        x = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
+        out = self.model(x, cache=self.pool, slots=self._ids([slot]), num_last_tokens=0 if all_logits else 1)
+        return out.logits[0] if all_logits else out.logits[0, -1]
+
+    def decode(self, slots: Sequence[int], tokens: Tensor) -> Tensor:
+        """One step for each of ``slots`` fed ``tokens`` (n,) -> logits (n, V); the states advance in place."""
+        if not self.cuda_graphs:
+            return self.model.step(tokens, self.pool, self._ids(slots))
+        n = len(slots)
+        g = self._graph(bucket_size(n, self.capacity))
+        g.tokens.zero_()
+        g.tokens[:n].copy_(tokens)
+        g.slots.fill_(self.pad)
+        g.slots[:n].copy_(self._ids(slots))
+        g.graph.replay()
+        return g.logits[:n]
+
+    def _step(self, g: _Graph) -> None:
+        for t in self.pool.tensors():  # the pad slot starts every step from zero: padding never drifts
+            t[self.pad].zero_()
+        logits = self.model.step(g.tokens, self.pool, g.slots)
+        if g.logits is None:
+            g.logits = torch.empty_like(logits)
+        g.logits.copy_(logits)
+
+    def _graph(self, size: int) -> _Graph:
+        if size in self._graphs:
+            return self._graphs[size]
+        g = _Graph(
+            size,
+            torch.zeros(size, dtype=torch.long, device=self.device),
+            torch.full((size,), self.pad, dtype=torch.long, device=self.device),
+        )
+        # Warm up on a side stream (kernels compile, the allocator settles), then capture; every row is on the
+        # pad slot meanwhile, so no stream's state is touched.
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._step(g)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        g.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g.graph):
+            self._step(g)
+        self._graphs[size] = g
+        return g
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Capture the decode graph of every bucket now, so that no request waits for a capture."""
+        if self.cuda_graphs:
+            for size in sorted({bucket_size(n, self.capacity) for n in (*BUCKETS, self.capacity)}):
+                if size <= self.capacity:
+                    self._graph(size)
+
+    def snapshot(self, slot: int) -> Snapshot:
+        return Snapshot(self.pool.snapshot(slot), self.state_bytes)
+
+    def restore(self, slot: int, snapshot: Snapshot) -> None:
+        self.pool.restore(slot, snapshot.state)
+
+
+def bucket_size(batch: int, capacity: int) -> int:
+    """The smallest bucket of :data:`~blackmamba.generation.decoder.BUCKETS` holding ``batch`` rows, capped at
+    the pool's capacity (a pool of 48 slots steps 33..48 rows in a bucket of 48)."""
+    return min(next((b for b in BUCKETS if b >= batch), batch), capacity)
