@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -10,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from blackmamba import BlackMamba, BlackMambaConfig, cast_model, generate, load_pretrained, save_pretrained
+import blackmamba.generation as generation
+from blackmamba import BlackMamba, BlackMambaConfig, cast_model, cli, generate, load_pretrained, save_pretrained
 from blackmamba.checkpoint import checkpoint_size, save_released
-from blackmamba.cli import main
+from blackmamba.cli import main, unescape
 from blackmamba.tokenizer import load_tokenizer, train_bpe
 
 from .conftest import randomize
@@ -148,6 +150,208 @@ def test_max_new_tokens_zero_prints_the_prompt(capsys, model_dir):
     code, out, _ = run(capsys, "generate", "--model", model_dir, "--prompt", PROMPT, "--max-new-tokens", 0)
     assert code == 0
     assert out == PROMPT + "\n"
+
+
+# ------------------------------------------------------------------ generate: options, stops, signals
+
+
+def escaped(text):
+    """``text`` written with \\uXXXX escapes only, as a user would type it for --stop."""
+    return "".join(f"\\u{ord(c):04x}" for c in text)
+
+
+def test_stop_reads_backslash_escapes(capsys, model_dir, tokenizer, greedy_text):
+    new, text = greedy_text
+    stop = boundary_stop(tokenizer, new, text)
+    args = ("generate", "--model", model_dir, "--prompt", PROMPT, "--max-new-tokens", 24)
+    _, plain, _ = run(capsys, *args, "--stop", stop)
+    code, out, _ = run(capsys, *args, "--stop", escaped(stop))
+    assert code == 0 and out == plain == PROMPT + text[: text.find(stop)] + "\n"
+
+
+@pytest.mark.parametrize(
+    "raw,value",
+    [
+        (r"\n\n", "\n\n"),
+        (r"a\tb", "a\tb"),
+        (r"\\n", "\\n"),
+        (r"\u00e9t\u00C9", "étÉ"),
+        (r"\x41\U0001F642", "A🙂"),
+        (r"\"q\'", "\"q'"),
+        ("plain ü", "plain ü"),
+    ],
+)
+def test_unescape(raw, value):
+    assert unescape(raw, "--stop") == value
+
+
+@pytest.mark.parametrize("raw", ["\\", "ab\\", r"\q", r"\x4", r"\uZZZZ", r"\ud800", r"\U00110000"])
+def test_bad_escapes_are_one_line_errors(capsys, model_dir, raw):
+    code, out, err = run(capsys, "generate", "--model", model_dir, "--prompt", PROMPT, "--stop", raw)
+    assert_one_line_error(code, out, err, "--stop")
+    assert out == ""
+
+
+@pytest.fixture
+def scripted(monkeypatch, tokenizer):
+    """Replace the model's output by the tokens of a given text (then an optional KeyboardInterrupt)."""
+
+    def script(text, interrupt_after=None):
+        ids = tokenizer.encode(text).ids
+
+        def fake_stream_generate(model, prompts, max_new_tokens, **options):
+            for n, token in enumerate(ids[:max_new_tokens]):
+                if n == interrupt_after:
+                    raise KeyboardInterrupt
+                yield [token]
+
+        monkeypatch.setattr(generation, "stream_generate", fake_stream_generate)
+        return ids
+
+    return script
+
+
+def test_blank_line_stop_as_a_shell_passes_it(capsys, model_dir, scripted):
+    scripted("the river\n\nthe town")
+    for stream in ([], ["--stream"]):
+        argv = ("generate", "--model", model_dir, "--prompt", "A", "--stop", r"\n\n", *stream)
+        code, out, err = run(capsys, *argv)
+        assert code == 0, err
+        assert out == "Athe river\n"
+
+
+def test_ctrl_c_prints_the_partial_output_and_exits_130(capsys, model_dir, tokenizer, scripted):
+    ids = scripted("the old river runs past a quiet town", interrupt_after=4)
+    for stream in ([], ["--stream"]):
+        code, out, err = run(capsys, "generate", "--model", model_dir, "--prompt", "A", *stream)
+        assert code == 130
+        assert err == "interrupted\n"
+        assert out == "A" + tokenizer.decode(ids[:4]) + "\n"
+
+
+def run_cli_process(*argv, **kwargs):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "blackmamba", *map(os.fsencode, argv)]
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+
+
+def test_sigint_during_a_long_generation_exits_130_without_traceback(model_dir):
+    argv = ("generate", "--model", model_dir, "--prompt", PROMPT, "--max-new-tokens", 1_000_000, "--ignore-eos")
+    proc = run_cli_process(*(str(a) for a in argv), "--stream", "--threads", "1")
+    shown = b""
+    while len(shown) < len(PROMPT) + 20:  # generation is under way
+        chunk = os.read(proc.stdout.fileno(), 4096)
+        assert chunk, proc.stderr.read().decode()
+        shown += chunk
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert err.decode() == "interrupted\n"
+    assert (shown + out).startswith(PROMPT.encode()) and (shown + out).endswith(b"\n")
+
+
+def test_closed_stdout_ends_quietly_with_141(model_dir):
+    argv = ("generate", "--model", model_dir, "--prompt", PROMPT, "--max-new-tokens", 100_000, "--ignore-eos")
+    proc = run_cli_process(*(str(a) for a in argv), "--stream", "--threads", "1")
+    assert os.read(proc.stdout.fileno(), 5)  # like `| head -c 5`
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141
+    assert err == b""
+
+
+@pytest.mark.parametrize("prompt", ["caf\udce9", "\ud800x"])
+def test_non_utf8_prompt_in_process(capsys, model_dir, prompt):
+    code, out, err = run(capsys, "generate", "--model", model_dir, "--prompt", prompt)
+    assert_one_line_error(code, out, err, "--prompt", "UTF-8")
+
+
+@pytest.mark.parametrize(
+    "option,value,fragment",
+    [
+        ("--temperature", "nan", "temperature"),
+        ("--temperature", "inf", "temperature"),
+        ("--temperature", "-0.5", "temperature"),
+        ("--repetition-penalty", "nan", "repetition_penalty"),
+        ("--repetition-penalty", "-inf", "repetition_penalty"),
+        ("--repetition-penalty", "0", "repetition_penalty"),
+        ("--top-p", "nan", "top_p"),
+        ("--top-p", "0", "top_p"),
+        ("--top-k", "-3", "top_k"),
+        ("--top-k", "0", "top_k"),
+        ("--max-new-tokens", "1000001", "1,000,000"),
+        ("--max-new-tokens", str(10**30), "1,000,000"),
+        ("--seed", "-1", "--seed"),
+        ("--seed", str(2**64), "--seed"),
+        ("--prefill-chunk-size", "0", "--prefill-chunk-size"),
+        ("--stop", "", "--stop"),
+    ],
+)
+def test_bad_generate_options_are_one_line_errors(capsys, model_dir, option, value, fragment):
+    code, out, err = run(capsys, "generate", "--model", model_dir, "--prompt", PROMPT, f"{option}={value}")
+    assert_one_line_error(code, out, err, option, fragment, value if value else "empty")
+
+
+def test_threads_apply_during_the_command_only(monkeypatch, model_dir):
+    seen = []
+    monkeypatch.setattr(cli, "cmd_info", lambda args: seen.append(torch.get_num_threads()))
+    monkeypatch.setattr(cli, "cmd_generate", lambda args: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    target = 2 if before == 1 else 1
+    assert main(["--threads", str(target), "info", str(model_dir)]) == 0
+    assert main(["generate", "--model", str(model_dir), "--prompt", PROMPT, "--threads", str(target)]) == 0
+    assert seen == [target, target]
+    assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "x", str(10**9)])
+def test_bad_threads_is_an_argparse_error(capsys, value):
+    with pytest.raises(SystemExit) as info:
+        main(["--threads", value, "info", "somewhere"])
+    assert info.value.code == 2
+    assert "--threads" in capsys.readouterr().err
+
+
+def test_default_threads_backs_off_on_a_busy_machine(monkeypatch):
+    monkeypatch.setattr(cli, "_usable_cpus", lambda: 4)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    monkeypatch.setattr(cli, "_busy_cpus", lambda: 0.2)
+    assert cli.default_threads() == 4
+    monkeypatch.setattr(cli, "_busy_cpus", lambda: 2.7)
+    assert cli.default_threads() == 1
+    monkeypatch.setattr(cli, "_busy_cpus", lambda: 9.0)
+    assert cli.default_threads() == 1
+    monkeypatch.setattr(cli, "_usable_cpus", lambda: 64)
+    monkeypatch.setattr(cli, "_busy_cpus", lambda: 0.0)
+    assert cli.default_threads() == 4  # never above torch's own default
+
+
+def test_busy_cpus_reads_proc_stat():
+    busy = cli._busy_cpus(0.01)
+    assert 0.0 <= busy <= cli._usable_cpus() + 0.01 or not os.path.exists("/proc/stat")
+
+
+def test_file_system_errors_name_the_path(capsys, monkeypatch):
+    def fail(args):
+        raise PermissionError(13, "Permission denied", "/x/config.json")
+
+    monkeypatch.setattr(cli, "cmd_info", fail)
+    assert_one_line_error(*run(capsys, "info", "somewhere"), "error: /x/config.json: Permission denied")
+
+
+@pytest.mark.parametrize("error", [ZeroDivisionError("bug"), ValueError("bug"), RuntimeError("bug")])
+def test_unexpected_exceptions_keep_their_traceback(monkeypatch, error):
+    def fail(args):
+        raise error
+
+    monkeypatch.setattr(cli, "cmd_info", fail)
+    with pytest.raises(type(error)):
+        main(["info", "somewhere"])
+
+
+def test_demo_max_new_tokens_is_checked_before_anything_runs(capsys, monkeypatch):
+    monkeypatch.setattr(cli, "cmd_demo", lambda args: pytest.fail("the demo ran"))
+    assert_one_line_error(*run(capsys, "demo", "--max-new-tokens", -5), "--max-new-tokens")
 
 
 # ------------------------------------------------------------------------------------------ info

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from blackmamba import generate, stream_generate
-from blackmamba.generation import sample_next
+from blackmamba.errors import BlackMambaError
+from blackmamba.generation import GenerationError, sample_next
 
 from .conftest import tiny_model
 
@@ -72,19 +73,48 @@ def test_top_k_one_is_greedy_and_top_p_keeps_the_first():
     assert torch.equal(sample_next(logits, 1.0, top_p=1e-6), logits.argmax(-1))
 
 
+def test_a_tiny_temperature_is_greedy_not_nan():
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0)) * 5
+    for temperature in (1e-30, 1e-45, 5e-324):
+        assert torch.equal(sample_next(logits, temperature, uniform=torch.rand(6)), logits.argmax(-1))
+        assert torch.equal(sample_next(logits, temperature, top_k=3, top_p=0.5), logits.argmax(-1))
+
+
 @pytest.mark.parametrize(
     "args,match",
     [
         (dict(prompts=[]), "no prompts"),
         (dict(prompts=[[]]), "empty"),
         (dict(prompts=[[1, 999]]), "outside"),
+        (dict(prompts=[[1, -1]]), "outside"),
+        (dict(prompts=[[1, True]]), "outside"),
+        (dict(prompts=[[1, 2.0]]), "outside"),
+        (dict(prompts="hello"), "list of token-id lists"),
+        (dict(prompts=[1, 2, 3]), "prompt 0 must be a list"),
+        (dict(prompts=["hello"]), "prompt 0 must be a list"),
         (dict(prompts=[[1]], max_new_tokens=-1), "max_new_tokens"),
+        (dict(prompts=[[1]], max_new_tokens=10**7), "max_new_tokens must be in"),
+        (dict(prompts=[[1]], max_new_tokens=2.5), "max_new_tokens must be an int"),
         (dict(prompts=[[1]], top_p=1.5), "top_p"),
+        (dict(prompts=[[1]], top_p=float("nan")), "top_p"),
         (dict(prompts=[[1]], temperature=-1.0), "temperature"),
+        (dict(prompts=[[1]], temperature=float("nan")), "temperature"),
+        (dict(prompts=[[1]], temperature=float("inf")), "temperature"),
+        (dict(prompts=[[1]], temperature=10**400), "temperature"),
+        (dict(prompts=[[1]], temperature="0.5"), "temperature"),
+        (dict(prompts=[[1]], temperature=None), "temperature"),
+        (dict(prompts=[[1]], top_k=-2), "top_k"),
+        (dict(prompts=[[1]], top_k=2.5), "top_k"),
+        (dict(prompts=[[1]], repetition_penalty=float("nan")), "repetition_penalty"),
+        (dict(prompts=[[1]], repetition_penalty=float("-inf")), "repetition_penalty"),
+        (dict(prompts=[[1]], repetition_penalty=0.0), "repetition_penalty"),
     ],
 )
 def test_bad_arguments_are_named(args, match):
     model = tiny_model()
     kw = dict(max_new_tokens=3) | args
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(GenerationError, match=match) as info:
         generate(model, **kw)
+    assert isinstance(info.value, BlackMambaError) and isinstance(info.value, ValueError)
+    option = match.split()[0] if match.split()[0] in kw else "prompts"
+    assert info.value.option == option

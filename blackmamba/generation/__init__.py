@@ -1,7 +1,23 @@
-"""Generation: sampling, and the prefill + decode loop over the constant-size recurrent cache."""
+"""Generation: sampling, the prefill + decode loop over the constant-size recurrent cache, and text streaming."""
 
 from .decoder import Decoder, SamplingOptions, decoder_for
 from .generate import generate, prefill, stream_generate
-from .sampling import sample_next
+from .sampling import MAX_NEW_TOKENS, GenerationError, check_sampling_options, sample_next
+from .text import TextStreamer, cut_at_stop, generate_text, stream_text
 
-__all__ = ["Decoder", "SamplingOptions", "decoder_for", "generate", "prefill", "sample_next", "stream_generate"]
+__all__ = [
+    "MAX_NEW_TOKENS",
+    "Decoder",
+    "GenerationError",
+    "SamplingOptions",
+    "TextStreamer",
+    "check_sampling_options",
+    "cut_at_stop",
+    "decoder_for",
+    "generate",
+    "generate_text",
+    "prefill",
+    "sample_next",
+    "stream_generate",
+    "stream_text",
+]

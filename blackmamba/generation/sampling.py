@@ -1,9 +1,70 @@
-"""Choosing the next token from logits: greedy, temperature, top-k, top-p, repetition penalty."""
+"""Choosing the next token from logits: greedy, temperature, top-k, top-p, repetition penalty; and the checks
+that keep a bad option (NaN, infinity, a wrong type) from silently producing garbage tokens."""
 
 from __future__ import annotations
 
+import math
+from numbers import Integral, Real
+
 import torch
 from torch import Tensor
+
+from ..errors import BlackMambaError
+
+# Generation has no length limit (the state is constant-size); this bound only catches a mistyped value.
+MAX_NEW_TOKENS = 1_000_000
+
+
+class GenerationError(BlackMambaError, ValueError):
+    """A bad argument to generation; ``option`` names it (``"top_p"``) so a front end can show its own name."""
+
+    def __init__(self, message: str, option: str | None = None) -> None:
+        super().__init__(message)
+        self.option = option
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def _is_finite(value: Real) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def check_max_new_tokens(max_new_tokens: int) -> None:
+    """``max_new_tokens`` is an int in [0, MAX_NEW_TOKENS]."""
+    if not _is_int(max_new_tokens):
+        raise GenerationError(f"max_new_tokens must be an int, got {max_new_tokens!r}", "max_new_tokens")
+    if not 0 <= max_new_tokens <= MAX_NEW_TOKENS:
+        raise GenerationError(
+            f"max_new_tokens must be in [0, {MAX_NEW_TOKENS:,}], got {max_new_tokens}", "max_new_tokens"
+        )
+
+
+def check_sampling_options(
+    temperature: float, top_k: int | None, top_p: float | None, repetition_penalty: float | None
+) -> None:
+    """Raise :class:`GenerationError` naming the first option that is of the wrong type or out of range.
+    NaN and infinities are refused: they compare false against every bound and would decode garbage."""
+
+    def real(name: str, value: object, ok: bool, bound: str) -> None:
+        if not _is_real(value) or not _is_finite(value) or not ok:
+            raise GenerationError(f"{name} must be a finite number {bound}, got {value!r}", name)
+
+    real("temperature", temperature, _is_real(temperature) and temperature >= 0, ">= 0 (0 = greedy)")
+    if top_k is not None and (not _is_int(top_k) or top_k < 1):
+        raise GenerationError(f"top_k must be an int >= 1, got {top_k!r}", "top_k")
+    if top_p is not None:
+        real("top_p", top_p, _is_real(top_p) and 0 < top_p <= 1, "in (0, 1]")
+    if repetition_penalty is not None:
+        real("repetition_penalty", repetition_penalty, _is_real(repetition_penalty) and repetition_penalty > 0, "> 0")
 
 
 def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
@@ -30,7 +91,10 @@ def sample_next(
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits / temperature
+    # Shift the row maximum to 0 first and keep the divisor a normal float32: a tiny temperature then sends
+    # the other logits to -inf (greedy), where inf/inf or 0/0 would give NaN.
+    temperature = max(temperature, torch.finfo(torch.float32).tiny)
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
