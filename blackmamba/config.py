@@ -7,6 +7,11 @@ Shape vocabulary used across the package (paper symbols in brackets):
 
 The released checkpoints use a different ``config.json`` (12 Megatron-style fields, spec section 2.1);
 :meth:`BlackMambaConfig.from_released` reads it and :meth:`BlackMambaConfig.to_released` writes it back.
+
+Every ``config.json`` is untrusted input. Both layouts are checked field by field (types, then the bounds in
+:data:`LIMITS`, then the total parameter count against :data:`MAX_PARAMETERS`) before anything is built, so a
+hostile file (a million layers, a string where a number belongs, JSON nested a million deep) fails at once
+with a :class:`ConfigError` naming the field, instead of allocating for hours or raising deep inside torch.
 """
 
 from __future__ import annotations
@@ -18,12 +23,90 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import BlackMambaError
+
 LAYER_KINDS = ("mamba", "moe")
 ACTIVATIONS = ("gelu", "silu", "gelu_tanh")
 
+# Upper bounds of the size fields (the lower bound is 1). Each is far above any model of this family (the
+# 2.8B has d_model 1472, 36 blocks, 8 experts, d_ff 3872 and a 50,304-token vocabulary) and of any published
+# Mamba or MoE model, yet small enough that no single bound lets a config.json ask for an absurd allocation.
+# ``n_layers`` bounds the length of ``layer_pattern`` (``num_layers`` in the released layout).
+LIMITS: dict[str, int] = {
+    "vocab_size": 2**24,
+    "d_model": 65536,
+    "n_layers": 1024,
+    "d_state": 1024,
+    "d_conv": 256,
+    "expand": 64,
+    "dt_rank": 65536,
+    "n_experts": 1024,
+    "d_ff": 2**20,
+    "max_seq_len": 2**24,
+    "sinkhorn_max_iters": 100_000,
+}
+# The sizes above can still multiply into an impossible model; the total parameter count (embedding and every
+# expert included) is bounded too: 2**41, about 2.2 trillion, is above any released language model.
+MAX_PARAMETERS = 2**41
+# A config.json is a few kilobytes; a larger file is not one and is not read into memory.
+MAX_CONFIG_BYTES = 16 * 2**20
 
-class ConfigError(ValueError):
+
+class ConfigError(BlackMambaError, ValueError):
     """A configuration value is invalid; the message names the field."""
+
+
+def _show(value: Any) -> str:
+    """``repr(value)`` cut short: a hostile field may hold a megabyte of text."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_int(name: str, value: Any, low: int, high: int) -> None:
+    # bool is an int subclass; ``true`` where a size belongs is a mistake, not 1.
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(f"config field '{name}' must be an integer from {low} to {high:,}, got {_show(value)}")
+
+
+def _check_real(name: str, value: Any, low: float, high: float, low_open: bool = False) -> None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        bound = f"{'>' if low_open else '>='} {low:g}" + ("" if math.isinf(high) else f" and <= {high:g}")
+        raise ConfigError(f"config field '{name}' must be a finite number {bound}, got {_show(value)}")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ConfigError(f"config field '{name}' must be one of {list(choices)}, got {_show(value)}")
+
+
+def _check_pattern(pattern: Any) -> None:
+    if not isinstance(pattern, list | tuple):
+        raise ConfigError(f"config field 'layer_pattern' must be a list of block kinds, got {_show(pattern)}")
+    if not 1 <= len(pattern) <= LIMITS["n_layers"]:
+        raise ConfigError(
+            f"config field 'layer_pattern' must list from 1 to {LIMITS['n_layers']} blocks, got {len(pattern):,}"
+        )
+    bad = [kind for kind in pattern if not isinstance(kind, str) or kind not in LAYER_KINDS]
+    if bad:
+        raise ConfigError(
+            f"config field 'layer_pattern' has unknown block kinds {_show(bad)}; allowed: {list(LAYER_KINDS)}"
+        )
+
+
+def parameter_count(config: BlackMambaConfig) -> int:
+    """Total parameters of the model ``config`` describes (tied head: the embedding counts once), from the
+    shapes alone, so that the size bound is checked before anything is built. Equal to
+    ``BlackMamba(config).num_parameters()``; a test holds the two together."""
+    d, di, n, r, k = config.d_model, config.d_inner, config.d_state, config.dt_rank, config.d_conv
+    e, f = config.n_experts, config.d_ff
+    mamba = d + 2 * di * d + di * k + (di if config.conv_bias else 0) + (r + 2 * n) * di + r * di + di
+    mamba += di * n + di + d * di
+    moe = d + e * d + e + e * 2 * f * d + e * d * f
+    n_mamba = config.layer_pattern.count("mamba")
+    return config.vocab_size * d + n_mamba * mamba + (config.n_layers - n_mamba) * moe + 2 * d
 
 
 @dataclass
@@ -71,7 +154,11 @@ class BlackMambaConfig:
     z_loss_weight: float = 0.0
 
     def __post_init__(self) -> None:
+        # The fields that other fields derive from are checked first, so that a wrong type fails here with the
+        # field's name rather than in the arithmetic below.
+        _check_pattern(self.layer_pattern)
         self.layer_pattern = list(self.layer_pattern)
+        _check_int("d_model", self.d_model, 1, LIMITS["d_model"])
         if self.dt_rank is None:
             self.dt_rank = math.ceil(self.d_model / 16)
         self.validate()
@@ -85,49 +172,44 @@ class BlackMambaConfig:
         return len(self.layer_pattern)
 
     def validate(self) -> None:
-        def positive(name: str) -> None:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"config field '{name}' must be a positive integer, got {value!r}")
-
+        """Raise :class:`ConfigError` naming the first field with a wrong type or a value out of bounds."""
+        _check_pattern(self.layer_pattern)
         for name in ("vocab_size", "d_model", "d_state", "d_conv", "expand", "dt_rank", "max_seq_len"):
-            positive(name)
-        if not self.layer_pattern:
-            raise ConfigError("config field 'layer_pattern' must list at least one block")
-        bad = [kind for kind in self.layer_pattern if kind not in LAYER_KINDS]
-        if bad:
-            raise ConfigError(f"config field 'layer_pattern' has unknown block kinds {bad}; allowed: {LAYER_KINDS}")
-        if "moe" in self.layer_pattern:
-            positive("n_experts")
-            positive("d_ff")
-        if self.moe_activation not in ACTIVATIONS:
-            raise ConfigError(
-                f"config field 'moe_activation' must be one of {ACTIVATIONS}, got {self.moe_activation!r}"
-            )
-        if not (isinstance(self.norm_eps, int | float) and self.norm_eps > 0):
-            raise ConfigError(f"config field 'norm_eps' must be a positive number, got {self.norm_eps!r}")
+            _check_int(name, getattr(self, name), 1, LIMITS[name])
+        # Without an MoE block the expert sizes are unused; 0 is then accepted.
+        low = 1 if "moe" in self.layer_pattern else 0
+        _check_int("n_experts", self.n_experts, low, LIMITS["n_experts"])
+        _check_int("d_ff", self.d_ff, low, LIMITS["d_ff"])
+        _check_choice("moe_activation", self.moe_activation, ACTIVATIONS)
+        _check_real("norm_eps", self.norm_eps, 0.0, 1.0, low_open=True)
+        if not isinstance(self.conv_bias, bool):
+            raise ConfigError(f"config field 'conv_bias' must be true or false, got {_show(self.conv_bias)}")
         if self.tokenizer_vocab_size is not None:
-            positive("tokenizer_vocab_size")
+            _check_int("tokenizer_vocab_size", self.tokenizer_vocab_size, 1, LIMITS["vocab_size"])
             if self.tokenizer_vocab_size > self.vocab_size:
                 raise ConfigError(
                     f"config field 'tokenizer_vocab_size' ({self.tokenizer_vocab_size}) exceeds "
                     f"'vocab_size' ({self.vocab_size})"
                 )
-        if self.train_routing not in ("sinkhorn", "top1"):
-            raise ConfigError(f"config field 'train_routing' must be 'sinkhorn' or 'top1', got {self.train_routing!r}")
-        if self.sinkhorn_init not in ("zyphra", "ones"):
-            raise ConfigError(f"config field 'sinkhorn_init' must be 'zyphra' or 'ones', got {self.sinkhorn_init!r}")
-        if self.sinkhorn_criterion not in ("released", "marginals"):
-            raise ConfigError(
-                f"config field 'sinkhorn_criterion' must be 'released' or 'marginals', got {self.sinkhorn_criterion!r}"
-            )
-        positive("sinkhorn_max_iters")
+        _check_real("initializer_range", self.initializer_range, 0.0, 10.0)
+        _check_real("dt_min", self.dt_min, 0.0, math.inf, low_open=True)
+        _check_real("dt_max", self.dt_max, 0.0, math.inf, low_open=True)
+        if self.dt_min > self.dt_max:
+            raise ConfigError(f"config needs dt_min <= dt_max, got {self.dt_min}, {self.dt_max}")
+        _check_real("dt_init_floor", self.dt_init_floor, 0.0, math.inf)
+        _check_choice("train_routing", self.train_routing, ("sinkhorn", "top1"))
+        _check_choice("sinkhorn_init", self.sinkhorn_init, ("zyphra", "ones"))
+        _check_choice("sinkhorn_criterion", self.sinkhorn_criterion, ("released", "marginals"))
+        _check_int("sinkhorn_max_iters", self.sinkhorn_max_iters, 1, LIMITS["sinkhorn_max_iters"])
         for name in ("sinkhorn_tol", "load_balance_weight", "z_loss_weight"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-                raise ConfigError(f"config field '{name}' must be a number >= 0, got {value!r}")
-        if not 0 < self.dt_min <= self.dt_max:
-            raise ConfigError(f"config needs 0 < dt_min <= dt_max, got {self.dt_min}, {self.dt_max}")
+            _check_real(name, getattr(self, name), 0.0, math.inf)
+        total = parameter_count(self)
+        if total > MAX_PARAMETERS:
+            raise ConfigError(
+                f"config describes a model of {total:,} parameters, above the supported {MAX_PARAMETERS:,} "
+                f"(d_model {self.d_model}, {self.n_layers} blocks, {self.n_experts} experts of d_ff {self.d_ff}, "
+                f"vocab {self.vocab_size})"
+            )
 
     # ---------------------------------------------------------------- JSON
 
@@ -139,9 +221,9 @@ class BlackMambaConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"a config must be a JSON object, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(str(k) for k in set(data) - known)
         if unknown:
-            raise ConfigError(f"unknown config fields {unknown}; known fields: {sorted(known)}")
+            raise ConfigError(f"unknown config fields {_show(unknown)}; known fields: {sorted(known)}")
         return cls(**data)
 
     def to_json(self, path: str | os.PathLike | None = None) -> str:
@@ -153,18 +235,23 @@ class BlackMambaConfig:
 
     @classmethod
     def from_json(cls, path_or_text: str | os.PathLike) -> BlackMambaConfig:
-        """Read a config from a JSON file (ours or the released layout) or a JSON string."""
+        """Read a config from a JSON file (ours or the released layout) or a JSON string.
+
+        Every failure is a :class:`ConfigError`; when the config came from a file its message starts with
+        the file's path."""
         text = str(path_or_text)
-        if not text.lstrip().startswith("{"):
-            try:
-                with open(path_or_text) as f:
-                    text = f.read()
-            except OSError as e:
-                raise ConfigError(f"cannot read config file {path_or_text}: {e.strerror}") from None
+        if isinstance(path_or_text, os.PathLike) or not text.lstrip().startswith("{"):
+            return _with_path(path_or_text, lambda: cls._from_text(_read_config_file(path_or_text)))
+        return cls._from_text(text)
+
+    @classmethod
+    def _from_text(cls, text: str) -> BlackMambaConfig:
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"config {path_or_text} is not valid JSON: {e}") from None
+        except RecursionError:
+            raise ConfigError("not valid JSON: nested too deeply") from None
+        except ValueError as e:  # JSONDecodeError, and ints longer than Python converts
+            raise ConfigError(f"not valid JSON: {e}") from None
         if isinstance(data, dict) and "mamba_moe_layers" in data:
             return cls.from_released(data)
         return cls.from_dict(data)
@@ -181,20 +268,48 @@ class BlackMambaConfig:
 
     @classmethod
     def from_released(cls, data: dict[str, Any]) -> BlackMambaConfig:
-        """Adapt the released 12-field ``config.json`` (spec section 2.1)."""
+        """Adapt the released 12-field ``config.json`` (spec section 2.1). Fields the model does not use are
+        ignored, as the reference code ignores them; the used ones are checked for type and bounds first."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"a released config must be a JSON object, got {type(data).__name__}")
         required = ("num_layers", "hidden_size", "vocab_size", "ffn_hidden_size")
         missing = [k for k in required if k not in data]
         if missing:
             raise ConfigError(f"released config.json lacks fields {missing}")
+        sizes = {  # released name -> (our name, default)
+            "num_layers": ("n_layers", None),
+            "hidden_size": ("d_model", None),
+            "vocab_size": ("vocab_size", None),
+            "ffn_hidden_size": ("d_ff", None),
+            "state_size": ("d_state", 16),
+            "conv_dimension": ("d_conv", 4),
+            "expansion_factor": ("expand", 2),
+            "max_sequence_length": ("max_seq_len", 2048),
+        }
+        value: dict[str, int] = {}
+        for name, (ours, default) in sizes.items():
+            value[name] = data.get(name, default)
+            _check_int(name, value[name], 1, LIMITS[ours])
+        for name in ("add_bias_linear", "swiglu", "bias"):
+            if name in data and not isinstance(data[name], bool):
+                raise ConfigError(f"config field '{name}' must be true or false, got {_show(data[name])}")
         if data.get("add_bias_linear", False):
             raise ConfigError("released config with add_bias_linear=true is not supported (the releases use false)")
-        num_layers = data["num_layers"]
-        codes = list(data.get("mamba_moe_layers") or [])
+        if not data.get("swiglu", True):
+            raise ConfigError("released config with swiglu=false (ungated experts) is not supported")
+        num_layers = value["num_layers"]
+        codes = data.get("mamba_moe_layers")
+        if codes is None:
+            codes = []
+        if not isinstance(codes, list):
+            raise ConfigError(f"config field 'mamba_moe_layers' must be a list, got {_show(codes)}")
         if codes and len(codes) != num_layers:
-            raise ConfigError(f"mamba_moe_layers has {len(codes)} entries but num_layers is {num_layers}")
+            raise ConfigError(f"mamba_moe_layers has {len(codes):,} entries but num_layers is {num_layers}")
         pattern: list[str] = []
         experts: set[int] = set()
         for i, code in enumerate(codes or ["r"] * num_layers):
+            if isinstance(code, bool) or not isinstance(code, str | int):
+                raise ConfigError(f"mamba_moe_layers[{i}] must be a string such as 'r' or '8', got {_show(code)}")
             code = str(code)
             if code == "r":
                 pattern.append("mamba")
@@ -204,25 +319,23 @@ class BlackMambaConfig:
                 experts.add(int(code[-1]))
             else:
                 raise ConfigError(
-                    f"mamba_moe_layers[{i}] = {code!r}: only 'r' (Mamba) and MoE entries like '8' are supported"
+                    f"mamba_moe_layers[{i}] = {_show(code)}: only 'r' (Mamba) and MoE entries like '8' are supported"
                 )
         if len(experts) > 1:
             raise ConfigError(f"mamba_moe_layers mixes expert counts {sorted(experts)}; one count is supported")
-        if "swiglu" in data and not data["swiglu"]:
-            raise ConfigError("released config with swiglu=false (ungated experts) is not supported")
-        vocab = int(data["vocab_size"])
+        vocab = value["vocab_size"]
         return cls(
             vocab_size=vocab,
-            d_model=int(data["hidden_size"]),
+            d_model=value["hidden_size"],
             layer_pattern=pattern,
-            d_state=int(data.get("state_size", 16)),
-            d_conv=int(data.get("conv_dimension", 4)),
-            expand=int(data.get("expansion_factor", 2)),
+            d_state=value["state_size"],
+            d_conv=value["conv_dimension"],
+            expand=value["expansion_factor"],
             n_experts=experts.pop() if experts else 8,
-            d_ff=int(data["ffn_hidden_size"]),
+            d_ff=value["ffn_hidden_size"],
             moe_activation="gelu",
             tokenizer_vocab_size=NEOX_VOCAB_SIZE if vocab >= NEOX_VOCAB_SIZE else None,
-            max_seq_len=int(data.get("max_sequence_length", 2048)),
+            max_seq_len=value["max_sequence_length"],
         )
 
     def to_released(self) -> dict[str, Any]:
@@ -251,6 +364,29 @@ class BlackMambaConfig:
 
 
 NEOX_VOCAB_SIZE = 50277
+
+
+def _read_config_file(path: str | os.PathLike) -> str:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"cannot read the file: {e.strerror or e}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"larger than {MAX_CONFIG_BYTES // 2**20} MiB, so not a config file")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"not UTF-8 text (byte {e.start})") from None
+
+
+def _with_path(path: str | os.PathLike, read: Any) -> BlackMambaConfig:
+    """``read()``, with the file's path put in front of the message of any :class:`ConfigError`."""
+    try:
+        return read()
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(vocab_size=256, d_model=32, layer_pattern=["mamba", "moe"] * 2, d_state=8, n_experts=4, d_ff=48),

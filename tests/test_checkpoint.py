@@ -473,7 +473,7 @@ def test_failed_save_leaves_no_target_and_no_temporaries(tmp_path, monkeypatch):
     parent = tmp_path / "parent"
     parent.mkdir()
     calls = failing_save_file(monkeypatch, fail_on_call=2)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(CheckpointError, match="simulated"):
         save_pretrained(random_model(), parent / "ckpt", max_shard_bytes=64 * 1024)
     assert len(calls) == 2  # the first shard was written before the failure
     assert os.listdir(parent) == []
@@ -485,7 +485,7 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     save_pretrained(old, parent / "ckpt")
     before = sorted(os.listdir(parent / "ckpt"))
     failing_save_file(monkeypatch, fail_on_call=1)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(CheckpointError, match="simulated"):
         save_pretrained(random_model(seed=1), parent / "ckpt")
     assert os.listdir(parent) == ["ckpt"]
     assert sorted(os.listdir(parent / "ckpt")) == before
@@ -515,7 +515,10 @@ def test_save_over_existing_checkpoint_replaces_it_completely(tmp_path):
     save_pretrained(old, tmp_path / "ckpt", tokenizer=tok, max_shard_bytes=64 * 1024)
     (tmp_path / "ckpt" / "notes.txt").write_text("stale")
     new = random_model(BlackMambaConfig.from_preset("tiny", d_model=16), seed=1)
-    save_pretrained(new, tmp_path / "ckpt")
+    with pytest.raises(CheckpointError, match=r"not a checkpoint \(it holds notes.txt\).*overwrite"):
+        save_pretrained(new, tmp_path / "ckpt")  # notes.txt is not the tool's to delete
+    assert (tmp_path / "ckpt" / "notes.txt").read_text() == "stale"
+    save_pretrained(new, tmp_path / "ckpt", overwrite=True)
     assert sorted(os.listdir(tmp_path / "ckpt")) == ["config.json", "model.safetensors"]
     assert os.listdir(tmp_path) == ["ckpt"]
     assert_same_model(new, load_pretrained(tmp_path / "ckpt"))

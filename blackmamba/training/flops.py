@@ -8,7 +8,10 @@ Counting convention: a multiply-add is 2 FLOPs; only the terms that grow with mo
 * Head: 2*D*V (tied embedding; the embedding lookup is free).
 * Training = 3 x forward (backward costs about twice the forward).
 
-Comparison models with the same *active* parameters P (excluding the embedding):
+Comparison models with the same *active* parameters P, here the parameters one token passes through (one
+expert per MoE block) WITHOUT the embedding: its lookup costs nothing and the head is counted separately
+above, as Kaplan et al. count. ``blackmamba info`` shows both counts and labels them ("active parameters"
+includes the embedding, as the model names 340M/1.5B and 630M/2.8B do; "active, no embedding" is this P).
 * dense Mamba: forward 2*P + the scan term of the model's Mamba blocks scaled to P (Mamba's cost is
   its parameters plus the scan, independent of sequence length).
 * dense transformer (Kaplan et al. 2020): forward 2*P + 2*n_layer*L*D for causal attention at
@@ -34,7 +37,8 @@ def _moe_block(c: BlackMambaConfig) -> int:
 
 
 def active_params(c: BlackMambaConfig, embedding: bool = False) -> int:
-    """Parameters one token passes through (one expert per MoE block), counted on a meta-device model."""
+    """Parameters one token passes through (one expert per MoE block), counted on a meta-device model;
+    without the embedding unless ``embedding`` (the P of the comparison, see the module docstring)."""
     with torch.device("meta"):
         return BlackMamba(c).num_parameters(active=True, embedding=embedding)
 
