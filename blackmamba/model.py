@@ -11,7 +11,10 @@ it cast to the parameter dtype; A_log, D and the dt bias stay fp32 when the mode
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,16 +22,17 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from .config import BlackMambaConfig
-from .kernels import add_rms_norm, moe_decode
-from .kernels.norm import add_rms_norm_route
-from .layers import MambaCache, MambaMixer, MoE, RMSNorm, RouterStats
+from .kernels import add_rms_norm
+from .layers import MambaMixer, Mixer, MoE, RMSNorm, RouterStats
 
 # Parameters kept in fp32 whatever the model dtype (name suffixes).
 FP32_PARAMS = ("mixer.A_log", "mixer.D", "mixer.dt_proj.bias")
+# The sublayer of each layer kind (config.layer_pattern).
+MIXERS: dict[str, type[Mixer]] = {"mamba": MambaMixer, "moe": MoE}
 
 
 class Block(nn.Module):
-    """Pre-norm residual block around one mixer (Mamba or MoE).
+    """Pre-norm residual block around one mixer (Mamba or MoE); it only delegates to the mixer.
 
     The residual add of the previous block's output is fused with this block's norm: a block takes the fp32
     residual stream and the previous block's output (``delta``, None for the first block) and returns the
@@ -39,37 +43,100 @@ class Block(nn.Module):
         super().__init__()
         self.kind = kind
         self.norm = RMSNorm(config.d_model, config.norm_eps)
-        self.mixer: MambaMixer | MoE = MambaMixer(config) if kind == "mamba" else MoE(config)
+        self.mixer = MIXERS[kind](config)
 
     def forward(
-        self, residual: Tensor, delta: Tensor | None = None, cache: MambaCache | None = None, mask: Tensor | None = None
+        self,
+        residual: Tensor,
+        delta: Tensor | None = None,
+        cache: Any | None = None,
+        mask: Tensor | None = None,
+        slots: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, RouterStats | None]:
         h, residual = add_rms_norm(residual, delta, self.norm.weight, self.norm.eps)
-        if self.kind == "mamba":
-            return residual, self.mixer(h, cache, mask), None
-        out, stats = self.mixer(h)
+        out, stats = self.mixer(h, cache, mask, slots)
         return residual, out, stats
 
-    def step(self, residual: Tensor, delta: Tensor | None, cache: MambaCache | None) -> tuple[Tensor, Tensor]:
-        moe = self.kind == "moe"
-        if moe and moe_decode.FUSE_ROUTER and self.mixer.decode_kernels_apply(residual, self.norm.weight.dtype):
-            # Decode kernels: the norm's launch also routes, then two launches for the experts.
-            router = self.mixer.router
-            h, residual, expert, gate = add_rms_norm_route(
-                residual, delta, self.norm.weight, self.norm.eps, router.weight, router.bias
-            )
-            return residual, self.mixer.experts_decode(h, expert, gate)
-        h, residual = add_rms_norm(residual, delta, self.norm.weight, self.norm.eps)
-        return residual, (self.mixer.step(h, cache) if self.kind == "mamba" else self.mixer(h, with_stats=False)[0])
+    def step(
+        self, residual: Tensor, delta: Tensor | None, cache: Any | None, slots: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        return self.mixer.norm_step(self.norm, residual, delta, cache, slots)
+
+
+SlotIds = int | Sequence[int] | Tensor
 
 
 @dataclass
 class InferenceCache:
-    """Per-block decode state (None for MoE blocks, which are stateless) and the number of tokens seen."""
+    """The decode state of a pool of ``n_slots`` sequences: per block, its mixer's state (None for the
+    stateless MoE), with the slot as the first dim of every tensor. A decode step runs over any set of
+    slots (:meth:`BlackMamba.step` with ``slots``), exactly as if each ran alone; a forward with ``slots``
+    prefills them. The pool also tracks which slots are taken (:meth:`acquire`, :meth:`release`).
+    """
 
-    layers: list[MambaCache | None]
-    seqlen_offset: int = 0
-    batch_size: int = field(default=0)
+    layers: list[Any | None]
+    _free: list[int] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._free = list(range(self.n_slots))
+
+    @property
+    def n_slots(self) -> int:
+        return next((t.shape[0] for t in self.tensors()), 0)
+
+    def tensors(self) -> Iterator[Tensor]:
+        """Every state tensor of the pool, block by block."""
+        for state in self.layers:
+            if state is not None:
+                yield from (getattr(state, f.name) for f in dataclasses.fields(state))
+
+    def _ids(self, slots: SlotIds) -> Tensor:
+        device = next(self.tensors()).device
+        return torch.as_tensor(slots, dtype=torch.long, device=device).reshape(-1)
+
+    def acquire(self) -> int:
+        """A free slot (the lowest), now taken. Its state is whatever was last written there."""
+        if not self._free:
+            raise RuntimeError(f"all {self.n_slots} slots of the inference cache are taken")
+        return self._free.pop(0)
+
+    def release(self, slot: int) -> None:
+        """Give ``slot`` back: its state is zeroed and it is free again."""
+        if not 0 <= slot < self.n_slots or slot in self._free:
+            raise ValueError(f"slot {slot} is not a taken slot of this cache ({self.n_slots} slots)")
+        self.reset(slot)
+        self._free.append(slot)
+        self._free.sort()
+
+    def reset(self, slots: SlotIds | None = None) -> None:
+        """Zero the state of ``slots`` (all slots by default)."""
+        for t in self.tensors():
+            if slots is None:
+                t.zero_()
+            else:
+                t.index_fill_(0, self._ids(slots), 0)
+
+    def write(self, slots: SlotIds, source: InferenceCache, rows: SlotIds | None = None) -> None:
+        """Copy the state of ``source``'s slots ``rows`` (all of them by default) into ``slots``: how a
+        sequence prefilled in a cache of its own joins the pool."""
+        ids = self._ids(slots)
+        for dst, src in zip(self.tensors(), source.tensors(), strict=True):
+            src = src if rows is None else src.index_select(0, self._ids(rows).to(src.device))
+            dst.index_copy_(0, ids, src.to(dst.dtype))
+
+    def snapshot(self, slot: int) -> InferenceCache:
+        """A copy of one slot's state, as a cache of one slot (:meth:`restore` writes it back)."""
+        layers = [
+            None if s is None else dataclasses.replace(
+                s, **{f.name: getattr(s, f.name)[slot : slot + 1].clone() for f in dataclasses.fields(s)}
+            )
+            for s in self.layers
+        ]  # fmt: skip
+        return InferenceCache(layers)
+
+    def restore(self, slot: int, snapshot: InferenceCache) -> None:
+        """Put a :meth:`snapshot` back into ``slot`` (any slot), bit for bit."""
+        self.write(slot, snapshot)
 
 
 @dataclass
@@ -113,11 +180,13 @@ class BlackMamba(nn.Module):
         cache: InferenceCache | None = None,
         mask: Tensor | None = None,
         num_last_tokens: int = 0,
+        slots: Tensor | None = None,
     ) -> BlackMambaOutput:
         """input_ids (B, L) -> logits (B, L, V) (only the last ``num_last_tokens`` positions when > 0).
 
-        With a ``cache`` the sequence continues from its state and leaves its final state there.
-        ``mask`` (B, L) marks real tokens of left-padded rows.
+        With a ``cache`` the sequences continue from their state and leave their final state there: in
+        ``slots`` (B,) of the pool, or in rows 0..B-1 (a cache of B slots) without them. ``mask`` (B, L)
+        marks real tokens of left-padded rows.
         """
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
@@ -128,16 +197,14 @@ class BlackMamba(nn.Module):
             layer_cache = None if cache is None else cache.layers[i]
             if checkpointing:
                 x, delta, block_stats = torch.utils.checkpoint.checkpoint(
-                    block, x, delta, layer_cache, mask, use_reentrant=False
+                    block, x, delta, layer_cache, mask, slots, use_reentrant=False
                 )
             else:
-                x, delta, block_stats = block(x, delta, layer_cache, mask)
+                x, delta, block_stats = block(x, delta, layer_cache, mask, slots)
             if block_stats is not None:
                 stats.append(block_stats)
         if delta is not None:
             x = x + delta
-        if cache is not None:
-            cache.seqlen_offset += input_ids.shape[1]
         if num_last_tokens > 0:
             x = x[:, -num_last_tokens:]
         losses = [s.aux_loss for s in stats if s.aux_loss is not None]
@@ -149,24 +216,21 @@ class BlackMamba(nn.Module):
             sinkhorn_iters=[s.sinkhorn_iters for s in stats],
         )
 
-    def step(self, token_ids: Tensor, cache: InferenceCache) -> Tensor:
-        """One token per sequence: token_ids (B,) -> logits (B, V); advances ``cache``."""
+    def step(self, token_ids: Tensor, cache: InferenceCache, slots: Tensor | None = None) -> Tensor:
+        """One token per sequence: token_ids (B,) -> logits (B, V); advances the state of ``slots`` (B,) of the
+        pool (rows 0..B-1 without them), each exactly as if it ran alone."""
         x, delta = self.embedding(token_ids).float(), None
         for i, block in enumerate(self.layers):
-            x, delta = block.step(x, delta, cache.layers[i])
+            x, delta = block.step(x, delta, cache.layers[i], slots)
         if delta is not None:
             x = x + delta
-        cache.seqlen_offset += 1
         return self._head(x)
 
     def allocate_cache(
-        self, batch_size: int, device: torch.device | None = None, dtype: torch.dtype | None = None
+        self, n_slots: int, device: torch.device | None = None, dtype: torch.dtype | None = None
     ) -> InferenceCache:
-        layers = [
-            block.mixer.allocate_cache(batch_size, device, dtype) if block.kind == "mamba" else None
-            for block in self.layers
-        ]
-        return InferenceCache(layers=layers, batch_size=batch_size)
+        """A pool of ``n_slots`` zeroed decode states (conv windows in ``dtype``, the model's by default)."""
+        return InferenceCache([block.mixer.allocate_cache(n_slots, device, dtype) for block in self.layers])
 
     def num_parameters(self, active: bool = False, embedding: bool = True) -> int:
         """Parameter count; ``active`` counts one expert per MoE block (the per-token forward)."""

@@ -27,7 +27,6 @@ def test_decode_equals_forward(tiny, prefill):
         cache = tiny.allocate_cache(2)
         part = tiny(ids[:, :prefill], cache=cache).logits
         steps = [tiny.step(ids[:, t], cache) for t in range(prefill, 30)]
-    assert cache.seqlen_offset == 30
     torch.testing.assert_close(part, full[:, :prefill], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(torch.stack(steps, 1), full[:, prefill:], rtol=1e-4, atol=1e-4)
 

@@ -1,17 +1,22 @@
 """The whole model on the Triton backend equals the model on the reference backend: logits, decoding and
 one training step's gradients (CPU: the tiny model in Triton's interpreter; GPU: the 2.8B shape)."""
 
-import importlib
-
 import pytest
 import torch
 
 from blackmamba import BlackMamba, BlackMambaConfig
-from blackmamba.kernels import use_backend
+from blackmamba.kernels import use_backend, use_settings
 
 from .conftest import DEVICE, randomize, rel_err, tiny_model
 
 pytest.importorskip("triton")
+
+
+@pytest.fixture
+def small_chunks():
+    """Chunks of 8 positions in the interpreter, so that tiny sequences cross several."""
+    with use_settings(scan_chunk=8 if DEVICE.type == "cpu" else 64):
+        yield
 
 
 def logits_and_grads(model, ids, backend):
@@ -33,16 +38,14 @@ def compare(model, ids, tol):
     assert rel_err(grads[worst], grads_ref[worst]) < 5 * tol, worst
 
 
-def test_tiny_model_triton_equals_reference(monkeypatch):
-    monkeypatch.setattr(importlib.import_module("blackmamba.kernels.selective_scan"), "SCAN_CHUNK", 8)
+def test_tiny_model_triton_equals_reference(small_chunks):
     model = tiny_model().to(DEVICE).train()
     model.config.train_routing = "top1"  # the same routing on both backends
     ids = torch.randint(0, model.config.vocab_size, (2, 13)).to(DEVICE)
     compare(model, ids, 1e-5)
 
 
-def test_tiny_model_triton_decode_equals_forward(monkeypatch):
-    monkeypatch.setattr(importlib.import_module("blackmamba.kernels.selective_scan"), "SCAN_CHUNK", 8)
+def test_tiny_model_triton_decode_equals_forward(small_chunks):
     model = tiny_model().to(DEVICE)
     ids = torch.randint(0, model.config.vocab_size, (3, 9)).to(DEVICE)
     with torch.no_grad(), use_backend("triton"):
@@ -65,3 +68,36 @@ def test_2p8b_shape_triton_equals_reference():
     model.train().config.train_routing = "top1"
     ids = torch.randint(0, config.vocab_size, (2, 256), device="cuda")
     compare(model, ids, 1e-4)
+
+
+def test_tiny_model_triton_steps_any_slots(small_chunks):
+    """Prefill into two slots of a pool and step them (in another order) on the Triton backend: the logits
+    equal the reference backend's."""
+    model = tiny_model().to(DEVICE)
+    ids = torch.randint(0, model.config.vocab_size, (2, 3), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    logits = {}
+    with torch.no_grad():
+        for backend in ("ref", "triton"):
+            with use_backend(backend):
+                pool = model.allocate_cache(4)
+                model(ids[:, :2], cache=pool, slots=torch.tensor([2, 0], device=DEVICE))
+                logits[backend] = model.step(ids.flip(0)[:, 2], pool, torch.tensor([0, 2], device=DEVICE))
+    torch.testing.assert_close(logits["triton"], logits["ref"], rtol=1e-4, atol=1e-4)
+
+
+def test_model_step_routes_inside_the_norm(monkeypatch):
+    """The decode step's MoE blocks route in the norm kernel; logits equal the unfused step's."""
+    import blackmamba.kernels.norm as norm_module
+
+    model = tiny_model().to(DEVICE)
+    tokens = torch.randint(0, model.config.vocab_size, (3,), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    calls = []
+    real = norm_module.add_rms_norm_route_triton
+    monkeypatch.setattr(norm_module, "add_rms_norm_route_triton", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad(), use_backend("triton"):
+        fused = model.step(tokens, model.allocate_cache(3))
+        assert len(calls) == model.config.layer_pattern.count("moe")
+        with use_settings(fuse_router=False):
+            unfused = model.step(tokens, model.allocate_cache(3))
+    assert len(calls) == model.config.layer_pattern.count("moe")
+    torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-5)

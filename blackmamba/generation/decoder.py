@@ -1,15 +1,19 @@
 """The decode loop on static buffers, with the per-token step captured in CUDA graphs.
 
-A :class:`Decoder` keeps, per batch-size bucket (1, 2, 4, ... 256), the recurrent cache, the input tokens,
-the uniform numbers for sampling, the repetition-penalty mask and the output tokens in fixed buffers. One
-step (every block, the head, logit processing and sampling) reads and writes only those buffers, so on a
-GPU it is captured once per bucket in a CUDA graph and replayed: per token the host writes the uniforms
-(drawn from the caller's generator, so seeded runs repeat), replays the graph and reads the new tokens
-back, which is the only synchronisation, needed to hand the tokens to the caller. Without graphs (CPU,
-or ``use_graphs=False``) the same step runs eagerly on the same buffers, so both give the same tokens.
+A :class:`Decoder` keeps, per batch-size bucket (1, 2, 4, ... 256), the input tokens, the slot of each row
+in a pool of decode states (:class:`~blackmamba.model.InferenceCache`), the uniform numbers for sampling,
+the repetition-penalty mask and the output tokens in fixed buffers. One step (every block, the head, logit
+processing and sampling) reads and writes only those buffers and the pool, so on a GPU it is captured once
+per bucket in a CUDA graph and replayed: per token the host writes the uniforms (drawn from the caller's
+generator, so seeded runs repeat), replays the graph and reads the new tokens back, which is the only
+synchronisation, needed to hand the tokens to the caller. Without graphs (CPU, or ``use_graphs=False``)
+the same step runs eagerly on the same buffers, so both give the same tokens.
 
-Rows of a bucket beyond the batch decode a dummy sequence; every op treats rows independently, so they
-change nothing for the real rows.
+Row b of a step decodes the sequence in slot ``slots[b]`` of the pool; with buckets, rows beyond the batch
+decode a dummy sequence in the pool's pad slot (its last); every op treats rows independently, so they
+change nothing for the real rows. By default each bucket has a pool of its own (one slot per row and the
+pad slot; without buckets, an exact batch of slots stepped without indices); given a ``pool``, every
+bucket works over it, its last slot reserved as the pad. A decoder runs one generation at a time.
 """
 
 from __future__ import annotations
@@ -35,11 +39,12 @@ class SamplingOptions:
 
 
 @dataclass
-class _Slot:
-    """The static buffers of one bucket, and its graph once captured."""
+class _Bucket:
+    """The static buffers of one bucket, its pool of decode states, and its graph once captured."""
 
     size: int
-    cache: InferenceCache
+    pool: InferenceCache
+    slots: Tensor | None  # (size,) the pool slot of each row (None: row b is slot b of a pool of `size`)
     tokens: Tensor  # (size,) the input of the next step
     uniform: Tensor  # (size,) one uniform number per row for sampling
     seen: Tensor | None  # (size, V) tokens seen, for the repetition penalty
@@ -51,7 +56,12 @@ class Decoder:
     """Decoding for one model and one set of sampling options; reuse it across calls (graphs are kept)."""
 
     def __init__(
-        self, model: BlackMamba, options: SamplingOptions, use_graphs: bool | None = None, buckets: bool | None = None
+        self,
+        model: BlackMamba,
+        options: SamplingOptions,
+        use_graphs: bool | None = None,
+        buckets: bool | None = None,
+        pool: InferenceCache | None = None,
     ) -> None:
         on_gpu = model.device.type == "cuda"
         if use_graphs and not on_gpu:
@@ -67,7 +77,8 @@ class Decoder:
         self._unusable = None
         if usable < config.vocab_size:
             self._unusable = torch.arange(config.vocab_size, device=model.device) >= usable
-        self._slots: dict[int, _Slot] = {}
+        self._buckets: dict[int, _Bucket] = {}
+        self.pool = pool
 
     @staticmethod
     def bucket(batch: int) -> int:
@@ -85,14 +96,28 @@ class Decoder:
             logits = apply_repetition_penalty(logits, seen, o.repetition_penalty)
         return sample_next(logits, o.temperature, o.top_k, o.top_p, uniform=uniform)
 
-    def _slot(self, size: int) -> _Slot:
-        if size in self._slots:
-            return self._slots[size]
+    def _pool(self, size: int) -> tuple[InferenceCache, Tensor | None]:
+        """The pool of a bucket of ``size`` rows and the bucket's slot buffer (every row on the pad slot)."""
         model, device = self.model, self.model.device
-        vocab = model.config.vocab_size
-        slot = _Slot(
+        pool = self.pool
+        if pool is None and not self.buckets:
+            return model.allocate_cache(size, device=device), None
+        if pool is None:
+            pool = model.allocate_cache(size + 1, device=device)
+        elif pool.n_slots < size + 1:
+            raise ValueError(f"a batch of {size} rows needs a pool of {size + 1} slots (one pad), got {pool.n_slots}")
+        return pool, torch.full((size,), pool.n_slots - 1, dtype=torch.long, device=device)
+
+    def _bucket(self, size: int) -> _Bucket:
+        if size in self._buckets:
+            return self._buckets[size]
+        device = self.model.device
+        vocab = self.model.config.vocab_size
+        pool, slots = self._pool(size)
+        bucket = _Bucket(
             size=size,
-            cache=model.allocate_cache(size, device=device),
+            pool=pool,
+            slots=slots,
             tokens=torch.zeros(size, dtype=torch.long, device=device),
             uniform=torch.zeros(size, device=device),
             seen=None
@@ -101,60 +126,61 @@ class Decoder:
             out=torch.zeros(size, dtype=torch.long, device=device),
         )
         if self.use_graphs:
-            # Warm up on a side stream (kernels compile, the allocator settles), then capture. The cache is
-            # reset afterwards by start().
+            # Warm up on a side stream (kernels compile, the allocator settles), then capture. Every row is on
+            # the pad slot until start() assigns the real ones, so the warm-up touches no other bucket's state.
             stream = torch.cuda.Stream(device)
             stream.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(stream), torch.inference_mode():
                 for _ in range(2):
-                    self._step(slot)
+                    self._step(bucket)
             torch.cuda.current_stream(device).wait_stream(stream)
-            slot.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(slot.graph), torch.inference_mode():
-                self._step(slot)
-        self._slots[size] = slot
-        return slot
+            bucket.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(bucket.graph), torch.inference_mode():
+                self._step(bucket)
+        self._buckets[size] = bucket
+        return bucket
 
-    def _step(self, slot: _Slot) -> None:
-        logits = self.model.step(slot.tokens, slot.cache)
-        tokens = self.process(logits, slot.seen, slot.uniform)
-        slot.out.copy_(tokens)
-        slot.tokens.copy_(tokens)
-        if slot.seen is not None:
-            slot.seen.scatter_(1, tokens[:, None], True)
+    def _step(self, bucket: _Bucket) -> None:
+        logits = self.model.step(bucket.tokens, bucket.pool, bucket.slots)
+        tokens = self.process(logits, bucket.seen, bucket.uniform)
+        bucket.out.copy_(tokens)
+        bucket.tokens.copy_(tokens)
+        if bucket.seen is not None:
+            bucket.seen.scatter_(1, tokens[:, None], True)
 
     @torch.inference_mode()
-    def start(self, cache: InferenceCache, tokens: Tensor, seen: Tensor | None) -> _Slot:
-        """Load a prefilled ``cache`` (batch rows), the first sampled ``tokens`` (B,) and ``seen`` (B, V) into
-        the bucket's buffers; rows beyond the batch are reset."""
+    def start(self, cache: InferenceCache, tokens: Tensor, seen: Tensor | None, slots: Tensor | None = None) -> _Bucket:
+        """Load a prefilled ``cache`` (one slot per row of the batch), the first sampled ``tokens`` (B,) and
+        ``seen`` (B, V) into a bucket: row b decodes in slot ``slots[b]`` of the bucket's pool (slot b by
+        default), rows beyond the batch in its pad slot (zeroed)."""
         batch = tokens.shape[0]
-        slot = self._slot(self.bucket(batch) if self.buckets else batch)
-        slot.cache.seqlen_offset = cache.seqlen_offset
-        for dst, src in zip(slot.cache.layers, cache.layers, strict=True):
-            if dst is None:
-                continue
-            for name in ("conv_state", "ssm_state"):
-                buf = getattr(dst, name)
-                buf.zero_()
-                buf[:batch].copy_(getattr(src, name))
-        slot.tokens.zero_()
-        slot.tokens[:batch].copy_(tokens)
-        if slot.seen is not None:
-            slot.seen.zero_()
-            slot.seen[:batch].copy_(seen)
-        return slot
+        bucket = self._bucket(self.bucket(batch) if self.buckets else batch)
+        slots = torch.arange(batch) if slots is None else slots
+        if bucket.slots is None:
+            bucket.pool.write(slots, cache)
+        else:
+            pad = bucket.pool.n_slots - 1
+            bucket.slots.fill_(pad)
+            bucket.slots[:batch].copy_(slots)
+            bucket.pool.reset(pad)
+            bucket.pool.write(bucket.slots[:batch], cache)
+        bucket.tokens.zero_()
+        bucket.tokens[:batch].copy_(tokens)
+        if bucket.seen is not None:
+            bucket.seen.zero_()
+            bucket.seen[:batch].copy_(seen)
+        return bucket
 
     @torch.inference_mode()
-    def step(self, slot: _Slot, uniform: Tensor | None) -> Tensor:
-        """One token for every row of ``slot``: returns the new tokens (size,) on the device."""
+    def step(self, bucket: _Bucket, uniform: Tensor | None) -> Tensor:
+        """One token for every row of ``bucket``: returns the new tokens (size,) on the device."""
         if uniform is not None:
-            slot.uniform[: uniform.shape[0]].copy_(uniform)
-        if slot.graph is not None:
-            slot.graph.replay()
-            slot.cache.seqlen_offset += 1  # the model's own count runs only in eager steps
+            bucket.uniform[: uniform.shape[0]].copy_(uniform)
+        if bucket.graph is not None:
+            bucket.graph.replay()
         else:
-            self._step(slot)
-        return slot.out
+            self._step(bucket)
+        return bucket.out
 
 
 _DECODERS: weakref.WeakKeyDictionary[BlackMamba, dict] = weakref.WeakKeyDictionary()

@@ -9,6 +9,12 @@ The Triton path tiles (L, D) per batch element: the forward reads each x tile (p
 cache) once and writes y once. The backward recomputes the pre-activation z, so nothing but x is saved, and
 forms dx as the anti-causal conv of dz; dweight and dbias come from per-tile fp32 partial sums reduced in torch.
 x may be a strided view such as ``in_proj(u).chunk(2, -1)[0]``: only unit stride along D is needed.
+
+Decoding: :func:`causal_conv1d_update` (reference) and :func:`conv_update_triton` shift the conv window
+(S, K-1, D) of one token per row in place and return the activated output; :func:`conv_update` picks one.
+The kernel is memory bound (one read and one write of the window); the new input enters the window in
+the window's dtype, as in the reference, and the arithmetic is fp32. Row b may use any window of a pool
+(``state_indices``).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .backend import resolve_backend
+from .tl_math import check_state_indices, decode_launch_config, expect_shape
 
 try:
     import triton
@@ -29,44 +36,49 @@ except ImportError:  # the module still imports; the "triton" backend then refus
 if triton is not None:
 
     @triton.jit
-    def _load_padded(X, INIT, rows, cols, cmask, L, stride_xl, stride_il, K: tl.constexpr, HAS_INIT: tl.constexpr):
-        """fp32 tile of the padded input at sequence rows ``rows``: x for 0 <= row < L, the initial state (or 0)
-        for the K-1 rows before it, 0 elsewhere. X and INIT already point at this batch element and share a dtype:
-        each row picks its source pointer, so a tile costs one load whichever side of 0 it lies."""
+    def _load_padded(
+        x_ptr, init_ptr, rows, cols, cmask, seqlen, stride_x_l, stride_init_l, K: tl.constexpr, HAS_INIT: tl.constexpr
+    ):
+        """fp32 tile of the padded input at sequence rows ``rows``: x for 0 <= row < seqlen, the initial state (or
+        0) for the K-1 rows before it, 0 elsewhere. x_ptr and init_ptr already point at this batch element and share
+        a dtype: each row picks its source pointer, so a tile costs one load whichever side of 0 it lies."""
         rows64 = rows.to(tl.int64)
         if HAS_INIT:
             first = -(K - 1)
-            base = tl.where(rows >= 0, X + rows64 * stride_xl, INIT + (rows64 + (K - 1)) * stride_il)
+            base = tl.where(rows >= 0, x_ptr + rows64 * stride_x_l, init_ptr + (rows64 + (K - 1)) * stride_init_l)
         else:
             first = 0
-            base = X + rows64 * stride_xl
-        mask = ((rows >= first) & (rows < L))[:, None] & cmask[None, :]
+            base = x_ptr + rows64 * stride_x_l
+        mask = ((rows >= first) & (rows < seqlen))[:, None] & cmask[None, :]
         return tl.load(base[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
 
     @triton.jit
     def _grad_pre_activation(
-        X, INIT, W, DY, bias, rows, cols, cmask, L, stride_xl, stride_il, stride_dyl, stride_wd, stride_wk,
+        x_ptr, init_ptr, w_ptr, dy_ptr, bias, rows, cols, cmask, seqlen,
+        stride_x_l, stride_init_l, stride_dy_l, stride_w_d, stride_w_k,
         K: tl.constexpr, HAS_INIT: tl.constexpr, SILU: tl.constexpr,
     ):  # fmt: skip
-        """dL/dz at sequence rows ``rows`` (zero outside [0, L)); the SiLU recomputes z from x."""
+        """dL/dz at sequence rows ``rows`` (zero outside [0, seqlen)); the SiLU recomputes z from x."""
         rows64 = rows.to(tl.int64)
-        in_seq = ((rows >= 0) & (rows < L))[:, None] & cmask[None, :]
-        dz = tl.load(DY + rows64[:, None] * stride_dyl + cols[None, :], mask=in_seq, other=0.0).to(tl.float32)
+        in_seq = ((rows >= 0) & (rows < seqlen))[:, None] & cmask[None, :]
+        dz = tl.load(dy_ptr + rows64[:, None] * stride_dy_l + cols[None, :], mask=in_seq, other=0.0).to(tl.float32)
         if SILU:
             z = tl.zeros_like(dz) + bias[None, :]
             for i in tl.static_range(K):
-                w = tl.load(W + cols * stride_wd + i * stride_wk, mask=cmask, other=0.0).to(tl.float32)
-                z += w[None, :] * _load_padded(X, INIT, rows - (K - 1) + i, cols, cmask, L, stride_xl, stride_il,
-                                               K, HAS_INIT)  # fmt: skip
+                w = tl.load(w_ptr + cols * stride_w_d + i * stride_w_k, mask=cmask, other=0.0).to(tl.float32)
+                x_i = _load_padded(
+                    x_ptr, init_ptr, rows - (K - 1) + i, cols, cmask, seqlen, stride_x_l, stride_init_l, K, HAS_INIT
+                )
+                z += w[None, :] * x_i
             sig = tl.sigmoid(z)
             dz = dz * sig * (1.0 + z * (1.0 - sig))
         return dz
 
     @triton.jit
     def _causal_conv1d_fwd_kernel(
-        X, W, BIAS, INIT, Y,
-        L, D,
-        stride_xb, stride_xl, stride_wd, stride_wk, stride_ib, stride_il, stride_yb, stride_yl,
+        x_ptr, w_ptr, bias_ptr, init_ptr, y_ptr,
+        seqlen, dim,
+        stride_x_b, stride_x_l, stride_w_d, stride_w_k, stride_init_b, stride_init_l, stride_y_b, stride_y_l,
         K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, SILU: tl.constexpr,
         BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
@@ -74,65 +86,106 @@ if triton is not None:
         pid_l, pid_d, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
         rows = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
         cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-        cmask = cols < D
-        X += b * stride_xb
-        INIT += b * stride_ib
+        cmask = cols < dim
+        x_ptr += b * stride_x_b
+        init_ptr += b * stride_init_b
         acc = tl.zeros([BLOCK_L, BLOCK_D], dtype=tl.float32)
         for k in tl.static_range(K):
-            w = tl.load(W + cols * stride_wd + k * stride_wk, mask=cmask, other=0.0).to(tl.float32)
-            acc += w[None, :] * _load_padded(X, INIT, rows - (K - 1) + k, cols, cmask, L, stride_xl, stride_il,
-                                             K, HAS_INIT)  # fmt: skip
+            w = tl.load(w_ptr + cols * stride_w_d + k * stride_w_k, mask=cmask, other=0.0).to(tl.float32)
+            x_k = _load_padded(
+                x_ptr, init_ptr, rows - (K - 1) + k, cols, cmask, seqlen, stride_x_l, stride_init_l, K, HAS_INIT
+            )
+            acc += w[None, :] * x_k
         if HAS_BIAS:
-            acc += tl.load(BIAS + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            acc += tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
         if SILU:
             acc = acc * tl.sigmoid(acc)
-        out = Y + b * stride_yb + rows.to(tl.int64)[:, None] * stride_yl + cols[None, :]
-        tl.store(out, acc.to(Y.dtype.element_ty), mask=(rows < L)[:, None] & cmask[None, :])
+        out = y_ptr + b * stride_y_b + rows.to(tl.int64)[:, None] * stride_y_l + cols[None, :]
+        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=(rows < seqlen)[:, None] & cmask[None, :])
 
     @triton.jit
     def _causal_conv1d_bwd_kernel(
-        X, W, BIAS, INIT, DY, DX, DINIT, DW_PART, DB_PART,
-        L, D, n_row_blocks,
-        stride_xb, stride_xl, stride_wd, stride_wk, stride_ib, stride_il, stride_dyb, stride_dyl,
-        stride_dxb, stride_dxl, stride_dib, stride_dil,
+        x_ptr, w_ptr, bias_ptr, init_ptr, dy_ptr, dx_ptr, dinit_ptr, dw_part_ptr, db_part_ptr,
+        seqlen, dim, n_row_blocks,
+        stride_x_b, stride_x_l, stride_w_d, stride_w_k, stride_init_b, stride_init_l, stride_dy_b, stride_dy_l,
+        stride_dx_b, stride_dx_l, stride_dinit_b, stride_dinit_l,
         K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_DINIT: tl.constexpr,
         SILU: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
-        # Tiles cover the padded rows r in [-(K-1), L): rows < 0 are the initial state. The gradient of a padded
+        # Tiles cover the padded rows r in [-(K-1), seqlen): rows < 0 are the initial state. The gradient of a padded
         # input is the anti-causal conv  dX[r] = sum_k w[k] dz[r + K-1 - k]; the k = K-1 term (dz at the tile's own
         # rows) also gives this tile's partial sums of dweight and dbias, so each output row is counted once.
         pid_l, pid_d, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
         rows = pid_l * BLOCK_L + tl.arange(0, BLOCK_L) - (K - 1)
         cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-        cmask = cols < D
-        X += b * stride_xb
-        INIT += b * stride_ib
-        DY += b * stride_dyb
+        cmask = cols < dim
+        x_ptr += b * stride_x_b
+        init_ptr += b * stride_init_b
+        dy_ptr += b * stride_dy_b
         if HAS_BIAS:
-            bias = tl.load(BIAS + cols, mask=cmask, other=0.0).to(tl.float32)
+            bias = tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
         else:
             bias = tl.zeros([BLOCK_D], dtype=tl.float32)
         blk = b * n_row_blocks + pid_l
         dx = tl.zeros([BLOCK_L, BLOCK_D], dtype=tl.float32)
         for k in tl.static_range(K):
-            dz = _grad_pre_activation(X, INIT, W, DY, bias, rows + (K - 1 - k), cols, cmask, L, stride_xl, stride_il,
-                                      stride_dyl, stride_wd, stride_wk, K, HAS_INIT, SILU)  # fmt: skip
-            w = tl.load(W + cols * stride_wd + k * stride_wk, mask=cmask, other=0.0).to(tl.float32)
+            dz = _grad_pre_activation(
+                x_ptr, init_ptr, w_ptr, dy_ptr, bias, rows + (K - 1 - k), cols, cmask, seqlen,
+                stride_x_l, stride_init_l, stride_dy_l, stride_w_d, stride_w_k, K, HAS_INIT, SILU,
+            )  # fmt: skip
+            w = tl.load(w_ptr + cols * stride_w_d + k * stride_w_k, mask=cmask, other=0.0).to(tl.float32)
             dx += w[None, :] * dz
             if k == K - 1:
                 for i in tl.static_range(K):
-                    xi = _load_padded(X, INIT, rows - (K - 1) + i, cols, cmask, L, stride_xl, stride_il, K, HAS_INIT)
-                    tl.store(DW_PART + (blk * K + i) * D + cols, tl.sum(dz * xi, axis=0), mask=cmask)
+                    xi = _load_padded(
+                        x_ptr, init_ptr, rows - (K - 1) + i, cols, cmask, seqlen, stride_x_l, stride_init_l, K, HAS_INIT
+                    )
+                    tl.store(dw_part_ptr + (blk * K + i) * dim + cols, tl.sum(dz * xi, axis=0), mask=cmask)
                 if HAS_BIAS:
-                    tl.store(DB_PART + blk * D + cols, tl.sum(dz, axis=0), mask=cmask)
+                    tl.store(db_part_ptr + blk * dim + cols, tl.sum(dz, axis=0), mask=cmask)
         rows64 = rows.to(tl.int64)
-        in_x = ((rows >= 0) & (rows < L))[:, None] & cmask[None, :]
-        tl.store(DX + b * stride_dxb + rows64[:, None] * stride_dxl + cols[None, :], dx.to(DX.dtype.element_ty),
-                 mask=in_x)  # fmt: skip
+        in_x = ((rows >= 0) & (rows < seqlen))[:, None] & cmask[None, :]
+        dx_ptrs = dx_ptr + b * stride_dx_b + rows64[:, None] * stride_dx_l + cols[None, :]
+        tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=in_x)
         if HAS_DINIT:
             in_s = (rows < 0)[:, None] & cmask[None, :]
-            out = DINIT + b * stride_dib + (rows64 + (K - 1))[:, None] * stride_dil + cols[None, :]
-            tl.store(out, dx.to(DINIT.dtype.element_ty), mask=in_s)
+            out = dinit_ptr + b * stride_dinit_b + (rows64 + (K - 1))[:, None] * stride_dinit_l + cols[None, :]
+            tl.store(out, dx.to(dinit_ptr.dtype.element_ty), mask=in_s)
+
+    @triton.jit
+    def _conv_update_kernel(
+        x_ptr, state_ptr, w_ptr, bias_ptr, y_ptr, state_indices_ptr,
+        dim,
+        stride_x_b, stride_x_d, stride_state_b, stride_state_k, stride_state_d, stride_w_d, stride_w_k,
+        stride_y_b, stride_y_d,
+        K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HAS_STATE_INDICES: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        # One program: (row b, BLOCK_D channels); row b shifts window state_indices[b] (b without indices).
+        b = tl.program_id(0).to(tl.int64)
+        if HAS_STATE_INDICES:
+            slot = tl.load(state_indices_ptr + b).to(tl.int64)
+        else:
+            slot = b
+        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask = d < dim
+        state = state_ptr + slot * stride_state_b + d * stride_state_d
+        w = w_ptr + d * stride_w_d
+        # The new input enters the window in the window's dtype, as in the reference.
+        x_new = tl.load(x_ptr + b * stride_x_b + d * stride_x_d, mask=mask, other=0.0).to(state_ptr.dtype.element_ty)
+        acc = tl.load(w + (K - 1) * stride_w_k, mask=mask, other=0.0).to(tl.float32) * x_new.to(tl.float32)
+        for k in tl.static_range(K - 1):
+            s = tl.load(state + k * stride_state_k, mask=mask, other=0.0)
+            acc += tl.load(w + k * stride_w_k, mask=mask, other=0.0).to(tl.float32) * s.to(tl.float32)
+            if k > 0:  # slot k-1 was read in the previous iteration, so it can take slot k's value now
+                tl.store(state + (k - 1) * stride_state_k, s, mask=mask)
+        if K > 1:
+            tl.store(state + (K - 2) * stride_state_k, x_new, mask=mask)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + d, mask=mask, other=0.0).to(tl.float32)
+        if SILU:
+            acc = acc * tl.sigmoid(acc)
+        tl.store(y_ptr + b * stride_y_b + d * stride_y_d, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def _left_context(x: Tensor, weight: Tensor, initial_state: Tensor | None) -> Tensor:
@@ -399,14 +452,80 @@ def causal_conv1d(
 
 
 def causal_conv1d_update(
-    x: Tensor, state: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = "silu"
+    x: Tensor,
+    state: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    activation: str | None = "silu",
+    state_indices: Tensor | None = None,
 ) -> Tensor:
-    """One decode step. x: (B, D) the new input; state: (B, K-1, D) the previous inputs, shifted in place."""
-    window = torch.cat([state, x[:, None].to(state.dtype)], dim=1)  # (B, K, D)
+    """One decode step. x: (B, D) the new input; state: (S, K-1, D) the previous inputs, shifted in place;
+    row b of x uses window ``state_indices[b]`` (row b without indices; S = B then). Returns (B, D) in x's dtype."""
+    rows = state if state_indices is None else state.index_select(0, state_indices)
+    window = torch.cat([rows, x[:, None].to(state.dtype)], dim=1)  # (B, K, D)
     y = torch.einsum("bkd,dk->bd", window.float(), weight.float())
     if bias is not None:
         y = y + bias.float()
     if activation == "silu":
         y = F.silu(y)
-    state.copy_(window[:, 1:])
+    if state_indices is None:
+        state.copy_(window[:, 1:])
+    else:
+        state.index_copy_(0, state_indices, window[:, 1:])
     return y.to(x.dtype)
+
+
+def conv_update_triton(
+    x: Tensor,
+    state: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    activation: str | None = "silu",
+    state_indices: Tensor | None = None,
+    out: Tensor | None = None,
+) -> Tensor:
+    """One conv decode step in one launch; same semantics as :func:`causal_conv1d_update`.
+
+    x: (B, D) the new input (any strides); state: (S, K-1, D) the windows, shifted in place; weight: (D, K);
+    bias: (D,); state_indices: (B,). Returns act(conv) (B, D) in x's dtype, written to ``out`` when given.
+    """
+    op = "conv_update_triton"
+    if x.ndim != 2 or weight.ndim != 2:
+        raise ValueError(f"{op}: x must be (B, D) and weight (D, K); got {tuple(x.shape)}, {tuple(weight.shape)}")
+    if activation not in (None, "silu"):
+        raise ValueError(f"{op}: unknown activation {activation!r}")
+    batch, dim = x.shape
+    width = weight.shape[1]
+    expect_shape(op, "weight", weight, (dim, width))
+    expect_shape(op, "state", state, (batch if state_indices is None else state.shape[0], width - 1, dim))
+    check_state_indices(op, state_indices, batch, x.device)
+    if bias is not None:
+        expect_shape(op, "bias", bias, (dim,))
+        bias = bias.contiguous()
+    out = torch.empty(batch, dim, dtype=x.dtype, device=x.device) if out is None else out
+    expect_shape(op, "out", out, (batch, dim))
+    if batch == 0 or dim == 0:
+        return out
+    block, warps = decode_launch_config(batch, dim, 1)
+    _conv_update_kernel[(batch, triton.cdiv(dim, block))](
+        x, state, weight, x if bias is None else bias, out, x if state_indices is None else state_indices,
+        dim,
+        *x.stride(), *state.stride(), *weight.stride(), *out.stride(),
+        K=width, HAS_BIAS=bias is not None, SILU=activation == "silu", HAS_STATE_INDICES=state_indices is not None,
+        BLOCK_D=block, num_warps=warps,
+    )  # fmt: skip
+    return out
+
+
+def conv_update(
+    x: Tensor,
+    state: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    activation: str | None = "silu",
+    state_indices: Tensor | None = None,
+) -> Tensor:
+    """One conv decode step on the selected backend; see :func:`causal_conv1d_update`."""
+    if resolve_backend(x, has_triton=True) == "triton":
+        return conv_update_triton(x, state, weight, bias, activation, state_indices)
+    return causal_conv1d_update(x, state, weight, bias, activation, state_indices)

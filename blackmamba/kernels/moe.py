@@ -18,7 +18,7 @@ and its weights are never read (decode with a few tokens reads only the experts 
 un-permutation and gate into the second (rows scattered and scaled); its backward uses the same kernel
 with the weights untransposed for dX and a second kernel, ``dW[e] = dOut[rows e]^T X[rows e]``, for
 the weight gradients. :func:`moe_experts_grouped_mm` is the same op on ``torch._grouped_mm`` (CUDA).
-:data:`GROUPED_GEMM` picks between them for the "triton" backend.
+:attr:`.settings.KernelSettings.grouped_gemm` picks between them for the "triton" backend.
 
 Numerics: GEMMs accumulate in fp32 (fp32 inputs use IEEE products unless TF32 is allowed for torch
 matmuls); the gate multiplies the fp32 accumulator; h and the activation are stored in the experts'
@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .backend import resolve_backend
+from .settings import get_settings
 
 try:
     import triton
@@ -42,14 +43,6 @@ except ImportError:  # triton is an optional extra: without it the kernels are n
 
     def _jit(fn):
         return fn
-
-
-# Which grouped GEMM the "triton" backend uses: "triton" (ours), "torch" (torch._grouped_mm) or "auto":
-# _grouped_mm from GROUPED_MM_MIN_TOKENS tokens where it applies (CUDA, bf16, widths divisible by 8), ours
-# below. On the H200 (benchmarks/results/kernels.json) _grouped_mm was as fast or faster from 2K tokens
-# (16K fwd+bwd 4.6 vs 6.5 ms); ours is the one measured inside the CUDA-graph decode step.
-GROUPED_GEMM = "auto"
-GROUPED_MM_MIN_TOKENS = 1024
 
 
 def gated_activation(h: Tensor, activation: str) -> Tensor:
@@ -187,13 +180,13 @@ def _grouped_gemm_kernel(
     n_out,
     k_red,
     m_tiles,
-    stride_am,
-    stride_ak,
-    stride_be,
-    stride_bk,
-    stride_bn,
-    stride_cm,
-    stride_cn,
+    stride_a_m,
+    stride_a_k,
+    stride_b_e,
+    stride_b_k,
+    stride_b_n,
+    stride_c_m,
+    stride_c_n,
     A_GATHER: tl.constexpr,
     C_SCATTER: tl.constexpr,
     C_SCALE: tl.constexpr,
@@ -236,8 +229,8 @@ def _grouped_gemm_kernel(
     cols = pid_n * BN + tl.arange(0, BN)
     col_ok = cols < n_out
     ks = tl.arange(0, BK)
-    a_ptrs = a_ptr + src[:, None] * stride_am + ks[None, :] * stride_ak
-    b_ptrs = b_ptr + expert.to(tl.int64) * stride_be + ks[:, None] * stride_bk + cols[None, :] * stride_bn
+    a_ptrs = a_ptr + src[:, None] * stride_a_m + ks[None, :] * stride_a_k
+    b_ptrs = b_ptr + expert.to(tl.int64) * stride_b_e + ks[:, None] * stride_b_k + cols[None, :] * stride_b_n
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, k_red, BK):
         k_ok = ks < k_red - k0
@@ -246,15 +239,15 @@ def _grouped_gemm_kernel(
         if DOT_F32:
             a, b = a.to(tl.float32), b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        a_ptrs += BK * stride_ak
-        b_ptrs += BK * stride_bk
+        a_ptrs += BK * stride_a_k
+        b_ptrs += BK * stride_b_k
     if C_SCATTER:
         dst = tl.load(c_rows_ptr + rows, mask=row_ok, other=0).to(tl.int64)
     else:
         dst = rows.to(tl.int64)
     if C_SCALE:
         acc = acc * tl.load(scale_ptr + dst, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-    c_ptrs = c_ptr + dst[:, None] * stride_cm + cols[None, :] * stride_cn
+    c_ptrs = c_ptr + dst[:, None] * stride_c_m + cols[None, :] * stride_c_n
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
@@ -269,13 +262,13 @@ def _grouped_wgrad_kernel(
     scale_ptr,
     n_out,
     k_out,
-    stride_am,
-    stride_an,
-    stride_bm,
-    stride_bk,
-    stride_ce,
-    stride_cn,
-    stride_ck,
+    stride_a_m,
+    stride_a_n,
+    stride_b_m,
+    stride_b_k,
+    stride_c_e,
+    stride_c_n,
+    stride_c_k,
     A_GATHER: tl.constexpr,
     B_GATHER: tl.constexpr,
     A_SCALE: tl.constexpr,
@@ -308,19 +301,19 @@ def _grouped_wgrad_kernel(
             b_src = tl.load(b_rows_ptr + rows, mask=row_ok, other=0).to(tl.int64)
         else:
             b_src = rows.to(tl.int64)
-        a_ptrs = a_ptr + a_src[None, :] * stride_am + ns[:, None] * stride_an
+        a_ptrs = a_ptr + a_src[None, :] * stride_a_m + ns[:, None] * stride_a_n
         a_t = tl.load(a_ptrs, mask=n_ok[:, None] & row_ok[None, :], other=0.0)
         if A_SCALE:
             s = tl.load(scale_ptr + a_src, mask=row_ok, other=0.0).to(tl.float32)
             a_t = a_t.to(tl.float32) * s[None, :]
             if not DOT_F32:
                 a_t = a_t.to(a_ptr.dtype.element_ty)
-        b_ptrs = b_ptr + b_src[:, None] * stride_bm + ks[None, :] * stride_bk
+        b_ptrs = b_ptr + b_src[:, None] * stride_b_m + ks[None, :] * stride_b_k
         b = tl.load(b_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         if DOT_F32:
             a_t, b = a_t.to(tl.float32), b.to(tl.float32)
         acc = tl.dot(a_t, b, acc, input_precision=PRECISION)
-    c_ptrs = c_ptr + expert.to(tl.int64) * stride_ce + ns[:, None] * stride_cn + ks[None, :] * stride_ck
+    c_ptrs = c_ptr + expert.to(tl.int64) * stride_c_e + ns[:, None] * stride_c_n + ks[None, :] * stride_c_k
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
 
 
@@ -532,23 +525,21 @@ def _grouped_gemm_choice(x_TD: Tensor, w1_EFD: Tensor) -> str:
     device = x_TD.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else w1_EFD.dtype
     fits = x_TD.is_cuda and dtype == torch.bfloat16 and w1_EFD.shape[1] % 16 == 0 and w1_EFD.shape[2] % 8 == 0
-    return "torch" if fits and x_TD.shape[0] >= GROUPED_MM_MIN_TOKENS else "triton"
+    return "torch" if fits and x_TD.shape[0] >= get_settings().grouped_mm_min_tokens else "triton"
 
 
 def moe_experts(
     x_TD: Tensor, expert_T: Tensor, gate_T: Tensor, w1_EFD: Tensor, w2_EDF: Tensor, activation: str = "gelu"
 ) -> Tensor:
     """The MoE experts on the selected backend; see :func:`moe_experts_ref`. The "triton" backend runs
-    the grouped GEMM named by :data:`GROUPED_GEMM` (by default chosen by the token count)."""
+    the grouped GEMM named by the ``grouped_gemm`` setting (by default chosen by the token count)."""
     backend = resolve_backend(x_TD, has_triton=True)
     if backend == "ref":
         impl = moe_experts_ref
     elif backend == "triton":
         impls = {"triton": moe_experts_triton, "torch": moe_experts_grouped_mm}
-        choice = _grouped_gemm_choice(x_TD, w1_EFD) if GROUPED_GEMM == "auto" else GROUPED_GEMM
-        if choice not in impls:
-            raise ValueError(f"GROUPED_GEMM must be 'auto' or one of {tuple(impls)}; got {GROUPED_GEMM!r}")
-        impl = impls[choice]
+        choice = get_settings().grouped_gemm
+        impl = impls[_grouped_gemm_choice(x_TD, w1_EFD) if choice == "auto" else choice]
     else:
         impl = moe_experts_sorted
     return impl(x_TD, expert_T, gate_T, w1_EFD, w2_EDF, activation)

@@ -16,6 +16,10 @@ cost more than the reads. Here nothing is permuted:
   gated activation in its epilogue; fc2 scales by the gate and writes each token's row from the one
   program set that owns it, so no scatter, atomics or zero-fill are needed.
 
+:func:`route_top1` and :func:`moe_experts_decode` are the dispatchers of a decode step: they take these
+kernels when :func:`decode_kernels_apply` (the "triton" backend, at most the ``decode_tokens`` setting's
+tokens, no autograd, no autocast), else the reference routing and :func:`.moe.moe_experts`.
+
 Rounding follows :func:`.moe.moe_experts_ref` on the GPU: a, b, act(a) and act(a) * b are rounded to the
 experts' dtype, fc2's fp32 accumulator is scaled by the fp32 gate and rounded once. Triton's interpreter
 truncates float casts, so there the intermediates stay fp32 and torch rounds the outputs.
@@ -23,10 +27,15 @@ truncates float casts, so there the intermediates stay fp32 and torch rounds the
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from .moe import _check, _dot_flags
+from .backend import resolve_backend
+from .moe import _check, _dot_flags, moe_experts
+from .settings import get_settings
 from .tl_math import top1_sigmoid
 
 try:
@@ -41,12 +50,6 @@ except ImportError:  # triton is an optional extra: without it the kernels are n
 
 
 MAX_TOKENS = 64  # the token block of one program: the most tokens a call may have
-# The MoE layer's inference calls with at most this many tokens take these kernels (0: never). Above
-# it the sorted grouped GEMMs of .moe win: each program here multiplies the whole token block.
-DECODE_TOKENS = 64
-# The model's decode step routes inside the MoE block's norm kernel (kernels.norm.add_rms_norm_route)
-# instead of a launch of route_top1_triton.
-FUSE_ROUTER = True
 ACTIVATIONS = {"gelu": 0, "silu": 1, "gelu_tanh": 2}
 ROUTER_TILE = 16384  # elements of the router's weight tile per step (E_P2 x BLOCK_D)
 
@@ -60,9 +63,9 @@ def _route_top1_kernel(
     gate_ptr,
     dim,
     n_experts,
-    stride_x,
-    stride_we,
-    stride_wd,
+    stride_x_t,
+    stride_w_e,
+    stride_w_d,
     E_P2: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -73,8 +76,8 @@ def _route_top1_kernel(
     for d0 in range(0, dim, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         d_ok = d < dim
-        x = tl.load(x_ptr + t * stride_x + d, mask=d_ok, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + e[:, None] * stride_we + d[None, :] * stride_wd, mask=e_ok[:, None] & d_ok[None, :])
+        x = tl.load(x_ptr + t * stride_x_t + d, mask=d_ok, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + e[:, None] * stride_w_e + d[None, :] * stride_w_d, mask=e_ok[:, None] & d_ok[None, :])
         acc += w.to(tl.float32) * x[None, :]
     expert, gate = top1_sigmoid(tl.sum(acc, 1) + tl.load(bias_ptr + e, mask=e_ok, other=0.0).to(tl.float32), e_ok, E_P2)
     tl.store(expert_ptr + t, expert.to(tl.int64))
@@ -139,11 +142,11 @@ def _decode_fc1_kernel(
     n_tok,
     dim,
     d_ff,
-    stride_x,
-    stride_we,
-    stride_wf,
-    stride_wd,
-    stride_h,
+    stride_x_t,
+    stride_w_e,
+    stride_w_f,
+    stride_w_d,
+    stride_h_t,
     ACT: tl.constexpr,
     ROUND: tl.constexpr,
     DOT_F32: tl.constexpr,
@@ -160,23 +163,23 @@ def _decode_fc1_kernel(
     fs = tl.program_id(1) * BF + tl.arange(0, BF)
     f_ok = fs < d_ff
     ks = tl.arange(0, BK)
-    x_ptrs = x_ptr + ts[:, None].to(tl.int64) * stride_x + ks[None, :]
-    w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + fs[None, :] * stride_wf + ks[:, None] * stride_wd
+    x_ptrs = x_ptr + ts[:, None].to(tl.int64) * stride_x_t + ks[None, :]
+    w_ptrs = w_ptr + expert.to(tl.int64) * stride_w_e + fs[None, :] * stride_w_f + ks[:, None] * stride_w_d
     acc_a = tl.zeros((BT, BF), dtype=tl.float32)
     acc_b = tl.zeros((BT, BF), dtype=tl.float32)
     for k0 in range(0, dim, BK):
         k_ok = ks < dim - k0
         x = tl.load(x_ptrs, mask=mine[:, None] & k_ok[None, :], other=0.0)
         wa = tl.load(w_ptrs, mask=k_ok[:, None] & f_ok[None, :], other=0.0)
-        wb = tl.load(w_ptrs + d_ff * stride_wf, mask=k_ok[:, None] & f_ok[None, :], other=0.0)
+        wb = tl.load(w_ptrs + d_ff * stride_w_f, mask=k_ok[:, None] & f_ok[None, :], other=0.0)
         if DOT_F32:
             x, wa, wb = x.to(tl.float32), wa.to(tl.float32), wb.to(tl.float32)
         acc_a = tl.dot(x, wa, acc_a, input_precision=PRECISION)
         acc_b = tl.dot(x, wb, acc_b, input_precision=PRECISION)
         x_ptrs += BK
-        w_ptrs += BK * stride_wd
+        w_ptrs += BK * stride_w_d
     h = _gated(acc_a, acc_b, ACT, ROUND, w_ptr.dtype.element_ty)
-    h_ptrs = h_ptr + ts[:, None].to(tl.int64) * stride_h + fs[None, :]
+    h_ptrs = h_ptr + ts[:, None].to(tl.int64) * stride_h_t + fs[None, :]
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=mine[:, None] & f_ok[None, :])
 
 
@@ -190,11 +193,11 @@ def _decode_fc2_kernel(
     n_tok,
     dim,
     d_ff,
-    stride_h,
-    stride_we,
-    stride_wd,
-    stride_wf,
-    stride_y,
+    stride_h_t,
+    stride_w_e,
+    stride_w_d,
+    stride_w_f,
+    stride_y_t,
     DOT_F32: tl.constexpr,
     PRECISION: tl.constexpr,
     BT: tl.constexpr,
@@ -209,8 +212,8 @@ def _decode_fc2_kernel(
     ns = tl.program_id(1) * BN + tl.arange(0, BN)
     n_ok = ns < dim
     ks = tl.arange(0, BK)
-    h_ptrs = h_ptr + ts[:, None].to(tl.int64) * stride_h + ks[None, :]
-    w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + ns[None, :] * stride_wd + ks[:, None] * stride_wf
+    h_ptrs = h_ptr + ts[:, None].to(tl.int64) * stride_h_t + ks[None, :]
+    w_ptrs = w_ptr + expert.to(tl.int64) * stride_w_e + ns[None, :] * stride_w_d + ks[:, None] * stride_w_f
     acc = tl.zeros((BT, BN), dtype=tl.float32)
     for k0 in range(0, d_ff, BK):
         k_ok = ks < d_ff - k0
@@ -220,36 +223,27 @@ def _decode_fc2_kernel(
             h, w = h.to(tl.float32), w.to(tl.float32)
         acc = tl.dot(h, w, acc, input_precision=PRECISION)
         h_ptrs += BK
-        w_ptrs += BK * stride_wf
+        w_ptrs += BK * stride_w_f
     acc = acc * tl.load(gate_ptr + ts, mask=mine, other=0.0).to(tl.float32)[:, None]
-    y_ptrs = y_ptr + ts[:, None].to(tl.int64) * stride_y + ns[None, :]
+    y_ptrs = y_ptr + ts[:, None].to(tl.int64) * stride_y_t + ns[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mine[:, None] & n_ok[None, :])
 
 
-# Launch configurations on the GPU by token count (the entry of the smallest count >= the call's), from
-# benchmarks/tune_moe_decode.py on an H200 (2.8B widths, bf16). fc1 tiles BF rows of each half of W1,
-# fc2 BN rows of W2; BK is the reduction step. With one token a single expert is read, so narrow tiles
-# spread it over many programs; deep BK and several stages keep bytes in flight per SM.
-FC1_CONFIG = {
-    1: dict(BF=32, BK=256, num_warps=4, num_stages=3),
-    16: dict(BF=64, BK=128, num_warps=4, num_stages=4),
-    64: dict(BF=64, BK=128, num_warps=4, num_stages=4),
-}
-FC2_CONFIG = {
-    1: dict(BN=32, BK=512, num_warps=4, num_stages=4),
-    16: dict(BN=32, BK=256, num_warps=4, num_stages=3),
-    64: dict(BN=32, BK=256, num_warps=4, num_stages=4),
-}
+# Launch configurations on the GPU by token count: the settings' moe_fc1_tiles / moe_fc2_tiles (the entry of
+# the smallest count >= the call's), from benchmarks/tune_moe_decode.py on an H200 (2.8B widths, bf16). fc1
+# tiles BF rows of each half of W1, fc2 BN rows of W2; BK is the reduction step. With one token a single
+# expert is read, so narrow tiles spread it over many programs; deep BK and several stages keep bytes in
+# flight per SM.
 _INTERPRETED = dict(BF=16, BN=16, BK=32, num_warps=4, num_stages=1)  # tiny tiles: the CPU runs each program
 
 
-def _config(table: dict[int, dict], tokens: int, dtype: torch.dtype, on_gpu: bool) -> dict:
+def _config(table: Mapping[int, Mapping[str, int]], tokens: int, dtype: torch.dtype, on_gpu: bool) -> dict:
     """The entry for the smallest token count >= ``tokens`` (else the largest one). The tables are for
     16-bit weights; fp32 tiles take twice the shared memory, so their reduction step is capped."""
     if not on_gpu:
         return _INTERPRETED
     fits = [n for n in table if n >= tokens]
-    cfg = table[min(fits) if fits else max(table)]
+    cfg = dict(table[min(fits) if fits else max(table)])
     if dtype == torch.float32:
         cfg = {**cfg, "BK": min(cfg["BK"], 64), "num_stages": min(cfg["num_stages"], 3)}
     return cfg
@@ -283,8 +277,9 @@ def moe_experts_decode_triton(
     h_TF = torch.empty(n_tok, d_ff, dtype=work, device=x_TD.device)
     y_TD = torch.empty(n_tok, dim, dtype=work, device=x_TD.device)
     bt = max(16, triton.next_power_of_2(n_tok))
-    c1 = _config(FC1_CONFIG, n_tok, dtype, x_TD.is_cuda)
-    c2 = _config(FC2_CONFIG, n_tok, dtype, x_TD.is_cuda)
+    settings = get_settings()
+    c1 = _config(settings.moe_fc1_tiles, n_tok, dtype, x_TD.is_cuda)
+    c2 = _config(settings.moe_fc2_tiles, n_tok, dtype, x_TD.is_cuda)
     _decode_fc1_kernel[(n_exp, triton.cdiv(d_ff, c1["BF"]))](
         x_TD, w1_EFD, expert_T, h_TF, n_tok, dim, d_ff,
         x_TD.stride(0), *w1_EFD.stride(), h_TF.stride(0),
@@ -297,3 +292,41 @@ def moe_experts_decode_triton(
         BT=bt, BN=c2["BN"], BK=c2["BK"], num_warps=c2["num_warps"], num_stages=c2["num_stages"], **flags,
     )  # fmt: skip
     return y_TD if work == dtype else y_TD.to(dtype)
+
+
+def decode_kernels_apply(x: Tensor, *tensors: Tensor) -> bool:
+    """Whether an inference call on tokens ``x`` (..., D) takes the decode kernels: the "triton" backend, at
+    most ``min(decode_tokens setting, MAX_TOKENS)`` tokens, no autograd through ``x`` or ``tensors``, no
+    autocast."""
+    tokens = x.numel() // x.shape[-1] if x.ndim else 0
+    return (
+        tokens <= min(get_settings().decode_tokens, MAX_TOKENS)
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, *tensors)))
+        and not torch.is_autocast_enabled(x.device.type)
+        and resolve_backend(x, has_triton=True) == "triton"
+    )
+
+
+def route_top1_ref(x_TD: Tensor, weight_ED: Tensor, bias_E: Tensor) -> tuple[Tensor, Tensor]:
+    """Sigmoid top-1 routing: x (T, D) -> (expert (T,) int64, gate (T,) fp32) from fp32 logits; the lowest
+    expert wins a tie of probabilities (as ``torch.max`` picks; see :mod:`blackmamba.routing.top1`)."""
+    logits_TE = F.linear(x_TD.float(), weight_ED.float(), bias_E.float())
+    gate_T, expert_T = torch.sigmoid(logits_TE).max(dim=-1)
+    return expert_T, gate_T
+
+
+def route_top1(x_TD: Tensor, weight_ED: Tensor, bias_E: Tensor) -> tuple[Tensor, Tensor]:
+    """Sigmoid top-1 routing of a decode step; see :func:`route_top1_ref`."""
+    if decode_kernels_apply(x_TD, weight_ED, bias_E):
+        return route_top1_triton(x_TD, weight_ED, bias_E)
+    return route_top1_ref(x_TD, weight_ED, bias_E)
+
+
+def moe_experts_decode(
+    x_TD: Tensor, expert_T: Tensor, gate_T: Tensor, w1_EFD: Tensor, w2_EDF: Tensor, activation: str = "gelu"
+) -> Tensor:
+    """The experts of a decode step: :func:`moe_experts_decode_triton` when the decode kernels apply and x
+    has the experts' dtype, else :func:`.moe.moe_experts`. See :func:`.moe.moe_experts_ref`."""
+    if x_TD.dtype == w1_EFD.dtype == w2_EDF.dtype and decode_kernels_apply(x_TD, gate_T, w1_EFD, w2_EDF):
+        return moe_experts_decode_triton(x_TD, expert_T, gate_T, w1_EFD, w2_EDF, activation)
+    return moe_experts(x_TD, expert_T, gate_T, w1_EFD, w2_EDF, activation)

@@ -8,10 +8,11 @@ writes each output once; the backward recomputes the normalised row from the sav
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .backend import resolve_backend
+from .moe_decode import decode_kernels_apply, route_top1, route_top1_ref
+from .settings import get_settings
 
 try:
     import triton
@@ -45,26 +46,26 @@ if triton is not None:
 
     @triton.jit
     def _add_norm_row(
-        X, DELTA, W, R, row, cols, mask, stride_x, stride_delta, stride_r, n_cols, eps,
+        x_ptr, delta_ptr, w_ptr, r_ptr, row, cols, mask, stride_x_t, stride_delta_t, stride_r_t, n_cols, eps,
         HAS_DELTA: tl.constexpr, STORE_R: tl.constexpr, ROUND: tl.constexpr,
     ):  # fmt: skip
-        """One row: r = x + delta (fp32, stored to R), then (rstd, y = r' * rstd * w in fp32) where r' is r
+        """One row: r = x + delta (fp32, stored to r_ptr), then (rstd, y = r' * rstd * w in fp32) where r' is r
         rounded to the weight's dtype with ROUND."""
-        r = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        r = tl.load(x_ptr + row * stride_x_t + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_DELTA:
-            r += tl.load(DELTA + row * stride_delta + cols, mask=mask, other=0.0).to(tl.float32)
+            r += tl.load(delta_ptr + row * stride_delta_t + cols, mask=mask, other=0.0).to(tl.float32)
         if STORE_R:
-            tl.store(R + row * stride_r + cols, r, mask=mask)
+            tl.store(r_ptr + row * stride_r_t + cols, r, mask=mask)
         if ROUND:
-            r = r.to(W.dtype.element_ty).to(tl.float32)
+            r = r.to(w_ptr.dtype.element_ty).to(tl.float32)
         rstd = 1.0 / tl.sqrt(tl.sum(r * r, axis=0) / n_cols + eps)
-        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         return rstd, r * rstd * w
 
     @triton.jit
     def _add_rms_norm_fwd_kernel(
-        X, DELTA, W, Y, R, RSTD,
-        stride_x, stride_delta, stride_y, stride_r,
+        x_ptr, delta_ptr, w_ptr, y_ptr, r_ptr, rstd_ptr,
+        stride_x_t, stride_delta_t, stride_y_t, stride_r_t,
         n_cols, eps,
         BLOCK_D: tl.constexpr, HAS_DELTA: tl.constexpr, STORE_R: tl.constexpr, ROUND: tl.constexpr,
     ):  # fmt: skip
@@ -72,15 +73,16 @@ if triton is not None:
         cols = tl.arange(0, BLOCK_D)
         mask = cols < n_cols
         rstd, y = _add_norm_row(
-            X, DELTA, W, R, row, cols, mask, stride_x, stride_delta, stride_r, n_cols, eps, HAS_DELTA, STORE_R, ROUND
-        )
-        tl.store(RSTD + row, rstd)
-        tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+            x_ptr, delta_ptr, w_ptr, r_ptr, row, cols, mask, stride_x_t, stride_delta_t, stride_r_t, n_cols, eps,
+            HAS_DELTA, STORE_R, ROUND,
+        )  # fmt: skip
+        tl.store(rstd_ptr + row, rstd)
+        tl.store(y_ptr + row * stride_y_t + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _add_rms_norm_bwd_kernel(
-        R, RSTD, W, DY, DRES, DX, DDELTA, DW_PART,
-        stride_r, stride_dy, stride_dres, stride_dx, stride_ddelta,
+        r_ptr, rstd_ptr, w_ptr, dy_ptr, dres_ptr, dx_ptr, ddelta_ptr, dw_part_ptr,
+        stride_r_t, stride_dy_t, stride_dres_t, stride_dx_t, stride_ddelta_t,
         n_rows, n_cols,
         ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
         HAS_DRES: tl.constexpr, HAS_DDELTA: tl.constexpr, ROUND: tl.constexpr,
@@ -88,33 +90,33 @@ if triton is not None:
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK_D)
         mask = cols < n_cols
-        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         dw = tl.zeros([BLOCK_D], dtype=tl.float32)
         # ROWS is a compile-time constant: the interpreter cannot loop to a runtime bound.
         for i in range(ROWS):
             row = pid.to(tl.int64) * ROWS + i
             m = mask & (row < n_rows)  # only the last program runs past the end
-            r = tl.load(R + row * stride_r + cols, mask=m, other=0.0).to(tl.float32)
+            r = tl.load(r_ptr + row * stride_r_t + cols, mask=m, other=0.0).to(tl.float32)
             if ROUND:
-                r = r.to(W.dtype.element_ty).to(tl.float32)
-            rstd = tl.load(RSTD + row, mask=row < n_rows, other=0.0)
-            dy = tl.load(DY + row * stride_dy + cols, mask=m, other=0.0).to(tl.float32)
+                r = r.to(w_ptr.dtype.element_ty).to(tl.float32)
+            rstd = tl.load(rstd_ptr + row, mask=row < n_rows, other=0.0)
+            dy = tl.load(dy_ptr + row * stride_dy_t + cols, mask=m, other=0.0).to(tl.float32)
             rhat = r * rstd
             dw += dy * rhat
             g = dy * w
             # d/dr of r * rstd(r): rstd * (g - rhat * mean(g * rhat))
             dr = rstd * (g - rhat * (tl.sum(g * rhat, axis=0) / n_cols))
             if HAS_DRES:
-                dr += tl.load(DRES + row * stride_dres + cols, mask=m, other=0.0).to(tl.float32)
-            tl.store(DX + row * stride_dx + cols, dr.to(DX.dtype.element_ty), mask=m)
+                dr += tl.load(dres_ptr + row * stride_dres_t + cols, mask=m, other=0.0).to(tl.float32)
+            tl.store(dx_ptr + row * stride_dx_t + cols, dr.to(dx_ptr.dtype.element_ty), mask=m)
             if HAS_DDELTA:
-                tl.store(DDELTA + row * stride_ddelta + cols, dr.to(DDELTA.dtype.element_ty), mask=m)
-        tl.store(DW_PART + pid.to(tl.int64) * n_cols + cols, dw, mask=mask)
+                tl.store(ddelta_ptr + row * stride_ddelta_t + cols, dr.to(ddelta_ptr.dtype.element_ty), mask=m)
+        tl.store(dw_part_ptr + pid.to(tl.int64) * n_cols + cols, dw, mask=mask)
 
     @triton.jit
     def _add_rms_norm_route_kernel(
-        X, DELTA, W, Y, R, RW, RB, EXPERT, GATE,
-        stride_x, stride_delta, stride_y, stride_r, stride_rw,
+        x_ptr, delta_ptr, w_ptr, y_ptr, r_ptr, router_w_ptr, router_b_ptr, expert_ptr, gate_ptr,
+        stride_x_t, stride_delta_t, stride_y_t, stride_r_t, stride_router_w_e,
         n_cols, n_experts, eps,
         BLOCK_D: tl.constexpr, E_P2: tl.constexpr, HAS_DELTA: tl.constexpr, ROUND: tl.constexpr,
     ):  # fmt: skip
@@ -124,17 +126,19 @@ if triton is not None:
         cols = tl.arange(0, BLOCK_D)
         mask = cols < n_cols
         _, y = _add_norm_row(
-            X, DELTA, W, R, row, cols, mask, stride_x, stride_delta, stride_r, n_cols, eps, HAS_DELTA, True, ROUND
-        )
-        y = y.to(Y.dtype.element_ty)
-        tl.store(Y + row * stride_y + cols, y, mask=mask)
+            x_ptr, delta_ptr, w_ptr, r_ptr, row, cols, mask, stride_x_t, stride_delta_t, stride_r_t, n_cols, eps,
+            HAS_DELTA, True, ROUND,
+        )  # fmt: skip
+        y = y.to(y_ptr.dtype.element_ty)
+        tl.store(y_ptr + row * stride_y_t + cols, y, mask=mask)
         e = tl.arange(0, E_P2)
         e_ok = e < n_experts
-        rw = tl.load(RW + e[:, None] * stride_rw + cols[None, :], mask=e_ok[:, None] & mask[None, :], other=0.0)
+        rw_ptrs = router_w_ptr + e[:, None] * stride_router_w_e + cols[None, :]
+        rw = tl.load(rw_ptrs, mask=e_ok[:, None] & mask[None, :], other=0.0)
         logits = tl.sum(rw.to(tl.float32) * y.to(tl.float32)[None, :], axis=1)
-        expert, gate = top1_sigmoid(logits + tl.load(RB + e, mask=e_ok, other=0.0).to(tl.float32), e_ok, E_P2)
-        tl.store(EXPERT + row, expert.to(tl.int64))
-        tl.store(GATE + row, gate)
+        expert, gate = top1_sigmoid(logits + tl.load(router_b_ptr + e, mask=e_ok, other=0.0).to(tl.float32), e_ok, E_P2)
+        tl.store(expert_ptr + row, expert.to(tl.int64))
+        tl.store(gate_ptr + row, gate)
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -259,23 +263,33 @@ def add_rms_norm_route_ref(
     with expert and gate as ``top1_sigmoid(F.linear(y.float(), router_weight.float(), router_bias.float()))``
     for the rows of y flattened to (T, D)."""
     y, r_new = add_rms_norm_ref(x, delta, weight, eps)
-    logits = F.linear(y.reshape(-1, y.shape[-1]).float(), router_weight.float(), router_bias.float())
-    gate, expert = torch.sigmoid(logits).max(dim=-1)
+    expert, gate = route_top1_ref(y.reshape(-1, y.shape[-1]), router_weight, router_bias)
     return y, r_new, expert, gate
 
 
 def add_rms_norm_route(
     x: Tensor, delta: Tensor | None, weight: Tensor, eps: float, router_weight: Tensor, router_bias: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The MoE block's decode step up to its routing: residual add, RMSNorm, top-1 router; same arguments and
+    results as `add_rms_norm_route_ref`. One launch of `add_rms_norm_route_triton` when the decode kernels
+    apply (:func:`.moe_decode.decode_kernels_apply`) and the ``fuse_router`` setting is on; else
+    :func:`add_rms_norm` then :func:`.moe_decode.route_top1`, each on its own backend."""
+    if get_settings().fuse_router and decode_kernels_apply(x, *(t for t in (delta, weight) if t is not None)):
+        return add_rms_norm_route_triton(x, delta, weight, eps, router_weight, router_bias)
+    y, r_new = add_rms_norm(x, delta, weight, eps)
+    expert, gate = route_top1(y.reshape(-1, y.shape[-1]), router_weight, router_bias)
+    return y, r_new, expert, gate
+
+
+def add_rms_norm_route_triton(
+    x: Tensor, delta: Tensor | None, weight: Tensor, eps: float, router_weight: Tensor, router_bias: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Residual add, RMSNorm and the MoE block's top-1 router in one launch (inference: no autograd).
 
-    The decode step of a MoE block: the router needs the whole normalised row, which the norm's program
-    already holds, so routing costs no launch of its own. Same results as `add_rms_norm_route_ref` (the
-    logits up to the order of the sum); the reference runs off the "triton" backend. ``x`` is the fp32
-    residual (..., D), ``router_weight`` (E, D), ``router_bias`` (E,).
+    The router needs the whole normalised row, which the norm's program already holds, so routing costs no
+    launch of its own. Same results as `add_rms_norm_route_ref` (the logits up to the order of the sum).
+    ``x`` is the fp32 residual (..., D), ``router_weight`` (E, D), ``router_bias`` (E,).
     """
-    if resolve_backend(x, has_triton=True) != "triton":
-        return add_rms_norm_route_ref(x, delta, weight, eps, router_weight, router_bias)
     shape = x.shape
     n_exp = router_weight.shape[0]
     if weight.shape != (shape[-1],) or router_weight.shape != (n_exp, shape[-1]) or router_bias.shape != (n_exp,):

@@ -1,6 +1,9 @@
-"""Small numerical helpers shared by the Triton kernels."""
+"""Small helpers shared by the Triton kernels (numerics) and by their launchers (launch shapes, checks)."""
 
 from __future__ import annotations
+
+import torch
+from torch import Tensor
 
 try:
     import triton
@@ -35,3 +38,37 @@ def top1_sigmoid(logits, e_ok, E_P2: tl.constexpr):
     probs = tl.where(e_ok, tl.sigmoid(logits), -1.0)
     best = tl.max(probs, 0)
     return tl.min(tl.where(probs == best, e, E_P2), 0), best
+
+
+# Host side: launch shape and checks shared by the decode-step kernels (conv_update, ssm_update).
+# At least DECODE_MIN_PROGRAMS programs (about one per SM of an H100/H200) so that batch 1 still spreads over
+# the GPU; tiles of at most DECODE_MAX_TILE elements so registers stay small for any N.
+DECODE_MIN_PROGRAMS = 128
+DECODE_MAX_TILE = 4096
+
+
+def decode_launch_config(batch: int, dim: int, row: int) -> tuple[int, int]:
+    """(BLOCK_D, num_warps) for tiles of BLOCK_D rows of ``row`` elements over ``dim`` channels."""
+    block = min(128, triton.next_power_of_2(dim), max(1, DECODE_MAX_TILE // row))
+    while block > 16 and batch * triton.cdiv(dim, block) < DECODE_MIN_PROGRAMS:
+        block //= 2
+    return block, max(1, min(8, block * row // 512))
+
+
+def expect_shape(op: str, name: str, t: Tensor, shape: tuple[int, ...]) -> None:
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{op}: {name} must be {shape}, got {tuple(t.shape)}")
+
+
+def check_state_indices(op: str, state_indices: Tensor | None, batch: int, device: torch.device) -> None:
+    """Slot indices of a decode step: (B,) int32 or int64 on the inputs' device. Their range is the caller's
+    contract (checking it would read the indices back to the host, which a CUDA graph cannot hold)."""
+    if state_indices is None:
+        return
+    if state_indices.shape != (batch,) or state_indices.dtype not in (torch.int32, torch.int64):
+        raise ValueError(
+            f"{op}: state_indices must be ({batch},) int32 or int64, got {tuple(state_indices.shape)} "
+            f"{state_indices.dtype}"
+        )
+    if state_indices.device != device:
+        raise ValueError(f"{op}: state_indices must be on {device}, got {state_indices.device}")

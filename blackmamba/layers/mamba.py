@@ -8,7 +8,8 @@ Parameter names match the released checkpoint (spec section 3.3). The mixer runs
 (the last K-1 inputs) and the SSM state, so decoding costs O(1) per token. ``forward`` with a cache starts
 from it and leaves the final state in it, which is how prefill (also in pieces) fills the cache.
 A ``mask`` of real tokens supports left-padded batches: padded positions feed zeros to the conv and
-nothing to the state, so each row computes exactly what it would alone.
+nothing to the state, so each row computes exactly what it would alone. The cache holds a pool of
+slots; ``slots`` picks the slot of each row (see :mod:`.mixer`).
 """
 
 from __future__ import annotations
@@ -21,18 +22,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import BlackMambaConfig
-from ..kernels import causal_conv1d, mamba_decode_step, selective_scan
+from ..kernels import causal_conv1d, conv_update, selective_scan, ssm_update
+from .mixer import Mixer
 
 
 @dataclass
 class MambaCache:
-    """Decode state of one Mamba mixer: conv window (B, K-1, D_in) and SSM state (B, D_in, N) in fp32."""
+    """Decode state of one Mamba mixer for S slots: conv window (S, K-1, D_in) and SSM state (S, D_in, N) fp32."""
 
     conv_state: Tensor
     ssm_state: Tensor
 
 
-class MambaMixer(nn.Module):
+class MambaMixer(Mixer):
     def __init__(self, config: BlackMambaConfig) -> None:
         super().__init__()
         d, d_in, n, r, k = config.d_model, config.d_inner, config.d_state, config.dt_rank, config.d_conv
@@ -62,13 +64,15 @@ class MambaMixer(nn.Module):
         self.A_log.copy_(torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32)).repeat(self.d_inner, 1))
         self.D.fill_(1.0)
 
-    def allocate_cache(self, batch_size: int, device: torch.device | None = None, dtype: torch.dtype | None = None):
-        """Zeroed decode state for ``batch_size`` sequences (the conv window in ``dtype``, the SSM state fp32)."""
+    def allocate_cache(
+        self, n_slots: int, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> MambaCache:
+        """Zeroed decode state of ``n_slots`` sequences (the conv window in ``dtype``, the SSM state fp32)."""
         device = device or self.in_proj.weight.device
         dtype = dtype or self.in_proj.weight.dtype
         return MambaCache(
-            conv_state=torch.zeros(batch_size, self.d_conv - 1, self.d_inner, device=device, dtype=dtype),
-            ssm_state=torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=torch.float32),
+            conv_state=torch.zeros(n_slots, self.d_conv - 1, self.d_inner, device=device, dtype=dtype),
+            ssm_state=torch.zeros(n_slots, self.d_inner, self.d_state, device=device, dtype=torch.float32),
         )
 
     def _ssm_inputs(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -76,54 +80,47 @@ class MambaMixer(nn.Module):
         dt = F.linear(dt_low, self.dt_proj.weight)  # the bias is added inside the scan, in fp32
         return dt, B, C, -torch.exp(self.A_log.float())
 
-    def forward(self, u: Tensor, cache: MambaCache | None = None, mask: Tensor | None = None) -> Tensor:
-        """u: (B, L, D) -> (B, L, D). ``mask`` (B, L) marks real tokens (False = left padding)."""
+    def forward(
+        self, u: Tensor, cache: MambaCache | None = None, mask: Tensor | None = None, slots: Tensor | None = None
+    ) -> tuple[Tensor, None]:
+        """u: (B, L, D) -> ((B, L, D), None). ``mask`` (B, L) marks real tokens (False = left padding)."""
+        conv_state = ssm_state = None
+        if cache is not None:
+            conv_state, ssm_state = cache.conv_state, cache.ssm_state
+            if slots is not None:
+                conv_state, ssm_state = conv_state.index_select(0, slots), ssm_state.index_select(0, slots)
         x, z = self.in_proj(u).chunk(2, dim=-1)
         keep = None if mask is None else mask[..., None].to(x.dtype)
         if keep is not None:
             x = x * keep
-        x, conv_state = causal_conv1d(
-            x,
-            self.conv1d.weight[:, 0, :],
-            self.conv1d.bias,
-            "silu",
-            initial_state=None if cache is None else cache.conv_state,
-            return_final_state=True,
+        x, conv_final = causal_conv1d(
+            x, self.conv1d.weight[:, 0, :], self.conv1d.bias, "silu", initial_state=conv_state, return_final_state=True
         )
         if keep is not None:
             x = x * keep
         dt, B, C, A = self._ssm_inputs(x)
-        y, ssm_state = selective_scan(
-            x,
-            dt,
-            A,
-            B,
-            C,
-            self.D,
-            z,
-            delta_bias=self.dt_proj.bias,
-            delta_softplus=True,
-            initial_state=None if cache is None else cache.ssm_state,
-            return_final_state=True,
-        )
+        y, ssm_final = selective_scan(
+            x, dt, A, B, C, self.D, z, delta_bias=self.dt_proj.bias, delta_softplus=True,
+            initial_state=ssm_state, return_final_state=True,
+        )  # fmt: skip
         if cache is not None:
-            cache.conv_state.copy_(conv_state)
-            cache.ssm_state.copy_(ssm_state)
-        return self.out_proj(y)
+            if slots is None:
+                cache.conv_state.copy_(conv_final)
+                cache.ssm_state.copy_(ssm_final)
+            else:
+                cache.conv_state.index_copy_(0, slots, conv_final.to(cache.conv_state.dtype))
+                cache.ssm_state.index_copy_(0, slots, ssm_final)
+        return self.out_proj(y), None
 
-    def step(self, u_t: Tensor, cache: MambaCache) -> Tensor:
-        """One token: u_t (B, D) -> (B, D); updates ``cache`` in place (fused kernels on the Triton backend)."""
-        return mamba_decode_step(
-            u_t,
-            cache.conv_state,
-            cache.ssm_state,
-            self.in_proj.weight,
-            self.conv1d.weight[:, 0, :],
-            self.conv1d.bias,
-            self.x_proj.weight,
-            self.dt_proj.weight,
-            self.dt_proj.bias,
-            self.A_log,
-            self.D,
-            self.out_proj.weight,
-        )
+    def step(self, u_t: Tensor, cache: MambaCache, slots: Tensor | None = None) -> Tensor:
+        """One token: u_t (B, D) -> (B, D); advances the state of ``slots`` (rows 0..B-1 without) in place. On
+        the Triton backend the conv and the SSM step are one kernel each, the second with the dt_proj GEMV
+        and A = -exp(A_log) inside it."""
+        x, z = self.in_proj(u_t).chunk(2, dim=-1)
+        x = conv_update(x, cache.conv_state, self.conv1d.weight[:, 0, :], self.conv1d.bias, "silu", slots)
+        dt_low, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        y = ssm_update(
+            cache.ssm_state, x, dt_low, self.A_log, B, C, self.D, z, self.dt_proj.bias, True,
+            dt_weight=self.dt_proj.weight, a_from_log=True, state_indices=slots,
+        )  # fmt: skip
+        return self.out_proj(y)

@@ -4,22 +4,27 @@ Named steps: route (router logits in fp32 -> expert, gate) then the experts kern
 tokens by expert, runs the gated MLPs over stacked weights and un-permutes with the gate. In training
 mode the expert is chosen by Sinkhorn (or plain top-1, per config) and the optional router losses are
 computed; every call also returns the number of tokens per expert. Losses and counts are returned in a
-:class:`RouterStats`, never kept on the module.
+:class:`RouterStats`, never kept on the module. The decode step (``step``, ``norm_step``) routes and runs
+the experts through the kernels' decode dispatchers and counts nothing; the MoE keeps no decode state.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import BlackMambaConfig
-from ..kernels import moe_decode, moe_experts, resolve_backend
-from ..kernels.moe_decode import moe_experts_decode_triton, route_top1_triton
+from ..kernels import add_rms_norm_route, moe_experts, moe_experts_decode, route_top1
 from ..routing import load_balancing_loss, router_z_loss, sinkhorn_top1, top1_sigmoid
+from .mixer import Mixer
+
+if TYPE_CHECKING:
+    from .norm import RMSNorm
 
 
 @dataclass
@@ -32,7 +37,7 @@ class RouterStats:
     sinkhorn_iters: int = 0
 
 
-class MoE(nn.Module):
+class MoE(Mixer):
     def __init__(self, config: BlackMambaConfig) -> None:
         super().__init__()
         d, f, e = config.d_model, config.d_ff, config.n_experts
@@ -58,34 +63,14 @@ class MoE(nn.Module):
         """Router logits in fp32, then sigmoid top-1 as in the released code: (expert (T,), gate (T,))."""
         return top1_sigmoid(self.router_logits(x_TD))
 
-    def decode_kernels_apply(self, x: Tensor, dtype: torch.dtype | None = None) -> bool:
-        """Whether the experts of tokens ``x`` (..., D) run on the decode kernels (:mod:`..kernels.moe_decode`):
-        inference (no training, no autograd, no autocast) of at most ``moe_decode.DECODE_TOKENS`` tokens on
-        the Triton backend, with the input in the experts' dtype (``dtype``: the input's, if not x's)."""
-        dtype = x.dtype if dtype is None else dtype
-        tokens = x.numel() // x.shape[-1] if x.ndim else 0
-        return (
-            not self.training
-            and tokens <= min(moe_decode.DECODE_TOKENS, moe_decode.MAX_TOKENS)
-            and not (torch.is_grad_enabled() and (x.requires_grad or self.w1.requires_grad))
-            and not torch.is_autocast_enabled(x.device.type)
-            and dtype == self.w1.dtype == self.w2.dtype
-            and resolve_backend(x, has_triton=True) == "triton"
-        )
-
-    def experts_decode(self, x_TD: Tensor, expert_T: Tensor, gate_T: Tensor) -> Tensor:
-        """The experts on the decode kernels for tokens already routed: x (T, D) -> (T, D)."""
-        return moe_experts_decode_triton(x_TD, expert_T, gate_T, self.w1, self.w2, self.activation)
-
-    def forward(self, x: Tensor, with_stats: bool = True) -> tuple[Tensor, RouterStats | None]:
-        """x: (B, L, D) -> (B, L, D) and the routing statistics of this call (None without ``with_stats``:
-        the decode step skips counting tokens per expert, three small kernels per layer and token, and on
-        the Triton backend runs the fused decode kernels of :mod:`..kernels.moe_decode`)."""
+    def forward(
+        self, x: Tensor, cache: None = None, mask: Tensor | None = None, slots: Tensor | None = None
+    ) -> tuple[Tensor, RouterStats]:
+        """x: (B, L, D) -> (B, L, D) and the routing statistics of this call. Stateless: ``cache`` and
+        ``slots`` are unused, and padded positions (``mask``) are routed like any token (their outputs are
+        never read)."""
         cfg = self.config
         x_TD = x.reshape(-1, x.shape[-1])
-        if not with_stats and self.decode_kernels_apply(x_TD):
-            expert_T, gate_T = route_top1_triton(x_TD, self.router.weight, self.router.bias)
-            return self.experts_decode(x_TD, expert_T, gate_T).view_as(x), None
         logits_TE = self.router_logits(x_TD)
         iters, aux = 0, None
         if self.training and cfg.train_routing == "sinkhorn":
@@ -102,9 +87,33 @@ class MoE(nn.Module):
                 terms.append(cfg.z_loss_weight * router_z_loss(logits_TE))
             aux = sum(terms) if terms else None
         y_TD = moe_experts(x_TD, expert_T, gate_T, self.w1, self.w2, self.activation)
-        if not with_stats and aux is None:
-            return y_TD.view_as(x), None
         # Not bincount: on CUDA it reads the largest id back to the host, which a CUDA graph cannot hold.
         counts_E = torch.zeros(self.n_experts, dtype=torch.long, device=expert_T.device)
         counts_E.index_add_(0, expert_T, torch.ones_like(expert_T))
         return y_TD.view_as(x), RouterStats(counts_E, aux, iters)
+
+    def step(self, x_t: Tensor, cache: None = None, slots: Tensor | None = None) -> Tensor:
+        """One token per row: x_t (B, D) -> (B, D), with no statistics (on the Triton backend: the decode
+        kernels of :mod:`blackmamba.kernels.moe_decode`, three launches). In training mode the step routes
+        as the forward does."""
+        if self.training:
+            return self(x_t)[0]
+        x_TD = x_t.reshape(-1, x_t.shape[-1])
+        expert_T, gate_T = route_top1(x_TD, self.router.weight, self.router.bias)
+        return self.experts_step(x_TD, expert_T, gate_T).view_as(x_t)
+
+    def experts_step(self, x_TD: Tensor, expert_T: Tensor, gate_T: Tensor) -> Tensor:
+        return moe_experts_decode(x_TD, expert_T, gate_T, self.w1, self.w2, self.activation)
+
+    def norm_step(
+        self, norm: RMSNorm, residual: Tensor, delta: Tensor | None, cache: None = None, slots: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """The block's decode step with the routing fused into the norm's kernel (where the decode kernels
+        apply; see :func:`blackmamba.kernels.add_rms_norm_route`)."""
+        if self.training:
+            return super().norm_step(norm, residual, delta, cache, slots)
+        router = self.router
+        h, residual, expert_T, gate_T = add_rms_norm_route(
+            residual, delta, norm.weight, norm.eps, router.weight, router.bias
+        )
+        return residual, self.experts_step(h.reshape(-1, h.shape[-1]), expert_T, gate_T).view_as(h)

@@ -1,4 +1,4 @@
-"""The decode-time MoE kernels (routing, fc1 + activation, fc2 + gate) against the reference layer path.
+"""The decode-time MoE kernels (routing, fc1 + activation, fc2 + gate) against the reference path.
 
 On the CPU they run in Triton's interpreter on tiny widths; the ``gpu`` tests use the 2.8B widths.
 """
@@ -7,13 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import blackmamba.kernels.moe_decode as moe_decode
-from blackmamba.kernels import moe_experts_ref, use_backend
-from blackmamba.kernels.moe_decode import moe_experts_decode_triton, route_top1_triton
+from blackmamba.kernels import moe_experts_ref
+from blackmamba.kernels.moe_decode import MAX_TOKENS, moe_experts_decode_triton, route_top1_triton
 from blackmamba.routing import top1_sigmoid
 
-from .conftest import DEVICE, ON_GPU, TOL, rel_err, tiny_model
-from .test_triton_moe import moe_inputs
+from ..conftest import DEVICE, ON_GPU, TOL, rel_err
+from .test_moe import moe_inputs
 
 
 def router_inputs(tokens, dim, experts, dtype, seed=0, device=DEVICE):
@@ -70,7 +69,7 @@ def test_experts_decode_takes_strided_inputs(poisoned):
 def test_experts_decode_rejects_bad_input():
     x, expert, gate, w1, w2 = (t.detach() for t in moe_inputs(4, 16, 8, 2, torch.float32, False))
     with pytest.raises(ValueError, match="at most"):
-        big = moe_decode.MAX_TOKENS + 1
+        big = MAX_TOKENS + 1
         moe_experts_decode_triton(x.new_zeros(big, 16), expert.new_zeros(big), gate.new_zeros(big), w1, w2)
     with pytest.raises(ValueError, match="activation"):
         moe_experts_decode_triton(x, expert, gate, w1, w2, "relu")
@@ -78,32 +77,6 @@ def test_experts_decode_rejects_bad_input():
         moe_experts_decode_triton(x.double(), expert, gate, w1, w2)
     with pytest.raises(ValueError, match="weights"):
         moe_experts_decode_triton(x, expert, gate, w1[:, :, :8], w2)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_layer_decode_path_matches_reference(monkeypatch, dtype):
-    """The MoE layer's inference call on the Triton backend takes the decode kernels (and only then)."""
-    layer = tiny_model().layers[1].mixer.to(DEVICE, dtype)
-    assert layer.__class__.__name__ == "MoE"
-    x = torch.randn(1, 9, layer.w1.shape[2], generator=torch.Generator().manual_seed(3)).to(DEVICE, dtype)
-    calls = []
-    real = moe_decode.moe_experts_decode_triton
-    monkeypatch.setattr("blackmamba.layers.moe.moe_experts_decode_triton", lambda *a: calls.append(1) or real(*a))
-    with torch.no_grad():
-        with use_backend("ref"):
-            y_ref, _ = layer(x, with_stats=False)
-        with use_backend("triton"):
-            y, stats = layer(x, with_stats=False)
-            assert stats is None and len(calls) == 1
-            layer(x, with_stats=True)  # statistics wanted: the general path
-            assert len(calls) == 1
-    if dtype == torch.float32:
-        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
-    else:  # the reference rounds h and act(h) to bf16, the interpreter run keeps them fp32
-        assert rel_err(y, y_ref) < 1e-2
-    with use_backend("triton"):
-        layer(x, with_stats=False)  # autograd on: the general path (which has a backward)
-    assert len(calls) == 1
 
 
 @pytest.mark.gpu
@@ -129,21 +102,3 @@ def test_interpreter_rounds_outputs_in_torch():
     y = moe_experts_decode_triton(x, expert, gate, w1, w2)
     y32 = moe_experts_decode_triton(x.float(), expert, gate, w1.float(), w2.float())
     assert torch.equal(y, y32.to(torch.bfloat16))
-
-
-def test_model_step_routes_inside_the_norm(monkeypatch):
-    """The decode step's MoE blocks route in the norm kernel; logits equal the unfused step's."""
-    import blackmamba.model as model_module
-
-    model = tiny_model().to(DEVICE)
-    tokens = torch.randint(0, model.config.vocab_size, (3,), generator=torch.Generator().manual_seed(0)).to(DEVICE)
-    calls = []
-    real = model_module.add_rms_norm_route
-    monkeypatch.setattr(model_module, "add_rms_norm_route", lambda *a: calls.append(1) or real(*a))
-    with torch.no_grad(), use_backend("triton"):
-        fused = model.step(tokens, model.allocate_cache(3))
-        assert len(calls) == model.config.layer_pattern.count("moe")
-        monkeypatch.setattr(moe_decode, "FUSE_ROUTER", False)
-        unfused = model.step(tokens, model.allocate_cache(3))
-    assert len(calls) == model.config.layer_pattern.count("moe")
-    torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-5)

@@ -8,7 +8,7 @@ import torch
 from blackmamba.generation import Decoder, SamplingOptions, generate, prefill
 from blackmamba.generation.generate import _left_pad
 
-from .conftest import assert_caches_close, tiny_model
+from ..conftest import assert_caches_close, tiny_model
 
 PROMPTS = [[5, 9, 200, 17, 3, 99, 4], [8], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13], [77, 78]]
 
@@ -39,7 +39,7 @@ def test_bucketed_batch_gives_the_same_tokens(temperature, monkeypatch):
     bucketed = Decoder(model, SamplingOptions(temperature, 20), use_graphs=False, buckets=True)
     monkeypatch.setattr(importlib.import_module("blackmamba.generation.generate"), "decoder_for", lambda *a: bucketed)
     assert generate(model, PROMPTS[:3], **kwargs) == exact
-    assert set(bucketed._slots) == {4}
+    assert set(bucketed._buckets) == {4}
 
 
 def test_sampling_is_reproducible_and_penalty_applies():

@@ -1,4 +1,5 @@
-"""MoE experts on grouped GEMMs (Triton kernels and torch._grouped_mm) against the loop over experts.
+"""The MoE experts, every implementation against the loop over experts: the sorted PyTorch path, the Triton
+grouped GEMMs and torch._grouped_mm, forward and backward, and the choice between them.
 
 On the CPU the kernels run in Triton's interpreter on tiny shapes; the ``gpu`` tests use the 2.8B
 model's widths (D=1472, F=3872, E=8).
@@ -6,18 +7,90 @@ model's widths (D=1472, F=3872, E=8).
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import blackmamba.kernels.moe as moe
-from blackmamba.kernels import moe_experts, moe_experts_grouped_mm, moe_experts_ref, moe_experts_triton, use_backend
+from blackmamba.kernels import (
+    moe_experts,
+    moe_experts_grouped_mm,
+    moe_experts_ref,
+    moe_experts_triton,
+    use_backend,
+    use_settings,
+)
 from blackmamba.kernels.moe import (
     expert_offsets,
+    gated_activation,
     grouped_gemm,
     grouped_gemm_ref,
     grouped_gemm_wgrad,
     grouped_gemm_wgrad_ref,
+    moe_experts_sorted,
 )
 
-from .conftest import DEVICE, ON_GPU, TOL, nan_filled, rel_err
+from ..conftest import DEVICE, ON_GPU, TOL, nan_filled, rel_err
+from .common import grads_of
+
+
+def moe_cpu_inputs(tokens, dim, ff, experts, dtype, skew=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, dim, generator=g).to(dtype).requires_grad_()
+    if skew:  # most tokens to expert 0, some experts get none
+        expert = torch.where(torch.rand(tokens, generator=g) < 0.8, 0, experts - 1)
+    else:
+        expert = torch.randint(0, experts, (tokens,), generator=g)
+    gate = torch.rand(tokens, generator=g).to(dtype).requires_grad_()
+    w1 = (torch.randn(experts, 2 * ff, dim, generator=g) / dim**0.5).to(dtype).requires_grad_()
+    w2 = (torch.randn(experts, dim, ff, generator=g) / ff**0.5).to(dtype).requires_grad_()
+    return x, expert, gate, w1, w2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens,skew", [(1, False), (37, False), (200, True), (64, False)])
+@pytest.mark.parametrize("activation", ["gelu", "silu"])
+def test_moe_sorted_matches_loop(dtype, tokens, skew, activation):
+    x, expert, gate, w1, w2 = moe_cpu_inputs(tokens, 12, 20, 5, dtype, skew=skew, seed=tokens)
+    inputs = (x, gate, w1, w2)
+    y_ref, g_ref = grads_of(lambda x, g, a, b: moe_experts_ref(x, expert, g, a, b, activation), inputs)
+    y, g = grads_of(lambda x, g, a, b: moe_experts_sorted(x, expert, g, a, b, activation), inputs)
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(y, y_ref, rtol=rtol, atol=atol)
+    for a, r in zip(g, g_ref, strict=True):
+        torch.testing.assert_close(a.float(), r.float(), rtol=rtol * 5, atol=atol * 5)
+
+
+def test_moe_one_expert_equals_dense_gated_mlp():
+    x, _, gate, w1, w2 = moe_cpu_inputs(30, 8, 16, 1, torch.float32)
+    expert = torch.zeros(30, dtype=torch.long)
+    dense = (F.gelu(x @ w1[0, :16].t()) * (x @ w1[0, 16:].t())) @ w2[0].t() * gate[:, None]
+    torch.testing.assert_close(moe_experts(x, expert, gate, w1, w2, "gelu"), dense, rtol=1e-5, atol=1e-5)
+
+
+def test_gated_activation_halves():
+    h = torch.randn(3, 10)
+    torch.testing.assert_close(gated_activation(h, "silu"), F.silu(h[:, :5]) * h[:, 5:])
+    with pytest.raises(ValueError, match="activation"):
+        gated_activation(h, "relu")
+
+
+def test_backend_switch_selects_reference():
+    x, expert, gate, w1, w2 = moe_cpu_inputs(10, 4, 6, 3, torch.float32)
+    calls = []
+    import blackmamba.kernels.moe as moe_mod
+
+    original = moe_mod.moe_experts_ref
+    moe_mod.moe_experts_ref = lambda *a: calls.append(1) or original(*a)
+    try:
+        with use_backend("ref"):
+            moe_mod.moe_experts(x, expert, gate, w1, w2)
+        moe_mod.moe_experts(x, expert, gate, w1, w2)
+    finally:
+        moe_mod.moe_experts_ref = original
+    assert calls == [1]
+    with pytest.raises(ValueError, match="unknown backend"):
+        with use_backend("cuda-magic"):
+            pass
+
 
 N_EXPERTS = 4
 TOL_F32 = dict(zip(("rtol", "atol"), TOL[torch.float32], strict=True))
@@ -155,10 +228,9 @@ def test_moe_experts_picks_the_grouped_gemm(monkeypatch):
     monkeypatch.setattr(moe, "moe_experts_grouped_mm", lambda *a: calls.append("torch") or moe_experts_ref(*a))
     with use_backend("triton"):
         moe_experts(x, expert, gate, w1, w2)  # "auto": fp32 (or CPU) tensors take ours
-        monkeypatch.setattr(moe, "GROUPED_GEMM", "torch")
-        moe_experts(x, expert, gate, w1, w2)
-        monkeypatch.setattr(moe, "GROUPED_GEMM", "cutlass")
-        with pytest.raises(ValueError, match="GROUPED_GEMM"):
+        with use_settings(grouped_gemm="torch"):
+            moe_experts(x, expert, gate, w1, w2)
+        with pytest.raises(ValueError, match="grouped_gemm"), use_settings(grouped_gemm="cutlass"):
             moe_experts(x, expert, gate, w1, w2)
     with use_backend("torch"):
         moe_experts(x, expert, gate, w1, w2)

@@ -1,14 +1,30 @@
-"""Triton RMSNorm with fused residual add against its reference, forward and every gradient."""
+"""RMSNorm with the fused residual add, and the norm + router decode op: the Triton kernels against their
+references, forward and every gradient."""
 
 import pytest
 import torch
 
-from blackmamba.kernels import add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_ref, use_backend
-from blackmamba.kernels.norm import add_rms_norm_route, add_rms_norm_route_ref
+from blackmamba.kernels import (
+    add_rms_norm,
+    add_rms_norm_ref,
+    add_rms_norm_route,
+    add_rms_norm_route_ref,
+    rms_norm,
+    rms_norm_ref,
+    use_backend,
+)
 
-from .conftest import DEVICE, ON_GPU, TOL, rel_err
+from ..conftest import DEVICE, ON_GPU, TOL, rel_err
 
 pytest.importorskip("triton")
+
+
+def test_rms_norm_definition():
+    x = torch.randn(4, 7) * 3
+    w = torch.randn(7)
+    expected = x / torch.sqrt((x**2).mean(-1, keepdim=True) + 1e-5) * w
+    torch.testing.assert_close(rms_norm_ref(x, w, 1e-5), expected)
+
 
 SHAPES = [(7, 13), (1, 5), (3, 4, 33), (1, 63, 24)] if not ON_GPU else [(7, 13), (1, 5), (3, 63, 1472), (8, 2560)]
 

@@ -7,7 +7,7 @@ import torch
 
 from blackmamba.routing import load_balancing_loss, router_z_loss, sinkhorn, sinkhorn_top1
 
-from .conftest import tiny_model
+from ..conftest import tiny_model
 
 
 @pytest.mark.parametrize("tokens,scale", [(64, 1.0), (512, 1.0), (2048, 3.0)])

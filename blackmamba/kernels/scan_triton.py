@@ -1,0 +1,623 @@
+"""The selective scan and its decode step as Triton kernels; same arguments and results as the references
+in :mod:`.scan` (:func:`.scan.selective_scan_ref`, :func:`.scan.selective_state_update`).
+
+The scan: one program (one warp by default) owns (batch row b, BLOCK_D channels); each thread holds one
+channel's N states and walks the sequence, T_SUB positions per loop step: the step's inputs are loaded as
+(BLOCK_D, T_SUB) tiles first and y is stored once at the end, so the loads of a step are in flight
+together. With few programs the forward also splits the sequence into segments: a pass from zero states
+gives each segment's end state and sum of dt, a carry over the segments gives their true start states,
+and the real pass runs from those. The forward keeps the state at every CHUNK-th position
+(B, n_chunks, D_in, N fp32) for the backward, which recomputes each chunk forward from it, keeping every
+4th state in a small scratch buffer (L2-resident), then walks the chunk backwards 4 positions at a time
+with those positions' states and decays in registers, running the adjoint recurrence
+lambda_t = C_t g_t + decay_{t+1} lambda_{t+1}. Tile shapes and the segment split come from
+:mod:`.settings` (``scan_*``).
+
+The decode step (:func:`ssm_update_triton`) advances the state (S, D_in, N) by one token in place, one
+program per (row, channel block), and can fold the dt_proj GEMV (dt = W_dt dt_low) in, so that needs no
+launch of its own. It is memory bound: the floor is one read and one write of the state. Row b may step
+any state row (``state_indices``), so a decode step can run over any set of slots of a state pool.
+
+Kernel arguments follow one convention in every kernel file: ``<tensor>_ptr``, ``stride_<tensor>_<dim>``
+(dims named as in the shapes: b, l, d, n, ...), runtime sizes in lower case, compile-time flags and
+tile sizes in upper case.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .scan import _check_inputs, selective_scan_ref
+from .settings import get_settings
+from .tl_math import check_state_indices, decode_launch_config, expect_shape
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the PyTorch paths work without Triton
+    triton = None
+
+_BLOCK_R = 64  # dt_proj rank per step of the fused dt GEMV
+
+
+if triton is not None:
+    from .tl_math import softplus as _softplus
+
+    @triton.jit
+    def _seq_inputs(
+        u_ptr, delta_ptr, B_ptr, C_ptr, bias, t, seqlen, offs_d, mask_d, offs_n, mask_n,
+        stride_u_l, stride_delta_l, stride_B_l, stride_C_l, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    ):  # fmt: skip
+        valid = t < seqlen
+        m = mask_d & valid
+        u = tl.load(u_ptr + t * stride_u_l + offs_d, mask=m, other=0.0).to(tl.float32)
+        raw = tl.load(delta_ptr + t * stride_delta_l + offs_d, mask=m, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            raw += bias
+        dt = _softplus(raw) if SOFTPLUS else raw
+        dt = tl.where(m, dt, 0.0)  # past the end: decay 1 and no input
+        b_t = tl.load(B_ptr + t * stride_B_l + offs_n, mask=mask_n & valid, other=0.0).to(tl.float32)
+        c_t = tl.load(C_ptr + t * stride_C_l + offs_n, mask=mask_n & valid, other=0.0).to(tl.float32)
+        return u, raw, dt, b_t, c_t
+
+    @triton.jit
+    def _scan_fwd_seq_kernel(
+        u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_bias_ptr, h0_ptr,
+        y_ptr, hT_ptr, ckpt_ptr, dtsum_ptr,
+        seqlen, dim, seg_len,
+        stride_u_b, stride_u_l, stride_delta_b, stride_delta_l, stride_B_b, stride_B_l, stride_C_b, stride_C_l,
+        stride_z_b, stride_z_l,
+        N: tl.constexpr, N_P2: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, T_SUB: tl.constexpr,
+        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
+        SOFTPLUS: tl.constexpr, SAVE_CKPT: tl.constexpr, STORE_Y: tl.constexpr, BC_TILES: tl.constexpr,
+    ):  # fmt: skip
+        # Program (b, channel block, g) runs positions [g * seg_len, (g + 1) * seg_len) from the start state
+        # h0[b, g] (zero without HAS_H0) and leaves its end state in hT[b, g]. Without STORE_Y it only
+        # sums dt per channel (the segment's total decay is exp(A * sum dt)) for the carry across segments.
+        b = tl.program_id(0).to(tl.int64)  # 64-bit: b * seqlen * dim and the state offsets outgrow int32
+        g = tl.program_id(2)
+        n_seg = tl.num_programs(2)
+        offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)[:, None]
+        mask_d = offs_d < dim
+        offs_n = tl.arange(0, N_P2)[None, :]
+        mask_n = offs_n < N
+        state_mask = mask_d & mask_n
+        state_offs = offs_d * N + offs_n
+        A2 = tl.load(A_ptr + state_offs, mask=state_mask, other=0.0) * 1.4426950408889634
+        seg_state = (b * n_seg + g) * dim * N + state_offs
+        if HAS_H0:
+            h = tl.load(h0_ptr + seg_state, mask=state_mask, other=0.0)
+        else:
+            h = tl.zeros((BLOCK_D, N_P2), tl.float32)
+        dt_sum = tl.zeros((BLOCK_D, 1), tl.float32)
+        bias = tl.load(delta_bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
+        d_skip = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) if HAS_D else 0.0
+        u_ptr += b * stride_u_b
+        delta_ptr += b * stride_delta_b
+        B_ptr += b * stride_B_b
+        C_ptr += b * stride_C_b
+        z_ptr += b * stride_z_b
+        y_ptr += b * seqlen * dim
+        n_chunks = (seqlen + CHUNK - 1) // CHUNK
+        cols = tl.arange(0, T_SUB)[None, :]
+        rows = tl.arange(0, T_SUB)[:, None]
+        for t0 in range(g * seg_len, tl.minimum((g + 1) * seg_len, seqlen), T_SUB):
+            if SAVE_CKPT:
+                if t0 % CHUNK == 0:
+                    tl.store(ckpt_ptr + (b * n_chunks + t0 // CHUNK) * dim * N + state_offs, h, mask=state_mask)
+            # All loads of the group first, as (BLOCK_D, T_SUB) tiles, and one store of y at the end: a store
+            # between two steps would keep the next step's loads from being issued early (possible aliasing).
+            t_cols = t0 + cols
+            m = mask_d & (t_cols < seqlen)
+            u_tile = tl.load(u_ptr + t_cols * stride_u_l + offs_d, mask=m, other=0.0).to(tl.float32)
+            raw_tile = tl.load(delta_ptr + t_cols * stride_delta_l + offs_d, mask=m, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                raw_tile += bias
+            dt_tile = tl.where(m, _softplus(raw_tile) if SOFTPLUS else raw_tile, 0.0)
+            if not STORE_Y:
+                dt_sum += tl.sum(dt_tile, 1, keep_dims=True)
+            if BC_TILES:
+                # B and C of the group as (T_SUB, N) tiles as well, each step's row picked in registers: all
+                # global loads of the group are then issued first (the picks cost shared-memory round trips).
+                t_rows = t0 + rows
+                m_bc = (t_rows < seqlen) & mask_n
+                B_tile = tl.load(B_ptr + t_rows * stride_B_l + offs_n, mask=m_bc, other=0.0).to(tl.float32)
+                C_tile = tl.load(C_ptr + t_rows * stride_C_l + offs_n, mask=m_bc, other=0.0).to(tl.float32)
+            y_tile = tl.zeros((BLOCK_D, T_SUB), tl.float32)
+            for j in tl.static_range(T_SUB):
+                t = t0 + j
+                u = tl.sum(tl.where(cols == j, u_tile, 0.0), 1, keep_dims=True)
+                dt = tl.sum(tl.where(cols == j, dt_tile, 0.0), 1, keep_dims=True)
+                if BC_TILES:
+                    b_t = tl.sum(tl.where(rows == j, B_tile, 0.0), 0, keep_dims=True)
+                    c_t = tl.sum(tl.where(rows == j, C_tile, 0.0), 0, keep_dims=True)
+                else:
+                    b_t = tl.load(B_ptr + t * stride_B_l + offs_n, mask=mask_n & (t < seqlen), other=0.0).to(tl.float32)
+                    c_t = tl.load(C_ptr + t * stride_C_l + offs_n, mask=mask_n & (t < seqlen), other=0.0).to(tl.float32)
+                h = tl.exp2(dt * A2) * h + (dt * u) * b_t
+                if STORE_Y:
+                    y_tile = tl.where(cols == j, tl.sum(h * c_t, 1, keep_dims=True), y_tile)
+            if STORE_Y:
+                if HAS_D:
+                    y_tile += d_skip * u_tile
+                if HAS_Z:
+                    zv = tl.load(z_ptr + t_cols * stride_z_l + offs_d, mask=m, other=0.0).to(tl.float32)
+                    y_tile = y_tile * zv * tl.sigmoid(zv)
+                tl.store(y_ptr + t_cols * dim + offs_d, y_tile.to(y_ptr.dtype.element_ty), mask=m)
+        tl.store(hT_ptr + seg_state, h, mask=state_mask)
+        if not STORE_Y:
+            tl.store(dtsum_ptr + (b * n_seg + g) * dim + offs_d, dt_sum, mask=mask_d)
+
+    @triton.jit
+    def _seq_g(dy_ptr, z_ptr, t, seqlen, offs_d, mask_d, stride_dy_l, stride_z_l, HAS_Z: tl.constexpr):
+        """dy at position t and g = dy * silu(z), the gradient of the output before the gate."""
+        m = mask_d & (t < seqlen)
+        dy = tl.load(dy_ptr + t * stride_dy_l + offs_d, mask=m, other=0.0).to(tl.float32)
+        if HAS_Z:
+            zv = tl.load(z_ptr + t * stride_z_l + offs_d, mask=m, other=0.0).to(tl.float32)
+            return dy * zv * tl.sigmoid(zv), dy, zv
+        return dy, dy, dy
+
+    @triton.jit
+    def _seq_grads(
+        lam, h, h_prev, decay, u, raw, dt, b_t, c_t, g, dy, zv, t, seqlen, A, d_skip, dA_acc,
+        du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, offs_d, mask_d, offs_n, mask_n,
+        dim, N: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
+    ):  # fmt: skip
+        """Position t of the backward; lam is the gradient reaching h_t from every later position."""
+        valid = t < seqlen
+        m = mask_d & valid
+        if HAS_Z:
+            y_core = tl.sum(h * c_t, 1, keep_dims=True)
+            if HAS_D:
+                y_core += d_skip * u
+            sig = tl.sigmoid(zv)
+            dz = dy * y_core * sig * (1.0 + zv * (1.0 - sig))
+            tl.store(dz_ptr + t * dim + offs_d, dz.to(dz_ptr.dtype.element_ty), mask=m)
+        tl.store(dC_ptr + t * N + offs_n, tl.sum(h * g, 0, keep_dims=True), mask=mask_n & valid)
+        lam_b = lam * b_t
+        du = tl.sum(lam_b, 1, keep_dims=True)
+        g_decay = lam * h_prev * decay  # d(decay_t) * decay_t
+        ddt = du * u + tl.sum(g_decay * A, 1, keep_dims=True)
+        tl.store(dB_ptr + t * N + offs_n, tl.sum(lam * (dt * u), 0, keep_dims=True), mask=mask_n & valid)
+        du = du * dt
+        if HAS_D:
+            du += d_skip * g
+        if SOFTPLUS:
+            ddt = ddt * tl.sigmoid(raw)
+        ddt = tl.where(m, ddt, 0.0)
+        tl.store(du_ptr + t * dim + offs_d, du.to(du_ptr.dtype.element_ty), mask=m)
+        tl.store(ddelta_ptr + t * dim + offs_d, ddt.to(ddelta_ptr.dtype.element_ty), mask=m)
+        dA_acc += g_decay * dt
+        return ddt, dA_acc
+
+    @triton.jit
+    def _scan_bwd_seq_kernel(
+        u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_bias_ptr, ckpt_ptr, dy_ptr, dhT_ptr,
+        du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, ddelta_bias_ptr, dh0_ptr, scratch_ptr,
+        seqlen, dim, batch,
+        stride_u_b, stride_u_l, stride_delta_b, stride_delta_l, stride_B_b, stride_B_l, stride_C_b, stride_C_l,
+        stride_z_b, stride_z_l, stride_dy_b, stride_dy_l,
+        N: tl.constexpr, N_P2: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
+        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DHT: tl.constexpr,
+        SOFTPLUS: tl.constexpr,
+    ):  # fmt: skip
+        # T_SUB is 4 here: the four positions' states and decays are named registers.
+        b = tl.program_id(0).to(tl.int64)  # 64-bit: b * seqlen * dim and the state offsets outgrow int32
+        pid_d = tl.program_id(1)
+        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)[:, None]
+        mask_d = offs_d < dim
+        offs_n = tl.arange(0, N_P2)[None, :]
+        mask_n = offs_n < N
+        state_mask = mask_d & mask_n
+        state_offs = offs_d * N + offs_n
+        A = tl.load(A_ptr + state_offs, mask=state_mask, other=0.0)
+        A2 = A * 1.4426950408889634
+        if HAS_DHT:
+            lam = tl.load(dhT_ptr + b * dim * N + state_offs, mask=state_mask, other=0.0)
+        else:
+            lam = tl.zeros((BLOCK_D, N_P2), tl.float32)
+        bias = tl.load(delta_bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
+        d_skip = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) if HAS_D else 0.0
+        dA_acc = tl.zeros((BLOCK_D, N_P2), tl.float32)
+        dD_acc = tl.zeros((BLOCK_D, 1), tl.float32)
+        dbias_acc = tl.zeros((BLOCK_D, 1), tl.float32)
+        decay_next = tl.full((BLOCK_D, N_P2), 1.0, tl.float32)  # after the last position: lambda_L = dhT
+        u_ptr += b * stride_u_b
+        delta_ptr += b * stride_delta_b
+        B_ptr += b * stride_B_b
+        C_ptr += b * stride_C_b
+        z_ptr += b * stride_z_b
+        dy_ptr += b * stride_dy_b
+        du_ptr += b * seqlen * dim
+        ddelta_ptr += b * seqlen * dim
+        dz_ptr += b * seqlen * dim
+        dB_ptr += (pid_d * batch + b) * seqlen * N
+        dC_ptr += (pid_d * batch + b) * seqlen * N
+        scratch_ptr += (b * tl.num_programs(1) + pid_d) * (CHUNK // 4) * BLOCK_D * N_P2
+        local = tl.arange(0, BLOCK_D)[:, None] * N_P2 + offs_n
+        n_chunks = (seqlen + CHUNK - 1) // CHUNK
+        for kk in range(n_chunks):
+            k = n_chunks - 1 - kk
+            # Forward through the chunk from its saved start, keeping every 4th state.
+            h = tl.load(ckpt_ptr + (b * n_chunks + k) * dim * N + state_offs, mask=state_mask, other=0.0)
+            for s in range(CHUNK // 4):
+                tl.store(scratch_ptr + s * BLOCK_D * N_P2 + local, h)
+                for j in tl.static_range(4):
+                    t = k * CHUNK + s * 4 + j
+                    u, raw, dt, b_t, c_t = _seq_inputs(
+                        u_ptr, delta_ptr, B_ptr, C_ptr, bias, t, seqlen, offs_d, mask_d, offs_n, mask_n,
+                        stride_u_l, stride_delta_l, stride_B_l, stride_C_l, HAS_BIAS, SOFTPLUS,
+                    )  # fmt: skip
+                    h = tl.exp2(dt * A2) * h + (dt * u) * b_t
+            tl.debug_barrier()
+            # Backwards, four positions at a time.
+            for ss in range(CHUNK // 4):
+                s = CHUNK // 4 - 1 - ss
+                t0 = k * CHUNK + s * 4
+                h_start = tl.load(scratch_ptr + s * BLOCK_D * N_P2 + local)
+                u0, raw0, dt0, b0, c0 = _seq_inputs(
+                    u_ptr, delta_ptr, B_ptr, C_ptr, bias, t0, seqlen, offs_d, mask_d, offs_n, mask_n,
+                    stride_u_l, stride_delta_l, stride_B_l, stride_C_l, HAS_BIAS, SOFTPLUS,
+                )  # fmt: skip
+                u1, raw1, dt1, b1, c1 = _seq_inputs(
+                    u_ptr, delta_ptr, B_ptr, C_ptr, bias, t0 + 1, seqlen, offs_d, mask_d, offs_n, mask_n,
+                    stride_u_l, stride_delta_l, stride_B_l, stride_C_l, HAS_BIAS, SOFTPLUS,
+                )  # fmt: skip
+                u2, raw2, dt2, b2, c2 = _seq_inputs(
+                    u_ptr, delta_ptr, B_ptr, C_ptr, bias, t0 + 2, seqlen, offs_d, mask_d, offs_n, mask_n,
+                    stride_u_l, stride_delta_l, stride_B_l, stride_C_l, HAS_BIAS, SOFTPLUS,
+                )  # fmt: skip
+                u3, raw3, dt3, b3, c3 = _seq_inputs(
+                    u_ptr, delta_ptr, B_ptr, C_ptr, bias, t0 + 3, seqlen, offs_d, mask_d, offs_n, mask_n,
+                    stride_u_l, stride_delta_l, stride_B_l, stride_C_l, HAS_BIAS, SOFTPLUS,
+                )  # fmt: skip
+                e0 = tl.exp2(dt0 * A2)
+                e1 = tl.exp2(dt1 * A2)
+                e2 = tl.exp2(dt2 * A2)
+                e3 = tl.exp2(dt3 * A2)
+                h0 = e0 * h_start + (dt0 * u0) * b0
+                h1 = e1 * h0 + (dt1 * u1) * b1
+                h2 = e2 * h1 + (dt2 * u2) * b2
+                h3 = e3 * h2 + (dt3 * u3) * b3
+                g0, dy0, z0 = _seq_g(dy_ptr, z_ptr, t0, seqlen, offs_d, mask_d, stride_dy_l, stride_z_l, HAS_Z)
+                g1, dy1, z1 = _seq_g(dy_ptr, z_ptr, t0 + 1, seqlen, offs_d, mask_d, stride_dy_l, stride_z_l, HAS_Z)
+                g2, dy2, z2 = _seq_g(dy_ptr, z_ptr, t0 + 2, seqlen, offs_d, mask_d, stride_dy_l, stride_z_l, HAS_Z)
+                g3, dy3, z3 = _seq_g(dy_ptr, z_ptr, t0 + 3, seqlen, offs_d, mask_d, stride_dy_l, stride_z_l, HAS_Z)
+                # lambda_t = C_t g_t + decay_{t+1} lambda_{t+1}
+                lam = decay_next * lam + g3 * c3
+                ddt3, dA_acc = _seq_grads(
+                    lam, h3, h2, e3, u3, raw3, dt3, b3, c3, g3, dy3, z3, t0 + 3, seqlen, A, d_skip, dA_acc,
+                    du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, offs_d, mask_d, offs_n, mask_n,
+                    dim, N, HAS_D, HAS_Z, SOFTPLUS,
+                )  # fmt: skip
+                lam = e3 * lam + g2 * c2
+                ddt2, dA_acc = _seq_grads(
+                    lam, h2, h1, e2, u2, raw2, dt2, b2, c2, g2, dy2, z2, t0 + 2, seqlen, A, d_skip, dA_acc,
+                    du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, offs_d, mask_d, offs_n, mask_n,
+                    dim, N, HAS_D, HAS_Z, SOFTPLUS,
+                )  # fmt: skip
+                lam = e2 * lam + g1 * c1
+                ddt1, dA_acc = _seq_grads(
+                    lam, h1, h0, e1, u1, raw1, dt1, b1, c1, g1, dy1, z1, t0 + 1, seqlen, A, d_skip, dA_acc,
+                    du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, offs_d, mask_d, offs_n, mask_n,
+                    dim, N, HAS_D, HAS_Z, SOFTPLUS,
+                )  # fmt: skip
+                lam = e1 * lam + g0 * c0
+                ddt0, dA_acc = _seq_grads(
+                    lam, h0, h_start, e0, u0, raw0, dt0, b0, c0, g0, dy0, z0, t0, seqlen, A, d_skip, dA_acc,
+                    du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, offs_d, mask_d, offs_n, mask_n,
+                    dim, N, HAS_D, HAS_Z, SOFTPLUS,
+                )  # fmt: skip
+                decay_next = e0
+                dD_acc += g0 * u0 + g1 * u1 + g2 * u2 + g3 * u3
+                dbias_acc += ddt0 + ddt1 + ddt2 + ddt3
+            tl.debug_barrier()
+        tl.store(dh0_ptr + b * dim * N + state_offs, decay_next * lam, mask=state_mask)
+        tl.store(dA_ptr + b * dim * N + state_offs, dA_acc, mask=state_mask)
+        tl.store(dD_ptr + b * dim + offs_d, dD_acc, mask=mask_d)
+        tl.store(ddelta_bias_ptr + b * dim + offs_d, dbias_acc, mask=mask_d)
+
+    @triton.jit
+    def _ssm_update_kernel(
+        state_ptr, u_ptr, delta_ptr, dt_weight_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_bias_ptr, y_ptr,
+        state_indices_ptr,
+        dim, dstate, rank,
+        stride_state_b, stride_state_d, stride_state_n, stride_u_b, stride_u_d, stride_delta_b, stride_delta_k,
+        stride_dt_weight_d, stride_dt_weight_r, stride_A_d, stride_A_n, stride_B_b, stride_B_n, stride_C_b, stride_C_n,
+        stride_z_b, stride_z_d, stride_y_b, stride_y_d,
+        FUSED_DT: tl.constexpr, A_FROM_LOG: tl.constexpr, HAS_DT_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_STATE_INDICES: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):  # fmt: skip
+        # One program: (row b, BLOCK_D channels) x all N states. stride_delta_k runs over D_in, or over R when
+        # FUSED_DT. Row b steps state row state_indices[b] (b itself without HAS_STATE_INDICES).
+        b = tl.program_id(0).to(tl.int64)
+        if HAS_STATE_INDICES:
+            slot = tl.load(state_indices_ptr + b).to(tl.int64)
+        else:
+            slot = b
+        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        n = tl.arange(0, BLOCK_N)
+        mask_d = d < dim
+        mask_n = n < dstate
+        mask = mask_d[:, None] & mask_n[None, :]
+
+        x = tl.load(u_ptr + b * stride_u_b + d * stride_u_d, mask=mask_d, other=0.0).to(tl.float32)
+        if FUSED_DT:  # dt = W_dt dt_low: the dt_proj GEMV for this block of channels
+            dt = tl.zeros([BLOCK_D], dtype=tl.float32)
+            for r0 in range(0, rank, BLOCK_R):
+                r = r0 + tl.arange(0, BLOCK_R)
+                mask_r = r < rank
+                low = tl.load(delta_ptr + b * stride_delta_b + r * stride_delta_k, mask=mask_r, other=0.0)
+                low = low.to(tl.float32)
+                w_tile = tl.load(
+                    dt_weight_ptr + d[:, None] * stride_dt_weight_d + r[None, :] * stride_dt_weight_r,
+                    mask=mask_d[:, None] & mask_r[None, :],
+                    other=0.0,
+                ).to(tl.float32)
+                dt += tl.sum(w_tile * low[None, :], axis=1)
+        else:
+            dt = tl.load(delta_ptr + b * stride_delta_b + d * stride_delta_k, mask=mask_d, other=0.0).to(tl.float32)
+        if HAS_DT_BIAS:
+            dt += tl.load(delta_bias_ptr + d, mask=mask_d, other=0.0).to(tl.float32)
+        if SOFTPLUS:
+            dt = _softplus(dt)
+
+        A = tl.load(A_ptr + d[:, None] * stride_A_d + n[None, :] * stride_A_n, mask=mask, other=0.0).to(tl.float32)
+        if A_FROM_LOG:  # A = -exp(A_log), which would otherwise take two launches per step
+            A = -tl.exp(A)
+        B = tl.load(B_ptr + b * stride_B_b + n * stride_B_n, mask=mask_n, other=0.0).to(tl.float32)
+        C = tl.load(C_ptr + b * stride_C_b + n * stride_C_n, mask=mask_n, other=0.0).to(tl.float32)
+        h_ptrs = state_ptr + slot * stride_state_b + d[:, None] * stride_state_d + n[None, :] * stride_state_n
+        h = tl.load(h_ptrs, mask=mask, other=0.0)
+        h = h * tl.exp(dt[:, None] * A) + (dt * x)[:, None] * B[None, :]
+        tl.store(h_ptrs, h, mask=mask)
+
+        y = tl.sum(h * C[None, :], axis=1)
+        if HAS_D:
+            y += x * tl.load(D_ptr + d, mask=mask_d, other=0.0).to(tl.float32)
+        if HAS_Z:
+            z = tl.load(z_ptr + b * stride_z_b + d * stride_z_d, mask=mask_d, other=0.0).to(tl.float32)
+            y *= z * tl.sigmoid(z)
+        tl.store(y_ptr + b * stride_y_b + d * stride_y_d, y.to(y_ptr.dtype.element_ty), mask=mask_d)
+
+
+def _rows_contiguous(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _segments(batch: int, length: int, d_in: int, block_d: int) -> int:
+    """Sequence segments for the forward: enough programs to fill the GPU even at batch 1. Splitting costs
+    a second pass over the sequence, so it stops once about ``scan_min_programs`` programs exist."""
+    settings = get_settings()
+    chunk = settings.scan_chunk
+    if settings.scan_segments != "auto":
+        return max(1, min(int(settings.scan_segments), triton.cdiv(length, chunk)))
+    programs = batch * triton.cdiv(d_in, block_d)
+    segments = 1
+    while programs * segments * 2 <= settings.scan_min_programs and length // (segments * 2) >= 8 * chunk:
+        segments *= 2
+    return segments
+
+
+def _scan_fwd_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, save_ckpt):
+    batch, length, d_in = u.shape
+    n = A.shape[1]
+    settings = get_settings()
+    chunk, block_d = settings.scan_chunk, settings.scan_fwd_config[0]
+    u, delta, B, C = (_rows_contiguous(t) for t in (u, delta, B, C))
+    z = None if z is None else _rows_contiguous(z)
+    A = A.float().contiguous()
+    dev, f32 = u.device, torch.float32
+    y = torch.empty(batch, length, d_in, device=dev, dtype=u.dtype)
+    n_chunks = triton.cdiv(length, chunk)
+    segments = _segments(batch, length, d_in, block_d)
+    seg_len = triton.cdiv(n_chunks, segments) * chunk  # whole chunks, so the kept states line up
+    segments = triton.cdiv(length, seg_len)
+    hT = torch.empty(batch, segments, d_in, n, device=dev, dtype=f32)
+    ckpt = torch.empty(batch, n_chunks, d_in, n, device=dev, dtype=f32) if save_ckpt else hT
+    starts = None if h0 is None else h0.float().contiguous()[:, None]
+    zz = u if z is None else z
+    dtsum = hT
+    if segments > 1:
+        # Pass 1: every segment from a zero state gives its end state and sum of dt; then the true start of
+        # each segment follows sequentially over the (few) segments.
+        dtsum = torch.empty(batch, segments, d_in, 1, device=dev, dtype=f32)
+        ends = torch.empty_like(hT)
+        _launch_fwd(u, delta, A, B, C, D, zz, z, delta_bias, None, y, ends, ckpt, dtsum, seg_len, segments,
+                    delta_softplus, False, False, settings)  # fmt: skip
+        state = torch.zeros(batch, d_in, n, device=dev, dtype=f32) if h0 is None else h0.float()
+        starts = torch.empty_like(hT)
+        for g in range(segments):
+            starts[:, g] = state
+            state = torch.exp(dtsum[:, g] * A) * state + ends[:, g]
+    _launch_fwd(u, delta, A, B, C, D, zz, z, delta_bias, starts, y, hT, ckpt, dtsum, seg_len, segments,
+                delta_softplus, save_ckpt, True, settings)  # fmt: skip
+    return y, hT[:, -1], (ckpt if save_ckpt else None)
+
+
+def _launch_fwd(u, delta, A, B, C, D, zz, z, delta_bias, starts, y, hT, ckpt, dtsum, seg_len, segments,
+                softplus, save_ckpt, store_y, settings):  # fmt: skip
+    batch, length, d_in = u.shape
+    n = A.shape[1]
+    block_d, warps = settings.scan_fwd_config
+    _scan_fwd_seq_kernel[(batch, triton.cdiv(d_in, block_d), segments)](
+        u, delta, A, B, C, u if D is None else D.float().contiguous(), zz,
+        u if delta_bias is None else delta_bias.float().contiguous(), hT if starts is None else starts,
+        y, hT, ckpt, dtsum, length, d_in, seg_len,
+        u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), B.stride(0), B.stride(1),
+        C.stride(0), C.stride(1), zz.stride(0), zz.stride(1),
+        N=n, N_P2=triton.next_power_of_2(n), CHUNK=settings.scan_chunk, BLOCK_D=block_d,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_H0=starts is not None,
+        SOFTPLUS=softplus, SAVE_CKPT=save_ckpt, STORE_Y=store_y, T_SUB=settings.scan_t_sub,
+        BC_TILES=settings.scan_bc_tiles,
+        num_warps=warps,
+    )  # fmt: skip
+
+
+def _scan_bwd_triton(dy, dhT, u, delta, A, B, C, D, z, delta_bias, delta_softplus, ckpt, chunk):
+    batch, length, d_in = u.shape
+    n = A.shape[1]
+    block_d, warps = get_settings().scan_bwd_config
+    dy = _rows_contiguous(dy)
+    n_dblocks = triton.cdiv(d_in, block_d)
+    dev, f32 = u.device, torch.float32
+    du = torch.empty(batch, length, d_in, device=dev, dtype=u.dtype)
+    ddelta = torch.empty(batch, length, d_in, device=dev, dtype=delta.dtype)
+    dz = torch.empty(batch, length, d_in, device=dev, dtype=z.dtype) if z is not None else du
+    dB = torch.empty(n_dblocks, batch, length, n, device=dev, dtype=f32)
+    dC = torch.empty(n_dblocks, batch, length, n, device=dev, dtype=f32)
+    dA = torch.empty(batch, d_in, n, device=dev, dtype=f32)
+    dD = torch.empty(batch, d_in, device=dev, dtype=f32)
+    dbias = torch.empty(batch, d_in, device=dev, dtype=f32)
+    dh0 = torch.empty(batch, d_in, n, device=dev, dtype=f32)
+    zz = u if z is None else z
+    n_p2 = triton.next_power_of_2(n)
+    scratch = torch.empty(batch * n_dblocks * (chunk // 4) * block_d * n_p2, device=dev, dtype=f32)
+    _scan_bwd_seq_kernel[(batch, n_dblocks)](
+        u, delta, A, B, C, u if D is None else D.float().contiguous(), zz,
+        u if delta_bias is None else delta_bias.float().contiguous(), ckpt, dy,
+        dh0 if dhT is None else dhT.float().contiguous(),
+        du, ddelta, dz, dB, dC, dA, dD, dbias, dh0, scratch, length, d_in, batch,
+        u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), B.stride(0), B.stride(1),
+        C.stride(0), C.stride(1), zz.stride(0), zz.stride(1), dy.stride(0), dy.stride(1),
+        N=n, N_P2=triton.next_power_of_2(n), CHUNK=chunk, BLOCK_D=block_d,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_DHT=dhT is not None,
+        SOFTPLUS=delta_softplus, num_warps=warps,
+    )  # fmt: skip
+    return du, ddelta, dA.sum(0), dB.sum(0), dC.sum(0), dD.sum(0), (None if z is None else dz), dbias.sum(0), dh0
+
+
+class _TritonScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, h0, delta_softplus):
+        u, delta, B, C = (_rows_contiguous(t) for t in (u, delta, B, C))
+        y, hT, ckpt = _scan_fwd_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, save_ckpt=True)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ckpt)
+        ctx.chunk = get_settings().scan_chunk  # the saved states' spacing, whatever the settings at backward time
+        ctx.softplus = delta_softplus
+        ctx.has_h0 = h0 is not None
+        return y, hT
+
+    @staticmethod
+    def backward(ctx, dy, dhT):
+        u, delta, A, B, C, D, z, delta_bias, ckpt = ctx.saved_tensors
+        du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = _scan_bwd_triton(
+            dy, dhT, u, delta, A, B, C, D, z, delta_bias, ctx.softplus, ckpt, ctx.chunk
+        )
+        return (
+            du,
+            ddelta,
+            dA.to(A.dtype),
+            dB.to(B.dtype),
+            dC.to(C.dtype),
+            None if D is None else dD.to(D.dtype),
+            dz,
+            None if delta_bias is None else dbias.to(delta_bias.dtype),
+            dh0 if ctx.has_h0 else None,
+            None,
+        )
+
+
+def selective_scan_triton(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = True,
+    initial_state: Tensor | None = None,
+    return_final_state: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """The fused Triton scan (forward and backward); same arguments and results as :func:`selective_scan_ref`."""
+    if triton is None:
+        raise RuntimeError("selective_scan_triton needs the triton package")
+    _check_inputs(u, delta, A, B, C, initial_state)
+    if u.shape[1] == 0:
+        return selective_scan_ref(
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_final_state
+        )
+    tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        y, hT = _TritonScan.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus)
+    else:
+        y, hT, _ = _scan_fwd_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, False)
+    return (y, hT) if return_final_state else y
+
+
+def ssm_update_triton(
+    state: Tensor,
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = True,
+    dt_weight: Tensor | None = None,
+    a_from_log: bool = False,
+    state_indices: Tensor | None = None,
+    out: Tensor | None = None,
+) -> Tensor:
+    """One SSM decode step in one launch; same semantics as :func:`.scan.selective_state_update`, updating
+    ``state`` in place.
+
+    state: (S, D_in, N) fp32; u, z: (B, D_in); delta: (B, D_in), or (B, R) with ``dt_weight`` (D_in, R), in
+    which case dt = delta @ dt_weight^T is computed inside the kernel, in fp32; A: (D_in, N); B, C: (B, N);
+    D, delta_bias: (D_in,); state_indices: (B,) (row b steps state row state_indices[b]; S = B without).
+    Inputs may be strided views. Returns y (B, D_in) in u's dtype (or ``out``). With ``a_from_log`` the
+    ``A`` argument holds the parameter A_log and the kernel uses -exp(A_log).
+    """
+    op = "ssm_update_triton"
+    if state.ndim != 3 or state.dtype != torch.float32:
+        raise ValueError(f"{op}: state must be (S, D_in, N) float32, got {tuple(state.shape)} {state.dtype}")
+    if u.ndim != 2:
+        raise ValueError(f"{op}: u must be (B, D_in), got {tuple(u.shape)}")
+    batch, dim = u.shape
+    dstate = state.shape[2]
+    expect_shape(op, "state", state, (batch if state_indices is None else state.shape[0], dim, dstate))
+    check_state_indices(op, state_indices, batch, u.device)
+    expect_shape(op, "A", A, (dim, dstate))
+    expect_shape(op, "B", B, (batch, dstate))
+    expect_shape(op, "C", C, (batch, dstate))
+    rank = 0
+    if dt_weight is not None:
+        if dt_weight.ndim != 2 or dt_weight.shape[0] != dim:
+            raise ValueError(f"{op}: dt_weight must be (D_in={dim}, R), got {tuple(dt_weight.shape)}")
+        rank = dt_weight.shape[1]
+    expect_shape(op, "delta", delta, (batch, rank) if dt_weight is not None else (batch, dim))
+    if z is not None:
+        expect_shape(op, "z", z, (batch, dim))
+    if D is not None:
+        expect_shape(op, "D", D, (dim,))
+        D = D.contiguous()
+    if delta_bias is not None:
+        expect_shape(op, "delta_bias", delta_bias, (dim,))
+        delta_bias = delta_bias.contiguous()
+    out = torch.empty(batch, dim, dtype=u.dtype, device=u.device) if out is None else out
+    expect_shape(op, "out", out, (batch, dim))
+    if batch == 0 or dim == 0:
+        return out
+    block_n = triton.next_power_of_2(dstate)
+    block, warps = decode_launch_config(batch, dim, block_n)
+    w = u if dt_weight is None else dt_weight
+    _ssm_update_kernel[(batch, triton.cdiv(dim, block))](
+        state, u, delta, w, A, B, C, u if D is None else D, u if z is None else z,
+        u if delta_bias is None else delta_bias, out, u if state_indices is None else state_indices,
+        dim, dstate, rank,
+        *state.stride(), *u.stride(), *delta.stride(), *(w.stride() if dt_weight is not None else (0, 0)),
+        *A.stride(), *B.stride(), *C.stride(), *(z.stride() if z is not None else (0, 0)), *out.stride(),
+        FUSED_DT=dt_weight is not None, A_FROM_LOG=a_from_log, HAS_DT_BIAS=delta_bias is not None,
+        SOFTPLUS=delta_softplus, HAS_D=D is not None, HAS_Z=z is not None,
+        HAS_STATE_INDICES=state_indices is not None,
+        BLOCK_D=block, BLOCK_N=block_n, BLOCK_R=min(_BLOCK_R, triton.next_power_of_2(max(rank, 1))),
+        num_warps=warps,
+    )  # fmt: skip
+    return out
