@@ -1,0 +1,472 @@
+"""Training on many processes with PyTorch's own engine: process groups, device meshes, FSDP2, data slices.
+
+Parallelism is a transform applied to a built model from here (as torchtitan does); ``model.py`` and
+``layers/`` never mention it. Launch with ``torchrun`` (one process per GPU, or per CPU slot with gloo):
+
+    dims = ParallelDims(world_size, ep=E, fsdp=True)       # E divides the number of experts (8 when released)
+    meshes = dims.build_meshes(device.type)
+    parallelize(model, meshes)                             # expert parallelism, then FSDP2 per block
+
+Layout (world size W, expert-parallel degree E, S = W / E):
+
+* **Data** is split over all W ranks: rank r reads windows ``[r*b, (r+1)*b)`` of every global batch of
+  ``b*W`` windows (:func:`rank_window_starts`), so the global batch, and with it the loss, does not depend
+  on W. Expert parallelism takes its ranks from the data-parallel ones, as in torchtitan.
+* **Dense weights** (Mamba mixers, norms, routers, the tied embedding) are sharded over all W ranks with
+  FSDP2 (``fsdp=True``), or replicated with their gradients averaged (``fsdp=False``: HSDP with one shard,
+  which is DDP).
+* **Expert weights** (the stacked ``w1``/``w2`` of every MoE) are split over the E ranks of an expert group
+  (a DTensor sharded on the expert axis, each rank holding n_experts / E experts), and sharded with FSDP2
+  over the S ranks that hold the same experts (replicated without ``fsdp``). When S * E exceeds the number
+  of experts, FSDP shards them along their second axis instead (torchtitan's rule, relevant for 8 experts).
+  Tokens reach their experts by all-to-all (:mod:`.expert_parallel`).
+
+Mixed precision on GPU: parameters are all-gathered and used in bf16, gradients are reduced in fp32, and the
+optimizer keeps fp32 master weights (the sharded parameters). A_log, D and the dt bias stay fp32 as in
+:func:`blackmamba.model.cast_model`: FSDP leaves them out (they are small and replicated) and a gradient
+hook averages them over the ranks. On CPU (gloo) everything stays fp32.
+
+Failures: every process group has a timeout (:func:`init_distributed`); :func:`fail_fast` turns an exception
+on any rank into one line naming the rank and the error and ends that process at once with status 1;
+``torchrun`` then stops the other ranks, so no rank waits forever on a collective that will never come.
+Logs and files come from rank 0 only (:func:`is_main_process`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+from ..errors import BlackMambaError
+from ..layers import MoE
+from ..model import FP32_PARAMS, BlackMamba
+
+__all__ = [
+    "DistEnv",
+    "DistributedError",
+    "Meshes",
+    "ParallelDims",
+    "all_reduce_mean",
+    "apply_fsdp",
+    "clip_grad_norm_",
+    "fail_fast",
+    "init_distributed",
+    "is_main_process",
+    "parallelize",
+    "rank",
+    "rank_eval_batches",
+    "rank_window_starts",
+    "world_size",
+]
+
+DEFAULT_TIMEOUT_S = 600.0
+
+
+class DistributedError(BlackMambaError, ValueError):
+    """A parallel layout that cannot work with this world size, model or batch."""
+
+
+# ------------------------------------------------------------------------------------------ processes
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits: its rank among ``world_size``, its rank on the node, and its device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+
+def rank() -> int:
+    """This process's rank (0 without a process group)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    """The number of processes (1 without a process group)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main_process() -> bool:
+    """True on the one process that writes logs, metrics, plots and the progress bar (rank 0)."""
+    return rank() == 0
+
+
+def launched_by_torchrun() -> bool:
+    """True when the environment names this process's place in a group (torchrun sets these)."""
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def init_distributed(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> DistEnv:
+    """Join the process group described by torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK,
+    MASTER_ADDR, MASTER_PORT): NCCL on CUDA (one GPU per local rank), gloo on CPU. A collective that waits
+    longer than ``timeout_s`` fails instead of hanging."""
+    if not launched_by_torchrun():
+        raise DistributedError(
+            "no process group to join: launch with torchrun (it sets RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT)"
+        )
+    if not (isinstance(timeout_s, int | float) and math.isfinite(timeout_s) and timeout_s > 0):
+        raise DistributedError(f"the process-group timeout must be a positive number of seconds, got {timeout_s!r}")
+    env_rank, env_world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        if local_rank >= torch.cuda.device_count():
+            raise DistributedError(
+                f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible): start at most one "
+                "process per GPU (torchrun --nproc-per-node)"
+            )
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    else:
+        dev = torch.device("cpu")
+    if not dist.is_initialized():
+        kwargs: dict[str, Any] = {"device_id": dev} if use_cuda else {}
+        dist.init_process_group(
+            "nccl" if use_cuda else "gloo",
+            rank=env_rank,
+            world_size=env_world,
+            timeout=timedelta(seconds=timeout_s),
+            **kwargs,
+        )
+    return DistEnv(env_rank, env_world, local_rank, dev)
+
+
+def describe_failure(exc: BaseException) -> str:
+    """One line naming this rank and the error (what a user sees when a rank fails)."""
+    where = f"rank {rank()} of {world_size()}"
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if len(text) > 500:
+        text = text[:500] + " ..."
+    if isinstance(exc, BlackMambaError):
+        return f"error: {where}: {text}"
+    return f"error: {where} failed with {type(exc).__name__}: {text}"
+
+
+@contextmanager
+def fail_fast(show_traceback: bool = True) -> Iterator[None]:
+    """Run the body; if it raises on this rank, print one line naming the rank and the error (and, for
+    errors that are not bad input, the traceback) to stderr, then end this process with status 1 at once.
+
+    Exiting without unwinding matters: a clean shutdown would wait in collectives (or in the process
+    group's destructor) for ranks that are still computing. torchrun sees the failed worker and stops the
+    others, and reports the rank with the first failure.
+    """
+    try:
+        yield
+    except SystemExit as e:
+        if e.code in (0, None):
+            raise
+        _die(describe_failure(RuntimeError(f"exited with status {e.code}")), None)
+    except BaseException as e:
+        trace = None if isinstance(e, BlackMambaError) or not show_traceback else traceback.format_exc()
+        _die(describe_failure(e), trace)
+
+
+def _die(line: str, trace: str | None) -> None:
+    if trace:
+        sys.stderr.write(trace)
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os._exit(1)
+
+
+# ------------------------------------------------------------------------------------------ layout
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """How ``world_size`` ranks split the work: ``ep`` ranks per expert group, FSDP or replicated weights."""
+
+    world_size: int
+    ep: int = 1
+    fsdp: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("world_size", "ep"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise DistributedError(f"{name} must be a positive whole number, got {value!r}")
+        if self.world_size % self.ep:
+            raise DistributedError(
+                f"--expert-parallel {self.ep} does not divide the number of ranks ({self.world_size})"
+            )
+
+    @property
+    def efsdp(self) -> int:
+        """Ranks that hold the same experts (the data-parallel degree of the expert weights)."""
+        return self.world_size // self.ep
+
+    def check_model(self, n_experts: int) -> None:
+        if n_experts % self.ep:
+            raise DistributedError(
+                f"--expert-parallel {self.ep} does not divide the model's {n_experts} experts: choose a divisor "
+                f"of {n_experts}"
+            )
+
+    def check_batch(self, batch_size: int) -> None:
+        if batch_size % self.world_size:
+            raise DistributedError(
+                f"--batch-size {batch_size} is not a multiple of the {self.world_size} ranks: each rank reads an "
+                "equal part of every batch"
+            )
+
+    def build_meshes(self, device_type: str) -> Meshes:
+        """The device meshes (collective: every rank must call this, in the same order)."""
+        w, ep, s = self.world_size, self.ep, self.efsdp
+        if self.fsdp:
+            dense = init_device_mesh(device_type, (w,), mesh_dim_names=("dp_shard",))
+        else:
+            dense = init_device_mesh(device_type, (w, 1), mesh_dim_names=("dp_replicate", "dp_shard"))
+        sparse = None
+        if ep > 1:
+            # EP innermost: the ranks of an expert group are neighbours (one node, where all-to-all is fast).
+            if self.fsdp:
+                sparse = init_device_mesh(device_type, (s, ep), mesh_dim_names=("efsdp", "ep"))
+            else:
+                sparse = init_device_mesh(device_type, (s, 1, ep), mesh_dim_names=("erep", "efsdp", "ep"))
+        return Meshes(self, dense, sparse)
+
+
+@dataclass
+class Meshes:
+    """The meshes of one layout: ``dense`` for everything but the experts; ``sparse`` (E > 1 only) whose
+    last axis ``ep`` is the expert group and whose other axes are the experts' data-parallel mesh."""
+
+    dims: ParallelDims
+    dense: DeviceMesh
+    sparse: DeviceMesh | None
+
+    @property
+    def ep_mesh(self) -> DeviceMesh | None:
+        return None if self.sparse is None else self.sparse["ep"]
+
+    @property
+    def expert_dp_mesh(self) -> DeviceMesh:
+        """The mesh FSDP uses for the expert weights (the dense one without expert parallelism)."""
+        if self.sparse is None:
+            return self.dense
+        names = self.sparse.mesh_dim_names or ()
+        return self.sparse["erep", "efsdp"] if "erep" in names else self.sparse["efsdp"]
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+def rank_window_starts(data: Any, seed: int, step: int, batch_size: int, seq_len: int, rank: int, world: int) -> Any:
+    """This rank's windows of the global batch drawn for ``step``: the global batch is what one process
+    would draw (``data.window_starts(seed, step, batch_size, seq_len)``); rank r takes its r-th of W equal
+    contiguous parts, so the ranks read disjoint windows and together exactly the global batch."""
+    if batch_size % world:
+        raise DistributedError(f"--batch-size {batch_size} is not a multiple of the {world} ranks")
+    if not 0 <= rank < world:
+        raise DistributedError(f"rank {rank} is not in [0, {world})")
+    starts = data.window_starts(seed, step, batch_size, seq_len)
+    share = batch_size // world
+    return starts[rank * share : (rank + 1) * share]
+
+
+def rank_eval_batches(
+    data: Any, seq_len: int, batch_size: int, max_tokens: int | None, rank: int, world: int
+) -> Iterator[tuple[Tensor, Tensor, bool]]:
+    """This rank's share of the sequential evaluation batches, as (x, y, real): batch i goes to rank
+    i mod W. Every rank yields the same number of batches (collectives run in lockstep); a rank without a
+    batch of its own in the last round repeats its previous one with ``real=False`` (not to be counted)."""
+    batches = list(data.sequential_batches(seq_len, batch_size, max_tokens))
+    rounds = -(-len(batches) // world)
+    for i in range(rounds):
+        index = i * world + rank
+        if index < len(batches):
+            x, y = batches[index]
+            yield x, y, True
+        else:
+            x, y = batches[(i - 1) * world + rank] if i else batches[0]
+            yield x, y, False
+
+
+def all_reduce_mean(value: Tensor | float, device: torch.device | None = None) -> float:
+    """The mean of ``value`` over all ranks (itself without a process group), e.g. the loss of a step when
+    each rank computed the mean over an equal share of the batch."""
+    if world_size() == 1:
+        return float(value)
+    t = torch.as_tensor(value, dtype=torch.float64, device=device or _collective_device()).detach().clone()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return float(t) / world_size()
+
+
+def _collective_device() -> torch.device:
+    backend = dist.get_backend()
+    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+
+
+# ------------------------------------------------------------------------------------------ FSDP
+
+
+def mixed_precision(device_type: str) -> MixedPrecisionPolicy:
+    """bf16 compute parameters and fp32 reductions on GPU; fp32 throughout on CPU (gloo)."""
+    if device_type == "cuda":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    return MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32, cast_forward_inputs=False)
+
+
+def _fp32_params(model: nn.Module) -> list[nn.Parameter]:
+    return [p for name, p in model.named_parameters() if name.endswith(FP32_PARAMS)]
+
+
+def _average_over_ranks(p: Tensor) -> None:
+    if p.grad is not None:
+        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+        p.grad.div_(world_size())
+
+
+def apply_fsdp(
+    model: BlackMamba, meshes: Meshes, mp_policy: MixedPrecisionPolicy | None = None, reshard_root: bool = False
+) -> BlackMamba:
+    """FSDP2 per block (bottom-up), then the root (embedding, final norm); explicit prefetching in block order.
+
+    An MoE that :func:`.expert_parallel.apply_expert_parallel` prepared gets two units of its own before its
+    block: its router (dense mesh, fp32) and its experts (the experts' mesh, gradients divided by the world
+    size because the all-to-all already summed the contributions of the expert group). Parameters kept in
+    fp32 (A_log, D, dt bias) stay outside FSDP when the compute dtype is lower; their gradients are averaged
+    by a hook.
+    """
+    device_type = meshes.dense.device_type
+    mp_policy = mp_policy or mixed_precision(device_type)
+    dims = meshes.dims
+    ignored: set[nn.Parameter] = set()
+    if mp_policy.param_dtype not in (None, torch.float32):
+        ignored = set(_fp32_params(model))
+        for p in ignored:
+            if dims.world_size > 1:
+                p.register_post_accumulate_grad_hook(_average_over_ranks)
+    common = {"mp_policy": mp_policy, "ignored_params": ignored or None}
+    fp32 = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    units: list[list[FSDPModule]] = []
+    for block in model.layers:
+        inner: list[FSDPModule] = []
+        mixer = block.mixer
+        if isinstance(mixer, MoE) and getattr(mixer, "expert_group", None) is not None:
+            fully_shard(mixer.router, mesh=meshes.dense, mp_policy=fp32)
+            fully_shard(
+                mixer,
+                mesh=meshes.expert_dp_mesh,
+                mp_policy=mp_policy,
+                shard_placement_fn=_expert_placement(mixer, meshes),
+            )
+            mixer.set_gradient_divide_factor(float(dims.world_size))
+            inner = [mixer.router, mixer]
+        elif isinstance(mixer, MoE):
+            placement = _expert_placement(mixer, meshes)
+            fully_shard(block, mesh=meshes.dense, shard_placement_fn=placement, **common)
+            units.append([block])
+            continue
+        fully_shard(block, mesh=meshes.dense, **common)
+        units.append([block, *inner])
+    fully_shard(model, mesh=meshes.dense, reshard_after_forward=reshard_root, **common)
+    _set_prefetch(model, units)
+    return model
+
+
+def _expert_placement(moe: MoE, meshes: Meshes):
+    """Shard the expert weights on the expert axis (dim 0), or on dim 1 when the FSDP degree times the
+    expert-parallel degree exceeds the number of experts (each rank would otherwise hold padding)."""
+    experts = {id(moe.w1), id(moe.w2)}
+    fsdp_ranks = meshes.expert_dp_mesh.size() if meshes.dims.fsdp else 1
+    if fsdp_ranks * meshes.dims.ep <= moe.n_experts:
+        return None
+
+    def placement(p: nn.Parameter) -> Shard | None:
+        return Shard(1) if id(p) in experts else None
+
+    return placement
+
+
+def _set_prefetch(model: BlackMamba, units: list[list[FSDPModule]]) -> None:
+    """Forward: each unit starts the all-gathers of the next block; backward: of the block before it. With
+    expert parallelism the all-to-all's host synchronisation would otherwise delay FSDP's own prefetch."""
+    if not units:
+        return
+    model.set_modules_to_forward_prefetch(units[0])
+    model.set_modules_to_backward_prefetch(units[-1])
+    for i, unit in enumerate(units):
+        if i + 1 < len(units):
+            unit[0].set_modules_to_forward_prefetch(units[i + 1])
+        if i > 0:
+            unit[0].set_modules_to_backward_prefetch(units[i - 1])
+
+
+def parallelize(model: BlackMamba, meshes: Meshes, mp_policy: MixedPrecisionPolicy | None = None) -> BlackMamba:
+    """Apply the layout of ``meshes`` to a built model, in place: expert parallelism and global routing
+    (when there is more than one rank), then FSDP2. The model must already be on its device."""
+    from .expert_parallel import apply_expert_parallel
+
+    meshes.dims.check_model(model.config.n_experts)
+    if meshes.dims.world_size > 1:
+        apply_expert_parallel(model, meshes)
+    return apply_fsdp(model, meshes, mp_policy)
+
+
+# ------------------------------------------------------------------------------------------ gradients
+
+
+def _replication(t: Tensor) -> int:
+    """How many ranks hold this exact tensor (its local piece)."""
+    if isinstance(t, DTensor):
+        mesh = t.device_mesh
+        copies = 1
+        for dim, placement in enumerate(t.placements):
+            if isinstance(placement, Replicate):
+                copies *= mesh.size(dim)
+        return copies * (world_size() // mesh.size())
+    return world_size()
+
+
+@torch.no_grad()
+def grad_norm(parameters: list[Tensor]) -> Tensor:
+    """The 2-norm of all gradients together, whatever mesh each lives on (sharded, replicated, plain):
+    each rank sums the squares of its local pieces, counting a piece held by k ranks 1/k times, and one
+    all-reduce adds the ranks up."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros((), dtype=torch.float32)
+    device = (grads[0].to_local() if isinstance(grads[0], DTensor) else grads[0]).device
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for g in grads:
+        local = g.to_local() if isinstance(g, DTensor) else g
+        total += local.double().pow(2).sum().to(device) / _replication(g)
+    if world_size() > 1:
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total.sqrt().float()
+
+
+@torch.no_grad()
+def clip_grad_norm_(parameters: list[Tensor], max_norm: float) -> Tensor:
+    """:func:`torch.nn.utils.clip_grad_norm_` for a model whose parameters live on several meshes (dense,
+    experts, replicated fp32 ones): returns the total norm before clipping, and scales every gradient by
+    ``max_norm / (norm + 1e-6)`` when that is below 1. ``max_norm <= 0`` only measures."""
+    parameters = list(parameters)
+    norm = grad_norm(parameters)
+    if max_norm > 0:
+        coef = (max_norm / (norm.double() + 1e-6)).clamp(max=1.0)
+        for p in parameters:
+            if p.grad is not None:
+                local = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+                local.mul_(coef.to(local.device, local.dtype))
+    return norm
