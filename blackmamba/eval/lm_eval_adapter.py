@@ -21,15 +21,13 @@ from ..generation import stream_generate
 from ..model import BlackMamba
 from ..tokenizer import eos_token_id, load_tokenizer
 from .perplexity import DEFAULT_CHUNK, document_logprob, encode_pair
+from .progress import PROGRESS_EVERY_S, Progress
 
 
 def pick_device(name: str | torch.device | None) -> torch.device:
-    """Like :func:`blackmamba.devices.resolve_device`, but lm-eval's command line asks for cuda by default:
-    on a machine without a GPU, warn and use the CPU."""
-    if name is not None and str(name).startswith("cuda") and not torch.cuda.is_available():
-        warnings.warn(f"device {name!r} requested but no CUDA GPU is available: using the CPU", stacklevel=2)
-        return torch.device("cpu")
-    return resolve_device(name)
+    """:func:`blackmamba.devices.resolve_device`, but lm-eval's command line asks for cuda by default: on a
+    machine without a GPU, warn and use the CPU."""
+    return resolve_device(name, cpu_fallback=True)
 
 
 pick_dtype = resolve_dtype
@@ -37,7 +35,12 @@ pick_dtype = resolve_dtype
 
 @register_model("blackmamba")
 class BlackMambaLM(LM):
-    """A BlackMamba checkpoint as an lm-eval ``LM`` (loglikelihood, rolling loglikelihood, greedy generation)."""
+    """A BlackMamba checkpoint as an lm-eval ``LM`` (loglikelihood, rolling loglikelihood, greedy generation).
+
+    While it scores, progress goes to stderr: a bar on a terminal, a line every ``progress_every`` seconds
+    otherwise."""
+
+    progress_every: float = PROGRESS_EVERY_S
 
     def __init__(
         self,
@@ -124,14 +127,18 @@ class BlackMambaLM(LM):
             results.append((value, bool((row.argmax(-1) == target).all())))
         return results
 
-    def _loglikelihood_tokens(self, items: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+    def _loglikelihood_tokens(
+        self, items: list[tuple[list[int], list[int]]], desc: str = "loglikelihood", disable_tqdm: bool = False
+    ) -> list[tuple[float, bool]]:
         # Longest first (ties broken by the tokens themselves), so the order never depends on the input order.
         order = sorted(range(len(items)), key=lambda i: (-len(items[i][0]) - len(items[i][1]), items[i], i))
         results: list[tuple[float, bool] | None] = [None] * len(items)
-        for start in range(0, len(order), self.batch_size):
-            batch = order[start : start + self.batch_size]
-            for i, r in zip(batch, self._score_batch([items[i] for i in batch]), strict=True):
-                results[i] = r
+        with Progress(len(items), desc, every=self.progress_every, enabled=not disable_tqdm) as progress:
+            for start in range(0, len(order), self.batch_size):
+                batch = order[start : start + self.batch_size]
+                for i, r in zip(batch, self._score_batch([items[i] for i in batch]), strict=True):
+                    results[i] = r
+                progress.update(len(batch), tokens=sum(len(items[i][0]) + len(items[i][1]) for i in batch))
         return results  # type: ignore[return-value]
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
@@ -142,7 +149,7 @@ class BlackMambaLM(LM):
             if not cont:
                 raise ValueError(f"blackmamba: the continuation {continuation!r} encodes to no tokens")
             items.append((ctx, cont))
-        results = self._loglikelihood_tokens(items)
+        results = self._loglikelihood_tokens(items, disable_tqdm=disable_tqdm)
         for req, r in zip(requests, results, strict=True):
             self.cache_hook.add_partial("loglikelihood", req.args, r)
         return results
@@ -151,16 +158,23 @@ class BlackMambaLM(LM):
         """Exact log-likelihood of each whole document (from the end-of-text token), computed with the
         recurrent cache in chunks; no windows are needed for a state-space model."""
         results = []
-        for req in requests:
-            tokens = self.tok_encode(req.args[0])
-            value = document_logprob(self.model, tokens, self.eot_token_id, self.chunk).logprob
-            self.cache_hook.add_partial("loglikelihood_rolling", req.args, value)
-            results.append(value)
+        with Progress(
+            len(requests), "loglikelihood_rolling", every=self.progress_every, enabled=not disable_tqdm
+        ) as progress:
+            for req in requests:
+                tokens = self.tok_encode(req.args[0])
+                value = document_logprob(
+                    self.model, tokens, self.eot_token_id, self.chunk, on_chunk=lambda n: progress.update(0, tokens=n)
+                ).logprob
+                self.cache_hook.add_partial("loglikelihood_rolling", req.args, value)
+                results.append(value)
+                progress.update(1)
         return results
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Greedy continuation of each context, cut before the first stop string."""
         results = []
+        progress = Progress(len(requests), "generate_until", every=self.progress_every, enabled=not disable_tqdm)
         for req in requests:
             context, kwargs = req.args[0], dict(req.args[1] or {})
             until = kwargs.pop("until", None) or [self.eot_text]
@@ -183,4 +197,6 @@ class BlackMambaLM(LM):
                 text = text[: min(hits)]
             self.cache_hook.add_partial("generate_until", (context, req.args[1]), text)
             results.append(text)
+            progress.update(1, tokens=len(ids) + len(new))
+        progress.close()
         return results

@@ -8,7 +8,7 @@ Each document is preceded by the end-of-text token, so its first token is predic
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -17,6 +17,10 @@ import torch.nn.functional as F
 from ..model import BlackMamba
 
 DEFAULT_CHUNK = 1024
+
+
+class NoTokensError(ValueError):
+    """Nothing to score: every text given encodes to no tokens."""
 
 
 def encode_pair(
@@ -54,12 +58,18 @@ class DocumentScore:
 
 @torch.inference_mode()
 def document_logprob(
-    model: BlackMamba, tokens: Sequence[int], eos_id: int, chunk: int = DEFAULT_CHUNK, prefix: Sequence[int] = ()
+    model: BlackMamba,
+    tokens: Sequence[int],
+    eos_id: int,
+    chunk: int = DEFAULT_CHUNK,
+    prefix: Sequence[int] = (),
+    on_chunk: Callable[[int], None] | None = None,
 ) -> DocumentScore:
     """Log-likelihood of ``tokens`` after ``prefix`` (the end-of-text token when ``prefix`` is empty).
 
     The inputs are ``prefix + tokens[:-1]``; they run through the model ``chunk`` tokens at a time with
-    the recurrent cache, so the result equals one forward over the whole sequence.
+    the recurrent cache, so the result equals one forward over the whole sequence. ``on_chunk(n)`` is
+    called after each chunk with the number of input tokens it held (for progress reports).
     """
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
@@ -82,12 +92,13 @@ def document_logprob(
             c = out.expert_counts.double()
             counts = c if counts is None else counts + c
         lo = max(skip - start, 0)  # first scored position in this chunk
-        if lo >= ids.numel():
-            continue
-        logp = F.log_softmax(out.logits[0, lo:].float(), dim=-1)
-        tgt = targets[start + lo - skip : start + ids.numel() - skip]
-        total += logp.gather(-1, tgt[:, None]).double().sum()
-        greedy = greedy and bool((logp.argmax(-1) == tgt).all())
+        if lo < ids.numel():
+            logp = F.log_softmax(out.logits[0, lo:].float(), dim=-1)
+            tgt = targets[start + lo - skip : start + ids.numel() - skip]
+            total += logp.gather(-1, tgt[:, None]).double().sum()
+            greedy = greedy and bool((logp.argmax(-1) == tgt).all())
+        if on_chunk is not None:
+            on_chunk(ids.numel())
     return DocumentScore(total.item(), len(tokens), greedy, None if counts is None else counts.cpu())
 
 
@@ -122,15 +133,18 @@ class PerplexityResult:
 
 def run_model_perplexity(
     model: BlackMamba,
-    texts: Sequence[str],
+    texts: Iterable[str],
     encode: Callable[[str], list[int]],
     eos_id: int,
     chunk: int = DEFAULT_CHUNK,
     max_tokens: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> PerplexityResult:
     """Loss, perplexity and bits per byte of ``model`` on ``texts`` (each scored from an end-of-text
     token). ``max_tokens`` stops after that many scored tokens; the last document is then cut and its
-    byte count taken pro rata."""
+    byte count taken pro rata. ``progress(documents, tokens)`` is called with increments as the work
+    advances (after every chunk of a document, and once more when it is finished)."""
+    on_chunk = None if progress is None else (lambda n: progress(0, n))
     total_logprob = 0.0
     n_tokens = n_bytes = n_docs = 0
     counts = None
@@ -145,7 +159,9 @@ def run_model_perplexity(
                 break
             nbytes = round(nbytes * keep / len(tokens))  # bytes of the kept part, pro rata
             tokens = tokens[:keep]
-        score = document_logprob(model, tokens, eos_id, chunk)
+        score = document_logprob(model, tokens, eos_id, chunk, on_chunk=on_chunk)
+        if progress is not None:
+            progress(1, 0)
         total_logprob += score.logprob
         n_tokens += score.n_tokens
         n_bytes += nbytes
@@ -153,7 +169,7 @@ def run_model_perplexity(
         if score.expert_counts is not None:
             counts = score.expert_counts if counts is None else counts + score.expert_counts
     if n_tokens == 0:
-        raise ValueError("no tokens to evaluate: the text is empty")
+        raise NoTokensError("no tokens to evaluate: every text is empty")
     loss = -total_logprob / n_tokens
     return PerplexityResult(
         loss=loss,
