@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "blackmamba"
 # Rank of each part of the package; a module may import its own rank or below. Modules not named here are
 # support code (config, errors, devices, tokenizer, ...): importable from anywhere, importing only support.
 RANKS = {"kernels": 0, "layers": 1, "routing": 1, "model": 2, "cli": 4, "__main__": 4}
-STAGES = ("generation", "training", "eval", "serve", "checkpoint", "demo")
+STAGES = ("generation", "training", "eval", "serve", "checkpoint", "demo", "hf", "experiments")
 SUPPORT = -1
 
 
