@@ -1,11 +1,12 @@
-"""Training: data preparation, the loop, exact resume, crash safety, non-finite stops, fine-tuning."""
+"""Training: data preparation, the loop, exact resume, crash safety, non-finite stops, fine-tuning.
+
+The trainer's safety rules (run folder, trainer state, resume checks, bad options, faults) are tested in
+tests/training/.
+"""
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,53 +16,17 @@ import torch
 from blackmamba import BlackMamba, BlackMambaConfig, load_pretrained, save_released
 from blackmamba.training.data import DataError, TokenData, prepare, token_dtype
 from blackmamba.training.flops import active_params, comparison, flops_per_token
-from blackmamba.training.trainer import TrainArgs, TrainingError, train
+from blackmamba.training.trainer import TrainingError, train
 
-WORDS = "the king queen castle sword crown horse river night day love war peace bread wine".split()
+from .training.faults import KILLED
+from .training.helpers import checkpoint_names, losses, metric_rows, prepare_tiny_data, tiny_args, write_corpus
 
-
-def write_corpus(root: Path, n_docs: int = 12, seed: int = 0) -> Path:
-    """Small documents with learnable structure (a fixed successor for most words)."""
-    rng = np.random.default_rng(seed)
-    succ = {w: WORDS[(i * 5 + 3) % len(WORDS)] for i, w in enumerate(WORDS)}
-    root.mkdir(parents=True, exist_ok=True)
-    for d in range(n_docs):
-        w, words = WORDS[d % len(WORDS)], []
-        for _ in range(400):
-            words.append(w)
-            w = succ[w] if rng.random() < 0.85 else WORDS[rng.integers(len(WORDS))]
-        (root / f"doc{d:02d}.txt").write_text(" ".join(words) + "\n")
-    return root
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    prepare([str(write_corpus(root / "text"))], root / "tok", tokenizer="bpe:300", val_fraction=0.2)
-    return root / "tok"
-
-
-def tiny_args(data_dir, out, **kw):
-    base = dict(
-        data=str(data_dir),
-        out=str(out),
-        preset="tiny",
-        max_steps=12,
-        batch_size=4,
-        seq_len=32,
-        lr=3e-3,
-        warmup=2,
-        eval_every=6,
-        eval_tokens=2048,
-        save_every=6,
-        log_every=1,
-        progress=False,
-    )
-    return TrainArgs(**{**base, **kw})
-
-
-def metric_rows(run):
-    return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+    return prepare_tiny_data(tmp_path_factory.mktemp("data"))
 
 
 def test_prepare_is_deterministic_and_splits_by_document(tmp_path):
@@ -124,52 +89,24 @@ def test_resume_gives_the_same_loss_curve(data_dir, tmp_path):
 
     shutil.rmtree(ckpts[-1])
     train(tiny_args(data_dir, tmp_path / "cut", resume=True))
-    full = [(r["step"], r["loss"]) for r in metric_rows(tmp_path / "full") if "loss" in r]
-    resumed = [(r["step"], r["loss"]) for r in metric_rows(tmp_path / "cut") if "loss" in r]
-    assert full == resumed
+    assert losses(tmp_path / "full") == losses(tmp_path / "cut")
 
 
 def test_kill_during_checkpoint_write_keeps_the_previous_one(data_dir, tmp_path):
+    """A trainer killed (os._exit, as by kill -9) while writing its trainer state leaves the previous
+    checkpoint complete and no trace of the interrupted one; --resume then finishes the run."""
     run = tmp_path / "run"
-    code = (
-        "from blackmamba.training.trainer import train, TrainArgs\n"
-        f"train(TrainArgs(data={str(data_dir)!r}, out={str(run)!r}, preset='tiny', max_steps=12, batch_size=2,"
-        " seq_len=16, save_every=6, eval_every=100, progress=False))\n"
-    )
-    env = {**os.environ, "BLACKMAMBA_TEST_SAVE_DELAY": "30"}
-    proc = subprocess.Popen([sys.executable, "-c", code], env=env)
-    try:
-        deadline = time.time() + 120
-        tmp_dirs = []
-        while time.time() < deadline and not tmp_dirs:
-            time.sleep(0.2)
-            root = run / "checkpoints"
-            tmp_dirs = [p for p in root.iterdir() if p.name.startswith(".")] if root.is_dir() else []
-        assert tmp_dirs, "the checkpoint write never started"
-        time.sleep(1.0)  # model weights written, trainer state not yet
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert not (run / "checkpoints" / "step-00000006").exists()  # the interrupted write never appears
-    # Continue: the run restarts cleanly and finishes; every checkpoint directory is complete.
-    train(
-        TrainArgs(
-            data=str(data_dir),
-            out=str(run),
-            preset="tiny",
-            max_steps=12,
-            batch_size=2,
-            seq_len=16,
-            save_every=6,
-            eval_every=100,
-            progress=False,
-        )
-    )
-    names = sorted(p.name for p in (run / "checkpoints").iterdir())
-    assert names == ["step-00000006", "step-00000012"]
-    load_pretrained(run / "checkpoints" / "step-00000012")
+    spec = {"args": vars(tiny_args(data_dir, run)), "target": "save", "step": 12, "fail_on": "torch.save"}
+    code = "from tests.training.faults import child_main; child_main()"
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], cwd=REPO, timeout=300)
+    assert proc.returncode == KILLED
+    assert checkpoint_names(run) == ["step-00000006"]  # the interrupted write never appears
+    assert len(checkpoint_names(run, hidden=True)) == 2  # its temporary folder is left behind
+    load_pretrained(run / "checkpoints" / "step-00000006")
+    train(tiny_args(data_dir, run, resume=True))
+    assert checkpoint_names(run, hidden=True) == ["step-00000006", "step-00000012"]  # the leftover was cleaned
+    train(tiny_args(data_dir, tmp_path / "uninterrupted"))
+    assert losses(run) == losses(tmp_path / "uninterrupted")
 
 
 def test_resume_rejects_a_corrupt_checkpoint(data_dir, tmp_path):
@@ -181,19 +118,27 @@ def test_resume_rejects_a_corrupt_checkpoint(data_dir, tmp_path):
         train(tiny_args(data_dir, tmp_path / "run", resume=True))
 
 
-def test_non_finite_loss_stops_with_a_clear_message(data_dir, tmp_path):
-    train(tiny_args(data_dir, tmp_path / "run", max_steps=6, save_every=6))
-    before = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
-    with pytest.raises(TrainingError, match="non-finite"):
-        train(tiny_args(data_dir, tmp_path / "run", resume=True, max_steps=30, lr=1e30, warmup=0, clip=0))
-    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
-    load_pretrained(tmp_path / "run" / "checkpoints" / before[-1])
+def test_non_finite_loss_stops_and_the_last_good_checkpoint_resumes(data_dir, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_args(data_dir, run, max_steps=6, save_every=6))
+    before = checkpoint_names(run)
+    with pytest.raises(TrainingError, match="non-finite") as info:
+        train(tiny_args(data_dir, run, resume=True, max_steps=30, lr=1e30, min_lr=0.0, warmup=0, clip=0))
+    assert f"the last good checkpoint is {run / 'checkpoints' / before[-1]}" in str(info.value)
+    assert checkpoint_names(run) == before
+    load_pretrained(run / "checkpoints" / before[-1])
+    # The checkpoint named "good" really is: the run continues from it with a sane learning rate.
+    summary = train(tiny_args(data_dir, run, resume=True, max_steps=12))
+    assert summary["step"] == 12 and np.isfinite(summary["val_loss"])
 
 
 def test_init_from_a_released_layout_checkpoint(data_dir, tmp_path):
+    from tokenizers import Tokenizer
+
     config = BlackMambaConfig.from_preset("tiny", vocab_size=320, n_experts=8)
     torch.manual_seed(0)
-    save_released(BlackMamba(config), tmp_path / "released")
+    tokenizer = Tokenizer.from_file(str(data_dir / "tokenizer.json"))
+    save_released(BlackMamba(config), tmp_path / "released", tokenizer=tokenizer)
     summary = train(
         tiny_args(data_dir, tmp_path / "ft", preset=None, init_from=str(tmp_path / "released"), max_steps=4)
     )

@@ -11,23 +11,35 @@ width are fine (the released code fails on them).
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from numbers import Integral
 
 import torch
 from torch import Tensor
 
 from ..model import BlackMamba, InferenceCache
 from .decoder import SamplingOptions, decoder_for
+from .sampling import GenerationError, check_max_new_tokens, check_sampling_options
 
 
 def _check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> None:
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+        raise GenerationError(
+            f"generate: prompts must be a list of token-id lists (encode text first), got {type(prompts).__name__}",
+            "prompts",
+        )
     if not prompts:
-        raise ValueError("generate: no prompts given")
+        raise GenerationError("generate: no prompts given", "prompts")
     for i, p in enumerate(prompts):
+        if isinstance(p, (str, bytes)) or not isinstance(p, Sequence):
+            raise GenerationError(
+                f"generate: prompt {i} must be a list of token ids, got {type(p).__name__} (for one prompt pass [ids])",
+                "prompts",
+            )
         if len(p) == 0:
-            raise ValueError(f"generate: prompt {i} is empty (at least one token is needed)")
-        bad = [t for t in p if not (isinstance(t, int) and 0 <= t < vocab_size)]
+            raise GenerationError(f"generate: prompt {i} is empty (at least one token is needed)", "prompts")
+        bad = [t for t in p if not (isinstance(t, Integral) and not isinstance(t, bool) and 0 <= t < vocab_size)]
         if bad:
-            raise ValueError(f"generate: prompt {i} has token ids outside [0, {vocab_size}): {bad[:5]}")
+            raise GenerationError(f"generate: prompt {i} has token ids outside [0, {vocab_size}): {bad[:5]}", "prompts")
 
 
 def _check_options(
@@ -37,16 +49,8 @@ def _check_options(
     top_p: float | None,
     repetition_penalty: float | None,
 ) -> None:
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if repetition_penalty is not None and repetition_penalty <= 0:
-        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+    check_max_new_tokens(max_new_tokens)
+    check_sampling_options(temperature, top_k, top_p, repetition_penalty)
 
 
 def _left_pad(prompts: Sequence[Sequence[int]], device: torch.device) -> tuple[Tensor, Tensor | None]:
@@ -118,7 +122,7 @@ def stream_generate(
     logits = prefill(model, ids, cache, mask, prefill_chunk_size)
     first = uniforms()
     tokens = decoder.process(logits, seen, torch.zeros(batch, device=device) if first is None else first)
-    slot = None
+    bucket = None
     finished = [False] * batch
     for step in range(max_new_tokens):
         out: list[int | None] = []
@@ -129,11 +133,11 @@ def stream_generate(
         yield out
         if all(finished) or step == max_new_tokens - 1:
             return
-        if slot is None:
+        if bucket is None:
             if seen is not None:
                 seen[torch.arange(batch, device=device), tokens] = True
-            slot = decoder.start(cache, tokens, seen)
-        tokens = decoder.step(slot, uniforms())
+            bucket = decoder.start(cache, tokens, seen)
+        tokens = decoder.step(bucket, uniforms())
 
 
 def generate(

@@ -8,7 +8,7 @@
 
 A plot is written only when its metric was logged at least once. matplotlib runs with the Agg canvas
 (no display, no pyplot global state), and every PNG is written to a temporary file in ``plots/`` and
-renamed into place, so a reader never sees a half-written image.
+renamed into place, so a reader never sees a half-written image; its mode follows the umask.
 """
 
 from __future__ import annotations
@@ -20,19 +20,30 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..errors import BlackMambaError
+from .rundir import current_umask
+
 METRICS_FILE = "metrics.jsonl"
 PLOTS_DIR = "plots"
 
 
+class PlotError(BlackMambaError, ValueError):
+    """No plots can be made: the metrics are missing or corrupt, or the plots folder cannot be written."""
+
+
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The rows of a metrics.jsonl file; ValueError (naming the file) when it is missing, empty or corrupt.
+    """The rows of a metrics.jsonl file; PlotError (naming the file) when it is missing, empty or corrupt.
 
     A truncated last line (the trainer appending while we read) is skipped; a bad line elsewhere is an error.
     """
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"no metrics file {path}")
-    lines = [(i, line) for i, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+        raise PlotError(f"no metrics file {path}")
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise PlotError(f"cannot read {path}: {e.strerror or e}") from None
+    lines = [(i, line) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
     rows: list[dict[str, Any]] = []
     for n, (lineno, line) in enumerate(lines):
         try:
@@ -40,12 +51,12 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
         except json.JSONDecodeError as e:
             if n == len(lines) - 1 and rows:
                 break
-            raise ValueError(f"{path}, line {lineno}: not valid JSON ({e.msg})") from None
+            raise PlotError(f"{path}, line {lineno}: not valid JSON ({e.msg})") from None
         if not isinstance(row, dict) or not isinstance(row.get("step"), int | float):
-            raise ValueError(f"{path}, line {lineno}: expected a JSON object with a numeric 'step'")
+            raise PlotError(f"{path}, line {lineno}: expected a JSON object with a numeric 'step'")
         rows.append(row)
     if not rows:
-        raise ValueError(f"metrics file {path} is empty")
+        raise PlotError(f"metrics file {path} is empty")
     return rows
 
 
@@ -66,6 +77,7 @@ def _save(fig: Any, target: Path) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             fig.savefig(f, format="png", dpi=110)
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes the file private; a plot is not
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -198,9 +210,14 @@ def plot_run(run_dir: str | os.PathLike) -> list[Path]:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise ImportError("plots need matplotlib: pip install matplotlib") from None
+        raise PlotError("plots need matplotlib: pip install matplotlib") from None
     out = run / PLOTS_DIR
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise PlotError(f"{out} is a file, not a folder: move it away to write the plots there")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PlotError(f"cannot make {out}: {e.strerror or e}") from None
     makers = {
         "loss.png": lambda: _loss_plot(rows),
         "lr.png": lambda: _simple_plot(rows, "lr", "learning rate", "learning rate", "tab:red"),
@@ -211,5 +228,8 @@ def plot_run(run_dir: str | os.PathLike) -> list[Path]:
     for name, make in makers.items():
         fig = make()
         if fig is not None:
-            written.append(_save(fig, out / name))
+            try:
+                written.append(_save(fig, out / name))
+            except OSError as e:
+                raise PlotError(f"cannot write {out / name}: {e.strerror or e}") from None
     return written

@@ -1,17 +1,22 @@
 """The training loop: AdamW, warmup + cosine, clipping, accumulation, periodic validation, metrics,
 atomic checkpoints that resume exactly.
 
-Run directory::
+Run directory (see :mod:`blackmamba.training.rundir` for the rules that keep it safe)::
 
     RUN/metrics.jsonl                 one JSON row per logged step ({"step", "loss", "lr", ...}) and per eval
     RUN/checkpoints/step-00000500/    config.json + model.safetensors + tokenizer.json + trainer_state.pt
-    RUN/plots/*.png                   written at the end (and by `blackmamba plot RUN`)
+    RUN/summary.json, RUN/plots/*.png written at the end (plots also by `blackmamba plot RUN`)
 
 Every checkpoint directory loads with :func:`blackmamba.load_pretrained`. ``trainer_state.pt`` holds the
-optimizer, the step, the RNG states and the training arguments; the data position is the step itself
-(each step's windows are a function of the seed and the step), so ``resume`` continues with exactly the
-batches, and therefore the losses, of an uninterrupted run. Checkpoints are written to a temporary
-directory and renamed into place: a crash mid-write leaves the previous ones intact.
+optimizer, the step, the RNG states, the training arguments and fingerprints of the data and tokenizer;
+the data position is the step itself (each step's windows are a function of the seed and the step), so
+``resume`` continues with exactly the batches, and therefore the losses, of an uninterrupted run, and
+refuses to continue with another seed, batch shape or dataset. Parameters are checked for NaN and inf
+before every save, so every checkpoint on disk is one a run can continue from.
+
+A time budget (``max_minutes``) covers the whole call: the schedule is fitted to measured step, evaluation
+and save times, and the loop stops early if steps turn out slower, keeping time for the final evaluation,
+checkpoint and plots.
 """
 
 from __future__ import annotations
@@ -19,50 +24,81 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import shutil
+import sys
 import time
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from contextlib import ExitStack, nullcontext
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..checkpoint import atomic_directory, load_pretrained, save_pretrained
+from ..checkpoint import CheckpointError, atomic_directory, load_pretrained, save_pretrained
 from ..config import BlackMambaConfig
 from ..devices import resolve_device
+from ..errors import BlackMambaError
 from ..model import BlackMamba
+from ..tokenizer import NEOX_SIZE
 from .data import TokenData
 from .flops import flops_per_token
 from .optim import build_optimizer, lr_at
+from .rundir import (
+    CHECKPOINTS,
+    METRICS,
+    STATE_FILE,
+    SUMMARY,
+    MetricsLog,
+    RunLock,
+    TrainingError,
+    check_out_contents,
+    check_out_path,
+    checkpoints,
+    clean_stale,
+    load_state,
+    manifest_fingerprint,
+    remove_outputs,
+    rng_state,
+    save_state,
+    set_rng_state,
+    tokenizer_fingerprint,
+    warn,
+    write_text_atomic,
+)
 
-STATE_FILE = "trainer_state.pt"
-METRICS = "metrics.jsonl"
+__all__ = ["METRICS", "STATE_FILE", "TrainArgs", "TrainingError", "evaluate", "save_checkpoint", "train"]
+
+# Fewer optimizer steps than this in a time budget trains a model whose numbers mean little.
+MEANINGFUL_STEPS = 20
+# Options that fix the batches and the loss curve: a resumed run must repeat them.
+RESUME_MUST_MATCH = ("seed", "batch_size", "seq_len", "grad_accum")
+# Options a resumed run may change (after a divergence, say); the curve then departs from the original.
+RESUME_MAY_CHANGE = ("lr", "min_lr", "warmup", "weight_decay", "clip")
 
 
-class TrainingError(RuntimeError):
-    pass
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 @dataclass
 class TrainArgs:
-    """Arguments of :func:`train` (and of ``blackmamba train``)."""
+    """Arguments of :func:`train` (and of ``blackmamba train``), checked when the object is made."""
 
     data: str
     out: str
     preset: str | None = None
     config: str | None = None
+    init_from: str | None = None
     max_steps: int | None = None
     max_minutes: float | None = None
     batch_size: int = 16
     seq_len: int = 256
     grad_accum: int = 1
     lr: float = 2e-3
-    min_lr: float = 2e-4
+    min_lr: float | None = None  # None: lr / 10
     warmup: int = 50
     weight_decay: float = 0.1
     clip: float = 1.0
@@ -77,67 +113,190 @@ class TrainArgs:
     compile: bool = False
     grad_checkpointing: bool = False
     resume: bool = False
-    init_from: str | None = None
+    overwrite: bool = False
+    force_tokenizer: bool = False
     peak_tflops: float | None = None
     progress: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
+    progress_every: float = 30.0
+    plots: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def final_lr(self) -> float:
+        """The learning rate at the end of the cosine decay."""
+        return self.lr / 10 if self.min_lr is None else self.min_lr
+
+    def validate(self) -> None:
+        """Raise :class:`TrainingError` naming the first option whose value cannot work."""
+        for name in ("data", "out"):
+            value = getattr(self, name)
+            if isinstance(value, os.PathLike):
+                setattr(self, name, os.fspath(value))
+            elif not isinstance(value, str) or not value:
+                raise TrainingError(f"{_flag(name)} must name a folder, got {value!r}")
+        for name in ("preset", "config", "init_from"):
+            value = getattr(self, name)
+            if isinstance(value, os.PathLike):
+                setattr(self, name, os.fspath(value))
+            elif value is not None and (not isinstance(value, str) or not value):
+                raise TrainingError(f"{_flag(name)} must be a non-empty string, got {value!r}")
+        at_least = {"batch_size": 1, "seq_len": 1, "grad_accum": 1, "eval_every": 1, "eval_tokens": 1}
+        at_least |= {"save_every": 1, "keep_last": 1, "log_every": 1, "warmup": 0, "seed": 0}
+        for name, low in at_least.items():
+            _check_int(name, getattr(self, name), low)
+        if self.seed >= 2**63:
+            raise TrainingError(f"--seed must be below 2**63, got {self.seed}")
+        if self.max_steps is not None:
+            _check_int("max_steps", self.max_steps, 1)
+        for name, strict in (("lr", True), ("weight_decay", False), ("clip", False), ("progress_every", False)):
+            _check_float(name, getattr(self, name), strict)
+        for name, strict in (("min_lr", False), ("max_minutes", True), ("peak_tflops", True)):
+            if getattr(self, name) is not None:
+                _check_float(name, getattr(self, name), strict)
+        if self.min_lr is not None and self.min_lr > self.lr:
+            raise TrainingError(f"--min-lr {self.min_lr} is above --lr {self.lr}: the cosine decay ends below its peak")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise TrainingError(f"--dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        if not isinstance(self.device, str | torch.device):
+            raise TrainingError(f"--device must be a string such as auto, cpu or cuda, got {self.device!r}")
+        for f in fields(self):
+            if f.type == "bool" and not isinstance(getattr(self, f.name), bool):
+                raise TrainingError(f"{f.name} must be True or False, got {getattr(self, f.name)!r}")
+        sources = [_flag(n) for n in ("preset", "config", "init_from") if getattr(self, n)]
+        if len(sources) > 1:
+            raise TrainingError(f"give only one of --preset, --config or --init-from (got {' and '.join(sources)})")
+        if self.resume and self.overwrite:
+            raise TrainingError("--resume continues the run in --out and --overwrite replaces it: give one of them")
+        if not self.resume and self.max_steps is None and self.max_minutes is None:
+            raise TrainingError("give --max-steps or --max-minutes")
 
 
-def _checkpoints(run: Path) -> list[Path]:
-    root = run / "checkpoints"
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / STATE_FILE).is_file())
+def _check_int(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise TrainingError(f"{_flag(name)} must be a whole number, got {value!r}")
+    if value < low:
+        raise TrainingError(f"{_flag(name)} must be at least {low}, got {value}")
 
 
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def _check_float(name: str, value: Any, strict: bool) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float | np.floating) or not math.isfinite(value):
+        raise TrainingError(f"{_flag(name)} must be a finite number, got {value!r}")
+    if value < 0 or (strict and value == 0):
+        raise TrainingError(f"{_flag(name)} must be {'above' if strict else 'at least'} 0, got {value}")
 
 
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+# ------------------------------------------------------------------------------------------ data and model
 
 
-class MetricsLog:
-    """Append-only JSONL metrics (plus TensorBoard when it is installed)."""
+@dataclass
+class _Data:
+    """The training data with what a run records about it: fingerprints and the largest token id."""
 
-    def __init__(self, run: Path, resume_step: int | None) -> None:
-        self.path = run / METRICS
-        if resume_step is not None and self.path.exists():
-            rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-            kept = [r for r in rows if r.get("step", 0) <= resume_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        elif self.path.exists():
-            self.path.unlink()
-        self.tb = None
+    path: Path
+    train: TokenData
+    val: TokenData | None
+    tokenizer: Any | None
+    manifest_sha256: str
+    tokenizer_sha256: str | None
+    max_token_id: int
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "manifest_sha256": self.manifest_sha256,
+            "tokenizer_sha256": self.tokenizer_sha256,
+            "vocab_size": self.train.vocab_size,
+            "max_token_id": self.max_token_id,
+        }
+
+
+def _max_token_id(data: TokenData) -> int:
+    chunk = 1 << 24  # scan in pieces: shards are memory-mapped and may be far larger than memory
+    return max(int(data.tokens[i : i + chunk].max()) for i in range(0, len(data), chunk))
+
+
+def _load_data(path: str) -> _Data:
+    from tokenizers import Tokenizer
+
+    train_data = TokenData(path, "train")
+    val_data = TokenData(path, "val") if "val" in train_data.manifest["splits"] else None
+    tok_file = Path(path) / "tokenizer.json"
+    tokenizer = None
+    if tok_file.is_file():
         try:
-            from torch.utils.tensorboard import SummaryWriter
+            tokenizer = Tokenizer.from_file(str(tok_file))
+        except Exception as e:  # the tokenizers library raises a bare Exception on a bad file
+            raise TrainingError(f"{tok_file} is not a valid tokenizer file ({e})") from None
+    max_id = max(_max_token_id(d) for d in (train_data, val_data) if d is not None)
+    return _Data(
+        path=Path(path),
+        train=train_data,
+        val=val_data,
+        tokenizer=tokenizer,
+        manifest_sha256=manifest_fingerprint(train_data.manifest),
+        tokenizer_sha256=tokenizer_fingerprint(tokenizer) if tokenizer is not None else None,
+        max_token_id=max_id,
+    )
 
-            self.tb = SummaryWriter(str(run / "tensorboard"))
-        except Exception:  # tensorboard is optional
-            self.tb = None
 
-    def write(self, row: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if self.tb is not None:
-            for k, v in row.items():
-                if isinstance(v, int | float) and k != "step":
-                    self.tb.add_scalar(k, v, row["step"])
+def _check_vocab(data: _Data, config: BlackMambaConfig, model_source: str) -> None:
+    """Refuse data holding token ids the model has no embedding for (up front, not an IndexError later)."""
+    if data.max_token_id >= config.vocab_size:
+        raise TrainingError(
+            f"--data {data.path} holds token id {data.max_token_id}, but {model_source} has a vocabulary of "
+            f"{config.vocab_size} (ids 0..{config.vocab_size - 1}): prepare the data with the model's tokenizer"
+        )
 
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+
+def _check_tokenizer(data: _Data, checkpoint: Path, config: BlackMambaConfig) -> None:
+    """Refuse to fine-tune ``checkpoint`` on data whose token ids mean other text (another tokenizer)."""
+    from tokenizers import Tokenizer
+
+    own = checkpoint / "tokenizer.json"
+    advice = "prepare the data with the checkpoint's tokenizer, or pass --force-tokenizer to train anyway"
+    if own.is_file():
+        try:
+            theirs = Tokenizer.from_file(str(own))
+        except Exception as e:  # the tokenizers library raises a bare Exception on a bad file
+            raise TrainingError(f"{own} is not a valid tokenizer file ({e})") from None
+        if data.tokenizer is None:
+            raise TrainingError(f"--data {data.path} has no tokenizer.json to compare with {own}: {advice}")
+        if tokenizer_fingerprint(theirs) != data.tokenizer_sha256:
+            raise TrainingError(
+                f"--init-from {checkpoint} uses another tokenizer than --data {data.path} ({own}: "
+                f"{theirs.get_vocab_size()} tokens; {data.path / 'tokenizer.json'}: "
+                f"{data.tokenizer.get_vocab_size()} tokens, not the same ids): {advice}"
+            )
+        return
+    # Released checkpoints carry no tokenizer.json: they use GPT-NeoX-20B (see blackmamba.tokenizer).
+    if data.train.manifest.get("tokenizer") == "neox" and config.vocab_size >= NEOX_SIZE:
+        return
+    raise TrainingError(
+        f"--init-from {checkpoint} has no tokenizer.json and is not a GPT-NeoX-20B model, while --data "
+        f"{data.path} was prepared with {data.train.manifest.get('tokenizer')!r}: {advice}"
+    )
+
+
+def _model_config(args: TrainArgs, vocab_size: int) -> BlackMambaConfig:
+    """The config named by --preset or --config, with the vocabulary widened to the data's when needed."""
+    if args.preset:
+        config = BlackMambaConfig.from_preset(args.preset)
+    else:
+        try:
+            config = BlackMambaConfig.from_json(args.config)
+        except OSError as e:
+            raise TrainingError(f"--config {args.config}: {e.strerror or e}") from None
+    updates: dict[str, Any] = {}
+    if config.vocab_size < vocab_size:
+        updates["vocab_size"] = vocab_size
+    if config.tokenizer_vocab_size is None or config.tokenizer_vocab_size > vocab_size:
+        updates["tokenizer_vocab_size"] = vocab_size
+    return BlackMambaConfig.from_dict({**config.to_dict(), **updates}) if updates else config
 
 
 def build_model(args: TrainArgs, vocab_size: int) -> tuple[BlackMamba, BlackMambaConfig]:
+    """A new model from --preset/--config (seeded), or the weights of --init-from."""
     if args.init_from:
         model = load_pretrained(args.init_from, dtype=torch.float32)
         if model.config.vocab_size < vocab_size:
@@ -145,20 +304,92 @@ def build_model(args: TrainArgs, vocab_size: int) -> tuple[BlackMamba, BlackMamb
                 f"--init-from model has a vocabulary of {model.config.vocab_size}, the data needs {vocab_size}"
             )
         return model.train(), model.config
-    if bool(args.preset) == bool(args.config):
-        raise TrainingError("give exactly one of --preset or --config (or --init-from)")
-    overrides = dict(args.extra.get("config_overrides", {}))
-    config = (
-        BlackMambaConfig.from_preset(args.preset, **overrides)
-        if args.preset
-        else BlackMambaConfig.from_dict({**json.loads(Path(args.config).read_text()), **overrides})
-    )
-    if config.vocab_size < vocab_size:
-        config = BlackMambaConfig.from_dict({**config.to_dict(), "vocab_size": vocab_size})
-    if config.tokenizer_vocab_size is None or config.tokenizer_vocab_size > vocab_size:
-        config = BlackMambaConfig.from_dict({**config.to_dict(), "tokenizer_vocab_size": vocab_size})
+    if not (args.preset or args.config):
+        raise TrainingError("give one of --preset, --config or --init-from (or --resume to continue a run)")
+    config = _model_config(args, vocab_size)
     torch.manual_seed(args.seed)
     return BlackMamba(config), config
+
+
+# ------------------------------------------------------------------------------------------ resume
+
+
+@dataclass
+class _Resume:
+    checkpoint: Path
+    state: dict[str, Any]
+    model: BlackMamba
+
+
+def _load_resume(run: Path, args: TrainArgs, data: _Data) -> _Resume:
+    """The run's latest checkpoint, after checking it continues the same run (same batches, same data)."""
+    checkpoint = checkpoints(run)[-1]
+    state_file = checkpoint / STATE_FILE
+    state = load_state(state_file)
+    recorded = state["args"]
+    restart = f"to train with new settings, start a new run with --init-from {checkpoint}"
+    for name in RESUME_MUST_MATCH:
+        if name in recorded and recorded[name] != getattr(args, name):
+            raise TrainingError(
+                f"--resume: {_flag(name)} {getattr(args, name)} differs from the run's {recorded[name]} "
+                f"(recorded in {state_file}); pass {_flag(name)} {recorded[name]} to continue the same run, "
+                f"or {restart}"
+            )
+    data_record = state["data"]
+    if not data_record:
+        warn(f"{state_file} was written by an older version: cannot check that --data is the run's data")
+    elif data_record.get("manifest_sha256") != data.manifest_sha256:
+        raise TrainingError(
+            f"--resume: --data {data.path} is not the data this run was trained on (its manifest differs from "
+            f"the one recorded in {state_file}); {restart}"
+        )
+    elif data_record.get("tokenizer_sha256") != data.tokenizer_sha256:
+        raise TrainingError(
+            f"--resume: the tokenizer of --data {data.path} differs from the one recorded in {state_file}; {restart}"
+        )
+    for name in RESUME_MAY_CHANGE:
+        before = recorded.get(name)
+        if name == "min_lr":
+            before = recorded["lr"] / 10 if before is None and "lr" in recorded else before
+            now: Any = args.final_lr
+        else:
+            now = getattr(args, name)
+        if before is not None and before != now:
+            warn(f"--resume with {_flag(name)} {now} (the run had {before}): the losses will differ from before")
+    if state["data_position"] != state["step"] * recorded.get("grad_accum", args.grad_accum):
+        raise TrainingError(f"{state_file}: data position {state['data_position']} does not match step {state['step']}")
+    max_steps = args.max_steps or state["max_steps"]
+    if max_steps < state["step"]:
+        raise TrainingError(f"--max-steps {max_steps} is below the step of the checkpoint to resume ({checkpoint})")
+    model = load_pretrained(checkpoint, dtype=torch.float32).train()
+    if args.preset or args.config:
+        expected = _model_config(args, data.train.vocab_size).to_dict()
+        actual = model.config.to_dict()
+        changed = [k for k in expected if expected[k] != actual.get(k)]
+        if changed:
+            k = changed[0]
+            source = f"--preset {args.preset}" if args.preset else f"--config {args.config}"
+            raise TrainingError(
+                f"--resume: {source} gives model config field {k!r} = {expected[k]!r}, the run's model has "
+                f"{actual.get(k)!r} ({len(changed)} field(s) differ: {', '.join(changed[:5])}); {restart}"
+            )
+    _check_vocab(data, model.config, f"the run's model ({checkpoint})")
+    return _Resume(checkpoint, state, model)
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, saved: dict[str, Any], where: Path) -> None:
+    try:
+        optimizer.load_state_dict(saved)
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
+        raise TrainingError(f"{where}: the optimizer state does not fit the model ({type(e).__name__}: {e})") from None
+    for p, s in optimizer.state.items():
+        for key in ("exp_avg", "exp_avg_sq"):
+            value = s.get(key)
+            if not isinstance(value, torch.Tensor) or value.shape != p.shape:
+                raise TrainingError(f"{where}: the optimizer's {key!r} does not have its parameter's shape")
+
+
+# ------------------------------------------------------------------------------------------ steps and saves
 
 
 @torch.no_grad()
@@ -183,6 +414,14 @@ def evaluate(model: BlackMamba, data: TokenData, args: TrainArgs, device: torch.
     return result
 
 
+def _eval_batches(data: TokenData, args: TrainArgs) -> int:
+    """How many forward passes :func:`evaluate` makes (as ``TokenData.sequential_batches`` cuts them)."""
+    length = min(args.seq_len, len(data) - 1)
+    limit = min(len(data) - 1, args.eval_tokens)
+    windows = len(range(0, max(1, limit - length + 1), length))
+    return math.ceil(windows / args.batch_size)
+
+
 def unigram_loss(train: TokenData, val: TokenData, vocab_size: int) -> float:
     """Cross-entropy (nats/token) of the validation tokens under add-one smoothed train unigram counts."""
     counts = np.bincount(np.asarray(train.tokens), minlength=vocab_size).astype(np.float64) + 1.0
@@ -190,63 +429,204 @@ def unigram_loss(train: TokenData, val: TokenData, vocab_size: int) -> float:
     return float(-logp[np.asarray(val.tokens, dtype=np.int64)].mean())
 
 
-def save_checkpoint(
-    run: Path, model: BlackMamba, optimizer, step: int, args: TrainArgs, extra: dict, tokenizer
-) -> Path:
-    target = run / "checkpoints" / f"step-{step:08d}"
-    if target.exists():
-        return target
-    tmp_root = run / "checkpoints"
-    tmp_root.mkdir(parents=True, exist_ok=True)
+def _non_finite_parameters(model: BlackMamba) -> list[str]:
+    named = list(model.named_parameters())
+    finite = torch.stack([torch.isfinite(p).all() for _, p in named])
+    return [] if bool(finite.all()) else [name for (name, _), ok in zip(named, finite.tolist(), strict=True) if not ok]
+
+
+def save_checkpoint(run: Path, model: BlackMamba, state: dict[str, Any], tokenizer: Any, keep_last: int) -> Path:
+    """Write ``RUN/checkpoints/step-N`` (weights, config, tokenizer, trainer state) in one rename, then drop
+    all but the newest ``keep_last``. A failed write (CheckpointError, e.g. a full disk) leaves the earlier
+    checkpoints as they were; modes follow the umask (see :func:`blackmamba.checkpoint.atomic_directory`)."""
+    target = run / CHECKPOINTS / f"step-{state['step']:08d}"
     with atomic_directory(target) as tmp:
-        save_pretrained(model, tmp / "weights", tokenizer=tokenizer)
-        for f in (tmp / "weights").iterdir():
+        weights = tmp / "weights"
+        save_pretrained(model, weights, tokenizer=tokenizer)
+        for f in weights.iterdir():
             os.replace(f, tmp / f.name)
-        (tmp / "weights").rmdir()
-        delay = float(os.environ.get("BLACKMAMBA_TEST_SAVE_DELAY", "0"))  # tests kill the process here
-        if delay:
-            time.sleep(delay)
-        state = {"step": step, "optimizer": optimizer.state_dict(), "rng": _rng_state(), "args": asdict(args), **extra}
-        torch.save(state, tmp / STATE_FILE)
-    ckpts = _checkpoints(run)
-    for old in ckpts[: max(0, len(ckpts) - args.keep_last)]:
-        shutil.rmtree(old, ignore_errors=True)
+        weights.rmdir()
+        save_state(tmp / STATE_FILE, state)
+    old = [c for c in checkpoints(run) if c != target]
+    for stale in old[: max(0, len(old) + 1 - keep_last)]:
+        hidden = stale.parent / f".deleting-{stale.name}"
+        try:
+            os.replace(stale, hidden)  # gone from the listing at once; the files follow
+            shutil.rmtree(hidden)
+        except OSError as e:
+            warn(f"could not delete the old checkpoint {stale}: {e.strerror or e}")
     return target
 
 
-def _clean_stale_temporaries(run: Path) -> None:
-    root = run / "checkpoints"
-    if root.is_dir():
-        for p in root.iterdir():
-            if p.name.startswith("."):  # left by a crash during a checkpoint write
-                shutil.rmtree(p, ignore_errors=True)
+# ------------------------------------------------------------------------------------------ time and progress
+
+
+def _clock(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
+
+
+class _Budget:
+    """The time budget of ``max_minutes``, counted from the start of :func:`train`.
+
+    Before the first step it fits the schedule length to measured times (a step, an evaluation batch)
+    and estimated ones (a save, the plots); during the run it stops early when the next step, with the
+    evaluation or save it triggers and the final evaluation, checkpoint and plots, would end past the
+    deadline."""
+
+    SAFETY = 0.95
+
+    def __init__(self, started: float, minutes: float | None) -> None:
+        self.deadline = None if minutes is None else started + 60 * minutes
+        self.step_s: float | None = None
+        self.eval_s = 0.0
+        self.save_s = 0.0
+        self.plots_s = 0.0
+
+    def fit(self, per_step: float, eval_every: int, save_every: int, final: float) -> int:
+        assert self.deadline is not None
+        available = self.deadline - time.monotonic() - final
+        per = per_step + self.eval_s / eval_every + self.save_s / save_every
+        return max(1, int(self.SAFETY * available / per))
+
+    def final_reserve(self, needs_eval: bool) -> float:
+        return (self.eval_s if needs_eval else 0.0) + self.save_s + self.plots_s + 0.5
+
+    def record_step(self, seconds: float) -> None:
+        self.step_s = seconds if self.step_s is None else 0.8 * self.step_s + 0.2 * seconds
+
+    def out_of_time(self, step: int, first: int, eval_every: int, save_every: int, has_val: bool) -> bool:
+        if self.deadline is None or self.step_s is None or step == first:
+            return False  # every run makes at least one step
+        upcoming = self.step_s
+        upcoming += self.eval_s if has_val and (step + 1) % eval_every == 0 else 0.0
+        upcoming += self.save_s if (step + 1) % save_every == 0 else 0.0
+        return time.monotonic() + upcoming + self.final_reserve(has_val) > self.deadline
+
+
+class _Progress:
+    """A tqdm bar on a terminal; off one (CI, nohup, a log file) a line every ``every`` seconds with step,
+    loss, tokens/s and time left; nothing when ``enabled`` is False. Everything goes to stderr, so stdout
+    stays for the summary."""
+
+    def __init__(
+        self, enabled: bool, total: int | None, initial: int, every: float, stream: TextIO | None = None
+    ) -> None:
+        self.stream = stream or sys.stderr
+        tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.mode = "off" if not enabled else ("bar" if tty else "lines")
+        self.total, self.initial, self.every = total, initial, every
+        self.started = time.monotonic()
+        self.last_line = -math.inf
+        self.bar = None
+        if self.mode == "bar":
+            self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", file=self.stream)
+
+    def set_total(self, total: int) -> None:
+        self.total = total
+        if self.bar is not None:
+            self.bar.total = total
+            self.bar.refresh()
+
+    def update(self, step: int, loss: float, lr: float, tokens_per_s: float, final: bool = False) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+            return
+        now = time.monotonic()
+        first = self.last_line == -math.inf
+        if self.mode != "lines" or self.total is None or not (first or final or now - self.last_line >= self.every):
+            return
+        self.last_line = now
+        elapsed = now - self.started
+        eta = elapsed / max(1, step - self.initial) * (self.total - step)
+        self.line(
+            f"step {step}/{self.total} ({100 * step / self.total:.0f}%)  loss {loss:.4f}  lr {lr:.2e}  "
+            f"{tokens_per_s:,.0f} tok/s  elapsed {_clock(elapsed)}  eta {_clock(eta)}"
+        )
+
+    def line(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=self.stream)
+        elif self.mode == "lines":
+            print(text, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+# ------------------------------------------------------------------------------------------ the loop
+
+
+def _where(run: Path) -> str:
+    good = checkpoints(run)
+    return f"the last good checkpoint is {good[-1]}" if good else "no checkpoint was written yet"
+
+
+def _io_failure(what: Path, e: OSError, run: Path) -> TrainingError:
+    return TrainingError(
+        f"cannot write {what}: {e.strerror or e}; {_where(run)}. Free space or fix the folder, then run again "
+        "with --resume"
+    )
 
 
 def train(args: TrainArgs) -> dict:
     """Train a model as described by ``args``; returns a summary (final step, losses, paths)."""
+    args.validate()
+    started = time.monotonic()
     run = Path(args.out)
-    run.mkdir(parents=True, exist_ok=True)
-    _clean_stale_temporaries(run)
-    device = resolve_device(args.device)
-    train_data = TokenData(args.data, "train")
-    val_data = TokenData(args.data, "val") if "val" in train_data.manifest["splits"] else None
-    from tokenizers import Tokenizer
+    check_out_path(run)
+    check_out_contents(run, args.resume, args.overwrite)  # again under the lock; this one writes nothing
+    if not args.resume and not (args.preset or args.config or args.init_from):
+        raise TrainingError("give one of --preset, --config or --init-from (or --resume to continue a run)")
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        raise TrainingError(f"--device: {e}") from None
+    data = _load_data(args.data)
+    with ExitStack() as stack:
+        resume = None
+        if args.resume:
+            stack.enter_context(RunLock(run))
+            check_out_contents(run, resume=True, overwrite=False)
+            clean_stale(run)
+            resume = _load_resume(run, args, data)
+            model = resume.model
+        else:
+            model, config = build_model(args, data.train.vocab_size)
+            if args.init_from:
+                if not args.force_tokenizer:
+                    _check_tokenizer(data, Path(args.init_from), config)
+                _check_vocab(data, config, f"--init-from {args.init_from}")
+            else:
+                _check_vocab(data, config, "the model")
+            stack.enter_context(RunLock(run))
+            check_out_contents(run, resume=False, overwrite=args.overwrite)
+            clean_stale(run)
+            if args.overwrite:
+                remove_outputs(run)
+        try:
+            metrics = MetricsLog(run, resume.state["step"] if resume else None)
+        except OSError as e:
+            raise _io_failure(run / METRICS, e, run) from None
+        stack.callback(metrics.close)
+        return _train_loop(args, run, data, model, device, resume, metrics, started)
 
-    tok_file = Path(args.data) / "tokenizer.json"
-    tokenizer = Tokenizer.from_file(str(tok_file)) if tok_file.is_file() else None
 
-    resume_from = None
-    if args.resume:
-        ckpts = _checkpoints(run)
-        if not ckpts:
-            raise TrainingError(f"--resume: no checkpoint found under {run / 'checkpoints'}")
-        resume_from = ckpts[-1]
-
-    if resume_from is not None:
-        model = load_pretrained(resume_from, dtype=torch.float32).train()
-        config = model.config
-    else:
-        model, config = build_model(args, train_data.vocab_size)
+def _train_loop(
+    args: TrainArgs,
+    run: Path,
+    data: _Data,
+    model: BlackMamba,
+    device: torch.device,
+    resume: _Resume | None,
+    metrics: MetricsLog,
+    started: float,
+) -> dict:
+    config = model.config
     model.to(device).train()
     if args.grad_checkpointing:
         model.gradient_checkpointing = True
@@ -254,117 +634,243 @@ def train(args: TrainArgs) -> dict:
     use_bf16 = device.type == "cuda" and args.dtype in ("auto", "bfloat16")
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else nullcontext
     step_fn = torch.compile(model) if args.compile else model
+    train_data, val_data = data.train, data.val
 
     start_step, max_steps = 0, args.max_steps
-    if resume_from is not None:
-        state = torch.load(resume_from / STATE_FILE, map_location="cpu", weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        _set_rng_state(state["rng"])
-        start_step = state["step"]
+    if resume is not None:
+        state_file = resume.checkpoint / STATE_FILE
+        _load_optimizer(optimizer, resume.state["optimizer"], state_file)
+        set_rng_state(resume.state["rng"], state_file)
+        start_step = resume.state["step"]
         # The stored schedule length unless the caller extends the run with a new --max-steps.
-        max_steps = args.max_steps or state["max_steps"]
-    metrics = MetricsLog(run, start_step if resume_from is not None else None)
+        max_steps = args.max_steps or resume.state["max_steps"]
     tokens_per_step = args.batch_size * args.seq_len * args.grad_accum
     fpt = flops_per_token(config, args.seq_len)["train"]
     peak = args.peak_tflops or (784.0 if device.type == "cuda" else None)
 
-    deadline = None if args.max_minutes is None else time.monotonic() + 60 * args.max_minutes
-    if max_steps is None and deadline is None:
-        raise TrainingError("give --max-steps or --max-minutes")
-    if max_steps is None:
-        # Calibrate: time two steps without updating, then fix the schedule length for this run.
-        t0 = time.monotonic()
-        for probe in range(2):
-            x, y = train_data.batch(
-                train_data.window_starts(args.seed, probe, args.batch_size, args.seq_len), args.seq_len
-            )
-            with autocast():
-                loss = F.cross_entropy(step_fn(x.to(device)).logits.float().flatten(0, 1), y.to(device).flatten())
-            (loss * 0).backward()
-        optimizer.zero_grad(set_to_none=True)
-        per_step = (time.monotonic() - t0) / 2 * args.grad_accum
-        max_steps = max(1, int((deadline - time.monotonic()) / (per_step * 1.08)))
+    def forward(step_index: int, micro: int):
+        starts = train_data.window_starts(
+            args.seed, step_index * args.grad_accum + micro, args.batch_size, args.seq_len
+        )
+        x, y = train_data.batch(starts, args.seq_len)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast():
+            out = step_fn(x)
+            loss = F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten())
+            objective = loss if out.aux_loss is None else loss + out.aux_loss
+        return out, loss, objective
 
-    bar = tqdm(total=max_steps, initial=start_step, desc="train", unit="step", disable=not args.progress or None)
+    budget = _Budget(started, args.max_minutes)
+    state_bytes = 12 * sum(p.numel() for p in model.parameters())  # fp32 weights + two AdamW moments
+    budget.save_s = 0.3 + state_bytes / 150e6
+    budget.plots_s = 3.0 if args.plots else 0.0
+    # With a time budget and no --max-steps the schedule's length is fitted after the first real steps:
+    # their learning rates do not depend on it (step 0 starts the warmup or the cosine at its peak, and a
+    # second step is still warming up), so the run is exactly a --max-steps run of the fitted length.
+    fit_at = None if max_steps is not None else start_step + (2 if args.warmup >= 2 else 1)
+    if max_steps is not None:
+        _warn_about_warmup(args, max_steps, start_step)
+    progress = _Progress(args.progress, max_steps, start_step, args.progress_every)
+    step_times: list[float] = []
+
+    def fit_schedule() -> int:
+        if val_data is not None:
+            rng = rng_state()  # an evaluation draws nothing, but the run must not depend on that
+            budget.eval_s = _measure_eval(model, val_data, args, device, autocast)
+            set_rng_state(rng, Path("(eval probe)"))
+        budget.step_s = min(step_times)
+        fitted = max(step, budget.fit(budget.step_s, args.eval_every, args.save_every, budget.final_reserve(True)))
+        if fitted < MEANINGFUL_STEPS:
+            warn(
+                f"the time budget of {args.max_minutes:g} minutes allows only {fitted} step(s) of about "
+                f"{budget.step_s:.2f} s: too few for a meaningful result (give more --max-minutes, or a smaller "
+                "model or batch)"
+            )
+        _warn_about_warmup(args, fitted, start_step)
+        progress.set_total(fitted)
+        progress.line(f"time budget {args.max_minutes:g} min: {fitted} steps of about {budget.step_s:.2f} s")
+        return fitted
+
     last_eval: dict = {}
+    last_eval_step = -1
+    saved_step = start_step if resume is not None else -1
     step = start_step
     window_tokens, window_time = 0, time.monotonic()
     load_acc = None
-    while step < max_steps:
-        if deadline is not None and step > start_step and time.monotonic() > deadline:
-            break  # out of time (every run makes at least one step)
-        lr = lr_at(step, max_steps, args.lr, args.min_lr, args.warmup)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        total_loss, aux_total = 0.0, 0.0
-        iters = []
-        for micro in range(args.grad_accum):
-            starts = train_data.window_starts(args.seed, step * args.grad_accum + micro, args.batch_size, args.seq_len)
-            x, y = train_data.batch(starts, args.seq_len)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast():
-                out = step_fn(x)
-                loss = F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten())
-                objective = loss if out.aux_loss is None else loss + out.aux_loss
-            if not torch.isfinite(objective):
-                bar.close()
-                metrics.close()
-                good = _checkpoints(run)
-                where = f"the last good checkpoint is {good[-1]}" if good else "no checkpoint was written yet"
-                raise TrainingError(f"non-finite loss ({objective.item()}) at step {step}; stopping: {where}")
-            (objective / args.grad_accum).backward()
-            total_loss += loss.item() / args.grad_accum
-            if out.aux_loss is not None:
-                aux_total += out.aux_loss.item() / args.grad_accum
-            if out.expert_counts is not None:
-                counts = out.expert_counts.detach().double().cpu()
-                load_acc = counts if load_acc is None else load_acc + counts
-            iters.extend(out.sinkhorn_iters)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip) if args.clip > 0 else None
-        if grad_norm is not None and not torch.isfinite(grad_norm):
-            bar.close()
-            metrics.close()
-            raise TrainingError(f"non-finite gradient norm at step {step}; stopping with the last checkpoint intact")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        window_tokens += tokens_per_step
-        bar.update(1)
+    tps = 0.0
+    loop_started = time.monotonic()
 
-        if step % args.log_every == 0 or step == max_steps:
-            elapsed = time.monotonic() - window_time
-            tps = window_tokens / max(elapsed, 1e-9)
-            row = {"step": step, "loss": total_loss, "lr": lr, "tokens_per_s": tps, "tokens": step * tokens_per_step}
-            if grad_norm is not None:
-                row["grad_norm"] = float(grad_norm)
-            if aux_total:
-                row["aux_loss"] = aux_total
-            if iters:
-                row["sinkhorn_iters"] = sum(iters) / len(iters)
-            if load_acc is not None:
-                row["expert_load"] = (load_acc / load_acc.sum(1, keepdim=True)).tolist()
-                load_acc = None
-            if peak:
-                row["mfu"] = tps * fpt / (peak * 1e12)
+    def record(row: dict[str, Any]) -> None:
+        try:
             metrics.write(row)
-            bar.set_postfix(loss=f"{total_loss:.3f}", tok_s=f"{tps:,.0f}")
-        if val_data is not None and (step % args.eval_every == 0 or step == max_steps):
-            last_eval = evaluate(model, val_data, args, device, autocast)
-            metrics.write({"step": step, **last_eval})
-            bar.set_postfix(loss=f"{total_loss:.3f}", val=f"{last_eval['val_loss']:.3f}")
-        if step % args.save_every == 0:
-            save_checkpoint(run, model, optimizer, step, args, {"max_steps": max_steps}, tokenizer)
-        if step % args.log_every == 0 or step % args.eval_every == 0 or step % args.save_every == 0:
-            # Throughput counts training time only: restart the window after logging, evaluation or saving.
-            window_tokens, window_time = 0, time.monotonic()
-    bar.close()
-    if val_data is not None and not last_eval:
+        except OSError as e:
+            raise _io_failure(metrics.path, e, run) from None
+
+    def checkpoint(at: int) -> Path:
+        bad = _non_finite_parameters(model)
+        if bad:
+            raise TrainingError(
+                f"the parameters hold NaN or inf after step {at} (e.g. {bad[0]}): training diverged and this "
+                f"state was not saved; {_where(run)} (resume from it with a lower --lr or with --clip)"
+            )
+        state = {
+            "step": at,
+            "max_steps": max_steps,
+            "data_position": at * args.grad_accum,
+            "optimizer": optimizer.state_dict(),
+            "rng": rng_state(),
+            "args": asdict(args),
+            "data": data.record(),
+        }
+        t0 = time.monotonic()
+        target = run / CHECKPOINTS / f"step-{at:08d}"
+        try:
+            save_checkpoint(run, model, state, data.tokenizer, args.keep_last)
+        except OSError as e:
+            raise _io_failure(target, e, run) from None
+        except CheckpointError as e:
+            raise TrainingError(
+                f"{e}; {_where(run)}. Free space or fix the folder, then run again with --resume"
+            ) from None
+        budget.save_s = time.monotonic() - t0
+        progress.line(f"step {at}: saved {target}")
+        return target
+
+    try:
+        while max_steps is None or step < max_steps:
+            if max_steps is not None and budget.out_of_time(
+                step, start_step, args.eval_every, args.save_every, val_data is not None
+            ):
+                progress.line(f"time budget reached: stopping at step {step} of {max_steps}")
+                break
+            t_step = time.monotonic()
+            lr = lr_at(step, max_steps or fit_at or 1, args.lr, args.final_lr, args.warmup)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            total_loss, aux_total = 0.0, 0.0
+            iters = []
+            for micro in range(args.grad_accum):
+                out, loss, objective = forward(step, micro)
+                if not torch.isfinite(objective):
+                    raise TrainingError(
+                        f"non-finite loss ({objective.item()}) at step {step + 1}: training diverged; {_where(run)} "
+                        "(resume from it with a lower --lr or with --clip)"
+                    )
+                (objective / args.grad_accum).backward()
+                total_loss += loss.item() / args.grad_accum
+                if out.aux_loss is not None:
+                    aux_total += out.aux_loss.item() / args.grad_accum
+                if out.expert_counts is not None:
+                    counts = out.expert_counts.detach().double().cpu()
+                    load_acc = counts if load_acc is None else load_acc + counts
+                iters.extend(out.sinkhorn_iters)
+            grads = [p for p in model.parameters() if p.grad is not None]
+            if args.clip > 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(grads, args.clip)
+            else:
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in grads])
+            if not torch.isfinite(grad_norm):
+                raise TrainingError(
+                    f"non-finite gradient norm at step {step + 1}: training diverged; {_where(run)} "
+                    "(resume from it with a lower --lr)"
+                )
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            window_tokens += tokens_per_step
+            step_times.append(time.monotonic() - t_step)
+            budget.record_step(step_times[-1])
+            if step == fit_at:
+                max_steps = fit_schedule()
+
+            if step % args.log_every == 0 or step == max_steps:
+                elapsed = time.monotonic() - window_time
+                tps = window_tokens / max(elapsed, 1e-9)
+                row = {
+                    "step": step,
+                    "loss": total_loss,
+                    "lr": lr,
+                    "tokens_per_s": tps,
+                    "tokens": step * tokens_per_step,
+                }
+                row["grad_norm"] = float(grad_norm)
+                if aux_total:
+                    row["aux_loss"] = aux_total
+                if iters:
+                    row["sinkhorn_iters"] = sum(iters) / len(iters)
+                if load_acc is not None:
+                    row["expert_load"] = (load_acc / load_acc.sum(1, keepdim=True)).tolist()
+                    load_acc = None
+                if peak:
+                    row["mfu"] = tps * fpt / (peak * 1e12)
+                record(row)
+            rate = (step - start_step) * tokens_per_step / max(time.monotonic() - loop_started, 1e-9)
+            progress.update(step, total_loss, lr, rate, final=step == max_steps)
+            if val_data is not None and (step % args.eval_every == 0 or step == max_steps):
+                t0 = time.monotonic()
+                last_eval, last_eval_step = evaluate(model, val_data, args, device, autocast), step
+                budget.eval_s = time.monotonic() - t0
+                record({"step": step, **last_eval})
+                progress.line(f"step {step}: validation loss {last_eval['val_loss']:.4f}")
+            if step % args.save_every == 0:
+                checkpoint(step)
+                saved_step = step
+            if step % args.log_every == 0 or step % args.eval_every == 0 or step % args.save_every == 0:
+                # Throughput counts training time only: restart the window after logging, evaluation or saving.
+                window_tokens, window_time = 0, time.monotonic()
+    finally:
+        progress.close()
+    if val_data is not None and last_eval_step != step:
         last_eval = evaluate(model, val_data, args, device, autocast)
-        metrics.write({"step": step, **last_eval})
-    final = save_checkpoint(run, model, optimizer, step, args, {"max_steps": max_steps}, tokenizer)
-    metrics.close()
-    summary = {"step": step, "max_steps": max_steps, "checkpoint": str(final), **last_eval}
+        record({"step": step, **last_eval})
+    final = run / CHECKPOINTS / f"step-{step:08d}"
+    if saved_step != step:
+        final = checkpoint(step)
+    summary: dict[str, Any] = {"step": step, "max_steps": max_steps, "checkpoint": str(final), **last_eval}
     if val_data is not None:
         summary["unigram_val_loss"] = unigram_loss(train_data, val_data, train_data.vocab_size)
-    (run / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    summary["seconds"] = round(time.monotonic() - started, 1)
+    try:
+        write_text_atomic(run / SUMMARY, json.dumps(summary, indent=1) + "\n")
+    except OSError as e:
+        raise _io_failure(run / SUMMARY, e, run) from None
+    if args.plots:
+        _write_plots(run)
     return summary
+
+
+def _warn_about_warmup(args: TrainArgs, max_steps: int, start_step: int) -> None:
+    if args.warmup >= max_steps and start_step < args.warmup:
+        top = lr_at(max_steps - 1, max_steps, args.lr, args.final_lr, args.warmup)
+        warn(
+            f"the run ({max_steps} steps) ends before its warmup (--warmup {args.warmup}) is over: the learning "
+            f"rate rises to at most {top:.3g} (--lr {args.lr:g}) and never decays; the warmup is kept as given, "
+            "pass a smaller --warmup to change it"
+        )
+
+
+def _measure_eval(model: BlackMamba, data: TokenData, args: TrainArgs, device: torch.device, autocast) -> float:
+    """Seconds one :func:`evaluate` will take: one timed batch (after a warm-up one) times the batch count."""
+    x, _ = next(data.sequential_batches(args.seq_len, args.batch_size, args.eval_tokens))
+    was_training = model.training
+    model.eval()
+    times = []
+    with torch.no_grad():
+        for _ in range(2):
+            t0 = time.monotonic()
+            with autocast():
+                model(x.to(device))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.monotonic() - t0)
+    model.train(was_training)
+    return times[-1] * _eval_batches(data, args)
+
+
+def _write_plots(run: Path) -> None:
+    from .plots import plot_run
+
+    try:
+        plot_run(run)
+    except (BlackMambaError, OSError, ImportError, ValueError) as e:
+        warn(f"the plots of {run} were not written: {e}")
