@@ -3,7 +3,9 @@
 Shape vocabulary used across the package (paper symbols in brackets):
 
     B batch, L sequence length, T tokens (B*L flattened), D d_model, D_in d_inner = expand*D [E*D in Mamba],
-    N d_state [N], K d_conv, R dt_rank, E n_experts, F d_ff (expert hidden width), V vocab_size.
+    N d_state [N], K d_conv, R dt_rank, E n_experts, F d_ff (expert hidden width), V vocab_size,
+    H n_heads and Dh head_dim of the attention baselines (W = H*Dh the attention width), C the KV cache's
+    capacity (max_seq_len).
 
 The released checkpoints use a different ``config.json`` (12 Megatron-style fields, spec section 2.1);
 :meth:`BlackMambaConfig.from_released` reads it and :meth:`BlackMambaConfig.to_released` writes it back.
@@ -25,7 +27,9 @@ from typing import Any
 
 from .errors import BlackMambaError
 
-LAYER_KINDS = ("mamba", "moe")
+# The block kinds: the two of BlackMamba, and the attention and dense MLP of the paper's baselines (dense Mamba =
+# mamba + mlp, transformer = attention + mlp, transformer-MoE = attention + moe).
+LAYER_KINDS = ("mamba", "moe", "attention", "mlp")
 ACTIVATIONS = ("gelu", "silu", "gelu_tanh")
 
 # Upper bounds of the size fields (the lower bound is 1). Each is far above any model of this family (the
@@ -44,6 +48,8 @@ LIMITS: dict[str, int] = {
     "d_ff": 2**20,
     "max_seq_len": 2**24,
     "sinkhorn_max_iters": 100_000,
+    "n_heads": 65536,
+    "head_dim": 65536,
 }
 # The sizes above can still multiply into an impossible model; the total parameter count (embedding and every
 # expert included) is bounded too: 2**41, about 2.2 trillion, is above any released language model.
@@ -101,12 +107,17 @@ def parameter_count(config: BlackMambaConfig) -> int:
     shapes alone, so that the size bound is checked before anything is built. Equal to
     ``BlackMamba(config).num_parameters()``; a test holds the two together."""
     d, di, n, r, k = config.d_model, config.d_inner, config.d_state, config.dt_rank, config.d_conv
-    e, f = config.n_experts, config.d_ff
+    e, f, w = config.n_experts, config.d_ff, config.n_heads * config.head_dim
     mamba = d + 2 * di * d + di * k + (di if config.conv_bias else 0) + (r + 2 * n) * di + r * di + di
     mamba += di * n + di + d * di
-    moe = d + e * d + e + e * 2 * f * d + e * d * f
-    n_mamba = config.layer_pattern.count("mamba")
-    return config.vocab_size * d + n_mamba * mamba + (config.n_layers - n_mamba) * moe + 2 * d
+    per_kind = {
+        "mamba": mamba,
+        "moe": d + e * d + e + e * 2 * f * d + e * d * f,
+        "attention": d + 3 * w * d + w * d,
+        "mlp": d + 2 * f * d + d * f,
+    }
+    blocks = sum(per_kind[kind] * config.layer_pattern.count(kind) for kind in LAYER_KINDS)
+    return config.vocab_size * d + blocks + 2 * d
 
 
 @dataclass
@@ -117,6 +128,11 @@ class BlackMambaConfig:
     them starting with Mamba and ending with MoE. ``moe_activation`` is the expert gate activation:
     the released inference code computes exact (erf) GELU although its config says ``swiglu``
     (spec section 1.4), so "gelu" is the default and "silu" gives SwiGLU.
+
+    The paper's baselines use two more kinds (see :mod:`blackmamba.experiments.baselines`): "attention",
+    causal self-attention of ``n_heads`` heads of ``head_dim`` with rotary positions (base ``rope_theta``) and
+    a KV cache of ``max_seq_len`` positions in generation, and "mlp", a dense gated MLP of width ``d_ff``
+    with the experts' activation (one expert without a router). Released models have neither.
 
     Routing: in eval mode every model routes like the released code (sigmoid, top-1). In training mode
     ``train_routing`` picks the expert either by Sinkhorn ("sinkhorn", the paper's choice; ``sinkhorn_*``
@@ -152,6 +168,9 @@ class BlackMambaConfig:
     sinkhorn_criterion: str = "released"
     load_balance_weight: float = 0.0
     z_loss_weight: float = 0.0
+    n_heads: int = 0
+    head_dim: int = 64
+    rope_theta: float = 10000.0
 
     def __post_init__(self) -> None:
         # The fields that other fields derive from are checked first, so that a wrong type fails here with the
@@ -176,10 +195,17 @@ class BlackMambaConfig:
         _check_pattern(self.layer_pattern)
         for name in ("vocab_size", "d_model", "d_state", "d_conv", "expand", "dt_rank", "max_seq_len"):
             _check_int(name, getattr(self, name), 1, LIMITS[name])
-        # Without an MoE block the expert sizes are unused; 0 is then accepted.
-        low = 1 if "moe" in self.layer_pattern else 0
-        _check_int("n_experts", self.n_experts, low, LIMITS["n_experts"])
-        _check_int("d_ff", self.d_ff, low, LIMITS["d_ff"])
+        # Sizes of a block kind the pattern does not use are unused; 0 is then accepted.
+        kinds = set(self.layer_pattern)
+        _check_int("n_experts", self.n_experts, 1 if "moe" in kinds else 0, LIMITS["n_experts"])
+        _check_int("d_ff", self.d_ff, 1 if kinds & {"moe", "mlp"} else 0, LIMITS["d_ff"])
+        _check_int("n_heads", self.n_heads, 1 if "attention" in kinds else 0, LIMITS["n_heads"])
+        _check_int("head_dim", self.head_dim, 1 if "attention" in kinds else 0, LIMITS["head_dim"])
+        if "attention" in kinds and self.head_dim % 2:
+            raise ConfigError(
+                f"config field 'head_dim' must be even (rotary positions turn pairs of channels), got {self.head_dim}"
+            )
+        _check_real("rope_theta", self.rope_theta, 1.0, math.inf, low_open=True)
         _check_choice("moe_activation", self.moe_activation, ACTIVATIONS)
         _check_real("norm_eps", self.norm_eps, 0.0, 1.0, low_open=True)
         if not isinstance(self.conv_bias, bool):
@@ -340,6 +366,12 @@ class BlackMambaConfig:
 
     def to_released(self) -> dict[str, Any]:
         """The released ``config.json`` for this model (for use with the reference code)."""
+        others = sorted(set(self.layer_pattern) - {"mamba", "moe"})
+        if others:
+            raise ConfigError(
+                f"the released layout holds Mamba and MoE blocks only; this model also has {others} blocks "
+                "(keep it in our layout)"
+            )
         if self.moe_activation != "gelu":
             raise ConfigError(
                 f"the released layout's reference code always computes GELU experts; this model uses "

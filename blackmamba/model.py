@@ -4,6 +4,9 @@
     x_l = x_{l-1} + Mixer_l( RMSNorm_l(x_{l-1}) )           Mixer = Mamba or MoE, from config.layer_pattern
     logits = LayerNorm(x_L) @ Embedding^T                   (final LayerNorm with bias, tied head)
 
+The paper's baselines are the same model with other block kinds in the pattern: causal attention in place of
+Mamba, a dense MLP in place of the MoE (:mod:`blackmamba.experiments.baselines`).
+
 Numerics follow the released code (spec section 1.2): the residual stream stays fp32 while each norm sees
 it cast to the parameter dtype; A_log, D and the dt bias stay fp32 when the model is cast (see
 :func:`cast_model`); router logits and the SSM state are computed in fp32.
@@ -23,16 +26,16 @@ from torch import Tensor, nn
 
 from .config import BlackMambaConfig
 from .kernels import add_rms_norm
-from .layers import MambaMixer, Mixer, MoE, RMSNorm, RouterStats
+from .layers import MLP, AttentionMixer, MambaMixer, Mixer, MoE, RMSNorm, RouterStats
 
 # Parameters kept in fp32 whatever the model dtype (name suffixes).
 FP32_PARAMS = ("mixer.A_log", "mixer.D", "mixer.dt_proj.bias")
 # The sublayer of each layer kind (config.layer_pattern).
-MIXERS: dict[str, type[Mixer]] = {"mamba": MambaMixer, "moe": MoE}
+MIXERS: dict[str, type[Mixer]] = {"mamba": MambaMixer, "moe": MoE, "attention": AttentionMixer, "mlp": MLP}
 
 
 class Block(nn.Module):
-    """Pre-norm residual block around one mixer (Mamba or MoE); it only delegates to the mixer.
+    """Pre-norm residual block around one mixer (Mamba, MoE, attention or MLP); it only delegates to it.
 
     The residual add of the previous block's output is fused with this block's norm: a block takes the fp32
     residual stream and the previous block's output (``delta``, None for the first block) and returns the
@@ -69,9 +72,10 @@ SlotIds = int | Sequence[int] | Tensor
 @dataclass
 class InferenceCache:
     """The decode state of a pool of ``n_slots`` sequences: per block, its mixer's state (None for the
-    stateless MoE), with the slot as the first dim of every tensor. A decode step runs over any set of
-    slots (:meth:`BlackMamba.step` with ``slots``), exactly as if each ran alone; a forward with ``slots``
-    prefills them. The pool also tracks which slots are taken (:meth:`acquire`, :meth:`release`).
+    stateless MoE and MLP; a KV cache for attention), with the slot as the first dim of every tensor. A
+    decode step runs over any set of slots (:meth:`BlackMamba.step` with ``slots``), exactly as if each ran
+    alone; a forward with ``slots`` prefills them. The pool also tracks which slots are taken
+    (:meth:`acquire`, :meth:`release`).
     """
 
     layers: list[Any | None]
