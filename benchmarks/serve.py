@@ -103,6 +103,9 @@ def start_server(model_dir: Path, args, max_batch: int) -> tuple[subprocess.Pope
            "--device", args.device, "--dtype", args.dtype, "--max-batch", str(max_batch),
            "--max-model-len", str(max(args.input_len, args.prefix_len) + args.output_len + 8),
            "--prompt-cache-interval", str(args.cache_interval), "--log-level", "warning"]  # fmt: skip
+    for flag in ("max_num_batched_tokens", "max_prefill_batch"):
+        if getattr(args, flag) is not None:
+            cmd += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=None)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 900
@@ -258,12 +261,15 @@ def main() -> None:
     p.add_argument("--prefix-trials", type=int, default=5)
     p.add_argument("--cache-interval", type=int, default=256, help="the server's --prompt-cache-interval")
     p.add_argument("--offline-batch", type=int, default=64, help="batch of the offline peer (0: skip it)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None, help="the server's token budget per step")
+    p.add_argument("--max-prefill-batch", type=int, default=None, help="the server's prompts per prefill forward")
     p.add_argument("--quick", action="store_true", help="short run: no results file unless --out is given")
     p.add_argument("--out", type=Path, default=None, help="results JSON (default results/serve.json)")
     args = p.parse_args()
     device = resolve_device(args.device)
     meta = run_meta(device, preset=args.model or args.preset, input_len=args.input_len, output_len=args.output_len,
-                    request_rate=args.request_rate)  # fmt: skip
+                    request_rate=args.request_rate, max_num_batched_tokens=args.max_num_batched_tokens,
+                    max_prefill_batch=args.max_prefill_batch)  # fmt: skip
     rows: list[Row] = []
     table: list[list[str]] = []
     with tempfile.TemporaryDirectory() as tmp:

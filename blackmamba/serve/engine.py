@@ -7,7 +7,11 @@ the model only through :class:`PoolEngine`:
 - ``acquire()`` / ``release(slot)``: take a zeroed slot for a new stream, give it back when the stream ends;
 - ``prefill(slot, ids)``: run a piece of a prompt into the slot (continuing from what it holds), returning
   the logits of the last position (or of every position, for prompt log-probabilities);
+- ``prefill_batch(slots, chunks)``: the same for several slots in one forward (left-padded where the chunks
+  differ in length, which only a slot holding a zero state, a prompt's first chunk, may be);
 - ``decode(slots, tokens)``: one token for each of any set of slots, in one batched step;
+- ``set_next_tokens(slots, tokens)`` / ``next_tokens(slots)``: each slot's next input token, kept on the
+  device, so a step's sampled tokens feed the next step without a trip through the host;
 - ``snapshot(slot)`` / ``restore(slot, snapshot)``: copy one slot's state out and back (the prompt cache).
 
 The decode step runs over the pool with the slot of each row as an index (``model.step(tokens, pool,
@@ -16,6 +20,13 @@ On a GPU the step is captured in a CUDA graph per batch bucket (1, 2, 4, ... up 
 the offline decoder does: rows beyond the batch decode the pool's pad slot (its last, never handed out, zeroed
 inside the graph at every step). Logit processing and sampling stay outside the graph, because the requests
 of one step each have their own sampling options.
+
+Prefill is eager: on a GPU one forward is bound by the host launching its kernels, whatever its batch, so
+the scheduler batches the prompt chunks of an iteration into as few forwards as it can. A batched forward
+computes each row as the model does in a batch (see the scheduler on what that means for exactness).
+
+Nothing here reads from the device: slot indices go to the device through pinned memory without waiting,
+and the logits stay there, so the scheduler's one read per step is the sampled tokens.
 """
 
 from __future__ import annotations
@@ -70,6 +81,8 @@ class PoolEngine:
             self.pool = model.allocate_cache(capacity + 1, device=self.device)
         self.pad = capacity  # the last slot: where padding rows of a graph bucket decode
         self._free = list(range(capacity))
+        self._next = torch.zeros(capacity + 1, dtype=torch.long, device=self.device)
+        self._slot_ids: dict[tuple[int, ...], Tensor] = {}
         self.state_bytes = sum(t[0].numel() * t.element_size() for t in self.pool.tensors())
         self._graphs: dict[int, _Graph] = {}
 
@@ -78,7 +91,24 @@ class PoolEngine:
         return len(self._free)
 
     def _ids(self, slots: Sequence[int]) -> Tensor:
-        return torch.tensor(list(slots), dtype=torch.long, device=self.device)
+        # The same few sets of slots recur from step to step (the decoding streams): keep their index tensors.
+        key = tuple(slots)
+        ids = self._slot_ids.get(key)
+        if ids is None:
+            if len(self._slot_ids) >= 8:
+                self._slot_ids.clear()
+            ids = self._slot_ids[key] = self.to_device(key)
+        return ids
+
+    def to_device(self, values: Sequence[int]) -> Tensor:
+        """A long tensor of ``values`` on the pool's device, copied without waiting for the device."""
+        return self._to_device(torch.tensor(list(values), dtype=torch.long))
+
+    def _to_device(self, t: Tensor) -> Tensor:
+        # A plain copy from pageable memory waits for the whole stream; from pinned memory it is queued.
+        if self.device.type != "cuda":
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
 
     def acquire(self) -> int:
         """A free slot with a zeroed state; the lowest index."""
@@ -96,9 +126,43 @@ class PoolEngine:
 
     def prefill(self, slot: int, ids: Sequence[int], all_logits: bool = False) -> Tensor:
         """Run ``ids`` into ``slot`` after what it holds; logits (V,) of the last position, or (L, V) of all."""
-        x = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
+        x = self._to_device(torch.tensor([list(ids)], dtype=torch.long))
         out = self.model(x, cache=self.pool, slots=self._ids([slot]), num_last_tokens=0 if all_logits else 1)
         return out.logits[0] if all_logits else out.logits[0, -1]
+
+    def prefill_batch(self, slots: Sequence[int], chunks: Sequence[Sequence[int]]) -> Tensor:
+        """Run ``chunks[i]`` into ``slots[i]``, all in one forward; logits (n, V) of each chunk's last token.
+
+        Chunks of different lengths are left-padded and masked; padding in front of a state's history would
+        change it, so a shorter chunk's slot must hold a zero state (a prompt's first chunk). One chunk is
+        exactly :meth:`prefill`."""
+        if len(slots) != len(chunks) or not chunks:
+            raise ValueError(f"prefill_batch needs one chunk per slot, got {len(slots)} slots and {len(chunks)} chunks")
+        if len(chunks) == 1:
+            return self.prefill(slots[0], chunks[0])[None]
+        length = max(len(c) for c in chunks)
+        ids = torch.zeros(len(chunks), length, dtype=torch.long)
+        mask = torch.zeros(len(chunks), length, dtype=torch.bool)
+        for i, chunk in enumerate(chunks):
+            ids[i, length - len(chunk) :] = torch.tensor(list(chunk), dtype=torch.long)
+            mask[i, length - len(chunk) :] = True
+        padded = not bool(mask.all())
+        out = self.model(
+            self._to_device(ids),
+            cache=self.pool,
+            mask=self._to_device(mask) if padded else None,
+            slots=self._ids(slots),
+            num_last_tokens=1,
+        )
+        return out.logits[:, -1]
+
+    def set_next_tokens(self, slots: Sequence[int], tokens: Tensor) -> None:
+        """Record ``tokens`` (n,), on the device, as the next input of ``slots``."""
+        self._next.index_copy_(0, self._ids(slots), tokens)
+
+    def next_tokens(self, slots: Sequence[int]) -> Tensor:
+        """The next input token of each of ``slots`` (n,), on the device."""
+        return self._next.index_select(0, self._ids(slots))
 
     def decode(self, slots: Sequence[int], tokens: Tensor) -> Tensor:
         """One step for each of ``slots`` fed ``tokens`` (n,) -> logits (n, V); the states advance in place."""

@@ -17,7 +17,8 @@
 | ``blackmamba:request_decode_time_seconds`` | histogram | first token to the end |
 
 Two more show where the scheduler's time goes: ``blackmamba:decode_step_seconds`` (one batched decode step
-with sampling) and ``blackmamba:prefill_chunk_seconds`` (one prompt chunk). Every metric carries a
+with sampling, in iterations without prefill) and ``blackmamba:prefill_chunk_seconds`` (one prefill forward: a
+batch of prompt chunks). Every metric carries a
 ``model_name`` label. Each server has its own registry, so several can live in one process (tests).
 """
 
@@ -95,8 +96,10 @@ class ServerMetrics:
         self.queue_time = histogram("request_queue_time_seconds", "Arrival to admission into a state slot.")
         self.prefill_time = histogram("request_prefill_time_seconds", "Admission to first token.")
         self.decode_time = histogram("request_decode_time_seconds", "First token to the end of the request.")
-        self.decode_step = histogram("decode_step_seconds", "One batched decode step, sampling included.")
-        self.prefill_chunk = histogram("prefill_chunk_seconds", "One prompt chunk through the model.")
+        self.decode_step = histogram(
+            "decode_step_seconds", "One batched decode step, sampling included (iterations without prefill)."
+        )
+        self.prefill_chunk = histogram("prefill_chunk_seconds", "One prefill forward (a batch of prompt chunks).")
 
     def finished(self, reason: str) -> None:
         self._finished.labels(model_name=self.model_name, finished_reason=reason).inc()

@@ -34,7 +34,10 @@ class ServeOptions:
     max_queue: int = _opt(1024, "requests waiting for a slot before new ones get 429")
     max_model_len: int = _opt(4096, "prompt plus completion tokens allowed per request")
     max_num_batched_tokens: int = _opt(
-        512, "tokens per scheduler iteration (one per decoding stream, the rest for prompt chunks)"
+        2048, "tokens per scheduler iteration (one per decoding stream, the rest for prompt chunks)"
+    )
+    max_prefill_batch: int = _opt(
+        64, "prompt chunks prefilled together in one forward (1: each alone, bit-exact with offline generate)"
     )
     api_key: str | None = _opt(None, f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV})")
     device: str = _opt("auto", "auto (cuda if available), cpu, cuda, cuda:1, ...")
@@ -51,7 +54,10 @@ class ServeOptions:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ServeError(f"--port must be in [0, 65535], got {self.port}")
-        for name in ("max_batch", "max_queue", "max_model_len", "max_num_batched_tokens", "prompt_cache_interval"):
+        for name in (
+            "max_batch", "max_queue", "max_model_len", "max_num_batched_tokens", "max_prefill_batch",
+            "prompt_cache_interval",
+        ):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ServeError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name in ("prompt_cache_mib", "max_body_bytes"):

@@ -8,7 +8,8 @@ evicts the least recently used entries to stay within a budget in bytes.
 
 Exactness. The server prefills every prompt in chunks that end on the same grid of ``interval`` positions
 (or at the prompt end), so the state at a boundary is the same number, bit for bit, whether it was computed
-now or restored from the cache, and the chunks after it are the same computation. Resuming at the end of an
+now or restored from the cache, and the chunks after it are the same computation (for chunks prefilled alone:
+one batched with other prompts' chunks may round differently; see :mod:`.scheduler`). Resuming at the end of an
 earlier, shorter prompt would split a chunk at a new place, which changes the rounding of a chunked scan, so
 a prompt-end entry serves only the identical prompt (it also stores the last position's logits, so such a hit
 needs no forward at all); longer prompts resume at the last boundary they share.

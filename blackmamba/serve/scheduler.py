@@ -5,17 +5,35 @@ Each iteration of the loop:
 1. takes in new requests and cancellations, fails requests past their deadline;
 2. admits waiting requests while the pool has free slots, starting each from the longest prefix the prompt
    cache holds (:mod:`.prompt_cache`);
-3. runs one decode step over every stream that has its first token (one batched ``engine.decode``);
+3. launches one decode step over every stream that has its first token (one batched ``engine.decode``);
 4. prefills prompt chunks within a token budget per iteration (``max_num_batched_tokens`` less one token per
-   running stream; at least one chunk always runs, so prefill never starves and a long prompt delays the
-   running streams by at most one chunk per step). Chunks end on the prompt cache's grid of ``interval``
-   positions, which is what makes cached and uncached prompts compute the same numbers;
-5. samples, detokenizes (UTF-8-safe, stop strings) and hands each request its new text through its sink.
+   running stream; at least one chunk always runs, so prefill never starves and the running streams wait for
+   at most one budget of prompt tokens per step). Chunks end on the prompt cache's grid of ``interval``
+   positions, which is what makes cached and uncached prompts compute the same numbers. The chunks of an
+   iteration run batched, as few forwards as exactness allows (:meth:`Scheduler._prefill_groups`): on a GPU
+   a forward costs about the same host time whatever its batch, so one forward for many prompts instead of
+   one per prompt is most of the server's throughput under load;
+5. samples the next token of every stream that got logits in this step (decode rows and prompts just
+   finished) in one batched call, reads the tokens back (the one read from the device per iteration) and
+   hands each request its token ids through its sink.
 
-A finished, stopped, timed-out or cancelled stream gives its slot back at once. The same answers as offline:
-a request samples exactly as :func:`blackmamba.generate` does for one prompt (the same logit processing, and
-one uniform number per token drawn from its own ``torch.Generator`` seeded with the request's seed), so a
-seeded request gets the tokens offline generation gives it, whatever else shares the batch.
+Turning ids into text (UTF-8-safe, stop strings) and into JSON is the HTTP side's work, off this thread; a
+request with stop strings is also followed here by a :class:`TextStreamer`, only to know when to stop.
+
+A finished, stopped, timed-out or cancelled stream gives its slot back at once.
+
+The same answers as offline. A request samples exactly as :func:`blackmamba.generate` does for one prompt
+(the same logit processing; with a ``seed``, one uniform number per token from its own ``torch.Generator``),
+and its decode steps compute each row as if it ran alone, so a request whose prompt was prefilled alone gets
+the tokens offline generation gives it, bit for bit, whatever else shares the decode batch. A prompt chunk
+prefilled in a batch with others is computed as the model computes a batch: the same positions and
+state, but matrix products over more rows, which may round differently (on a CPU a one-row product takes
+another kernel than a many-row one; on a GPU tile sizes follow the token count), so its state and logits can
+differ from a lone prefill in the last bits, and a greedy or seeded continuation can then differ where two
+tokens are within that rounding of each other. Offline :func:`blackmamba.generate` of the same prompts as one
+batch (prompts of one chunk each) computes exactly what a batched prefill does, and the tests hold the server
+to it. ``max_prefill_batch=1`` prefills every prompt alone and restores bit-for-bit equality with
+single-prompt generation, at the cost of one forward per prompt chunk.
 """
 
 from __future__ import annotations
@@ -84,12 +102,13 @@ class TokenLogprob:
 
 @dataclass(frozen=True)
 class Delta:
-    """New output of a request: ``text`` safe to show (may be empty while a character or a possible stop
-    string is incomplete), the ``tokens`` sampled, and their log-probabilities when asked for.
+    """New output of a request: the ``tokens`` sampled, and their log-probabilities when asked for; ``text``
+    safe to show (empty while a character or a possible stop string is incomplete) is added by the consumer,
+    which runs its own :class:`TextStreamer` over the tokens.
     The first event of a request asking for prompt log-probabilities carries them (one per prompt token,
     None for the first) and no token."""
 
-    text: str
+    text: str = ""  # filled by the consumer (the HTTP side decodes): the scheduler sends ids only
     tokens: tuple[int, ...] = ()
     logprobs: tuple[TokenLogprob, ...] | None = None
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
@@ -103,7 +122,7 @@ class Finished:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
-    text: str = ""  # text released only now (held back until the end)
+    text: str = ""  # text released only now (held back until the end); added by the consumer
 
 
 @dataclass(frozen=True)
@@ -135,10 +154,9 @@ class _Request:
     pos: int = 0  # prompt tokens in the state (or planned for this iteration)
     cached: int = 0
     generated: list[int] = field(default_factory=list)
-    last_token: int = 0
-    generator: torch.Generator | None = None
+    generator: torch.Generator | None = None  # seeded requests only: the others share the scheduler's
     seen: Tensor | None = None
-    streamer: TextStreamer | None = None
+    stopper: TextStreamer | None = None  # requests with stop strings only: finds where to stop
     keys: PrefixKeys | None = None
     prompt_lp: list[TokenLogprob | None] = field(default_factory=list)
     admitted: float = 0.0
@@ -162,13 +180,17 @@ class Scheduler:
         prompt_cache: PromptCache,
         metrics: ServerMetrics,
         eos_token_id: int | None,
+        max_prefill_batch: int = 64,
     ) -> None:
         if max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}")
+        if max_prefill_batch < 1:
+            raise ValueError(f"max_prefill_batch must be >= 1, got {max_prefill_batch}")
         self.engine = engine
         self.tokenizer = tokenizer
         self.max_queue = max_queue
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_prefill_batch = max_prefill_batch
         self.cache = prompt_cache
         self.interval = prompt_cache.interval
         self.metrics = metrics
@@ -181,6 +203,9 @@ class Scheduler:
         self._aborts: deque[int] = deque()
         self._waiting: deque[_Request] = deque()
         self._running: list[_Request] = []
+        self._ready: list[tuple[_Request, Tensor]] = []  # whole prompt in the state: first token due this step
+        # Unseeded sampling draws from one generator for all requests (one draw per step, not one per request).
+        self._shared = torch.Generator(device=self.device).manual_seed(random.getrandbits(63))
         self._processors: dict[SamplingOptions, Decoder] = {}
         self._thread: threading.Thread | None = None
         self._accepting = True
@@ -246,6 +271,7 @@ class Scheduler:
                     # A bug or an out-of-memory error in one step must not take the server down: the requests
                     # of this step get a 500 and the loop goes on with the next ones.
                     log.exception("scheduler iteration failed")
+                    self._ready = []
                     for request in list(self._running):
                         self._fail(request, 500, "internal error while generating; see the server log")
 
@@ -265,20 +291,26 @@ class Scheduler:
         self._admit(now)
         decoding = [r for r in self._running if r.phase == _DECODE]
         chunks = self._plan_prefill(self.max_num_batched_tokens - len(decoding))
+        t0 = time.monotonic()
+        rows: list[_Request] = []
+        logits: list[Tensor] = []
         if decoding:
-            tokens = torch.tensor([r.last_token for r in decoding], dtype=torch.long, device=self.device)
-            t0 = time.monotonic()
-            logits = self.engine.decode([r.slot for r in decoding], tokens)
-            self._emit_tokens(decoding, logits)
+            # The step is queued first: on a GPU it runs while the host launches the prefill below.
+            slots = [r.slot for r in decoding]
+            logits.append(self.engine.decode(slots, self.engine.next_tokens(slots)))
+            rows += decoding
+        for group in self._prefill_groups(chunks):
+            group = [c for c in group if c[0].phase == _PREFILL]  # a request may have failed meanwhile
+            if group:
+                self._prefill(group)
+        ready, self._ready = self._start_decoding(self._ready), []
+        if ready:
+            rows += [r for r, _ in ready]
+            logits.append(torch.stack([lg for _, lg in ready]))
+        if rows:
+            self._emit_tokens(rows, logits[0] if len(logits) == 1 else torch.cat(logits))
+        if decoding and not chunks:
             self.metrics.decode_step.observe(time.monotonic() - t0)
-        ready: list[tuple[_Request, Tensor]] = []
-        for request, start, end in chunks:
-            if request.phase != _PREFILL:
-                continue
-            logits = self._prefill_chunk(request, start, end)
-            if end == len(request.prompt):
-                ready.append((request, logits))
-        self._start_decoding(ready)
 
     def _admit(self, now: float) -> None:
         while self._waiting and self.engine.free_slots:
@@ -290,10 +322,10 @@ class Scheduler:
             self._running.append(request)
             self.metrics.queue_time.observe(now - request.arrival)
             params = request.params
-            request.streamer = TextStreamer(self.tokenizer, params.stop)
-            request.generator = torch.Generator(device=self.device).manual_seed(
-                params.seed if params.seed is not None else random.getrandbits(63)
-            )
+            if params.stop:
+                request.stopper = TextStreamer(self.tokenizer, params.stop)
+            if params.seed is not None and params.temperature > 0:
+                request.generator = torch.Generator(device=self.device).manual_seed(params.seed)
             if params.repetition_penalty is not None:
                 request.seen = torch.zeros(1, self.engine.vocab_size, dtype=torch.bool, device=self.device)
                 request.seen[0, request.prompt] = True
@@ -305,7 +337,7 @@ class Scheduler:
                     self.engine.restore(request.slot, entry.state)
                     request.pos = request.cached = entry.length
                     if entry.length == len(request.prompt):
-                        self._start_decoding([(request, entry.logits)])
+                        self._ready.append((request, entry.logits))
 
     def _plan_prefill(self, budget: int) -> list[tuple[_Request, int, int]]:
         """Chunks (request, start, end) for this iteration, each ending on the grid or at the prompt end."""
@@ -320,11 +352,68 @@ class Scheduler:
                 request.pos = end
         return chunks
 
+    def _prefill_groups(self, chunks: list[tuple[_Request, int, int]]) -> list[list[tuple[_Request, int, int]]]:
+        """The chunks of one iteration as forwards, in the order they must run.
+
+        A request's later chunk continues from its earlier one, so the chunks go in waves (every request's
+        first chunk of this iteration, then the second ones, ...). Within a wave, chunks of one length run
+        together without padding; first chunks (a zero state) of other lengths run left-padded, longest
+        first, a group closing where padding would more than double its work. A request that wants the
+        log-probabilities of its prompt runs alone (it needs every position's logits)."""
+        waves: list[list[tuple[_Request, int, int]]] = []
+        seen: dict[int, int] = {}
+        for chunk in chunks:
+            k = seen.get(chunk[0].rid, 0)
+            seen[chunk[0].rid] = k + 1
+            if k == len(waves):
+                waves.append([])
+            waves[k].append(chunk)
+        groups = []
+        for wave in waves:
+            by_length: dict[int, list[tuple[_Request, int, int]]] = {}
+            fresh = []
+            for chunk in wave:
+                request, start, end = chunk
+                if request.params.prompt_logprobs or self.max_prefill_batch == 1:
+                    groups.append([chunk])
+                elif start == 0:
+                    fresh.append(chunk)
+                else:
+                    by_length.setdefault(end - start, []).append(chunk)
+            fresh.sort(key=lambda c: c[2], reverse=True)
+            padded: list[list[tuple[_Request, int, int]]] = []
+            for chunk in fresh:
+                same = by_length.get(chunk[2])
+                if same is not None:
+                    same.append(chunk)
+                elif padded and 2 * chunk[2] >= padded[-1][0][2]:
+                    padded[-1].append(chunk)
+                else:
+                    padded.append([chunk])
+            for group in [*by_length.values(), *padded]:
+                n = self.max_prefill_batch
+                groups += [group[i : i + n] for i in range(0, len(group), n)]
+        return groups
+
+    def _prefill(self, group: list[tuple[_Request, int, int]]) -> None:
+        """One forward over the chunks of ``group``; prompts it completes join ``_ready``."""
+        t0 = time.monotonic()
+        if len(group) == 1:
+            request, start, end = group[0]
+            rows = [self._prefill_chunk(request, start, end)]
+        else:
+            slots = [request.slot for request, _, _ in group]
+            rows = list(self.engine.prefill_batch(slots, [r.prompt[s:e] for r, s, e in group]))
+            for (request, _, end), logits in zip(group, rows, strict=True):
+                self._cache_state(request, end, logits)
+        self.metrics.prefill_chunk.observe(time.monotonic() - t0)
+        for (request, _, end), logits in zip(group, rows, strict=True):
+            if end == len(request.prompt):
+                self._ready.append((request, logits))
+
     def _prefill_chunk(self, request: _Request, start: int, end: int) -> Tensor:
         want_all = request.params.prompt_logprobs
-        t0 = time.monotonic()
         logits = self.engine.prefill(request.slot, request.prompt[start:end], all_logits=want_all)
-        self.metrics.prefill_chunk.observe(time.monotonic() - t0)
         if want_all:
             if start == 0:
                 request.prompt_lp.append(None)
@@ -332,6 +421,11 @@ class Scheduler:
             if len(following):
                 request.prompt_lp.extend(self._logprobs(logits[: len(following)], following, self._top_n(request)))
             logits = logits[-1]
+        self._cache_state(request, end, logits)
+        return logits
+
+    def _cache_state(self, request: _Request, end: int, logits: Tensor) -> None:
+        """Keep the state of ``request``'s slot after ``end`` prompt tokens, if it is on the grid or the end."""
         if self.cache.enabled:
             last = end == len(request.prompt)
             if end % self.interval == 0:
@@ -341,7 +435,6 @@ class Scheduler:
                     self.cache.insert(key, CacheEntry(end, state, logits.clone() if last else None))
             elif last and not self.cache.contains(request.keys.end, with_logits=True):
                 self.cache.insert(request.keys.end, CacheEntry(end, self.engine.snapshot(request.slot), logits.clone()))
-        return logits
 
     @staticmethod
     def _top_n(request: _Request) -> int:
@@ -356,11 +449,18 @@ class Scheduler:
         return processor
 
     def _uniforms(self, requests: list[_Request], temperature: float) -> Tensor:
-        # Exactly what stream_generate draws for a batch of one: nothing when greedy, else one rand per token
-        # from the request's own generator.
+        # A seeded request draws exactly what stream_generate draws for a batch of one: one rand per token from
+        # its own generator. The others share one draw per step.
         if temperature == 0:
             return torch.zeros(len(requests), device=self.device)
-        return torch.cat([torch.rand(1, generator=r.generator, device=self.device) for r in requests])
+        shared = torch.rand(len(requests), generator=self._shared, device=self.device)
+        seeded = [i for i, r in enumerate(requests) if r.generator is not None]
+        if not seeded:
+            return shared
+        if len(seeded) == len(requests):
+            return torch.cat([torch.rand(1, generator=r.generator, device=self.device) for r in requests])
+        own = torch.cat([torch.rand(1, generator=requests[i].generator, device=self.device) for i in seeded])
+        return shared.index_copy(0, self.engine.to_device(seeded), own)
 
     def _sample(self, requests: list[_Request], logits: Tensor) -> Tensor:
         groups: dict[SamplingOptions, list[int]] = {}
@@ -394,16 +494,15 @@ class Scheduler:
         rows = zip(chosen.tolist(), picked, top_ids.tolist(), top_vals.tolist(), strict=True)
         return [TokenLogprob(t, p, tuple(zip(ids, vals, strict=True))) for t, p, ids, vals in rows]
 
-    def _start_decoding(self, ready: list[tuple[_Request, Tensor]]) -> None:
-        """Requests whose prompt is in the state: emit prompt log-probabilities, then the first token."""
+    def _start_decoding(self, ready: list[tuple[_Request, Tensor]]) -> list[tuple[_Request, Tensor]]:
+        """Requests whose prompt is in the state: emit prompt log-probabilities; those that want a first token."""
+        ready = [(r, lg) for r, lg in ready if r.phase == _PREFILL]  # not failed meanwhile
         for request, _ in ready:
             request.phase = _DECODE
             self.metrics.prompt_tokens.inc(len(request.prompt))
             if request.params.prompt_logprobs:
-                request.sink(Delta("", prompt_logprobs=tuple(request.prompt_lp)))
-        ready = [(r, lg) for r, lg in ready if not self._finish_if_done(r)]
-        if ready:
-            self._emit_tokens([r for r, _ in ready], torch.stack([lg for _, lg in ready]))
+                request.sink(Delta(prompt_logprobs=tuple(request.prompt_lp)))
+        return [(r, lg) for r, lg in ready if not self._finish_if_done(r)]
 
     def _emit_tokens(self, requests: list[_Request], logits: Tensor) -> None:
         tokens = self._sample(requests, logits)
@@ -416,8 +515,11 @@ class Scheduler:
             for i, lp in zip(want, computed, strict=True):
                 n = self._top_n(requests[i])
                 logprobs[i] = TokenLogprob(lp.token, lp.logprob, lp.top[:n])
+        self.engine.set_next_tokens([r.slot for r in requests], tokens)
+        values = tokens.tolist()  # the iteration's one read from the device
         now = time.monotonic()
-        for request, token, lp in zip(requests, tokens.tolist(), logprobs, strict=True):
+        self.metrics.generation_tokens.inc(len(values))
+        for request, token, lp in zip(requests, values, logprobs, strict=True):
             self._emit_token(request, token, lp, now)
 
     def _emit_token(self, request: _Request, token: int, lp: TokenLogprob | None, now: float) -> None:
@@ -429,19 +531,18 @@ class Scheduler:
             m.itl.observe(now - request.last_emit)
         request.last_emit = now
         request.generated.append(token)
-        request.last_token = token
-        m.generation_tokens.inc()
         if token == self.eos_token_id and not request.params.ignore_eos:
             self._finish(request, "stop")
             return
         if request.seen is not None:
             request.seen[0, token] = True
-        text = request.streamer.put(token)
-        request.sink(Delta(text, (token,), None if lp is None else (lp,)))
-        if request.streamer.stopped:
-            self._finish(request, "stop")
-        else:
-            self._finish_if_done(request)
+        request.sink(Delta(tokens=(token,), logprobs=None if lp is None else (lp,)))
+        if request.stopper is not None:
+            request.stopper.put(token)
+            if request.stopper.stopped:
+                self._finish(request, "stop")
+                return
+        self._finish_if_done(request)
 
     def _finish_if_done(self, request: _Request) -> bool:
         if len(request.generated) >= request.params.max_tokens:
@@ -470,8 +571,7 @@ class Scheduler:
         if request.generated:
             m.decode_time.observe(now - request.first_token)
             m.prefill_time.observe(request.first_token - request.admitted)
-        rest = "" if reason == "abort" or request.streamer is None else request.streamer.finish()
-        request.sink(Finished(reason, len(request.prompt), len(request.generated), request.cached, rest))
+        request.sink(Finished(reason, len(request.prompt), len(request.generated), request.cached))
 
     def _fail(self, request: _Request, status: int, message: str, kind: str = "server_error") -> None:
         if request.phase == _DONE:

@@ -3,8 +3,11 @@ playground page, on FastAPI + uvicorn.
 
 Handlers run on the event loop and never touch the model: they validate the request (:mod:`.schemas`),
 tokenize, hand the prompt to the :class:`~.scheduler.Scheduler` thread and relay its events, as one JSON
-response or as server-sent events ending in ``data: [DONE]``. The model loads in a background thread after
-the socket is open, so ``/health`` answers 503 until it is ready.
+response or as server-sent events ending in ``data: [DONE]``. The scheduler sends token ids; each request
+turns them into text here (a :class:`~blackmamba.generation.text.TextStreamer` with its stop strings), so
+the scheduler's thread does no per-token text work. Events cross from that thread in batches: one wake-up
+of the event loop per scheduler step, not one per token (:class:`_Dispatcher`). The model loads in a
+background thread after the socket is open, so ``/health`` answers 503 until it is ready.
 
 Robustness: every error is an OpenAI-style object (``{"error": {"message", "type", "param", "code"}}``);
 malformed JSON, wrong types, empty or over-long prompts and out-of-range values are 400; a full queue is 429;
@@ -22,11 +25,13 @@ import hmac
 import json
 import logging
 import signal
+import sys
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -40,6 +45,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tokenizers import Tokenizer
 
 from .. import __version__
+from ..generation.text import TextStreamer
 from .chat import ChatTemplate, TemplateError
 from .metrics import ServerMetrics
 from .options import ServeError, ServeOptions
@@ -58,6 +64,10 @@ log = logging.getLogger("blackmamba.serve")
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 DISCONNECT_POLL_S = 0.25
+# How long a thread may hold the GIL while another waits (Python's default is 5 ms). The scheduler thread
+# comes back from every device step wanting it while the event loop formats and sends tokens; 5 ms would be
+# longer than a decode step.
+SWITCH_INTERVAL_S = 0.0005
 
 
 @dataclass
@@ -76,6 +86,7 @@ class ServerState:
     scheduler: Scheduler | None = None
     model_vocab: int = 0
     on_fatal: Callable[[], None] | None = None
+    dispatcher: _Dispatcher | None = None
 
     def require_ready(self) -> Scheduler:
         if self.error is not None:
@@ -112,6 +123,7 @@ def load_into(state: ServerState) -> None:
         tokenizer,
         max_queue=o.max_queue,
         max_num_batched_tokens=o.max_num_batched_tokens,
+        max_prefill_batch=o.max_prefill_batch,
         prompt_cache=cache,
         metrics=state.metrics,
         eos_token_id=eos_token_id(tokenizer),
@@ -212,37 +224,97 @@ async def _read_json(request: Request) -> Any:
         raise bad_request(f"malformed JSON in the request body: {e}") from None
 
 
-class _Job:
-    """One request's events, carried from the scheduler thread to the handler's event loop."""
+class _Dispatcher:
+    """Carries events from the scheduler's thread to one event loop. The first event of a batch schedules
+    one drain of the loop; the events that follow before it runs join it. So a scheduler step that emits a
+    token for each of 64 streams wakes the loop once, not 64 times."""
 
-    def __init__(self, scheduler: Scheduler, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
-        self.scheduler = scheduler
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+        self._pending: deque[tuple[_Job, Event]] = deque()
+        self._lock = threading.Lock()
+        self._scheduled = False
+
+    def push(self, job: _Job, event: Event) -> None:
+        with self._lock:
+            self._pending.append((job, event))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening any more
+            self.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self._lock:
+            batch, self._pending = self._pending, deque()
+            self._scheduled = False
+        for job, event in batch:
+            job.deliver(event)
+
+
+def _wake(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+class _Job:
+    """One request's events, carried from the scheduler thread to the handler's event loop, with the text of
+    its tokens (decoded here, with the request's stop strings)."""
+
+    def __init__(
+        self, scheduler: Scheduler, dispatcher: _Dispatcher, timeout: float, tokenizer: Tokenizer, stop: tuple[str, ...]
+    ) -> None:
+        self.scheduler = scheduler
+        self.dispatcher = dispatcher
+        self.loop = dispatcher.loop
+        self.events: deque[Event] = deque()
+        self.streamer = TextStreamer(tokenizer, stop)
         self.deadline = time.monotonic() + timeout + 5.0  # the scheduler times out first; this is a backstop
         self.rid: int | None = None
         self.done = False
+        self._waiter: asyncio.Future | None = None
 
     def sink(self, event: Event) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening any more
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        """Called by the scheduler's thread."""
+        self.dispatcher.push(self, event)
+
+    def deliver(self, event: Event) -> None:
+        """Called on the event loop."""
+        self.events.append(event)
+        if self._waiter is not None:
+            _wake(self._waiter)
+
+    def _text(self, event: Event) -> Event:
+        if isinstance(event, Delta) and event.tokens:
+            return replace(event, text="".join([self.streamer.put(t) for t in event.tokens]))
+        if isinstance(event, Finished):
+            self.done = True
+            return replace(event, text=self.streamer.finish())
+        if isinstance(event, Failed):
+            self.done = True
+        return event
 
     async def next(self, request: Request) -> Event:
         """The next event; cancels the request (and raises ``CancelledError``) if the client went away."""
         while True:
+            if self.events:
+                return self._text(self.events.popleft())
+            # A bare future and a timer: cheaper than asyncio.wait_for, which wraps each wait in a task.
+            self._waiter = self.loop.create_future()
+            timer = self.loop.call_later(DISCONNECT_POLL_S, _wake, self._waiter)
             try:
-                event = await asyncio.wait_for(self.queue.get(), DISCONNECT_POLL_S)
-            except TimeoutError:
-                if await request.is_disconnected():
-                    self.close()
-                    raise asyncio.CancelledError("client disconnected") from None
-                if time.monotonic() > self.deadline:
-                    self.close()
-                    return Failed(504, "the request timed out", "timeout")
+                await self._waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
+            if self.events:
                 continue
-            if isinstance(event, Finished | Failed):
-                self.done = True
-            return event
+            if await request.is_disconnected():
+                self.close()
+                raise asyncio.CancelledError("client disconnected")
+            if time.monotonic() > self.deadline:
+                self.close()
+                return Failed(504, "the request timed out", "timeout")
 
     def close(self) -> None:
         if not self.done and self.rid is not None:
@@ -345,7 +417,10 @@ async def _prepare_chat(state: ServerState, req: ChatCompletionRequest) -> _Prep
 
 def _submit(state: ServerState, prepared: _Prepared) -> _Job:
     scheduler = state.require_ready()
-    job = _Job(scheduler, asyncio.get_running_loop(), state.options.request_timeout)
+    loop = asyncio.get_running_loop()
+    if state.dispatcher is None or state.dispatcher.loop is not loop:
+        state.dispatcher = _Dispatcher(loop)
+    job = _Job(scheduler, state.dispatcher, state.options.request_timeout, state.tokenizer, prepared.params.stop)
     try:
         job.rid = scheduler.submit(prepared.prompt_ids, prepared.params, job.sink, state.options.request_timeout)
     except QueueFull as e:
@@ -787,6 +862,7 @@ def serve(options: ServeOptions) -> None:
         server.should_exit = True
 
     state.on_fatal = fatal
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     logging.basicConfig(level=options.log_level.upper(), format="%(levelname)s:     %(message)s")
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again once it has restored the
     # previous handlers; with these, a graceful stop ends the process normally (exit 0).

@@ -103,20 +103,19 @@ def test_prompt_cache_lookup_rules_and_lru_by_bytes():
 class Collect:
     def __init__(self) -> None:
         self.tokens: list[int] = []
-        self.text = ""
         self.end = None
         self.done = threading.Event()
 
     def __call__(self, event) -> None:
         if isinstance(event, Delta):
+            assert event.text == ""  # the scheduler sends ids; the HTTP side decodes them
             self.tokens += event.tokens
-            self.text += event.text
         else:
             self.end = event
             self.done.set()
 
 
-def make_scheduler(model, tokenizer, slots=4, queue=16, budget=40, cache_bytes=1 << 24):
+def make_scheduler(model, tokenizer, slots=4, queue=16, budget=40, cache_bytes=1 << 24, prefill_batch=1, start=True):
     s = Scheduler(
         PoolEngine(model, slots),
         tokenizer,
@@ -125,8 +124,10 @@ def make_scheduler(model, tokenizer, slots=4, queue=16, budget=40, cache_bytes=1
         prompt_cache=PromptCache(cache_bytes, INTERVAL),
         metrics=ServerMetrics("t"),
         eos_token_id=None,
+        max_prefill_batch=prefill_batch,
     )
-    s.start()
+    if start:
+        s.start()
     return s
 
 
@@ -137,6 +138,7 @@ def wait_all(sinks, seconds=60):
 
 
 def test_scheduler_matches_offline_for_greedy_and_seeded_requests(model, tokenizer):
+    # Every prompt prefilled alone: bit for bit the path of single-prompt generate.
     s = make_scheduler(model, tokenizer, slots=3)  # fewer slots than requests: some wait, then join
     try:
         cases = []
@@ -151,7 +153,6 @@ def test_scheduler_matches_offline_for_greedy_and_seeded_requests(model, tokeniz
         for p, n, options, sink in cases:
             assert isinstance(sink.end, Finished) and sink.end.reason == "length"
             assert sink.tokens == generate(model, [p], n, prefill_chunk_size=INTERVAL, **options)[0]
-            assert sink.text + sink.end.text == tokenizer.decode(sink.tokens)
         assert s.num_running == 0 and s.num_waiting == 0 and s.engine.free_slots == 3
     finally:
         s.shutdown()
@@ -180,3 +181,54 @@ def test_scheduler_timeout_queue_full_and_abort(model, tokenizer):
         assert after.tokens == generate(model, [[4, 5]], 3)[0] and s.engine.free_slots == 1
     finally:
         s.shutdown()
+
+
+def prefill_forwards(s: Scheduler) -> int:
+    return int(s.metrics.registry.get_sample_value("blackmamba:prefill_chunk_seconds_count", {"model_name": "t"}))
+
+
+def test_batched_prefill_equals_offline_generation_of_the_same_batch(model, tokenizer):
+    # Prompts of one chunk each (<= INTERVAL tokens) within 2x of each other's length: queued before the loop
+    # starts, they are admitted together and prefilled in one left-padded forward, then decoded as one batch,
+    # which is what offline generate does with the same prompts as one batch.
+    g = torch.Generator().manual_seed(5)
+    ps = [torch.randint(0, 300, (k,), generator=g).tolist() for k in (16, 9, 13, 11, 16)]
+    s = make_scheduler(model, tokenizer, slots=5, budget=200, prefill_batch=8, start=False)
+    try:
+        sinks = [Collect() for _ in ps]
+        for p, sink in zip(ps, sinks, strict=True):
+            s.submit(p, SamplingParams(max_tokens=8, temperature=0.0), sink, timeout=60)
+        s.start()
+        wait_all(sinks)
+        assert prefill_forwards(s) == 1
+        assert [sink.tokens for sink in sinks] == generate(model, ps, 8)
+        assert len({tuple(sink.tokens) for sink in sinks}) == len(ps)
+    finally:
+        s.shutdown()
+
+
+def test_prefill_groups_keep_chunk_order_and_bound_padding(model, tokenizer):
+    s = make_scheduler(model, tokenizer, slots=8, budget=1000, prefill_batch=3, start=False)
+    long, fresh = prompts(1, seed=6, low=40, high=41)[0], prompts(6, seed=7, low=2, high=17)
+    for p in [long, *fresh]:
+        s.submit(p, SamplingParams(max_tokens=1), Collect(), timeout=60)
+    s._take_inbox()
+    with torch.inference_mode():
+        s._admit(time.monotonic())
+    groups = s._prefill_groups(s._plan_prefill(1000))
+    s.shutdown()
+    by_request: dict[int, list[tuple[int, int]]] = {}
+    for group in groups:
+        assert len(group) <= 3
+        lengths = [end - start for _, start, end in group]
+        if any(start > 0 for _, start, _ in group):  # a continuing state is never padded
+            assert len(set(lengths)) == 1
+        assert max(lengths) <= 2 * min(lengths)
+        assert len({r.rid for r, _, _ in group}) == len(group)
+        for r, start, end in group:
+            by_request.setdefault(r.rid, []).append((start, end))
+    # Each request's chunks run in order, end on the grid, and cover its prompt once.
+    for rid, spans in by_request.items():
+        length = len(long) if rid == 1 else len(fresh[rid - 2])
+        assert [e for _, e in spans] == sorted({*range(INTERVAL, length, INTERVAL), length})
+        assert [a for a, _ in spans] == [0, *[e for _, e in spans][:-1]]

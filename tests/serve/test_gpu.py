@@ -1,5 +1,6 @@
 """The server on a GPU: the decode step replays CUDA graphs per batch bucket, and its streams still equal
-offline generation (which runs its own graphs) whatever shares the batch."""
+offline generation (which runs its own graphs) whatever shares the batch; prompts prefilled together equal
+offline generation of the same batch."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import pytest
 import torch
 
 from blackmamba import generate, load_pretrained
+from blackmamba.serve.scheduler import SamplingParams
 
 from .conftest import INTERVAL, start_server
+from .test_engine import Collect, make_scheduler, prefill_forwards, wait_all
 
 pytestmark = pytest.mark.gpu
 
@@ -19,7 +22,8 @@ pytestmark = pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_concurrent_streams_on_the_gpu_equal_offline_generation(model_dir, dtype):
     model = load_pretrained(model_dir, device="cuda", dtype=getattr(torch, dtype))
-    srv = start_server(model_dir, device="cuda", dtype=dtype, max_batch=6)
+    # Every prompt prefilled alone: the path of single-prompt generate (batched prefill rounds as a batch does).
+    srv = start_server(model_dir, device="cuda", dtype=dtype, max_batch=6, max_prefill_batch=1)
     assert srv.state.scheduler.engine.cuda_graphs
     g = torch.Generator().manual_seed(0)
     cases = []
@@ -49,3 +53,23 @@ async def run_texts(url, cases):
         return await asyncio.wait_for(asyncio.gather(*(one(*c) for c in cases)), 300)
     finally:
         await client.close()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_batched_prefill_on_the_gpu_equals_offline_generation_of_the_same_batch(model_dir, tokenizer, dtype):
+    model = load_pretrained(model_dir, device="cuda", dtype=getattr(torch, dtype))
+    g = torch.Generator().manual_seed(5)
+    ps = [torch.randint(0, 300, (k,), generator=g).tolist() for k in (16, 9, 13, 11, 16)]
+    # 8 slots: the decode step runs in the bucket of 8, as offline generate's five rows do.
+    s = make_scheduler(model, tokenizer, slots=8, budget=200, prefill_batch=8, start=False)
+    assert s.engine.cuda_graphs
+    try:
+        sinks = [Collect() for _ in ps]
+        for p, sink in zip(ps, sinks, strict=True):
+            s.submit(p, SamplingParams(max_tokens=8, temperature=0.0), sink, timeout=60)
+        s.start()
+        wait_all(sinks)
+        assert prefill_forwards(s) == 1
+        assert [sink.tokens for sink in sinks] == generate(model, ps, 8)
+    finally:
+        s.shutdown()
