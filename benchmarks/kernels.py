@@ -306,7 +306,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=str(RESULTS_DIR / "kernels.json"), help="results file (and .md beside it)")
     parser.add_argument("--scan-fwd", help="forward scan tiles BLOCK_D,WARPS,T_SUB (default: the module's)")
     parser.add_argument("--scan-bwd", help="backward scan tiles BLOCK_D,WARPS (default: the module's)")
-    parser.add_argument("--scan-bc-tiles", action="store_true", help="forward scan loads B, C per group as tiles")
     args = parser.parse_args(argv)
     scan_settings = {}
     if args.scan_fwd:
@@ -314,8 +313,6 @@ def main(argv: list[str] | None = None) -> None:
         scan_settings.update(scan_fwd_config=(block_d, warps), scan_t_sub=t_sub)
     if args.scan_bwd:
         scan_settings["scan_bwd_config"] = tuple(int(v) for v in args.scan_bwd.split(","))
-    if args.scan_bc_tiles:
-        scan_settings["scan_bc_tiles"] = True
     with use_settings(**scan_settings) as settings:
         run(args, settings)
 
@@ -352,7 +349,6 @@ def run(args: argparse.Namespace, settings: KernelSettings) -> None:
     scan_config = {
         "fwd": settings.scan_fwd_config,
         "t_sub": settings.scan_t_sub,
-        "bc_tiles": settings.scan_bc_tiles,
         "bwd": settings.scan_bwd_config,
     }
     meta = run_meta("cuda", copy_bandwidth_TBps=bw / 1e12, bf16_matmul_TFLOPs=peak / 1e12, scan_config=scan_config)

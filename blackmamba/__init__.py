@@ -2,7 +2,7 @@
 
 from .checkpoint import CheckpointError, convert, load_pretrained, save_pretrained, save_released
 from .config import BlackMambaConfig, ConfigError
-from .generation import generate, stream_generate
+from .generation import SamplingOptions, generate, stream_generate
 from .model import BlackMamba, BlackMambaOutput, InferenceCache, cast_model
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "InferenceCache",
+    "SamplingOptions",
     "cast_model",
     "convert",
     "generate",

@@ -21,6 +21,7 @@ for generate, after the subcommand) sets torch's CPU threads; by default the CPU
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -31,10 +32,11 @@ from collections.abc import Sequence
 import torch
 
 from .checkpoint import convert, open_checkpoint
-from .devices import DTYPES, resolve_device, resolve_dtype
+from .devices import DTYPES, DeviceError, resolve_device, resolve_dtype
 from .errors import BlackMambaError
-from .generation.sampling import MAX_NEW_TOKENS
+from .generation.sampling import MAX_NEW_TOKENS, SamplingOptions
 from .model import BlackMamba
+from .options import OptionsParser, add_options, options_from_namespace
 
 
 class CliError(BlackMambaError):
@@ -91,9 +93,19 @@ def _option_error(e: Exception, option: str | None = None) -> CliError:
     return CliError(f"--{name.replace('_', '-')}: {e}" if name else str(e))
 
 
+def _sampling_options(args: argparse.Namespace) -> SamplingOptions:
+    """generate's sampling flags as :class:`SamplingOptions` (checked there; an error names the flag)."""
+    from .generation import GenerationError
+
+    try:
+        return SamplingOptions(args.temperature, args.top_k, args.top_p, args.repetition_penalty, seed=args.seed)
+    except GenerationError as e:
+        raise _option_error(e) from None
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from .checkpoint import load_pretrained
-    from .generation import GenerationError, TextStreamer, check_sampling_options, stream_generate
+    from .generation import GenerationError, TextStreamer, check_prefill_chunk_size, stream_generate
     from .tokenizer import eos_token_id, load_tokenizer
 
     _check_text(args.prompt, "--prompt")
@@ -105,17 +117,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
         stops.append(unescape(stop, "--stop"))
         if not stops[-1]:
             raise CliError("--stop is empty: give the text to stop at")
+    options = _sampling_options(args)
     try:
-        check_sampling_options(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
+        check_prefill_chunk_size(args.prefill_chunk_size)
+        device = resolve_device(args.device)
     except GenerationError as e:
         raise _option_error(e) from None
-    if args.seed is not None and not 0 <= args.seed < 2**64:
-        raise CliError(f"--seed must be from 0 to 2**64 - 1, got {args.seed}")
-    if args.prefill_chunk_size is not None and args.prefill_chunk_size < 1:
-        raise CliError(f"--prefill-chunk-size must be >= 1, got {args.prefill_chunk_size}")
-    try:
-        device = resolve_device(args.device)
-    except ValueError as e:
+    except DeviceError as e:
         raise CliError(f"--device: {e}") from None
     model = load_pretrained(args.model, device=device, dtype=resolve_dtype(args.dtype, device))
     tokenizer = load_tokenizer(args.model, model.config.vocab_size)
@@ -124,6 +132,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise CliError("the prompt encodes to no tokens")
     if max(prompt_ids) >= model.config.vocab_size:
         raise CliError(f"the tokenizer gives ids beyond the model's vocabulary ({model.config.vocab_size})")
+    if not args.ignore_eos:
+        options = dataclasses.replace(options, eos_token_id=eos_token_id(tokenizer))
     streamer = TextStreamer(tokenizer, stops)
     pieces: list[str] = []  # without --stream, the text is printed whole at the end
 
@@ -133,24 +143,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
         else:
             pieces.append(piece)
 
-    def flush() -> None:
-        print("".join(pieces), end="", flush=True)
-
     emit(args.prompt)
     start = time.perf_counter()
     steps = stream_generate(
-        model,
-        [prompt_ids],
-        args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty,
-        eos_token_id=None if args.ignore_eos else eos_token_id(tokenizer),
-        seed=args.seed,
-        cuda_graphs=False if args.no_cuda_graphs else None,
-        prefill_chunk_size=args.prefill_chunk_size,
-    )
+        model, [prompt_ids], args.max_new_tokens, **dataclasses.asdict(options),
+        cuda_graphs=False if args.no_cuda_graphs else None, prefill_chunk_size=args.prefill_chunk_size,
+    )  # fmt: skip
     interrupted = False
     try:
         for step in steps:
@@ -162,7 +160,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     except KeyboardInterrupt:  # print what was generated, then main() reports the interruption
         interrupted = True
     emit(streamer.finish() + "\n")
-    flush()
+    print("".join(pieces), end="", flush=True)
     if interrupted:
         raise KeyboardInterrupt
     elapsed = time.perf_counter() - start
@@ -206,7 +204,17 @@ def _pattern_summary(pattern: Sequence[str]) -> str:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    target = convert(args.src, args.dst, to=args.to, overwrite=args.overwrite)
+    from pathlib import Path
+
+    from .training.rundir import is_distributed_checkpoint
+
+    if is_distributed_checkpoint(Path(args.src)):  # a checkpoint of a torchrun training run
+        from .training.dcp import dcp_to_pretrained
+
+        target = args.to or "ours"
+        dcp_to_pretrained(args.src, args.dst, overwrite=args.overwrite, to=target)
+    else:
+        target = convert(args.src, args.dst, to=args.to, overwrite=args.overwrite)
     print(f"wrote {args.dst} ({target} layout)")
 
 
@@ -237,8 +245,16 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from .training.trainer import TrainArgs, train
 
-    fields = TrainArgs.__dataclass_fields__
-    summary = train(TrainArgs(**{k: v for k, v in vars(args).items() if k in fields}))
+    if "RANK" in os.environ:
+        from .training.distributed import fail_fast, launched_by_torchrun
+
+        if launched_by_torchrun():  # one process per rank: a failure on any ends the job, naming the rank
+            with fail_fast():
+                summary = train(options_from_namespace(TrainArgs, args))
+            if os.environ["RANK"] == "0":
+                print(json.dumps(summary, indent=1))
+            return
+    summary = train(options_from_namespace(TrainArgs, args))
     print(json.dumps(summary, indent=1))
 
 
@@ -286,6 +302,15 @@ def cmd_experiment(args: argparse.Namespace) -> None:
     print(f"wrote {os.path.join(args.out, 'results.json')} and {', '.join(results['plots'])}")
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .eval.cli import run_evaluation
+
+    run_evaluation(
+        args.model, args.tasks, args.perplexity, limit=args.limit, max_tokens=args.max_tokens,
+        batch_size=args.batch_size, device=args.device, dtype=args.dtype, out=args.out, plot=args.plot,
+    )  # fmt: skip
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     from .serve.options import options_from_args
 
@@ -298,7 +323,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OptionsParser(
         prog="blackmamba",
         description="BlackMamba language models (Mamba + MoE).",
         epilog="exit codes: 0 done, 1 bad input (one error line), 2 bad command line, 130 Ctrl-C, "
@@ -313,11 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--max-new-tokens", type=int, default=64, help=f"tokens to generate, 0 to {MAX_NEW_TOKENS:,} (default 64)"
     )
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); finite and >= 0")
-    g.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (k >= 1)")
-    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
-    g.add_argument("--repetition-penalty", type=float, default=None, help="penalty > 1 discourages repeats")
-    g.add_argument("--seed", type=int, default=None, help="random seed for sampling (0 to 2**64 - 1)")
+    add_options(g, SamplingOptions, only=("temperature", "top_k", "top_p", "repetition_penalty", "seed"))
     g.add_argument(
         "--stop",
         action="append",
@@ -379,58 +400,11 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--dtype", default="auto", choices=["auto", "uint16", "uint32"], help="token storage type")
     prep.set_defaults(func=cmd_data_prepare)
 
+    from .training.trainer import TrainArgs
+
     t = sub.add_parser("train", help="train a model")
-    src = t.add_mutually_exclusive_group()
-    src.add_argument("--preset", help="model preset (tiny, small, blackmamba-1.5b, blackmamba-2.8b)")
-    src.add_argument("--config", help="model config JSON")
-    t.add_argument("--data", required=True, help="directory from `blackmamba data prepare`")
-    t.add_argument("--out", required=True, help="run directory (metrics, checkpoints, plots)")
-    t.add_argument("--max-steps", type=int, help="optimizer steps")
-    t.add_argument("--max-minutes", type=float, help="time budget; the schedule is fitted to it")
-    t.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch")
-    t.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
-    t.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    t.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
-    t.add_argument("--min-lr", type=float, help="final learning rate of the cosine decay (default: --lr / 10)")
-    t.add_argument("--warmup", type=int, default=50, help="linear warmup steps")
-    t.add_argument(
-        "--weight-decay", type=float, default=0.1, help="AdamW weight decay (not on A_log, D, norms, biases, embedding)"
-    )
-    t.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping (0 = off)")
-    t.add_argument("--eval-every", type=int, default=100, help="validation every N steps")
-    t.add_argument("--eval-tokens", type=int, default=65536, help="validation tokens per evaluation")
-    t.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
-    t.add_argument("--keep-last", type=int, default=2, help="newest checkpoints to keep (at least 1)")
-    t.add_argument("--log-every", type=int, default=10, help="metrics row every N steps")
-    t.add_argument("--seed", type=int, default=0, help="seed of the initial weights and of the batch order")
-    t.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    t.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float32", "bfloat16"],
-        help="auto: bf16 autocast on GPU, fp32 on CPU",
-    )
-    t.add_argument("--compile", action="store_true", help="torch.compile the model")
-    t.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
-    t.add_argument(
-        "--resume", action="store_true", help="continue from the run's latest checkpoint (same seed, batch, data)"
-    )
-    t.add_argument("--overwrite", action="store_true", help="replace the training run already in --out")
-    t.add_argument("--init-from", help="start from this checkpoint (released layout or ours)")
-    t.add_argument(
-        "--force-tokenizer",
-        action="store_true",
-        help="with --init-from: train even if the data was prepared with another tokenizer than the checkpoint's",
-    )
-    t.add_argument("--peak-tflops", type=float, help="peak TFLOP/s for MFU (default 784 on GPU)")
-    t.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar or lines")
-    t.add_argument(
-        "--progress-every",
-        type=float,
-        default=30.0,
-        help="seconds between progress lines when stderr is not a terminal (default 30)",
-    )
-    t.add_argument("--no-plots", dest="plots", action="store_false", help="do not write RUN/plots at the end")
+    add_options(t, TrainArgs)
+    t.add_options_file(TrainArgs)
     t.set_defaults(func=cmd_train)
 
     pl = sub.add_parser("plot", help="write PNG plots of a training run")
@@ -484,10 +458,28 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_arguments(sv)
     sv.set_defaults(func=cmd_serve)
 
-    from .eval.cli import add_eval_arguments, cmd_eval
-
     ev = sub.add_parser("eval", help="lm-eval tasks offline (--tasks paper) and perplexity / expert load")
-    add_eval_arguments(ev)
+    ev.add_argument("--model", required=True, help="checkpoint directory")
+    ev.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks, or 'paper' (the seven)")
+    ev.add_argument("--perplexity", default=None, metavar="SOURCE", help="a text file, folder or 'shakespeare'")
+    ev.add_argument(
+        "--limit", type=float, default=None, help="tasks: documents per task (>= 1), or a fraction of each (< 1)"
+    )
+    ev.add_argument("--max-tokens", type=int, default=None, help="perplexity: stop after this many tokens")
+    ev.add_argument("--batch-size", type=int, default=8, help="tasks: requests per forward (default 8)")
+    ev.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    ev.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", *DTYPES],
+        help="auto: bf16 on GPU; on CPU the checkpoint's stored dtype",
+    )
+    ev.add_argument(
+        "--out",
+        default=None,
+        help="JSON report (with both --tasks and --perplexity: OUT.tasks.json, OUT.perplexity.json)",
+    )
+    ev.add_argument("--plot", default=None, help="perplexity: PNG heatmap of the expert load")
     ev.set_defaults(func=cmd_eval)
     return parser
 

@@ -6,7 +6,13 @@ import warnings
 
 import torch
 
+from .errors import BlackMambaError
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class DeviceError(BlackMambaError, ValueError):
+    """A device or dtype name that cannot be used here."""
 
 
 def resolve_device(name: str | torch.device | None, cpu_fallback: bool = False) -> torch.device:
@@ -19,14 +25,14 @@ def resolve_device(name: str | torch.device | None, cpu_fallback: bool = False) 
     try:
         device = torch.device(name)
     except RuntimeError as e:
-        raise ValueError(f"bad device {name!r}: {e}") from None
+        raise DeviceError(f"bad device {name!r}: {e}") from None
     if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"unsupported device {name!r}: use auto, cpu or cuda[:N]")
+        raise DeviceError(f"unsupported device {name!r}: use auto, cpu or cuda[:N]")
     if device.type == "cuda" and not torch.cuda.is_available():
         if cpu_fallback:
             warnings.warn(f"device {name!r} requested but no CUDA GPU is available: using the CPU", stacklevel=2)
             return torch.device("cpu")
-        raise ValueError(f"device {name!r} requested but no CUDA GPU is available")
+        raise DeviceError(f"device {name!r} requested but no CUDA GPU is available")
     return device
 
 
@@ -43,5 +49,5 @@ def resolve_dtype(name: str | torch.dtype | None, device: torch.device) -> torch
     if name is None or name == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
     if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; use auto, {', '.join(DTYPES)}")
+        raise DeviceError(f"unknown dtype {name!r}; use auto, {', '.join(DTYPES)}")
     return DTYPES[name]

@@ -22,7 +22,7 @@ from ..kernel_inputs import D_IN, scan_inputs
 
 scan = importlib.import_module("blackmamba.kernels.scan_triton")  # the launchers and their segment rule
 conv = importlib.import_module("blackmamba.kernels.causal_conv1d")
-FWD = [(8, 1, 4), (8, 1, 4, 1), (16, 1, 8), (16, 1, 8, 1)]  # BLOCK_D, num_warps, T_SUB[, BC_TILES]
+FWD = [(8, 1, 4), (16, 1, 8)]  # BLOCK_D, num_warps, T_SUB
 BWD = [(8, 1), (16, 1), (16, 2), (32, 2)]  # BLOCK_D, num_warps
 
 
@@ -52,32 +52,35 @@ def segment_sweep(values: list[str]) -> None:
                 print(f"fwd {batch}x{length} segments {value:>4} ({used}) | {t:.3f} ms | vs unsplit {err:.1e}")
 
 
-def fwd_settings(variant: tuple[int, ...]) -> dict:
-    """The kernel settings of a forward variant (BLOCK_D, num_warps, T_SUB[, BC_TILES])."""
-    block, warps, t_sub, *bc = variant
-    return dict(scan_fwd_config=(block, warps), scan_t_sub=t_sub, scan_bc_tiles=bool(bc and bc[0]))
+def fwd_settings(variant: tuple[int, int, int]) -> dict:
+    """The kernel settings of a forward variant (BLOCK_D, num_warps, T_SUB)."""
+    block, warps, t_sub = variant
+    return dict(scan_fwd_config=(block, warps), scan_t_sub=t_sub)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argument_parser(__spec__, __doc__)
     parser.add_argument("--best-out", help="write '--scan-fwd B,W,T --scan-bwd B,W' for the fastest here")
-    parser.add_argument("--fwd", nargs="*", help="forward variants BLOCK_D,WARPS,T_SUB[,BC_TILES 0|1]")
+    parser.add_argument("--fwd", nargs="*", help="forward variants BLOCK_D,WARPS,T_SUB")
     parser.add_argument("--bwd", nargs="*", help="backward variants BLOCK_D,WARPS")
     parser.add_argument("--conv", nargs="*", default=[], help="conv forward variants BLOCK_L,BLOCK_D,WARPS")
     parser.add_argument("--segments", nargs="*", default=[], help="forward sequence segments to time (or auto)")
     args = parser.parse_args(argv)
     fwd_variants = [tuple(int(v) for v in a.split(",")) for a in args.fwd] if args.fwd else FWD
     bwd_variants = [tuple(int(v) for v in a.split(",")) for a in args.bwd] if args.bwd else BWD
+    for variant, width in [(v, 3) for v in fwd_variants] + [(v, 2) for v in bwd_variants]:
+        if len(variant) != width:
+            parser.error(f"a variant needs {width} numbers; got {','.join(map(str, variant))}")
     x = scan_inputs(8, 2048)
     with torch.no_grad():
         ref = selective_scan_chunked(**{k: (v.float() if v.dtype == torch.bfloat16 else v) for k, v in x.items()})
     fwd = {}
     for variant in fwd_variants:
-        block, warps, t_sub, *bc = variant
+        block, warps, t_sub = variant
         with torch.no_grad(), use_settings(**fwd_settings(variant)):
             err = ((scan.selective_scan_triton(**x).float() - ref).abs().max() / ref.abs().max()).item()
             fwd[variant] = do_bench(lambda: scan.selective_scan_triton(**x), rep=50, return_mode="median")
-        name = f"BLOCK_D {block:3} warps {warps} T_SUB {t_sub} BC_TILES {int(bool(bc and bc[0]))}"
+        name = f"BLOCK_D {block:3} warps {warps} T_SUB {t_sub}"
         print(f"fwd     {name} | {fwd[variant]:.3f} ms | err {err:.1e}", flush=True)
     best_fwd = min(fwd, key=fwd.get)
     leaves = {k: v.detach().clone().requires_grad_(v.is_floating_point()) for k, v in x.items()}
@@ -95,9 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     conv_sweep([tuple(int(v) for v in a.split(",")) for a in args.conv])
     with use_settings(**fwd_settings(best_fwd)):  # the segments with the fastest forward tiles
         segment_sweep(args.segments)
-    best = f"--scan-fwd {','.join(map(str, best_fwd[:3]))} --scan-bwd {','.join(map(str, best_bwd))}"
-    if fwd_settings(best_fwd)["scan_bc_tiles"]:
-        best += " --scan-bc-tiles"
+    best = f"--scan-fwd {','.join(map(str, best_fwd))} --scan-bwd {','.join(map(str, best_bwd))}"
     print("best:", best)
     if args.best_out:
         Path(args.best_out).write_text(best + "\n")

@@ -1,7 +1,9 @@
-"""Functions behind ``blackmamba eval``: lm-eval tasks offline, and perplexity / expert load on a text.
+"""Functions behind ``blackmamba eval`` (whose options :mod:`blackmamba.cli` defines): lm-eval tasks
+offline, and perplexity / expert load on a text.
 
 run_eval(model_dir, ["paper"], limit=100, out="eval.json")
 run_perplexity(model_dir, "shakespeare", max_tokens=100_000, plot="load.png")
+run_evaluation(model_dir, tasks="paper", perplexity="shakespeare", out="eval.json")   # both, as the CLI does
 """
 
 from __future__ import annotations
@@ -326,113 +328,64 @@ def run_perplexity(
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (``python -m blackmamba.eval.cli``); the main CLI wires the same options."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        run_from_args(args)
-    except (BlackMambaError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def add_eval_arguments(parser) -> None:
-    """Options of ``blackmamba eval`` (for the main CLI's subparser)."""
-    parser.add_argument("--model", required=True, help="checkpoint directory")
-    parser.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks, or 'paper' (the seven)")
-    parser.add_argument("--perplexity", default=None, metavar="SOURCE", help="a text file, folder or 'shakespeare'")
-    parser.add_argument(
-        "--limit", type=float, default=None, help="tasks: documents per task (>= 1), or a fraction of each (< 1)"
-    )
-    parser.add_argument("--max-tokens", type=int, default=None, help="perplexity: stop after this many tokens")
-    parser.add_argument("--batch-size", type=int, default=8, help="tasks: requests per forward (default 8)")
-    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    parser.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="auto: bf16 on GPU; on CPU the checkpoint's stored dtype",
-    )
-    parser.add_argument(
-        "--out",
-        default=None,
-        help="JSON report (with both --tasks and --perplexity: OUT.tasks.json, OUT.perplexity.json)",
-    )
-    parser.add_argument("--plot", default=None, help="perplexity: PNG heatmap of the expert load")
-
-
-def build_parser():
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="blackmamba eval", description="evaluate a BlackMamba checkpoint offline")
-    add_eval_arguments(parser)
-    return parser
-
-
-def cmd_eval(args) -> None:
-    """``blackmamba eval``: the main CLI's handler (errors are BlackMambaError / ValueError subclasses)."""
-    run_from_args(args)
-
-
-def _split_out(out: str | None, kind: str, both: bool) -> str | None:
+def _split_out(out: str | os.PathLike | None, kind: str, both: bool) -> str | os.PathLike | None:
     if out is None or not both:
         return out
     return str(Path(out).with_suffix("")) + f".{kind}.json"
 
 
-def run_from_args(args) -> None:
-    """Check every option (and output path) of both jobs first, then run the tasks and the perplexity."""
-    if not args.tasks and not args.perplexity:
+def run_evaluation(
+    model_dir: str | os.PathLike,
+    tasks: str | None = None,
+    perplexity: str | None = None,
+    *,
+    limit: int | float | None = None,
+    max_tokens: int | None = None,
+    batch_size: int = 8,
+    device: str = "auto",
+    dtype: str = "auto",
+    out: str | os.PathLike | None = None,
+    plot: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """``blackmamba eval``: the lm-eval ``tasks`` (comma-separated names, or ``paper``) and/or the perplexity
+    on a text source. Every option and output path of both jobs is checked before either runs; with both,
+    ``out`` becomes OUT.tasks.json and OUT.perplexity.json. Returns ``{"tasks": report, "perplexity":
+    result}`` for the jobs run."""
+    if not tasks and not perplexity:
         raise EvalOptionError("give --tasks (e.g. paper) and/or --perplexity SOURCE")
-    if args.tasks is not None and not args.tasks.strip(", "):
+    if tasks is not None and not tasks.strip(", "):
         raise EvalOptionError("--tasks is empty: give task names, or 'paper'")
-    if args.perplexity is not None and not args.perplexity:
+    if perplexity is not None and not perplexity:
         raise EvalOptionError("--perplexity is empty: give a text file, a folder or 'shakespeare'")
-    if not args.perplexity:
-        for option, value in (("--max-tokens", args.max_tokens), ("--plot", args.plot)):
+    if not perplexity:
+        for option, value in (("--max-tokens", max_tokens), ("--plot", plot)):
             if value is not None:
                 raise EvalOptionError(f"{option} applies to --perplexity only")
-    if not args.tasks and args.limit is not None:
+    if not tasks and limit is not None:
         raise EvalOptionError("--limit applies to --tasks only (use --max-tokens with --perplexity)")
-    limit = check_limit(args.limit)
-    _check_positive(args.batch_size, "--batch-size")
-    _check_positive(args.max_tokens, "--max-tokens")
-    both = bool(args.tasks and args.perplexity)
-    tasks_out, ppl_out = _split_out(args.out, "tasks", both), _split_out(args.out, "perplexity", both)
-    for path, option in ((tasks_out, "--out"), (ppl_out, "--out"), (args.plot, "--plot")):
+    limit = check_limit(limit)
+    _check_positive(batch_size, "--batch-size")
+    _check_positive(max_tokens, "--max-tokens")
+    both = bool(tasks and perplexity)
+    tasks_out, ppl_out = _split_out(out, "tasks", both), _split_out(out, "perplexity", both)
+    for path, option in ((tasks_out, "--out"), (ppl_out, "--out"), (plot, "--plot")):
         if path is not None:
             check_output_file(path, option)
-    _device(args.device)
-    if args.tasks:
-        for name in expand_tasks(args.tasks):
+    _device(device)
+    if tasks:
+        for name in expand_tasks(tasks):
             data_file(name)
-    if args.perplexity:
+    if perplexity:
         from ..training.data import source_documents
 
-        source_documents(args.perplexity)  # a missing file or folder fails now, not after the tasks
-    if args.tasks:
-        run_eval(
-            args.model,
-            args.tasks,
-            limit=limit,
-            batch_size=args.batch_size,
-            out=tasks_out,
-            device=args.device,
-            dtype=args.dtype,
+        source_documents(perplexity)  # a missing file or folder fails now, not after the tasks
+    results: dict[str, Any] = {}
+    if tasks:
+        results["tasks"] = run_eval(
+            model_dir, tasks, limit=limit, batch_size=batch_size, out=tasks_out, device=device, dtype=dtype
         )
-    if args.perplexity:
-        run_perplexity(
-            args.model,
-            args.perplexity,
-            max_tokens=args.max_tokens,
-            device=args.device,
-            dtype=args.dtype,
-            plot=args.plot,
-            out=ppl_out,
+    if perplexity:
+        results["perplexity"] = run_perplexity(
+            model_dir, perplexity, max_tokens=max_tokens, device=device, dtype=dtype, plot=plot, out=ppl_out
         )
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return results

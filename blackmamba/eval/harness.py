@@ -10,6 +10,7 @@ from the hub; they read the same splits with the same prompts and metrics, and a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
@@ -18,9 +19,16 @@ import tempfile
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    # lm-eval's built-in models (hf included) first: registering ours into an empty registry would make lm-eval
+    # think its models were loaded, and `--model hf` would be unknown.
+    import lm_eval.models  # noqa: F401
     from lm_eval.__main__ import cli_evaluate
 
     from . import lm_eval_adapter  # noqa: F401  (registers the model)
+
+    with contextlib.suppress(ImportError):  # `--model hf` then loads our checkpoints through the Auto classes
+        import blackmamba.hf  # noqa: F401
+
     from .taskdata import TASK_DATA, EvalDataError, write_task_configs
 
     args = list(sys.argv[1:] if argv is None else argv)

@@ -14,12 +14,17 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ..errors import BlackMambaError
 from ..model import BlackMamba
 
 DEFAULT_CHUNK = 1024
 
 
-class NoTokensError(ValueError):
+class PerplexityError(BlackMambaError, ValueError):
+    """A bad argument to scoring (a chunk length below 1), or nothing to score."""
+
+
+class NoTokensError(PerplexityError):
     """Nothing to score: every text given encodes to no tokens."""
 
 
@@ -72,7 +77,7 @@ def document_logprob(
     called after each chunk with the number of input tokens it held (for progress reports).
     """
     if chunk < 1:
-        raise ValueError(f"chunk must be >= 1, got {chunk}")
+        raise PerplexityError(f"chunk must be >= 1, got {chunk}")
     prefix = list(prefix) or [eos_id]
     tokens = list(tokens)
     if not tokens:

@@ -73,7 +73,7 @@ def expand_tasks(tasks: list[str] | tuple[str, ...] | str) -> list[str]:
             if name not in out:
                 out.append(name)
     if not out:
-        raise ValueError("no tasks given")
+        raise EvalDataError("no tasks given")
     return out
 
 

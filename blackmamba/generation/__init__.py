@@ -1,8 +1,16 @@
 """Generation: sampling, the prefill + decode loop over the constant-size recurrent cache, and text streaming."""
 
-from .decoder import Decoder, SamplingOptions, decoder_for
+from .decoder import Decoder, decoder_for
 from .generate import generate, prefill, stream_generate
-from .sampling import MAX_NEW_TOKENS, GenerationError, check_sampling_options, sample_next
+from .sampling import (
+    MAX_NEW_TOKENS,
+    GenerationError,
+    SamplingOptions,
+    check_max_new_tokens,
+    check_prefill_chunk_size,
+    check_sampling_options,
+    sample_next,
+)
 from .text import TextStreamer, cut_at_stop, generate_text, stream_text
 
 __all__ = [
@@ -11,6 +19,8 @@ __all__ = [
     "GenerationError",
     "SamplingOptions",
     "TextStreamer",
+    "check_max_new_tokens",
+    "check_prefill_chunk_size",
     "check_sampling_options",
     "cut_at_stop",
     "decoder_for",

@@ -25,17 +25,9 @@ import torch
 from torch import Tensor
 
 from ..model import BlackMamba, InferenceCache
-from .sampling import apply_repetition_penalty, sample_next
+from .sampling import SamplingOptions, apply_repetition_penalty, sample_next
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-
-
-@dataclass(frozen=True)
-class SamplingOptions:
-    temperature: float = 0.0
-    top_k: int | None = None
-    top_p: float | None = None
-    repetition_penalty: float | None = None
 
 
 @dataclass
@@ -194,9 +186,11 @@ def _weights_key(model: BlackMamba) -> tuple:
 
 def decoder_for(model: BlackMamba, options: SamplingOptions, use_graphs: bool | None = None) -> Decoder:
     """The model's decoder for these options, created on first use and kept (with its graphs) while the
-    parameters stay where they are. A model in training mode decodes eagerly (its routing may sync)."""
+    parameters stay where they are; the EOS and the seed do not matter to it. A model in training mode
+    decodes eagerly (its routing may sync)."""
     if model.training:
         use_graphs = False
+    options = options.logits_only()
     weights = _weights_key(model)
     per_model = _DECODERS.get(model)
     if per_model is None or per_model.get("weights") != weights:

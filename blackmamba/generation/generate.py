@@ -17,8 +17,13 @@ import torch
 from torch import Tensor
 
 from ..model import BlackMamba, InferenceCache
-from .decoder import SamplingOptions, decoder_for
-from .sampling import GenerationError, check_max_new_tokens, check_sampling_options
+from .decoder import decoder_for
+from .sampling import (
+    GenerationError,
+    SamplingOptions,
+    check_max_new_tokens,
+    check_prefill_chunk_size,
+)
 
 
 def _check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> None:
@@ -42,17 +47,6 @@ def _check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> None:
             raise GenerationError(f"generate: prompt {i} has token ids outside [0, {vocab_size}): {bad[:5]}", "prompts")
 
 
-def _check_options(
-    max_new_tokens: int,
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None,
-    repetition_penalty: float | None,
-) -> None:
-    check_max_new_tokens(max_new_tokens)
-    check_sampling_options(temperature, top_k, top_p, repetition_penalty)
-
-
 def _left_pad(prompts: Sequence[Sequence[int]], device: torch.device) -> tuple[Tensor, Tensor | None]:
     length = max(len(p) for p in prompts)
     ids = torch.zeros(len(prompts), length, dtype=torch.long)
@@ -69,8 +63,7 @@ def prefill(
 ) -> Tensor:
     """Run prompts ``ids`` (B, L) into ``cache``, ``chunk_size`` positions at a time (all at once by default);
     returns the logits of the last position (B, V). Only the last position's logits are computed."""
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"prefill chunk size must be >= 1, got {chunk_size}")
+    check_prefill_chunk_size(chunk_size)
     length = ids.shape[1]
     chunk = chunk_size or length
     for start in range(0, length, chunk):
@@ -101,7 +94,9 @@ def stream_generate(
     """
     config = model.config
     _check_prompts(prompts, config.vocab_size)
-    _check_options(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
+    check_max_new_tokens(max_new_tokens)
+    options = SamplingOptions(temperature, top_k, top_p, repetition_penalty, eos_token_id, seed)
+    check_prefill_chunk_size(prefill_chunk_size)
     if max_new_tokens == 0:
         return
     device = model.device
@@ -110,9 +105,9 @@ def stream_generate(
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
 
     def uniforms() -> Tensor | None:
-        return None if temperature == 0 else torch.rand(batch, generator=generator, device=device)
+        return None if options.greedy else torch.rand(batch, generator=generator, device=device)
 
-    decoder = decoder_for(model, SamplingOptions(temperature, top_k, top_p, repetition_penalty), cuda_graphs)
+    decoder = decoder_for(model, options, cuda_graphs)
     seen = None
     if repetition_penalty is not None:
         seen = torch.zeros(batch, config.vocab_size, dtype=torch.bool, device=device)

@@ -1,18 +1,23 @@
-"""Choosing the next token from logits: greedy, temperature, top-k, top-p, repetition penalty; and the checks
-that keep a bad option (NaN, infinity, a wrong type) from silently producing garbage tokens."""
+"""Choosing the next token from logits: greedy, temperature, top-k, top-p, repetition penalty; the options
+that say how (:class:`SamplingOptions`, shared by ``generate``, the CLI and the server); and the checks that
+keep a bad option (NaN, infinity, a wrong type) from silently producing garbage tokens."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 from numbers import Integral, Real
 
 import torch
 from torch import Tensor
 
 from ..errors import BlackMambaError
+from ..options import option
 
 # Generation has no length limit (the state is constant-size); this bound only catches a mistyped value.
 MAX_NEW_TOKENS = 1_000_000
+SEED_LIMIT = 2**64  # seeds are 0 .. 2**64 - 1, the unsigned range torch.Generator.manual_seed takes
 
 
 class GenerationError(BlackMambaError, ValueError):
@@ -49,7 +54,12 @@ def check_max_new_tokens(max_new_tokens: int) -> None:
 
 
 def check_sampling_options(
-    temperature: float, top_k: int | None, top_p: float | None, repetition_penalty: float | None
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    repetition_penalty: float | None,
+    eos_token_id: int | None = None,
+    seed: int | None = None,
 ) -> None:
     """Raise :class:`GenerationError` naming the first option that is of the wrong type or out of range.
     NaN and infinities are refused: they compare false against every bound and would decode garbage."""
@@ -65,6 +75,44 @@ def check_sampling_options(
         real("top_p", top_p, _is_real(top_p) and 0 < top_p <= 1, "in (0, 1]")
     if repetition_penalty is not None:
         real("repetition_penalty", repetition_penalty, _is_real(repetition_penalty) and repetition_penalty > 0, "> 0")
+    if eos_token_id is not None and (not _is_int(eos_token_id) or eos_token_id < 0):
+        raise GenerationError(f"eos_token_id must be an int >= 0 or None, got {eos_token_id!r}", "eos_token_id")
+    if seed is not None and (not _is_int(seed) or not 0 <= seed < SEED_LIMIT):
+        raise GenerationError(f"seed must be an int from 0 to 2**64 - 1, got {seed!r}", "seed")
+
+
+def check_prefill_chunk_size(chunk_size: int | None) -> None:
+    """``chunk_size`` (prompt positions per prefill forward) is None (all at once) or an int >= 1."""
+    if chunk_size is not None and (not _is_int(chunk_size) or chunk_size < 1):
+        raise GenerationError(f"prefill chunk size must be an int >= 1, got {chunk_size!r}", "prefill_chunk_size")
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How each next token is chosen and when a sequence ends; checked when made (:class:`GenerationError`
+    naming the option). ``generate`` and ``stream_generate`` build one from their keywords, ``blackmamba
+    generate`` derives its flags from the fields, and the server groups requests by :meth:`logits_only`."""
+
+    temperature: float = option(0.0, "0 = greedy (default); finite and >= 0")
+    top_k: int | None = option(None, "sample among the k most likely tokens (k >= 1)")
+    top_p: float | None = option(None, "nucleus sampling mass in (0, 1]")
+    repetition_penalty: float | None = option(None, "penalty > 1 discourages repeats")
+    eos_token_id: int | None = option(None, "end-of-text token id: a sequence stops there (None: never)")
+    seed: int | None = option(None, "random seed for sampling (0 to 2**64 - 1)")
+
+    def __post_init__(self) -> None:
+        check_sampling_options(
+            self.temperature, self.top_k, self.top_p, self.repetition_penalty, self.eos_token_id, self.seed
+        )
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def logits_only(self) -> SamplingOptions:
+        """These options without the EOS and the seed: all that turning logits into tokens reads, so one
+        decoder (and its CUDA graphs) serves every seed and end-of-text token."""
+        return dataclasses.replace(self, eos_token_id=None, seed=None)
 
 
 def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:

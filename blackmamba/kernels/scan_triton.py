@@ -70,7 +70,7 @@ if triton is not None:
         stride_z_b, stride_z_l,
         N: tl.constexpr, N_P2: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, T_SUB: tl.constexpr,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
-        SOFTPLUS: tl.constexpr, SAVE_CKPT: tl.constexpr, STORE_Y: tl.constexpr, BC_TILES: tl.constexpr,
+        SOFTPLUS: tl.constexpr, SAVE_CKPT: tl.constexpr, STORE_Y: tl.constexpr,
     ):  # fmt: skip
         # Program (b, channel block, g) runs positions [g * seg_len, (g + 1) * seg_len) from the start state
         # h0[b, g] (zero without HAS_H0) and leaves its end state in hT[b, g]. Without STORE_Y it only
@@ -101,7 +101,6 @@ if triton is not None:
         y_ptr += b * seqlen * dim
         n_chunks = (seqlen + CHUNK - 1) // CHUNK
         cols = tl.arange(0, T_SUB)[None, :]
-        rows = tl.arange(0, T_SUB)[:, None]
         for t0 in range(g * seg_len, tl.minimum((g + 1) * seg_len, seqlen), T_SUB):
             if SAVE_CKPT:
                 if t0 % CHUNK == 0:
@@ -117,24 +116,13 @@ if triton is not None:
             dt_tile = tl.where(m, _softplus(raw_tile) if SOFTPLUS else raw_tile, 0.0)
             if not STORE_Y:
                 dt_sum += tl.sum(dt_tile, 1, keep_dims=True)
-            if BC_TILES:
-                # B and C of the group as (T_SUB, N) tiles as well, each step's row picked in registers: all
-                # global loads of the group are then issued first (the picks cost shared-memory round trips).
-                t_rows = t0 + rows
-                m_bc = (t_rows < seqlen) & mask_n
-                B_tile = tl.load(B_ptr + t_rows * stride_B_l + offs_n, mask=m_bc, other=0.0).to(tl.float32)
-                C_tile = tl.load(C_ptr + t_rows * stride_C_l + offs_n, mask=m_bc, other=0.0).to(tl.float32)
             y_tile = tl.zeros((BLOCK_D, T_SUB), tl.float32)
             for j in tl.static_range(T_SUB):
                 t = t0 + j
                 u = tl.sum(tl.where(cols == j, u_tile, 0.0), 1, keep_dims=True)
                 dt = tl.sum(tl.where(cols == j, dt_tile, 0.0), 1, keep_dims=True)
-                if BC_TILES:
-                    b_t = tl.sum(tl.where(rows == j, B_tile, 0.0), 0, keep_dims=True)
-                    c_t = tl.sum(tl.where(rows == j, C_tile, 0.0), 0, keep_dims=True)
-                else:
-                    b_t = tl.load(B_ptr + t * stride_B_l + offs_n, mask=mask_n & (t < seqlen), other=0.0).to(tl.float32)
-                    c_t = tl.load(C_ptr + t * stride_C_l + offs_n, mask=mask_n & (t < seqlen), other=0.0).to(tl.float32)
+                b_t = tl.load(B_ptr + t * stride_B_l + offs_n, mask=mask_n & (t < seqlen), other=0.0).to(tl.float32)
+                c_t = tl.load(C_ptr + t * stride_C_l + offs_n, mask=mask_n & (t < seqlen), other=0.0).to(tl.float32)
                 h = tl.exp2(dt * A2) * h + (dt * u) * b_t
                 if STORE_Y:
                     y_tile = tl.where(cols == j, tl.sum(h * c_t, 1, keep_dims=True), y_tile)
@@ -452,7 +440,6 @@ def _launch_fwd(u, delta, A, B, C, D, zz, z, delta_bias, starts, y, hT, ckpt, dt
         N=n, N_P2=triton.next_power_of_2(n), CHUNK=settings.scan_chunk, BLOCK_D=block_d,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_H0=starts is not None,
         SOFTPLUS=softplus, SAVE_CKPT=save_ckpt, STORE_Y=store_y, T_SUB=settings.scan_t_sub,
-        BC_TILES=settings.scan_bc_tiles,
         num_warps=warps,
     )  # fmt: skip
 

@@ -74,9 +74,6 @@ class KernelSettings:
     scan_segments: int | str = "auto"
     # "auto" splits until about this many programs run: picks the best count at 1x2048 (4) and 8x2048 (1).
     scan_min_programs: int = 3000
-    # Forward variant loading B and C per group as (T_SUB, N) tiles. Never timed on the GPU (its SASS, offline:
-    # all global loads first, but 10 barriers per group; notes/measurements.md "Scan forward SASS"), so off.
-    scan_bc_tiles: bool = False
 
     # Selective scan, PyTorch chunked path (kernels/scan_chunked.py), CPU.
     # Elements per channel block of the in-place inference path: 1x2048 at d_inner 2304 ~0.43 s; blocking beyond

@@ -1,15 +1,17 @@
 """Distributed checkpoints with ``torch.distributed.checkpoint`` (DCP): sharded, resumable on another layout,
 written atomically, exportable to the single-folder layout of :func:`blackmamba.load_pretrained`.
 
-A checkpoint folder holds DCP's files (``.metadata`` and one ``__<rank>_<n>.distcp`` per writing rank) and
+A checkpoint folder holds DCP's files (``.metadata`` and one ``__<rank>_<n>.distcp`` per writing rank),
 ``dcp_state.json`` (the step, the run's own records and the layout that wrote it; JSON, no pickles of
-ours). Tensors are stored by parameter name and global shape, so a checkpoint written by 2 ranks with
-expert parallelism loads on 1 rank, on 4, or with another expert-parallel degree: DCP reads the pieces
-each rank needs.
+ours) and, when the writer had one, the run's ``tokenizer.json``. Tensors are stored by parameter name and
+global shape, so a checkpoint written by 2 ranks with expert parallelism loads on 1 rank, on 4, or with
+another expert-parallel degree: DCP reads the pieces each rank needs.
 
 Atomicity: every rank writes into one temporary folder beside the target (named by rank 0); once all
 ranks are done, rank 0 writes ``dcp_state.json`` last, fsyncs, and swaps the folder in with
 :mod:`blackmamba.atomic_dir` (one rename). A crash at any point leaves the previous checkpoint as it was.
+A failure on any rank is agreed on by all of them (one small collective), so every rank raises
+:class:`~blackmamba.checkpoint.CheckpointError` and none waits for the others.
 With ``async_save`` the ranks stage the state to host memory and write it in a background thread while
 training goes on; :meth:`PendingSave.wait` (before the next save, and at the end) finishes the swap.
 
@@ -22,10 +24,14 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import pickle
 import re
+import warnings
+from collections.abc import Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,22 +50,34 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from .. import atomic_dir
-from ..checkpoint import CheckpointError, save_pretrained
+from ..checkpoint import CheckpointError, save_pretrained, save_released
 from ..config import BlackMambaConfig
 from ..errors import BlackMambaError
 from ..model import BlackMamba
+from ..tokenizer import read_tokenizer
 from .distributed import is_main_process, rank, world_size
 
-__all__ = ["STATE_JSON", "PendingSave", "SafeReader", "export_pretrained", "is_dcp_checkpoint", "load", "save"]
+__all__ = [
+    "STATE_JSON",
+    "PendingSave",
+    "SafeReader",
+    "dcp_to_pretrained",
+    "export_pretrained",
+    "is_dcp_checkpoint",
+    "load",
+    "read_state",
+    "save",
+]
 
 STATE_JSON = "dcp_state.json"
+TOKENIZER = "tokenizer.json"
 FORMAT = "blackmamba-dcp-1"
 _DATA_FILE = re.compile(r"__\d+_\d+\.distcp")
 
 
 def owned_file(name: str) -> bool:
     """A file name that a distributed checkpoint is made of (the only names :func:`save` ever deletes)."""
-    return name in (".metadata", STATE_JSON) or _DATA_FILE.fullmatch(name) is not None
+    return name in (".metadata", STATE_JSON, TOKENIZER) or _DATA_FILE.fullmatch(name) is not None
 
 
 def is_dcp_checkpoint(path: str | os.PathLike) -> bool:
@@ -158,7 +176,8 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optim
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optimizer": optim_sd}
     try:
-        dcp.load(state, storage_reader=reader)
+        with _single_process_quiet():
+            dcp.load(state, storage_reader=reader, no_dist=_no_group())
     except CheckpointError:
         raise
     except (Exception, CheckpointException) as e:  # DCP gathers every rank's failure in a CheckpointException
@@ -175,10 +194,10 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optim
 # ------------------------------------------------------------------------------------------ writing
 
 
-def _broadcast_path(path: Path | None) -> Path:
-    """Rank 0's ``path`` on every rank (as bytes in a tensor: nothing is unpickled)."""
+def _broadcast_path(path: Path | None) -> Path | None:
+    """Rank 0's ``path`` on every rank (as bytes in a tensor: nothing is unpickled); None where rank 0 has
+    none (it could not prepare the folder)."""
     if world_size() == 1:
-        assert path is not None
         return path
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
     data = os.fsencode(path) if path is not None else b""
@@ -188,12 +207,36 @@ def _broadcast_path(path: Path | None) -> Path:
     if rank() == 0:
         buffer.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
     dist.broadcast(buffer, 0)
-    return Path(os.fsdecode(bytes(buffer.cpu().tolist())))
+    return Path(os.fsdecode(bytes(buffer.cpu().tolist()))) if int(size) else None
 
 
-def _barrier(group: dist.ProcessGroup | None) -> None:
-    if world_size() > 1:
-        dist.barrier(group=group)
+def _any_failed(failed: bool, group: dist.ProcessGroup | None) -> bool:
+    """True on every rank of ``group`` when one of them failed (a barrier too). Runs on the CPU when the
+    group is gloo (the saver group of an asynchronous save), on the GPU with NCCL."""
+    if world_size() == 1:
+        return failed
+    backend = dist.get_backend(group)
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    flag = torch.tensor([int(failed)], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    return bool(flag.item())
+
+
+def _no_group() -> bool:
+    """One plain process: DCP then reads and writes without collectives."""
+    return not (dist.is_available() and dist.is_initialized())
+
+
+@contextmanager
+def _single_process_quiet() -> Iterator[None]:
+    """DCP warns each time it runs in one process, which is intended here (a plain trainer, convert)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?unavailable or uninitialized")
+        yield
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:500] or type(e).__name__
 
 
 @dataclass
@@ -205,31 +248,46 @@ class PendingSave:
     record: dict[str, Any]
     future: Future | None = None
     group: dist.ProcessGroup | None = None
+    tokenizer: Any | None = None
     done: bool = field(default=False)
 
     def wait(self) -> Path:
+        """Finish the save on every rank: all ranks agree that their files are written, then rank 0 commits;
+        a failure anywhere raises :class:`CheckpointError` on every rank (the previous checkpoint stays)."""
         if self.done:
             return self.target
+        error: str | None = None
         try:
             if self.future is not None:
                 self.future.result()
-            _barrier(self.group)
-            if is_main_process():
-                _commit(self.tmp, self.target, self.record)
-            _barrier(self.group)
-        except CheckpointError:
-            raise
         except (Exception, CheckpointException) as e:
+            error = _one_line(e)
+        if _any_failed(error is not None, self.group):
             if is_main_process():
                 _discard(self.tmp)
-            raise CheckpointError(f"cannot write checkpoint {self.target}: {' '.join(str(e).split())[:500]}") from None
+            self.done = True
+            raise CheckpointError(f"cannot write checkpoint {self.target}: {error or 'another rank failed to write'}")
+        if is_main_process():
+            try:
+                _commit(self.tmp, self.target, self.record, self.tokenizer)
+            except CheckpointError as e:
+                error = str(e)
+            except Exception as e:  # anything else, too, must reach the other ranks rather than strand them
+                _discard(self.tmp)
+                error = f"cannot write checkpoint {self.target}: {_one_line(e)}"
+        if _any_failed(error is not None, self.group):
+            self.done = True
+            raise CheckpointError(error or f"cannot write checkpoint {self.target}: rank 0 failed to commit it")
         self.done = True
         return self.target
 
 
-def _commit(tmp: Path, target: Path, record: dict[str, Any]) -> None:
-    """Rank 0, after every rank wrote its files: the JSON record last, fsync everything, one swap."""
+def _commit(tmp: Path, target: Path, record: dict[str, Any], tokenizer: Any | None = None) -> None:
+    """Rank 0, after every rank wrote its files: the tokenizer, the JSON record last, fsync everything,
+    one swap."""
     try:
+        if tokenizer is not None:
+            atomic_dir.write_file(tmp / TOKENIZER, [tokenizer.to_str().encode()])
         atomic_dir.write_file(tmp / STATE_JSON, [(json.dumps(record, indent=1) + "\n").encode()])
         for name in os.listdir(tmp):
             fd = os.open(tmp / name, os.O_RDONLY)
@@ -273,10 +331,12 @@ def save(
     async_save: bool = False,
     group: dist.ProcessGroup | None = None,
     layout: dict[str, Any] | None = None,
+    tokenizer: Any | None = None,
 ) -> PendingSave:
     """Write ``model`` and ``optimizer`` (sharded as they are) and the JSON-serialisable ``state`` record
     to the folder ``path``, atomically; every rank calls this. ``path`` may be missing or an earlier
-    checkpoint (replaced); anything else is refused.
+    checkpoint (replaced); anything else is refused. A ``tokenizer`` (a ``tokenizers.Tokenizer``) is
+    written beside the weights, so the export carries it.
 
     Returns a :class:`PendingSave`; call :meth:`~PendingSave.wait` on every rank to finish it (at once for
     a synchronous save). With ``async_save`` the files are written in a background thread; pass a
@@ -294,33 +354,40 @@ def save(
         json.dumps(record)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"the checkpoint record must be JSON: {e}") from None
-    tmp = None
+    tmp, refused = None, None
     if is_main_process():
-        _check_target(target)
         try:
+            _check_target(target)
             target.parent.mkdir(parents=True, exist_ok=True)
             for kind, leftover in atomic_dir.leftovers(target):
                 if kind == "tmp":
                     _discard(leftover)
             tmp = atomic_dir.temp_dir(target)
+        except CheckpointError as e:
+            refused = e
         except OSError as e:
-            raise CheckpointError(f"cannot write checkpoint {target}: {e.strerror or e}") from None
-    tmp = _broadcast_path(tmp)
+            refused = CheckpointError(f"cannot write checkpoint {target}: {e.strerror or e}")
+    tmp = _broadcast_path(tmp)  # None on every rank when rank 0 could not prepare the folder
+    if refused is not None:
+        raise refused
+    if tmp is None:
+        raise CheckpointError(f"cannot write checkpoint {target}: rank 0 could not prepare the folder")
     if optimizer is None:
         sd = {"model": get_model_state_dict(model)}
     else:
         model_sd, optim_sd = get_state_dict(model, optimizer)
         sd = {"model": model_sd, "optimizer": optim_sd}
-    pending = PendingSave(target, tmp, record, group=group)
+    pending = PendingSave(target, tmp, record, group=group, tokenizer=tokenizer)
     try:
-        if async_save:
-            pending.future = dcp.async_save(sd, checkpoint_id=tmp, process_group=group)
-        else:
-            dcp.save(sd, checkpoint_id=tmp, process_group=group)
+        with _single_process_quiet():
+            if async_save:
+                pending.future = dcp.async_save(sd, checkpoint_id=tmp, process_group=group, no_dist=_no_group())
+            else:
+                dcp.save(sd, checkpoint_id=tmp, process_group=group, no_dist=_no_group())
     except (Exception, CheckpointException) as e:
         if is_main_process():
             _discard(tmp)
-        raise CheckpointError(f"cannot write checkpoint {target}: {' '.join(str(e).split())[:500]}") from None
+        raise CheckpointError(f"cannot write checkpoint {target}: {_one_line(e)}") from None
     if not async_save:
         pending.wait()
     return pending
@@ -335,7 +402,14 @@ def export_pretrained(model: BlackMamba, path: str | os.PathLike, tokenizer: Any
     together), which writes them with :func:`blackmamba.checkpoint.save_pretrained`. Every rank calls this;
     rank 0 returns the path, the others None."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    full = get_model_state_dict(model, options=options)
+    # Gathering expert shards (sharded twice) makes DTensor warn that it needs two all-gathers: expected.
+    quiet = logging.getLogger("torch.distributed.tensor._redistribute")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        full = get_model_state_dict(model, options=options)
+    finally:
+        quiet.setLevel(level)
     if not is_main_process():
         return None
     return _write_full(full, model.config, path, tokenizer)
@@ -353,13 +427,33 @@ def _write_full(
     return save_pretrained(plain, path, tokenizer=tokenizer)
 
 
-def dcp_to_pretrained(src: str | os.PathLike, dst: str | os.PathLike, tokenizer: Any | None = None) -> Path:
-    """Convert a distributed checkpoint to the single-folder layout, in one plain process (no ranks)."""
+def dcp_to_pretrained(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    tokenizer: Any | None = None,
+    overwrite: bool = False,
+    to: str = "ours",
+) -> Path:
+    """Convert a distributed checkpoint to the single-folder layout (``to="ours"``, what
+    :func:`blackmamba.load_pretrained` reads) or to the released one, in one plain process (no ranks).
+    The checkpoint's own ``tokenizer.json`` goes along unless ``tokenizer`` is given. ``dst`` as in
+    :func:`blackmamba.checkpoint.save_pretrained`; it may not be ``src``, hold it or lie inside it."""
+    if to not in ("ours", "released"):
+        raise CheckpointError(f"convert: unknown target layout {to!r} (use 'ours' or 'released')")
+    source, dest = os.path.realpath(src), os.path.realpath(dst)
+    if os.path.commonpath([source, dest]) in (source, dest):
+        raise CheckpointError(
+            f"convert: {dst} is, holds or lies inside the source checkpoint {src}; choose another folder"
+        )
     record = read_state(src)
     try:
         config = BlackMambaConfig.from_dict(record["config"])
     except BlackMambaError as e:
         raise CheckpointError(f"{Path(src) / STATE_JSON}: {e}") from None
+    if tokenizer is None and os.path.lexists(Path(src) / TOKENIZER):
+        tokenizer = read_tokenizer(Path(src) / TOKENIZER)
     model = BlackMamba(config)
     load(src, model)
-    return save_pretrained(model, dst, tokenizer=tokenizer)
+    if to == "released":
+        return save_released(model, dst, tokenizer=tokenizer, overwrite=overwrite)
+    return save_pretrained(model, dst, tokenizer=tokenizer, overwrite=overwrite)

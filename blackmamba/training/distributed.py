@@ -61,11 +61,17 @@ __all__ = [
     "Meshes",
     "ParallelDims",
     "all_reduce_mean",
+    "all_reduce_means",
+    "all_reduce_sum",
+    "any_rank",
     "apply_fsdp",
+    "barrier",
+    "broadcast_int",
     "clip_grad_norm_",
     "fail_fast",
     "init_distributed",
     "is_main_process",
+    "launched_by_torchrun",
     "parallelize",
     "rank",
     "rank_eval_batches",
@@ -149,8 +155,12 @@ def init_distributed(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S)
 
 
 def describe_failure(exc: BaseException) -> str:
-    """One line naming this rank and the error (what a user sees when a rank fails)."""
-    where = f"rank {rank()} of {world_size()}"
+    """One line naming this rank and the error (what a user sees when a rank fails). Before the process
+    group exists, the rank is the one torchrun gave this process."""
+    if dist.is_available() and dist.is_initialized():
+        where = f"rank {rank()} of {world_size()}"
+    else:
+        where = f"rank {os.environ.get('RANK', '0')} of {os.environ.get('WORLD_SIZE', '1')}"
     text = " ".join(str(exc).split()) or type(exc).__name__
     if len(text) > 500:
         text = text[:500] + " ..."
@@ -309,6 +319,50 @@ def all_reduce_mean(value: Tensor | float, device: torch.device | None = None) -
     t = torch.as_tensor(value, dtype=torch.float64, device=device or _collective_device()).detach().clone()
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return float(t) / world_size()
+
+
+def all_reduce_means(values: list[Tensor | float]) -> list[float]:
+    """:func:`all_reduce_mean` of several values in one collective (the loss and aux loss of a step)."""
+    if world_size() == 1:
+        return [float(v) for v in values]
+    t = torch.stack([torch.as_tensor(v, dtype=torch.float64).detach().cpu() for v in values])
+    t = t.to(_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return (t / world_size()).tolist()
+
+
+def all_reduce_sum(t: Tensor) -> Tensor:
+    """The sum of ``t`` over all ranks (a copy; ``t`` itself without a process group)."""
+    if world_size() == 1:
+        return t
+    out = t.detach().to(_collective_device(), copy=True)
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out.to(t.device)
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is True on at least one: a decision that every rank must take alike
+    (stop for time, stop on an error), or collectives would wait for ranks that went another way."""
+    if world_size() == 1:
+        return bool(flag)
+    t = torch.tensor([int(bool(flag))], dtype=torch.int32, device=_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def broadcast_int(value: int, src: int = 0) -> int:
+    """Rank ``src``'s ``value`` on every rank (e.g. the schedule length rank 0 fitted to the time budget)."""
+    if world_size() == 1:
+        return int(value)
+    t = torch.tensor([int(value)], dtype=torch.int64, device=_collective_device())
+    dist.broadcast(t, src)
+    return int(t.item())
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing without a process group)."""
+    if world_size() > 1:
+        dist.barrier()
 
 
 def _collective_device() -> torch.device:

@@ -42,6 +42,9 @@ from .distributed import DistributedError, Meshes
 
 __all__ = ["DistributedMoE", "all_to_all", "apply_expert_parallel", "dispatch_layout"]
 
+# torch >= 2.13 names it all_gather_single and deprecates the older name, which 2.9 - 2.12 need.
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 
 class _AllToAll(torch.autograd.Function):
     """Rows of ``x`` split by ``send`` go to the ranks of ``group``; rows from them arrive split by ``recv``.
@@ -130,7 +133,7 @@ class DistributedMoE(MoE):
         else:
             n = dist.get_world_size(self.routing_group)
             full = local.new_empty((n * local.shape[0], local.shape[1]))
-            dist.all_gather_into_tensor(full, local.contiguous(), group=self.routing_group)
+            _all_gather(full, local.contiguous(), group=self.routing_group)
         expert_all, _, iters = sinkhorn_top1(
             full, cfg.sinkhorn_tol, cfg.sinkhorn_max_iters, cfg.sinkhorn_init, cfg.sinkhorn_criterion
         )

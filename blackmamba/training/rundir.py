@@ -2,22 +2,31 @@
 
     RUN/.trainer.lock                 held (fcntl.flock) by the one trainer working in RUN
     RUN/metrics.jsonl                 one JSON row per logged step and per evaluation
-    RUN/checkpoints/step-00000500/    a loadable checkpoint + trainer_state.pt
+    RUN/checkpoints/step-00000500/    a loadable checkpoint + trainer_state.pt (one process), or a distributed
+                                      checkpoint (torch.distributed.checkpoint files + dcp_state.json)
+    RUN/model/                        a distributed run's final model in the single-folder layout
     RUN/summary.json, RUN/plots/      written at the end
 
 Why a module of its own: every rule that keeps a run's files safe lives here. The trainer refuses a folder
 that holds something it did not write, replaces an old run only when asked (``--overwrite``), lets one
 trainer at a time into a folder, and reads ``trainer_state.pt`` as untrusted input: it holds only tensors,
 numbers, strings, lists and dicts, and is read with ``torch.load(weights_only=True)``, so a file carrying a
-pickled object is refused without running it.
+pickled object is refused without running it. A distributed checkpoint keeps the same records, less the
+optimizer (sharded in DCP's files), as JSON in ``dcp_state.json``.
+
+In a distributed run only rank 0 touches the folder (lock, checks, metrics, plots, summary); every rank
+writes its part of a distributed checkpoint, so with several nodes ``RUN`` must be on a file system they
+share.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import fcntl
 import hashlib
 import json
+import math
 import os
 import pickle
 import random
@@ -37,10 +46,11 @@ METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 CHECKPOINTS = "checkpoints"
 PLOTS = "plots"
+MODEL = "model"
 STATE_FILE = "trainer_state.pt"
 STATE_FORMAT = "blackmamba-trainer-state-v2"
 # Everything the trainer writes into a run folder; --overwrite removes these and nothing else.
-OUTPUTS = (CHECKPOINTS, METRICS, SUMMARY, PLOTS, "tensorboard")
+OUTPUTS = (CHECKPOINTS, METRICS, SUMMARY, PLOTS, MODEL, "tensorboard")
 # Hidden names of the trainer's own temporaries (an interrupted overwrite, a metrics rewrite).
 TRASH_PREFIX = ".old-"
 TMP_PREFIX = ".tmp-"
@@ -60,7 +70,10 @@ class TrainingError(BlackMambaError, RuntimeError):
 
 
 def warn(message: str) -> None:
-    """Tell the user something went differently than asked, without stopping (one line on stderr)."""
+    """Tell the user something went differently than asked, without stopping (one line on stderr; in a
+    distributed run from rank 0 only, where every rank would say the same)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
+        return
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
@@ -90,11 +103,35 @@ def _entries(run: Path) -> list[str]:
 
 
 def checkpoints(run: Path) -> list[Path]:
-    """The complete checkpoints of a run, oldest first (an interrupted write is hidden and not listed)."""
+    """The complete checkpoints of a run, oldest first, of either kind (an interrupted write is hidden and
+    not listed)."""
     root = run / CHECKPOINTS
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / STATE_FILE).is_file())
+    found = (p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
+    return sorted(p for p in found if (p / STATE_FILE).is_file() or is_distributed_checkpoint(p))
+
+
+def is_distributed_checkpoint(path: Path) -> bool:
+    """A complete checkpoint written by a distributed run (see :mod:`blackmamba.training.dcp`)."""
+    if not (path / ".metadata").is_file():
+        return False
+    from .dcp import is_dcp_checkpoint  # torch.distributed.checkpoint only where one may be
+
+    return is_dcp_checkpoint(path)
+
+
+def prune_checkpoints(run: Path, newest: Path, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` checkpoints (``newest`` among them). Each goes out of the
+    listing at once (renamed hidden), then its files; a failure is a warning, never an error."""
+    old = [c for c in checkpoints(run) if c != newest]
+    for stale in old[: max(0, len(old) + 1 - keep_last)]:
+        hidden = stale.parent / f".deleting-{stale.name}"
+        try:
+            os.replace(stale, hidden)
+            shutil.rmtree(hidden)
+        except OSError as e:
+            warn(f"could not delete the old checkpoint {stale}: {e.strerror or e}")
 
 
 def check_out_contents(run: Path, resume: bool, overwrite: bool) -> None:
@@ -311,8 +348,9 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 # ------------------------------------------------------------------------------------------ trainer state
 
 
-def rng_state() -> dict[str, Any]:
-    """Every RNG the training step may draw from, as tensors and numbers (no pickled objects)."""
+def rng_state(all_gpus: bool = True) -> dict[str, Any]:
+    """Every RNG the training step may draw from, as tensors and numbers (no pickled objects). With
+    ``all_gpus=False`` only the current GPU's generator (a distributed rank must not touch the others)."""
     version, internal, gauss_next = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state: dict[str, Any] = {
@@ -326,8 +364,10 @@ def rng_state() -> dict[str, Any]:
             "cached_gaussian": float(cached),
         },
         "torch": torch.get_rng_state(),
-        "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
+        "cuda": [],
     }
+    if torch.cuda.is_available():
+        state["cuda"] = list(torch.cuda.get_rng_state_all()) if all_gpus else [torch.cuda.get_rng_state()]
     return state
 
 
@@ -347,10 +387,59 @@ def set_rng_state(state: dict[str, Any], where: Path) -> None:
             )
         )
         torch.set_rng_state(state["torch"])
-        if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(state["cuda"])
+        if state.get("cuda") and torch.cuda.is_available():
+            if len(state["cuda"]) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(state["cuda"])
+            elif len(state["cuda"]) == 1:  # a distributed rank's own GPU
+                torch.cuda.set_rng_state(state["cuda"][0])
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
         raise TrainingError(f"{where}: the stored random-number state is malformed ({type(e).__name__}: {e})") from None
+
+
+_TENSOR = "__tensor__"
+_JSON_DTYPES = {"uint8": torch.uint8, "int64": torch.int64}
+
+
+def rng_to_json(state: dict[str, Any]) -> dict[str, Any]:
+    """:func:`rng_state` as JSON values: each tensor (uint8 or int64) as its dtype, shape and base64 bytes."""
+
+    def encode(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            data = value.detach().cpu().contiguous().numpy().tobytes()
+            dtype = str(value.dtype).removeprefix("torch.")
+            return {_TENSOR: dtype, "shape": list(value.shape), "base64": base64.b64encode(data).decode()}
+        if isinstance(value, dict):
+            return {k: encode(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [encode(v) for v in value]
+        return value
+
+    return encode(state)
+
+
+def rng_from_json(value: Any, where: Path) -> Any:
+    """The inverse of :func:`rng_to_json`, checking every tensor's dtype and size (the file is untrusted)."""
+    if isinstance(value, list):
+        return [rng_from_json(v, where) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if _TENSOR not in value:
+        return {k: rng_from_json(v, where) for k, v in value.items()}
+    dtype, shape = _JSON_DTYPES.get(value[_TENSOR]), value.get("shape")
+    bad = f"{where}: the stored random-number state is malformed"
+    if dtype is None or not isinstance(shape, list) or not all(isinstance(n, int) and 0 <= n < 2**24 for n in shape):
+        raise TrainingError(f"{bad} (a tensor of dtype {value[_TENSOR]!r}, shape {shape!r})")
+    try:
+        data = base64.b64decode(value.get("base64", ""), validate=True)
+    except (TypeError, ValueError):
+        raise TrainingError(f"{bad} (tensor bytes are not base64)") from None
+    if len(data) != math.prod(shape) * dtype.itemsize:
+        raise TrainingError(f"{bad} (tensor bytes do not fit shape {shape})")
+    return (
+        torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape).clone()
+        if data
+        else torch.empty(shape, dtype=dtype)
+    )
 
 
 def save_state(path: Path, state: dict[str, Any]) -> None:
@@ -450,7 +539,12 @@ def load_state(path: Path) -> dict[str, Any]:
         state = raw
     else:
         raise TrainingError(f"{path}: not a trainer state written by blackmamba (format {raw.get('format')!r})")
-    for key, types in _REQUIRED.items():
+    _check_state(state, path, _REQUIRED)
+    return state
+
+
+def _check_state(state: dict[str, Any], path: Path, required: dict[str, tuple[type, ...]]) -> None:
+    for key, types in required.items():
         if key not in state:
             raise TrainingError(f"{path} has no {key!r} entry: it is not a complete trainer state")
         value = state[key]
@@ -461,4 +555,18 @@ def load_state(path: Path) -> dict[str, Any]:
         raise TrainingError(f"{path}: step {state['step']} / max_steps {state['max_steps']} are out of range")
     if not isinstance(state["rng"].get("torch"), torch.Tensor):
         raise TrainingError(f"{path}: the stored random-number state is malformed (no torch generator state)")
-    return state
+
+
+def load_distributed_state(checkpoint: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The trainer state and the model config (a dict) of a distributed checkpoint, read from its JSON
+    record and checked like :func:`load_state` (the optimizer state lives in DCP's files)."""
+    from .dcp import STATE_JSON, read_state
+
+    where = checkpoint / STATE_JSON
+    record = read_state(checkpoint)
+    state = dict(record["state"])
+    state["rng"] = rng_from_json(state.get("rng"), where)
+    if not isinstance(state["rng"], dict):
+        raise TrainingError(f"{where}: the stored random-number state is malformed (not an object)")
+    _check_state(state, where, {k: v for k, v in _REQUIRED.items() if k != "optimizer"})
+    return state, record["config"]

@@ -17,6 +17,15 @@ before every save, so every checkpoint on disk is one a run can continue from.
 A time budget (``max_minutes``) covers the whole call: the schedule is fitted to measured step, evaluation
 and save times, and the loop stops early if steps turn out slower, keeping time for the final evaluation,
 checkpoint and plots.
+
+Launched by ``torchrun``, every rank runs :func:`train` (see :mod:`blackmamba.training.distributed`): the
+model is parallelized after it is built (``fsdp``, ``expert_parallel``), each rank reads its share of every
+global batch, so the losses do not depend on the number of ranks, and every decision that changes which
+collectives run (stop for time, stop on NaN, the fitted schedule) is taken alike on all ranks. Only rank 0
+touches the run folder's lock, metrics, progress, summary and plots. Checkpoints are then distributed
+(:mod:`blackmamba.training.dcp`, written asynchronously), resumable on any number of ranks and by one
+plain process, and the final model is exported to ``RUN/model`` in the single-folder layout. Without
+torchrun nothing of this is imported and the checkpoints are the single-folder ones above.
 """
 
 from __future__ import annotations
@@ -24,13 +33,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import sys
 import time
+import warnings
 from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO
 
 import numpy as np
 import torch
@@ -38,10 +47,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..checkpoint import CheckpointError, atomic_directory, load_pretrained, save_pretrained
-from ..config import BlackMambaConfig
+from ..config import BlackMambaConfig, ConfigError
 from ..devices import resolve_device
 from ..errors import BlackMambaError
 from ..model import BlackMamba
+from ..options import option
 from ..tokenizer import NEOX_SIZE
 from .data import TokenData
 from .flops import flops_per_token
@@ -49,6 +59,7 @@ from .optim import build_optimizer, lr_at
 from .rundir import (
     CHECKPOINTS,
     METRICS,
+    MODEL,
     STATE_FILE,
     SUMMARY,
     MetricsLog,
@@ -58,10 +69,14 @@ from .rundir import (
     check_out_path,
     checkpoints,
     clean_stale,
+    is_distributed_checkpoint,
+    load_distributed_state,
     load_state,
     manifest_fingerprint,
+    prune_checkpoints,
     remove_outputs,
     rng_state,
+    rng_to_json,
     save_state,
     set_rng_state,
     tokenizer_fingerprint,
@@ -83,42 +98,54 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainArgs:
-    """Arguments of :func:`train` (and of ``blackmamba train``), checked when the object is made."""
+    """Arguments of :func:`train`, checked when the object is made. ``blackmamba train`` is derived from these
+    fields (flag, type, default, help; see :mod:`blackmamba.options`), so each is stated here only."""
 
-    data: str
-    out: str
-    preset: str | None = None
-    config: str | None = None
-    init_from: str | None = None
-    max_steps: int | None = None
-    max_minutes: float | None = None
-    batch_size: int = 16
-    seq_len: int = 256
-    grad_accum: int = 1
-    lr: float = 2e-3
-    min_lr: float | None = None  # None: lr / 10
-    warmup: int = 50
-    weight_decay: float = 0.1
-    clip: float = 1.0
-    eval_every: int = 100
-    eval_tokens: int = 65536
-    save_every: int = 500
-    keep_last: int = 2
-    log_every: int = 10
-    seed: int = 0
-    device: str = "auto"
-    dtype: str = "auto"
-    compile: bool = False
-    grad_checkpointing: bool = False
-    resume: bool = False
-    overwrite: bool = False
-    force_tokenizer: bool = False
-    peak_tflops: float | None = None
-    progress: bool = True
-    progress_every: float = 30.0
-    plots: bool = True
+    preset: str | None = option(None, "model preset (tiny, small, blackmamba-1.5b, blackmamba-2.8b)", group="model")
+    config: str | None = option(None, "model config JSON", group="model")
+    data: str = option(help="directory from `blackmamba data prepare`")
+    out: str = option(help="run directory (metrics, checkpoints, plots)")
+    max_steps: int | None = option(None, "optimizer steps")
+    max_minutes: float | None = option(None, "time budget; the schedule is fitted to it")
+    batch_size: int = option(16, "sequences per micro-batch")
+    seq_len: int = option(256, "tokens per sequence")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    lr: float = option(2e-3, "peak learning rate")
+    min_lr: float | None = option(None, "final learning rate of the cosine decay (default: --lr / 10)")
+    warmup: int = option(50, "linear warmup steps")
+    weight_decay: float = option(0.1, "AdamW weight decay (not on A_log, D, norms, biases, embedding)")
+    clip: float = option(1.0, "gradient-norm clipping (0 = off)")
+    eval_every: int = option(100, "validation every N steps")
+    eval_tokens: int = option(65536, "validation tokens per evaluation")
+    save_every: int = option(500, "checkpoint every N steps (and at the end)")
+    keep_last: int = option(2, "newest checkpoints to keep (at least 1)")
+    log_every: int = option(10, "metrics row every N steps")
+    seed: int = option(0, "seed of the initial weights and of the batch order")
+    device: str = option("auto", "auto, cpu, cuda")
+    dtype: Literal["auto", "float32", "bfloat16"] = option("auto", "auto: bf16 autocast on GPU, fp32 on CPU")
+    compile: bool = option(False, "torch.compile the model")
+    grad_checkpointing: bool = option(False, "recompute activations in backward")
+    fsdp: bool = option(
+        False, "under torchrun: shard weights, gradients and optimizer state over the ranks (FSDP2, per block)"
+    )
+    expert_parallel: int = option(
+        1, "under torchrun: ranks that share out each MoE layer's experts (divides the ranks and the experts)"
+    )
+    dist_timeout: float = option(
+        600.0, "under torchrun: seconds a collective may wait for the other ranks before the job fails"
+    )
+    resume: bool = option(False, "continue from the run's latest checkpoint (same seed, batch, data)")
+    overwrite: bool = option(False, "replace the training run already in --out")
+    init_from: str | None = option(None, "start from this checkpoint (released layout or ours)")
+    force_tokenizer: bool = option(
+        False, "with --init-from: train even if the data was prepared with another tokenizer than the checkpoint's"
+    )
+    peak_tflops: float | None = option(None, "peak TFLOP/s for MFU (default 784 on GPU)")
+    progress: bool = option(True, "no progress bar or lines")
+    progress_every: float = option(30.0, "seconds between progress lines when stderr is not a terminal")
+    plots: bool = option(True, "do not write RUN/plots at the end")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -143,7 +170,7 @@ class TrainArgs:
             elif value is not None and (not isinstance(value, str) or not value):
                 raise TrainingError(f"{_flag(name)} must be a non-empty string, got {value!r}")
         at_least = {"batch_size": 1, "seq_len": 1, "grad_accum": 1, "eval_every": 1, "eval_tokens": 1}
-        at_least |= {"save_every": 1, "keep_last": 1, "log_every": 1, "warmup": 0, "seed": 0}
+        at_least |= {"save_every": 1, "keep_last": 1, "log_every": 1, "warmup": 0, "seed": 0, "expert_parallel": 1}
         for name, low in at_least.items():
             _check_int(name, getattr(self, name), low)
         if self.seed >= 2**63:
@@ -152,6 +179,7 @@ class TrainArgs:
             _check_int("max_steps", self.max_steps, 1)
         for name, strict in (("lr", True), ("weight_decay", False), ("clip", False), ("progress_every", False)):
             _check_float(name, getattr(self, name), strict)
+        _check_float("dist_timeout", self.dist_timeout, True)
         for name, strict in (("min_lr", False), ("max_minutes", True), ("peak_tflops", True)):
             if getattr(self, name) is not None:
                 _check_float(name, getattr(self, name), strict)
@@ -169,8 +197,24 @@ class TrainArgs:
             raise TrainingError(f"give only one of --preset, --config or --init-from (got {' and '.join(sources)})")
         if self.resume and self.overwrite:
             raise TrainingError("--resume continues the run in --out and --overwrite replaces it: give one of them")
+        self._check_expert_parallel()
         if not self.resume and self.max_steps is None and self.max_minutes is None:
             raise TrainingError("give --max-steps or --max-minutes")
+
+    def _check_expert_parallel(self) -> None:
+        """--expert-parallel must divide the number of experts; known here for a preset (for --config,
+        --init-from and --resume the trainer checks it once the model config is read)."""
+        if self.expert_parallel == 1 or not self.preset:
+            return
+        try:
+            n_experts = BlackMambaConfig.from_preset(self.preset).n_experts
+        except BlackMambaError:
+            return  # an unknown preset is reported when the model is built
+        if n_experts % self.expert_parallel:
+            raise TrainingError(
+                f"--expert-parallel {self.expert_parallel} does not divide the {n_experts} experts of --preset "
+                f"{self.preset}: choose a divisor of {n_experts}"
+            )
 
 
 def _check_int(name: str, value: Any, low: int) -> None:
@@ -296,9 +340,13 @@ def _model_config(args: TrainArgs, vocab_size: int) -> BlackMambaConfig:
 
 
 def build_model(args: TrainArgs, vocab_size: int) -> tuple[BlackMamba, BlackMambaConfig]:
-    """A new model from --preset/--config (seeded), or the weights of --init-from."""
+    """A new model from --preset/--config (seeded), or the weights of --init-from (a single-folder
+    checkpoint, the released layout, or a distributed checkpoint)."""
     if args.init_from:
-        model = load_pretrained(args.init_from, dtype=torch.float32)
+        if is_distributed_checkpoint(Path(args.init_from)):
+            model = _load_distributed_weights(Path(args.init_from), args.seed)
+        else:
+            model = load_pretrained(args.init_from, dtype=torch.float32)
         if model.config.vocab_size < vocab_size:
             raise TrainingError(
                 f"--init-from model has a vocabulary of {model.config.vocab_size}, the data needs {vocab_size}"
@@ -311,21 +359,54 @@ def build_model(args: TrainArgs, vocab_size: int) -> tuple[BlackMamba, BlackMamb
     return BlackMamba(config), config
 
 
+def _distributed_config(checkpoint: Path, config: dict[str, Any]) -> BlackMambaConfig:
+    try:
+        return BlackMambaConfig.from_dict(config)
+    except ConfigError as e:
+        raise TrainingError(f"{checkpoint}: the model config of the distributed checkpoint is invalid ({e})") from None
+
+
+def _load_distributed_weights(checkpoint: Path, seed: int) -> BlackMamba:
+    """A plain model holding the weights of a distributed checkpoint (every rank reads them whole)."""
+    from . import dcp
+
+    model = _seeded_model(_distributed_config(checkpoint, dcp.read_state(checkpoint)["config"]), seed)
+    dcp.load(checkpoint, model)
+    return model.train()
+
+
+def _seeded_model(config: BlackMambaConfig, seed: int) -> BlackMamba:
+    torch.manual_seed(seed)  # every rank builds the same model
+    return BlackMamba(config)
+
+
 # ------------------------------------------------------------------------------------------ resume
 
 
 @dataclass
 class _Resume:
+    """The checkpoint a run continues from. A distributed one fills ``model`` and the optimizer only once
+    the model is parallelized (:func:`_restore`); a single-folder one has its weights in ``model`` already."""
+
     checkpoint: Path
     state: dict[str, Any]
     model: BlackMamba
+    record_file: Path
+    distributed: bool
 
 
 def _load_resume(run: Path, args: TrainArgs, data: _Data) -> _Resume:
     """The run's latest checkpoint, after checking it continues the same run (same batches, same data)."""
     checkpoint = checkpoints(run)[-1]
-    state_file = checkpoint / STATE_FILE
-    state = load_state(state_file)
+    distributed = is_distributed_checkpoint(checkpoint)
+    if distributed:
+        from .dcp import STATE_JSON
+
+        state_file = checkpoint / STATE_JSON
+        state, model_config = load_distributed_state(checkpoint)
+    else:
+        state_file = checkpoint / STATE_FILE
+        state = load_state(state_file)
     recorded = state["args"]
     restart = f"to train with new settings, start a new run with --init-from {checkpoint}"
     for name in RESUME_MUST_MATCH:
@@ -361,7 +442,10 @@ def _load_resume(run: Path, args: TrainArgs, data: _Data) -> _Resume:
     max_steps = args.max_steps or state["max_steps"]
     if max_steps < state["step"]:
         raise TrainingError(f"--max-steps {max_steps} is below the step of the checkpoint to resume ({checkpoint})")
-    model = load_pretrained(checkpoint, dtype=torch.float32).train()
+    if distributed:
+        model = _seeded_model(_distributed_config(checkpoint, model_config), args.seed).train()
+    else:
+        model = load_pretrained(checkpoint, dtype=torch.float32).train()
     if args.preset or args.config:
         expected = _model_config(args, data.train.vocab_size).to_dict()
         actual = model.config.to_dict()
@@ -374,7 +458,7 @@ def _load_resume(run: Path, args: TrainArgs, data: _Data) -> _Resume:
                 f"{actual.get(k)!r} ({len(changed)} field(s) differ: {', '.join(changed[:5])}); {restart}"
             )
     _check_vocab(data, model.config, f"the run's model ({checkpoint})")
-    return _Resume(checkpoint, state, model)
+    return _Resume(checkpoint, state, model, state_file, distributed)
 
 
 def _load_optimizer(optimizer: torch.optim.Optimizer, saved: dict[str, Any], where: Path) -> None:
@@ -393,19 +477,38 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, saved: dict[str, Any], whe
 
 
 @torch.no_grad()
-def evaluate(model: BlackMamba, data: TokenData, args: TrainArgs, device: torch.device, autocast) -> dict:
-    """Validation loss (nats/token) and perplexity over up to ``eval_tokens`` tokens, and expert load."""
+def evaluate(
+    model: BlackMamba, data: TokenData, args: TrainArgs, device: torch.device, autocast, rank: int = 0, world: int = 1
+) -> dict:
+    """Validation loss (nats/token) and perplexity over up to ``eval_tokens`` tokens, and expert load.
+
+    On ``world`` ranks (every rank calls this) each evaluates its share of the batches, of
+    ``batch_size / world`` sequences, and the sums are added up, so the loss is the one-process loss. The
+    expert load of a distributed model counts every rank's tokens, and once more a rank's repeated batch in
+    the last round when the batches do not divide evenly (see :func:`.distributed.rank_eval_batches`)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     load = None
-    for x, y in data.sequential_batches(args.seq_len, args.batch_size, args.eval_tokens):
+    if world > 1:
+        from .distributed import rank_eval_batches
+
+        batches = rank_eval_batches(data, args.seq_len, args.batch_size // world, args.eval_tokens, rank, world)
+    else:
+        batches = ((x, y, True) for x, y in data.sequential_batches(args.seq_len, args.batch_size, args.eval_tokens))
+    for x, y, real in batches:
         with autocast():
             out = model(x.to(device))
-        total += F.cross_entropy(out.logits.float().flatten(0, 1), y.to(device).flatten(), reduction="sum").item()
-        count += y.numel()
+        if real:
+            logits = out.logits.float().flatten(0, 1)
+            total += F.cross_entropy(logits, y.to(device).flatten(), reduction="sum").item()
+            count += y.numel()
         if out.expert_counts is not None:
             load = out.expert_counts.double() if load is None else load + out.expert_counts.double()
+    if world > 1:
+        from .distributed import all_reduce_sum
+
+        total, count = all_reduce_sum(torch.tensor([total, count], dtype=torch.float64)).tolist()
     model.train(was_training)
     loss = total / max(count, 1)
     result = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
@@ -414,12 +517,13 @@ def evaluate(model: BlackMamba, data: TokenData, args: TrainArgs, device: torch.
     return result
 
 
-def _eval_batches(data: TokenData, args: TrainArgs) -> int:
-    """How many forward passes :func:`evaluate` makes (as ``TokenData.sequential_batches`` cuts them)."""
+def _eval_batches(data: TokenData, args: TrainArgs, world: int = 1) -> int:
+    """How many forward passes :func:`evaluate` makes on each of ``world`` ranks (as
+    ``TokenData.sequential_batches`` cuts them)."""
     length = min(args.seq_len, len(data) - 1)
     limit = min(len(data) - 1, args.eval_tokens)
     windows = len(range(0, max(1, limit - length + 1), length))
-    return math.ceil(windows / args.batch_size)
+    return math.ceil(math.ceil(windows / (args.batch_size // world)) / world)
 
 
 def unigram_loss(train: TokenData, val: TokenData, vocab_size: int) -> float:
@@ -430,7 +534,8 @@ def unigram_loss(train: TokenData, val: TokenData, vocab_size: int) -> float:
 
 
 def _non_finite_parameters(model: BlackMamba) -> list[str]:
-    named = list(model.named_parameters())
+    """The names of the parameters holding NaN or inf (in this rank's shards, for a parallelized model)."""
+    named = [(name, p.to_local() if hasattr(p, "to_local") else p) for name, p in model.named_parameters()]
     finite = torch.stack([torch.isfinite(p).all() for _, p in named])
     return [] if bool(finite.all()) else [name for (name, _), ok in zip(named, finite.tolist(), strict=True) if not ok]
 
@@ -447,14 +552,7 @@ def save_checkpoint(run: Path, model: BlackMamba, state: dict[str, Any], tokeniz
             os.replace(f, tmp / f.name)
         weights.rmdir()
         save_state(tmp / STATE_FILE, state)
-    old = [c for c in checkpoints(run) if c != target]
-    for stale in old[: max(0, len(old) + 1 - keep_last)]:
-        hidden = stale.parent / f".deleting-{stale.name}"
-        try:
-            os.replace(stale, hidden)  # gone from the listing at once; the files follow
-            shutil.rmtree(hidden)
-        except OSError as e:
-            warn(f"could not delete the old checkpoint {stale}: {e.strerror or e}")
+    prune_checkpoints(run, target, keep_last)
     return target
 
 
@@ -573,47 +671,170 @@ def _io_failure(what: Path, e: OSError, run: Path) -> TrainingError:
     )
 
 
+@dataclass
+class _Ranks:
+    """This process's part in a run: the one plain process (``env`` None), or a rank of a torchrun job
+    with its layout (``dims``) and the gloo group its asynchronous checkpoint writes talk on."""
+
+    env: Any = None  # distributed.DistEnv
+    dims: Any = None  # distributed.ParallelDims
+    saver: Any = None  # torch.distributed.ProcessGroup
+    owns_group: bool = False
+
+    @property
+    def distributed(self) -> bool:
+        return self.env is not None
+
+    @property
+    def rank(self) -> int:
+        return self.env.rank if self.env is not None else 0
+
+    @property
+    def world(self) -> int:
+        return self.env.world_size if self.env is not None else 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def agree(self, error: Exception | None) -> None:
+        """Raise on every rank when a step failed on any (each rank checks, then all meet here): the rank
+        that failed raises its own error, the others one naming it. Without ranks, raise ``error`` at once."""
+        if error is not None and not self.distributed:
+            raise error
+        if not self.distributed:
+            return
+        from .distributed import all_reduce_sum
+
+        failed = torch.zeros(self.world, dtype=torch.int32)
+        failed[self.rank] = error is not None
+        failed = all_reduce_sum(failed)
+        if error is not None:
+            raise error
+        if bool(failed.any()):
+            first = int(failed.nonzero()[0, 0])
+            raise TrainingError(f"stopping because rank {first} failed (its error says why)")
+
+    def close(self) -> None:
+        """At the end of a run that succeeded on every rank: wait for all, leave the process group."""
+        if self.distributed and self.owns_group:
+            import torch.distributed as dist
+
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def _join(args: TrainArgs) -> _Ranks:
+    """Join the torchrun job this process belongs to (if any) and check the layout against it."""
+    from .distributed import launched_by_torchrun
+
+    if not launched_by_torchrun():
+        if args.expert_parallel > 1:
+            raise TrainingError(
+                f"--expert-parallel {args.expert_parallel} needs at least that many processes: launch with "
+                f"torchrun --nproc-per-node N (N a multiple of {args.expert_parallel})"
+            )
+        if args.fsdp:
+            warn("--fsdp: one process without torchrun has nothing to shard; training without it")
+        return _Ranks()
+    import torch.distributed as dist
+
+    from .distributed import ParallelDims, init_distributed
+
+    owns = not dist.is_initialized()
+    device = "cuda" if str(args.device).startswith("cuda") else str(args.device)  # the GPU is LOCAL_RANK's
+    env = init_distributed(device, args.dist_timeout)
+    # The model never modifies a block's output in place, which is what this warning is about.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+    dims = ParallelDims(env.world_size, args.expert_parallel, args.fsdp)
+    dims.check_batch(args.batch_size)
+    return _Ranks(env, dims, dist.new_group(backend="gloo"), owns)
+
+
 def train(args: TrainArgs) -> dict:
-    """Train a model as described by ``args``; returns a summary (final step, losses, paths)."""
+    """Train a model as described by ``args``; returns a summary (final step, losses, paths).
+
+    Under torchrun every rank calls this with the same ``args``; it joins the process group itself."""
     args.validate()
     started = time.monotonic()
     run = Path(args.out)
-    check_out_path(run)
-    check_out_contents(run, args.resume, args.overwrite)  # again under the lock; this one writes nothing
-    if not args.resume and not (args.preset or args.config or args.init_from):
-        raise TrainingError("give one of --preset, --config or --init-from (or --resume to continue a run)")
-    try:
-        device = resolve_device(args.device)
-    except ValueError as e:
-        raise TrainingError(f"--device: {e}") from None
-    data = _load_data(args.data)
+    ranks = _join(args)
+    summary = _train(args, run, ranks, started)
+    ranks.close()
+    return summary
+
+
+def _train(args: TrainArgs, run: Path, ranks: _Ranks, started: float) -> dict:
+    model = resume = metrics = None
+    error: Exception | None = None
     with ExitStack() as stack:
-        resume = None
-        if args.resume:
-            stack.enter_context(RunLock(run))
-            check_out_contents(run, resume=True, overwrite=False)
-            clean_stale(run)
-            resume = _load_resume(run, args, data)
-            model = resume.model
-        else:
-            model, config = build_model(args, data.train.vocab_size)
-            if args.init_from:
-                if not args.force_tokenizer:
-                    _check_tokenizer(data, Path(args.init_from), config)
-                _check_vocab(data, config, f"--init-from {args.init_from}")
-            else:
-                _check_vocab(data, config, "the model")
-            stack.enter_context(RunLock(run))
-            check_out_contents(run, resume=False, overwrite=args.overwrite)
-            clean_stale(run)
-            if args.overwrite:
-                remove_outputs(run)
-        try:
-            metrics = MetricsLog(run, resume.state["step"] if resume else None)
-        except OSError as e:
-            raise _io_failure(run / METRICS, e, run) from None
-        stack.callback(metrics.close)
-        return _train_loop(args, run, data, model, device, resume, metrics, started)
+        try:  # the folder's checks, the data and the model; rank 0 then takes and tidies the folder
+            if ranks.main:
+                check_out_path(run)
+                check_out_contents(run, args.resume, args.overwrite)  # again under the lock; this one writes nothing
+            if not args.resume and not (args.preset or args.config or args.init_from):
+                raise TrainingError("give one of --preset, --config or --init-from (or --resume to continue a run)")
+            try:
+                device = ranks.env.device if ranks.distributed else resolve_device(args.device)
+            except ValueError as e:
+                raise TrainingError(f"--device: {e}") from None
+            data = _load_data(args.data)
+            if not args.resume:
+                model, config = build_model(args, data.train.vocab_size)
+                if args.init_from:
+                    if not args.force_tokenizer:
+                        _check_tokenizer(data, Path(args.init_from), config)
+                    _check_vocab(data, config, f"--init-from {args.init_from}")
+                else:
+                    _check_vocab(data, config, "the model")
+                if ranks.distributed:
+                    ranks.dims.check_model(config.n_experts)
+            if ranks.main:
+                stack.enter_context(RunLock(run))
+                check_out_contents(run, resume=args.resume, overwrite=args.overwrite)
+                clean_stale(run)
+                if args.overwrite and not args.resume:
+                    remove_outputs(run)
+        except Exception as e:
+            error = e
+        ranks.agree(error)
+        try:  # every rank reads the checkpoint only after rank 0 holds the lock and has tidied the folder
+            if args.resume:
+                resume = _load_resume(run, args, data)
+                model = resume.model
+                if ranks.distributed:
+                    ranks.dims.check_model(model.config.n_experts)
+            if ranks.main:
+                try:
+                    metrics = MetricsLog(run, resume.state["step"] if resume else None)
+                except OSError as e:
+                    raise _io_failure(run / METRICS, e, run) from None
+                stack.callback(metrics.close)
+        except Exception as e:
+            error = e
+        ranks.agree(error)
+        return _train_loop(args, run, data, model, device, resume, metrics, started, ranks)
+
+
+def _args_record(args: TrainArgs) -> dict[str, Any]:
+    """``args`` as JSON values (a torch.device becomes its name)."""
+    plain = (str, int, float, bool, type(None))
+    return {k: v if isinstance(v, plain) else str(v) for k, v in asdict(args).items()}
+
+
+def _restore(resume: _Resume, model: BlackMamba, optimizer: torch.optim.Optimizer, full_optimizer: Any) -> None:
+    """Put the checkpoint's weights and optimizer state into the (parallelized) model and its optimizer."""
+    if resume.distributed:
+        from . import dcp
+
+        dcp.load(resume.checkpoint, model, optimizer)
+    elif full_optimizer is not None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        options = StateDictOptions(full_state_dict=True)
+        set_optimizer_state_dict(model, optimizer, full_optimizer, options=options)
+    else:
+        _load_optimizer(optimizer, resume.state["optimizer"], resume.record_file)
 
 
 def _train_loop(
@@ -623,24 +844,48 @@ def _train_loop(
     model: BlackMamba,
     device: torch.device,
     resume: _Resume | None,
-    metrics: MetricsLog,
+    metrics: MetricsLog | None,
     started: float,
+    ranks: _Ranks,
 ) -> dict:
     config = model.config
     model.to(device).train()
     if args.grad_checkpointing:
         model.gradient_checkpointing = True
-    optimizer = build_optimizer(model, args.lr, args.weight_decay, fused=device.type == "cuda")
     use_bf16 = device.type == "cuda" and args.dtype in ("auto", "bfloat16")
+    full_optimizer = None
+    if ranks.distributed:
+        from . import dcp
+        from .distributed import (
+            all_reduce_means,
+            any_rank,
+            broadcast_int,
+            clip_grad_norm_,
+            mixed_precision,
+            parallelize,
+            rank_window_starts,
+        )
+
+        if resume is not None and not resume.distributed:
+            # A single-folder checkpoint holds the whole optimizer state: name it by parameter before the
+            # parameters are sharded, then let torch's state-dict API cut each rank's part.
+            from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+            whole = build_optimizer(model, args.lr, args.weight_decay)
+            _load_optimizer(whole, resume.state["optimizer"], resume.record_file)
+            full_optimizer = get_optimizer_state_dict(model, whole)
+            del whole
+        # bf16 compute parameters where the plain trainer autocasts to bf16; fp32 throughout otherwise.
+        parallelize(model, ranks.dims.build_meshes(device.type), mixed_precision("cuda" if use_bf16 else "cpu"))
+    optimizer = build_optimizer(model, args.lr, args.weight_decay, fused=device.type == "cuda")
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else nullcontext
     step_fn = torch.compile(model) if args.compile else model
     train_data, val_data = data.train, data.val
 
     start_step, max_steps = 0, args.max_steps
     if resume is not None:
-        state_file = resume.checkpoint / STATE_FILE
-        _load_optimizer(optimizer, resume.state["optimizer"], state_file)
-        set_rng_state(resume.state["rng"], state_file)
+        _restore(resume, model, optimizer, full_optimizer)
+        set_rng_state(resume.state["rng"], resume.record_file)
         start_step = resume.state["step"]
         # The stored schedule length unless the caller extends the run with a new --max-steps.
         max_steps = args.max_steps or resume.state["max_steps"]
@@ -649,9 +894,13 @@ def _train_loop(
     peak = args.peak_tflops or (784.0 if device.type == "cuda" else None)
 
     def forward(step_index: int, micro: int):
-        starts = train_data.window_starts(
-            args.seed, step_index * args.grad_accum + micro, args.batch_size, args.seq_len
-        )
+        index = step_index * args.grad_accum + micro
+        if ranks.distributed:  # this rank's part of the global batch
+            starts = rank_window_starts(
+                train_data, args.seed, index, args.batch_size, args.seq_len, ranks.rank, ranks.world
+            )
+        else:
+            starts = train_data.window_starts(args.seed, index, args.batch_size, args.seq_len)
         x, y = train_data.batch(starts, args.seq_len)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast():
@@ -670,16 +919,18 @@ def _train_loop(
     fit_at = None if max_steps is not None else start_step + (2 if args.warmup >= 2 else 1)
     if max_steps is not None:
         _warn_about_warmup(args, max_steps, start_step)
-    progress = _Progress(args.progress, max_steps, start_step, args.progress_every)
+    progress = _Progress(args.progress and ranks.main, max_steps, start_step, args.progress_every)
     step_times: list[float] = []
 
     def fit_schedule() -> int:
         if val_data is not None:
             rng = rng_state()  # an evaluation draws nothing, but the run must not depend on that
-            budget.eval_s = _measure_eval(model, val_data, args, device, autocast)
+            budget.eval_s = _measure_eval(model, val_data, args, device, autocast, ranks.world)
             set_rng_state(rng, Path("(eval probe)"))
         budget.step_s = min(step_times)
         fitted = max(step, budget.fit(budget.step_s, args.eval_every, args.save_every, budget.final_reserve(True)))
+        if ranks.distributed:
+            fitted = broadcast_int(fitted)  # rank 0's clock decides for all
         if fitted < MEANINGFUL_STEPS:
             warn(
                 f"the time budget of {args.max_minutes:g} minutes allows only {fitted} step(s) of about "
@@ -699,31 +950,73 @@ def _train_loop(
     load_acc = None
     tps = 0.0
     loop_started = time.monotonic()
+    pending: list[Any] = []  # the distributed checkpoint being written in the background
 
     def record(row: dict[str, Any]) -> None:
+        if metrics is None:
+            return  # not rank 0
         try:
             metrics.write(row)
         except OSError as e:
             raise _io_failure(metrics.path, e, run) from None
 
-    def checkpoint(at: int) -> Path:
+    def check_finite(at: int) -> None:
         bad = _non_finite_parameters(model)
-        if bad:
+        if ranks.distributed and not any_rank(bool(bad)):
+            return
+        if bad or ranks.distributed:
+            example = bad[0] if bad else "on another rank"
             raise TrainingError(
-                f"the parameters hold NaN or inf after step {at} (e.g. {bad[0]}): training diverged and this "
+                f"the parameters hold NaN or inf after step {at} (e.g. {example}): training diverged and this "
                 f"state was not saved; {_where(run)} (resume from it with a lower --lr or with --clip)"
             )
+
+    def finish_save() -> None:
+        """Wait for the distributed checkpoint in flight (every rank), then drop the oldest ones."""
+        if not pending:
+            return
+        save, t0, written = pending.pop()
+        try:
+            target = save.wait()
+        except CheckpointError as e:
+            raise TrainingError(
+                f"{e}; {_where(run)}. Free space or fix the folder, then run again with --resume"
+            ) from None
+        # The whole write, from the start to the last file: what the final save, waited for at once, costs.
+        budget.save_s = (written[0] if written else time.monotonic()) - t0
+        if ranks.main:
+            prune_checkpoints(run, target, args.keep_last)
+        progress.line(f"step {save.record['state']['step']}: saved {target}")
+
+    def checkpoint(at: int) -> Path:
+        check_finite(at)
         state = {
             "step": at,
             "max_steps": max_steps,
             "data_position": at * args.grad_accum,
-            "optimizer": optimizer.state_dict(),
-            "rng": rng_state(),
             "args": asdict(args),
             "data": data.record(),
         }
         t0 = time.monotonic()
         target = run / CHECKPOINTS / f"step-{at:08d}"
+        if ranks.distributed:
+            finish_save()
+            state |= {"rng": rng_to_json(rng_state(all_gpus=False)), "args": _args_record(args)}
+            layout = {"expert_parallel": ranks.dims.ep, "fsdp": ranks.dims.fsdp}
+            try:
+                save = dcp.save(
+                    target, model, optimizer, state, True, ranks.saver, layout=layout, tokenizer=data.tokenizer
+                )
+            except CheckpointError as e:
+                raise TrainingError(
+                    f"{e}; {_where(run)}. Free space or fix the folder, then run again with --resume"
+                ) from None
+            written: list[float] = []
+            if save.future is not None:
+                save.future.add_done_callback(lambda _: written.append(time.monotonic()))
+            pending.append((save, t0, written))
+            return target
+        state |= {"optimizer": optimizer.state_dict(), "rng": rng_state()}
         try:
             save_checkpoint(run, model, state, data.tokenizer, args.keep_last)
         except OSError as e:
@@ -738,11 +1031,13 @@ def _train_loop(
 
     try:
         while max_steps is None or step < max_steps:
-            if max_steps is not None and budget.out_of_time(
-                step, start_step, args.eval_every, args.save_every, val_data is not None
-            ):
-                progress.line(f"time budget reached: stopping at step {step} of {max_steps}")
-                break
+            if max_steps is not None:
+                stop = budget.out_of_time(step, start_step, args.eval_every, args.save_every, val_data is not None)
+                if ranks.distributed and budget.deadline is not None:
+                    stop = any_rank(stop)  # ranks' clocks differ; all stop at the same step
+                if stop:
+                    progress.line(f"time budget reached: stopping at step {step} of {max_steps}")
+                    break
             t_step = time.monotonic()
             lr = lr_at(step, max_steps or fit_at or 1, args.lr, args.final_lr, args.warmup)
             for group in optimizer.param_groups:
@@ -750,25 +1045,38 @@ def _train_loop(
             total_loss, aux_total = 0.0, 0.0
             iters = []
             for micro in range(args.grad_accum):
+                if ranks.distributed and args.grad_accum > 1:
+                    model.set_requires_gradient_sync(micro == args.grad_accum - 1)  # reduce once per step
                 out, loss, objective = forward(step, micro)
-                if not torch.isfinite(objective):
+                if ranks.distributed:
+                    aux = out.aux_loss.detach() if out.aux_loss is not None else 0.0
+                    loss_value, aux_value, objective_value = all_reduce_means([loss.detach(), aux, objective.detach()])
+                else:
+                    objective_value = objective.item()
+                if not math.isfinite(objective_value):
                     raise TrainingError(
-                        f"non-finite loss ({objective.item()}) at step {step + 1}: training diverged; {_where(run)} "
+                        f"non-finite loss ({objective_value}) at step {step + 1}: training diverged; {_where(run)} "
                         "(resume from it with a lower --lr or with --clip)"
                     )
                 (objective / args.grad_accum).backward()
-                total_loss += loss.item() / args.grad_accum
+                if not ranks.distributed:
+                    loss_value = loss.item()
+                    aux_value = out.aux_loss.item() if out.aux_loss is not None else 0.0
+                total_loss += loss_value / args.grad_accum
                 if out.aux_loss is not None:
-                    aux_total += out.aux_loss.item() / args.grad_accum
+                    aux_total += aux_value / args.grad_accum
                 if out.expert_counts is not None:
                     counts = out.expert_counts.detach().double().cpu()
                     load_acc = counts if load_acc is None else load_acc + counts
                 iters.extend(out.sinkhorn_iters)
-            grads = [p for p in model.parameters() if p.grad is not None]
-            if args.clip > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(grads, args.clip)
+            if ranks.distributed:
+                grad_norm = clip_grad_norm_(list(model.parameters()), args.clip)  # the norm over all ranks
             else:
-                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in grads])
+                grads = [p for p in model.parameters() if p.grad is not None]
+                if args.clip > 0:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(grads, args.clip)
+                else:
+                    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in grads])
             if not torch.isfinite(grad_norm):
                 raise TrainingError(
                     f"non-finite gradient norm at step {step + 1}: training diverged; {_where(run)} "
@@ -802,13 +1110,13 @@ def _train_loop(
                     row["expert_load"] = (load_acc / load_acc.sum(1, keepdim=True)).tolist()
                     load_acc = None
                 if peak:
-                    row["mfu"] = tps * fpt / (peak * 1e12)
+                    row["mfu"] = tps * fpt / (peak * 1e12 * ranks.world)
                 record(row)
             rate = (step - start_step) * tokens_per_step / max(time.monotonic() - loop_started, 1e-9)
             progress.update(step, total_loss, lr, rate, final=step == max_steps)
             if val_data is not None and (step % args.eval_every == 0 or step == max_steps):
                 t0 = time.monotonic()
-                last_eval, last_eval_step = evaluate(model, val_data, args, device, autocast), step
+                last_eval, last_eval_step = _evaluate(model, val_data, args, device, autocast, ranks), step
                 budget.eval_s = time.monotonic() - t0
                 record({"step": step, **last_eval})
                 progress.line(f"step {step}: validation loss {last_eval['val_loss']:.4f}")
@@ -818,25 +1126,45 @@ def _train_loop(
             if step % args.log_every == 0 or step % args.eval_every == 0 or step % args.save_every == 0:
                 # Throughput counts training time only: restart the window after logging, evaluation or saving.
                 window_tokens, window_time = 0, time.monotonic()
+        if val_data is not None and last_eval_step != step:
+            last_eval = _evaluate(model, val_data, args, device, autocast, ranks)
+            record({"step": step, **last_eval})
+        final = run / CHECKPOINTS / f"step-{step:08d}"
+        if saved_step != step:
+            final = checkpoint(step)
+        finish_save()
     finally:
         progress.close()
-    if val_data is not None and last_eval_step != step:
-        last_eval = evaluate(model, val_data, args, device, autocast)
-        record({"step": step, **last_eval})
-    final = run / CHECKPOINTS / f"step-{step:08d}"
-    if saved_step != step:
-        final = checkpoint(step)
     summary: dict[str, Any] = {"step": step, "max_steps": max_steps, "checkpoint": str(final), **last_eval}
-    if val_data is not None:
+    summary["model"] = str(_export(model, run / MODEL, data.tokenizer, ranks) if ranks.distributed else final)
+    if val_data is not None and ranks.main:
         summary["unigram_val_loss"] = unigram_loss(train_data, val_data, train_data.vocab_size)
     summary["seconds"] = round(time.monotonic() - started, 1)
-    try:
-        write_text_atomic(run / SUMMARY, json.dumps(summary, indent=1) + "\n")
-    except OSError as e:
-        raise _io_failure(run / SUMMARY, e, run) from None
-    if args.plots:
-        _write_plots(run)
+    if ranks.main:
+        try:
+            write_text_atomic(run / SUMMARY, json.dumps(summary, indent=1) + "\n")
+        except OSError as e:
+            raise _io_failure(run / SUMMARY, e, run) from None
+        if args.plots:
+            _write_plots(run)
     return summary
+
+
+def _evaluate(model: BlackMamba, data: TokenData, args: TrainArgs, device: torch.device, autocast, ranks: _Ranks):
+    return evaluate(model, data, args, device, autocast, ranks.rank, ranks.world)
+
+
+def _export(model: BlackMamba, folder: Path, tokenizer: Any, ranks: _Ranks) -> Path:
+    """The final weights of a distributed run, gathered and written by rank 0 in the single-folder layout."""
+    from . import dcp
+
+    error = None
+    try:
+        dcp.export_pretrained(model, folder, tokenizer)
+    except Exception as e:  # on rank 0 only (it writes): every rank must hear of it
+        error = TrainingError(f"cannot export the final model to {folder}: {getattr(e, 'strerror', None) or e}")
+    ranks.agree(error)
+    return folder
 
 
 def _warn_about_warmup(args: TrainArgs, max_steps: int, start_step: int) -> None:
@@ -849,9 +1177,12 @@ def _warn_about_warmup(args: TrainArgs, max_steps: int, start_step: int) -> None
         )
 
 
-def _measure_eval(model: BlackMamba, data: TokenData, args: TrainArgs, device: torch.device, autocast) -> float:
-    """Seconds one :func:`evaluate` will take: one timed batch (after a warm-up one) times the batch count."""
-    x, _ = next(data.sequential_batches(args.seq_len, args.batch_size, args.eval_tokens))
+def _measure_eval(
+    model: BlackMamba, data: TokenData, args: TrainArgs, device: torch.device, autocast, world: int = 1
+) -> float:
+    """Seconds one :func:`evaluate` will take: one timed batch (after a warm-up one) times the batch count.
+    On ``world`` ranks every rank calls this (the forward holds collectives)."""
+    x, _ = next(data.sequential_batches(args.seq_len, args.batch_size // world, args.eval_tokens))
     was_training = model.training
     model.eval()
     times = []
@@ -864,7 +1195,7 @@ def _measure_eval(model: BlackMamba, data: TokenData, args: TrainArgs, device: t
                 torch.cuda.synchronize(device)
             times.append(time.monotonic() - t0)
     model.train(was_training)
-    return times[-1] * _eval_batches(data, args)
+    return times[-1] * _eval_batches(data, args, world)
 
 
 def _write_plots(run: Path) -> None:

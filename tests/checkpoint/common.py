@@ -14,7 +14,7 @@ import torch
 from blackmamba import BlackMamba, BlackMambaConfig, save_pretrained, save_released
 from blackmamba.cli import main
 
-from ..conftest import randomize
+from ..helpers import randomize
 
 
 def tiny(seed: int = 0, **overrides) -> BlackMamba:

@@ -34,3 +34,37 @@ def test_fsdp_bf16_trains_like_the_plain_recipe(tmp_path):
     torch.testing.assert_close(got, want, rtol=0.03, atol=0)
     model = load_pretrained(tmp_path / "export", dtype=torch.float32)
     assert model.layers[1].mixer.w1.shape[0] == 8
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_trainer_under_torchrun_on_gpus(tmp_path):
+    """`torchrun -m blackmamba train --fsdp [--expert-parallel 2]` on every GPU (NCCL, bf16 compute) learns
+    like the plain one-GPU trainer, writes distributed checkpoints and exports a loadable model."""
+    import json
+
+    from tests.training.helpers import losses, prepare_tiny_data
+
+    data = prepare_tiny_data(tmp_path)
+    n = torch.cuda.device_count()
+    flags = ["--preset", "tiny", "--data", str(data), "--max-steps", "8", "--batch-size", str(4 * n), "--seq-len", "32",
+             "--lr", "3e-3", "--warmup", "2", "--eval-every", "4", "--save-every", "4", "--log-every", "1",
+             "--no-progress", "--no-plots"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    plain = subprocess.run([sys.executable, "-m", "blackmamba", "train", *flags, "--out", str(tmp_path / "plain")],
+                           cwd=ROOT, env=env, capture_output=True, text=True)  # fmt: skip
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    layout = ["--fsdp"] + (["--expert-parallel", "2"] if n >= 2 else [])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n), "-m",
+           "blackmamba", "train", *flags, *layout, "--out", str(tmp_path / "dist")]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    want, got = (
+        torch.tensor([v for _, v in losses(tmp_path / "plain")]),
+        torch.tensor([v for _, v in losses(tmp_path / "dist")]),
+    )
+    assert got[-1] < got[0] - 0.3
+    torch.testing.assert_close(got, want, rtol=0.03, atol=0)  # bf16 parameters against bf16 autocast: close
+    assert json.loads(done.stdout)["model"] == str(tmp_path / "dist" / "model")
+    assert (tmp_path / "dist" / "checkpoints" / "step-00000008" / "dcp_state.json").is_file()
+    model = load_pretrained(tmp_path / "dist" / "model", dtype=torch.float32)
+    assert model.layers[1].mixer.w1.shape[0] == 4

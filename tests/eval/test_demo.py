@@ -16,7 +16,7 @@ from blackmamba import demo, save_pretrained
 from blackmamba.cli import main
 from blackmamba.eval import taskdata
 
-from ..conftest import tiny_model
+from ..helpers import tiny_model
 
 
 def fake_venv(root: Path, with_script: bool = True) -> Path:

@@ -10,7 +10,7 @@ from blackmamba import generate, load_pretrained, save_pretrained
 from blackmamba.devices import resolve_device, resolve_dtype
 from blackmamba.model import FP32_PARAMS, cast_model
 
-from ..conftest import tiny_model
+from ..helpers import tiny_model
 
 
 def test_auto_dtype():

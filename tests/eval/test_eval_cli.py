@@ -13,7 +13,7 @@ from blackmamba import save_pretrained
 from blackmamba.cli import main
 from blackmamba.eval import taskdata
 
-from ..conftest import tiny_model
+from ..helpers import tiny_model
 
 TEXT = "It was the best of times, it was the worst of times, it was the age of wisdom. " * 4
 

@@ -12,7 +12,7 @@ from blackmamba import save_pretrained
 from blackmamba.cli import main
 from blackmamba.eval import taskdata
 
-from ..conftest import tiny_model
+from ..helpers import tiny_model
 
 pytestmark = pytest.mark.hostile
 

@@ -74,7 +74,7 @@ def test_adapter_reports_progress_while_scoring(capsys):
     from blackmamba.eval import lm_eval_adapter
     from blackmamba.tokenizer import neox_tokenizer
 
-    from ..conftest import tiny_model
+    from ..helpers import tiny_model
 
     lm = lm_eval_adapter.BlackMambaLM(model=tiny_model(vocab_size=50304), tokenizer=neox_tokenizer(), batch_size=2)
     lm.progress_every = 0.0  # a line after every batch

@@ -2,8 +2,8 @@
 
 Each bad command line must end with exactly one ``error:`` line, exit code 1 (or argparse's 2), nothing on
 stdout and no traceback; each bad Python call must raise GenerationError (a BlackMambaError and a
-ValueError), never a TypeError or a raw torch error. A fast subset lives in tests/test_cli.py and
-tests/test_generation.py.
+ValueError), never a TypeError or a raw torch error. A fast subset lives in tests/cli/test_cli.py and
+tests/generation/test_generation.py.
 """
 
 import itertools
@@ -21,7 +21,7 @@ from blackmamba.errors import BlackMambaError
 from blackmamba.generation import GenerationError, TextStreamer
 from blackmamba.tokenizer import train_bpe
 
-from ..conftest import tiny_model
+from ..helpers import tiny_model
 
 pytestmark = pytest.mark.hostile
 

@@ -9,7 +9,7 @@ import pytest
 from blackmamba.generation import GenerationError, TextStreamer, cut_at_stop, generate_text, stream_text
 from blackmamba.tokenizer import neox_tokenizer_or_none, train_bpe
 
-from ..conftest import tiny_model
+from ..helpers import tiny_model
 
 TEXTS = [
     "Grüße aus Köln: naïve café, 東京タワー und 🙂🚀 ölçü ß∑∂ — «quotes»",

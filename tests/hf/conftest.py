@@ -11,7 +11,7 @@ import blackmamba  # noqa: E402
 import blackmamba.hf  # noqa: E402, F401  (registers with the Auto classes)
 from blackmamba.tokenizer import train_bpe  # noqa: E402
 
-from ..conftest import tiny_model  # noqa: E402
+from ..helpers import tiny_model  # noqa: E402
 
 TEXT = "the cat sat on the mat and the dog sat on the log; a bird sang to the cat and the dog. " * 8
 VOCAB = 320  # the byte-level BPE below has 300 tokens; ids 300..319 are the embedding's padding rows

@@ -66,7 +66,7 @@ def test_step_path_equals_full_recompute(hf, model):
             mask = torch.cat([mask, torch.ones_like(nxt)], 1)
             logits = hf(nxt, cache=cache).logits[:, -1]
             expected = model(seq, mask=mask.bool()).logits[:, -1]
-            torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)  # as tests/test_model.py
+            torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)  # as tests/model/test_model.py
 
 
 def test_beam_search_reorders_the_state(hf):

@@ -17,7 +17,7 @@ from blackmamba.eval import harness  # noqa: E402
 from blackmamba.eval.lm_eval_adapter import BlackMambaLM  # noqa: E402
 from blackmamba.tokenizer import neox_tokenizer  # noqa: E402
 
-from ..conftest import tiny_model  # noqa: E402
+from ..helpers import tiny_model  # noqa: E402
 
 
 def test_lm_eval_hf_model_on_an_exported_folder(tmp_path, monkeypatch):

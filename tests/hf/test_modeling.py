@@ -13,7 +13,7 @@ import blackmamba
 from blackmamba.config import ConfigError
 from blackmamba.hf import BlackMambaForCausalLM, BlackMambaHFConfig, HFError
 
-from ..conftest import tiny_model
+from ..helpers import tiny_model
 
 IDS = torch.tensor([[5, 77, 120, 9, 250, 31, 64], [299, 1, 2, 3, 4, 5, 6]])
 

@@ -18,7 +18,7 @@ from blackmamba.kernels.causal_conv1d import (
     causal_conv1d_shifted,
 )
 
-from ..conftest import DEVICE, ON_GPU, TOL, nan_filled
+from ..helpers import DEVICE, ON_GPU, assert_close, grad_tolerance, nan_filled
 from .common import grads_of
 
 STEPS = 3
@@ -32,13 +32,12 @@ def test_causal_conv_matches_reference(dtype, length, dim, width):
     w = torch.randn(dim, width, requires_grad=True)
     b = torch.randn(dim, requires_grad=True)
     state = torch.randn(2, width - 1, dim, dtype=dtype, requires_grad=True)
-    rtol, atol = TOL[dtype]
     for init in (None, state):
         y_ref, g_ref = grads_of(lambda x, w, b, s=init: causal_conv1d_ref(x, w, b, "silu", s), (x, w, b))
         y, g = grads_of(lambda x, w, b, s=init: causal_conv1d_shifted(x, w, b, "silu", s), (x, w, b))
-        torch.testing.assert_close(y, y_ref, rtol=rtol, atol=atol)
-        for a, r in zip(g, g_ref, strict=True):
-            torch.testing.assert_close(a.float(), r.float(), rtol=rtol * 5, atol=atol * 5)
+        assert_close("y", y_ref, y, dtype)
+        for name, a, r in zip(("dx", "dweight", "dbias"), g, g_ref, strict=True):
+            assert_close(name, r, a, grad_tolerance(dtype))
 
 
 def test_causal_conv_is_causal_and_final_state_is_last_inputs():
@@ -48,8 +47,8 @@ def test_causal_conv_is_causal_and_final_state_is_last_inputs():
     x2 = x.clone()
     x2[:, 6:] = torch.randn(1, 4, 4)
     y2 = causal_conv1d(x2, w, b, "silu")
-    torch.testing.assert_close(y[:, :6], y2[:, :6], rtol=0, atol=0)
-    torch.testing.assert_close(state, x[:, -3:], rtol=0, atol=0)
+    assert_close("y before the change", y[:, :6], y2[:, :6], "exact")
+    assert_close("final state", x[:, -3:], state, "exact")
 
 
 def test_conv_update_steps_equal_the_sequence():
@@ -58,11 +57,8 @@ def test_conv_update_steps_equal_the_sequence():
     y_ref = causal_conv1d_ref(x, w, b, "silu")
     state = torch.zeros(3, 3, 5)
     ys = [causal_conv1d_update(x[:, t], state, w, b, "silu") for t in range(9)]
-    torch.testing.assert_close(torch.stack(ys, 1), y_ref, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(state, x[:, -3:], rtol=0, atol=0)
-
-
-GRAD_SCALE = 5
+    assert_close("y", y_ref, torch.stack(ys, 1), "fp32_same_math")
+    assert_close("window", x[:, -3:], state, "exact")
 
 
 def conv_inputs(batch, length, dim, width, dtype, strided, w_dtype=torch.float32, device=DEVICE, seed=0):
@@ -93,12 +89,10 @@ def check_triton(x, w, b, act, s, dtype):
         y, final, grads = run_with_grads(causal_conv1d, x, w, b, act, s)
     assert type(y.grad_fn).__name__ == "CausalConv1dTritonBackward"
     y_ref, final_ref, grads_ref = run_with_grads(causal_conv1d_ref, x, w, b, act, s)
-    rtol, atol = TOL[dtype]
-    torch.testing.assert_close(y, y_ref, rtol=rtol, atol=atol)
-    torch.testing.assert_close(final, final_ref, rtol=0, atol=0)
+    assert_close("y", y_ref, y, dtype)
+    assert_close("final state", final_ref, final, "exact")
     for name, a, r in zip(("dx", "dweight", "dbias", "dstate")[: len(grads)], grads, grads_ref, strict=True):
-        assert a.dtype == r.dtype, name
-        torch.testing.assert_close(a, r, rtol=rtol * GRAD_SCALE, atol=atol * GRAD_SCALE, msg=name)
+        assert_close(name, r, a, grad_tolerance(dtype))
 
 
 CASES = [  # batch, length, dim, width, activation, strided x
@@ -135,10 +129,9 @@ def test_triton_conv_launchers_write_every_element(dtype, act):
     )  # fmt: skip
     y_ref = causal_conv1d_ref(x, w, b, act, s)
     grads_ref = torch.autograd.grad(y_ref, (x, w, b, s), dy)
-    rtol, atol = TOL[dtype]
-    torch.testing.assert_close(y, y_ref, rtol=rtol, atol=atol)
+    assert_close("y", y_ref, y, dtype)
     for name, a, r in zip(("dx", "dweight", "dbias", "dstate"), (dx, dw, db, ds), grads_ref, strict=True):
-        torch.testing.assert_close(a, r, rtol=rtol * GRAD_SCALE, atol=atol * GRAD_SCALE, msg=name)
+        assert_close(name, r, a, grad_tolerance(dtype))
 
 
 def test_triton_conv_without_bias_or_state_grad():
@@ -148,10 +141,10 @@ def test_triton_conv_without_bias_or_state_grad():
         y = causal_conv1d(x, w, None, "silu", s)
     y_ref = causal_conv1d_ref(x, w, None, "silu", s)
     dy = torch.randn_like(y)
-    rtol, atol = TOL[torch.float32]
-    torch.testing.assert_close(y, y_ref, rtol=rtol, atol=atol)
-    for a, r in zip(torch.autograd.grad(y, (x, w), dy), torch.autograd.grad(y_ref, (x, w), dy), strict=True):
-        torch.testing.assert_close(a, r, rtol=rtol * GRAD_SCALE, atol=atol * GRAD_SCALE)
+    assert_close("y", y_ref, y, torch.float32)
+    grads, grads_ref = torch.autograd.grad(y, (x, w), dy), torch.autograd.grad(y_ref, (x, w), dy)
+    for name, a, r in zip(("dx", "dweight"), grads, grads_ref, strict=True):
+        assert_close(name, r, a, torch.float32)
 
 
 def test_triton_conv_rejects_bad_arguments():
@@ -188,13 +181,12 @@ def test_conv_update_matches_reference(dtype, batch, dim, width, bias, activatio
     xs, state, w, b = conv_step_inputs(batch, dim, width, dtype)
     b = b if bias else None
     ref_state = state.clone()
-    rtol, atol = TOL[dtype]
     for x in xs:  # consecutive steps carry the window
         y_ref = causal_conv1d_update(x, ref_state, w, b, activation)
         with use_backend("triton"):
             y = conv_update_triton(x, state, w, b, activation, out=nan_filled((batch, dim), dtype))
-        torch.testing.assert_close(y, y_ref, rtol=rtol, atol=atol)
-        torch.testing.assert_close(state, ref_state, rtol=0, atol=0)
+        assert_close("y", y_ref, y, dtype)
+        assert_close("window", ref_state, state, "exact")
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -206,13 +198,12 @@ def test_conv_update_steps_the_windows_of_its_slots(backend, dtype):
     pool = torch.randn(5, 3, 13, generator=torch.Generator().manual_seed(5)).to(DEVICE, dtype)
     slots = torch.tensor([3, 0, 4], device=DEVICE)
     own, others = pool[slots].clone(), pool[[1, 2]].clone()
-    rtol, atol = TOL[dtype]
     for x in xs:
         y_own = causal_conv1d_update(x, own, w, b, "silu")
         with use_backend(backend):
             y = conv_update(x, pool, w, b, "silu", slots)
-        torch.testing.assert_close(y, y_own, rtol=rtol, atol=atol)
-        torch.testing.assert_close(pool[slots], own, rtol=0, atol=0)
+        assert_close("y", y_own, y, dtype)
+        assert_close("windows of the slots", own, pool[slots], "exact")
     assert torch.equal(pool[[1, 2]], others)
     with pytest.raises(ValueError, match="state_indices"), use_backend("triton"):
         conv_update_triton(xs[0], pool, w, b, "silu", slots[:2])

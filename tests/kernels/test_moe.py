@@ -28,7 +28,7 @@ from blackmamba.kernels.moe import (
     moe_experts_sorted,
 )
 
-from ..conftest import DEVICE, ON_GPU, TOL, nan_filled, rel_err
+from ..helpers import DEVICE, ON_GPU, assert_close, grad_tolerance, nan_filled
 from .common import grads_of
 
 
@@ -53,22 +53,21 @@ def test_moe_sorted_matches_loop(dtype, tokens, skew, activation):
     inputs = (x, gate, w1, w2)
     y_ref, g_ref = grads_of(lambda x, g, a, b: moe_experts_ref(x, expert, g, a, b, activation), inputs)
     y, g = grads_of(lambda x, g, a, b: moe_experts_sorted(x, expert, g, a, b, activation), inputs)
-    rtol, atol = TOL[dtype]
-    torch.testing.assert_close(y, y_ref, rtol=rtol, atol=atol)
-    for a, r in zip(g, g_ref, strict=True):
-        torch.testing.assert_close(a.float(), r.float(), rtol=rtol * 5, atol=atol * 5)
+    assert_close("y", y_ref, y, dtype)
+    for name, a, r in zip(("dx", "dgate", "dw1", "dw2"), g, g_ref, strict=True):
+        assert_close(name, r, a, grad_tolerance(dtype))
 
 
 def test_moe_one_expert_equals_dense_gated_mlp():
     x, _, gate, w1, w2 = moe_cpu_inputs(30, 8, 16, 1, torch.float32)
     expert = torch.zeros(30, dtype=torch.long)
     dense = (F.gelu(x @ w1[0, :16].t()) * (x @ w1[0, 16:].t())) @ w2[0].t() * gate[:, None]
-    torch.testing.assert_close(moe_experts(x, expert, gate, w1, w2, "gelu"), dense, rtol=1e-5, atol=1e-5)
+    assert_close("y", dense, moe_experts(x, expert, gate, w1, w2, "gelu"), torch.float32)
 
 
 def test_gated_activation_halves():
     h = torch.randn(3, 10)
-    torch.testing.assert_close(gated_activation(h, "silu"), F.silu(h[:, :5]) * h[:, 5:])
+    assert_close("silu gate", F.silu(h[:, :5]) * h[:, 5:], gated_activation(h, "silu"), "fp32_same_math")
     with pytest.raises(ValueError, match="activation"):
         gated_activation(h, "relu")
 
@@ -93,7 +92,6 @@ def test_backend_switch_selects_reference():
 
 
 N_EXPERTS = 4
-TOL_F32 = dict(zip(("rtol", "atol"), TOL[torch.float32], strict=True))
 
 
 def routing(tokens: int, experts: int, skew: bool, g: torch.Generator, device=DEVICE) -> torch.Tensor:
@@ -146,8 +144,7 @@ def test_grouped_gemm_matches_loop(dtype, tokens, trans_b, gather, scatter, scal
     s = torch.rand(tokens, generator=g).to(DEVICE) if scale else None
     kw = dict(trans_b=trans_b, a_rows=order if gather else None, c_rows=order if scatter else None, c_scale=s)
     out = grouped_gemm(a, b, offs, **kw, out=nan_filled((tokens, n_out), dtype))
-    rtol, atol = TOL[dtype]
-    torch.testing.assert_close(out, grouped_gemm_ref(a, b, offs, **kw), rtol=rtol, atol=atol)
+    assert_close("out", grouped_gemm_ref(a, b, offs, **kw), out, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -164,8 +161,8 @@ def test_grouped_gemm_wgrad_matches_loop(dtype, tokens, gather_a, gather_b):
     out = grouped_gemm_wgrad(a, b, offs, **kw, out=nan_filled((N_EXPERTS, n_out, k_out), dtype))
     expected = grouped_gemm_wgrad_ref(a, b, offs, **kw)
     assert (expected[1:3] == 0).all()  # empty experts get zero gradients
-    rtol, atol = TOL[dtype]
-    torch.testing.assert_close(out, expected, rtol=rtol, atol=atol)
+    assert_close("out", expected, out, dtype)
+    assert_close("empty experts", expected[1:3], out[1:3], "exact")
 
 
 def test_grouped_gemm_rejects_bad_shapes():
@@ -188,12 +185,9 @@ def test_moe_triton_matches_loop(poisoned, dtype, tokens, skew, activation):
     y_ref, g_ref = forward_and_grads(moe_experts_ref, *inputs, activation)
     with use_backend("triton"):
         y, grads = forward_and_grads(moe_experts, *inputs, activation)
-    rtol, atol = TOL[dtype]
-    assert y.dtype == y_ref.dtype
-    torch.testing.assert_close(y, y_ref, rtol=rtol, atol=atol)
-    for got, want in zip(grads, g_ref, strict=True):
-        assert got.dtype == want.dtype
-        torch.testing.assert_close(got.float(), want.float(), rtol=rtol * 5, atol=atol * 5)
+    assert_close("y", y_ref, y, dtype)
+    for name, got, want in zip(("dx", "dgate", "dw1", "dw2"), grads, g_ref, strict=True):
+        assert_close(name, want, got, grad_tolerance(dtype))
 
 
 def test_moe_triton_fp32_gate_under_autocast(poisoned):
@@ -202,11 +196,10 @@ def test_moe_triton_fp32_gate_under_autocast(poisoned):
     with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
         y_ref, g_ref = forward_and_grads(moe_experts_ref, x, expert, gate, w1, w2)
         y, grads = forward_and_grads(moe_experts_triton, x, expert, gate, w1, w2)
-    assert y.dtype == y_ref.dtype == torch.bfloat16
-    rtol, atol = TOL[torch.bfloat16]
-    torch.testing.assert_close(y, y_ref, rtol=rtol, atol=atol)
-    for got, want in zip(grads, g_ref, strict=True):
-        torch.testing.assert_close(got.float(), want.float(), rtol=rtol * 5, atol=atol * 5)
+    assert y.dtype == torch.bfloat16
+    assert_close("y", y_ref, y, torch.bfloat16)
+    for name, got, want in zip(("dx", "dgate", "dw1", "dw2"), grads, g_ref, strict=True):
+        assert_close(name, want.float(), got.float(), "bf16_grad")
 
 
 def test_moe_triton_takes_strided_inputs(poisoned):
@@ -216,9 +209,9 @@ def test_moe_triton_takes_strided_inputs(poisoned):
     inputs = (x_strided, expert, gate_strided, w1, w2)
     y_ref, g_ref = forward_and_grads(moe_experts_ref, *inputs)
     y, grads = forward_and_grads(moe_experts_triton, *inputs)
-    torch.testing.assert_close(y, y_ref, **TOL_F32)
-    for got, want in zip(grads, g_ref, strict=True):
-        torch.testing.assert_close(got, want, **TOL_F32)
+    assert_close("y", y_ref, y, torch.float32)
+    for name, got, want in zip(("dx", "dgate", "dw1", "dw2"), grads, g_ref, strict=True):
+        assert_close(name, want, got, torch.float32)
 
 
 def test_moe_experts_picks_the_grouped_gemm(monkeypatch):
@@ -241,9 +234,8 @@ def test_moe_experts_picks_the_grouped_gemm(monkeypatch):
 def test_grouped_mm_forward_on_cpu_and_its_guard():
     x, expert, gate, w1, w2 = moe_inputs(33, 24, 20, N_EXPERTS, torch.float32, skew=True)
     with torch.no_grad():
-        torch.testing.assert_close(
-            moe_experts_grouped_mm(x, expert, gate, w1, w2), moe_experts_ref(x, expert, gate, w1, w2), **TOL_F32
-        )
+        y_ref = moe_experts_ref(x, expert, gate, w1, w2)
+        assert_close("y", y_ref, moe_experts_grouped_mm(x, expert, gate, w1, w2), torch.float32)
     with pytest.raises(NotImplementedError, match="CUDA"):
         moe_experts_grouped_mm(x, expert, gate, w1, w2)
 
@@ -268,9 +260,10 @@ def test_moe_grouped_full_size_bf16(poisoned, impl, tokens, skew):
     y_ref, g_ref = fp32_reference(*inputs)
     y, grads = forward_and_grads(impl, *inputs)
     assert y.dtype == torch.bfloat16
-    assert rel_err(y, y_ref) < 1e-2
-    for name, got, want in zip(("x", "gate", "w1", "w2"), grads, g_ref, strict=True):
-        assert got.dtype == torch.bfloat16 and rel_err(got, want) < 2e-2, name
+    assert_close("y", y_ref, y, torch.bfloat16, same_dtype=False)
+    for name, got, want in zip(("dx", "dgate", "dw1", "dw2"), grads, g_ref, strict=True):
+        assert got.dtype == torch.bfloat16, name
+        assert_close(name, want, got, "bf16_grad", same_dtype=False)
 
 
 @pytest.mark.gpu
@@ -280,9 +273,9 @@ def test_moe_triton_full_size_fp32(poisoned, tokens):
     inputs = moe_inputs(tokens, D_28B, F_28B, E_28B, torch.float32, skew=tokens > 64, device="cuda")
     y_ref, g_ref = forward_and_grads(moe_experts_ref, *inputs)
     y, grads = forward_and_grads(moe_experts_triton, *inputs)
-    assert rel_err(y, y_ref) < 1e-5
-    for name, got, want in zip(("x", "gate", "w1", "w2"), grads, g_ref, strict=True):
-        assert rel_err(got, want) < 1e-5, name
+    assert_close("y", y_ref, y, torch.float32)
+    for name, got, want in zip(("dx", "dgate", "dw1", "dw2"), grads, g_ref, strict=True):
+        assert_close(name, want, got, torch.float32)
 
 
 @pytest.mark.gpu
@@ -297,7 +290,7 @@ def test_grouped_gemm_full_size(trans_b, gather, scatter, scale):
     s = torch.rand(tokens, generator=g).cuda() if scale else None
     kw = dict(trans_b=trans_b, a_rows=order if gather else None, c_rows=order if scatter else None, c_scale=s)
     out = grouped_gemm(a, b, offs, **kw, out=nan_filled((tokens, n_out), torch.bfloat16, "cuda"))
-    assert rel_err(out, grouped_gemm_ref(a, b, offs, **kw)) < 1e-2
+    assert_close("out", grouped_gemm_ref(a, b, offs, **kw), out, torch.bfloat16)
 
 
 @pytest.mark.gpu
@@ -311,7 +304,7 @@ def test_grouped_gemm_wgrad_full_size(gather_a, gather_b):
     s = torch.rand(tokens, generator=g).cuda() if gather_a else None
     kw = dict(a_rows=order if gather_a else None, b_rows=order if gather_b else None, a_scale=s)
     out = grouped_gemm_wgrad(a, b, offs, **kw, out=nan_filled((E_28B, n_out, k_out), torch.bfloat16, "cuda"))
-    assert rel_err(out, grouped_gemm_wgrad_ref(a, b, offs, **kw)) < 1e-2
+    assert_close("out", grouped_gemm_wgrad_ref(a, b, offs, **kw), out, torch.bfloat16)
 
 
 @pytest.mark.gpu

@@ -11,7 +11,7 @@ from blackmamba.kernels import moe_experts_ref
 from blackmamba.kernels.moe_decode import MAX_TOKENS, moe_experts_decode_triton, route_top1_triton
 from blackmamba.routing import top1_sigmoid
 
-from ..conftest import DEVICE, ON_GPU, TOL, rel_err
+from ..helpers import DEVICE, ON_GPU, assert_close
 from .test_moe import moe_inputs
 
 
@@ -31,7 +31,7 @@ def test_route_top1_matches_reference(dtype, tokens, dim, experts):
     expert, gate = route_top1_triton(x, w, b)
     assert expert.dtype == torch.long and gate.dtype == torch.float32
     assert torch.equal(expert, expert_ref)
-    torch.testing.assert_close(gate, gate_ref, rtol=1e-6, atol=1e-6)
+    assert_close("gate", gate_ref, gate, "fp32_same_math")
 
 
 def test_route_top1_ties_go_to_the_lowest_expert():
@@ -51,9 +51,7 @@ def test_experts_decode_matches_loop(poisoned, dtype, activation, tokens, skew):
     x, expert, gate, w1, w2 = (t.detach() for t in moe_inputs(tokens, 40, 36, 4, dtype, skew, seed=tokens))
     y_ref = moe_experts_ref(x, expert, gate, w1, w2, activation)
     y = moe_experts_decode_triton(x, expert, gate, w1, w2, activation)
-    assert y.dtype == dtype and y.shape == y_ref.shape
-    rtol, atol = TOL[dtype]
-    torch.testing.assert_close(y, y_ref, rtol=rtol, atol=atol)
+    assert_close("y", y_ref, y, dtype)
 
 
 def test_experts_decode_takes_strided_inputs(poisoned):
@@ -63,7 +61,7 @@ def test_experts_decode_takes_strided_inputs(poisoned):
     w1_t = w1.transpose(1, 2).contiguous().transpose(1, 2)  # same values, other strides
     w2_t = w2.transpose(1, 2).contiguous().transpose(1, 2)
     y = moe_experts_decode_triton(x_wide[:, ::2], expert, gate, w1_t, w2_t, "gelu")
-    torch.testing.assert_close(y, moe_experts_ref(x, expert, gate, w1, w2, "gelu"), rtol=1e-5, atol=1e-5)
+    assert_close("y", moe_experts_ref(x, expert, gate, w1, w2, "gelu"), y, torch.float32)
 
 
 def test_experts_decode_rejects_bad_input():
@@ -89,10 +87,11 @@ def test_decode_moe_full_size(poisoned, dtype, tokens):
     expert, gate = route_top1_triton(x, rw, rb)
     expert_ref, gate_ref = top1_sigmoid(F.linear(x.float(), rw.float(), rb.float()))
     assert (expert != expert_ref).sum() <= 1  # summation order may flip a near-tie
-    torch.testing.assert_close(gate[expert == expert_ref], gate_ref[expert == expert_ref], rtol=1e-5, atol=1e-6)
+    same = expert == expert_ref
+    assert_close("gate", gate_ref[same], gate[same], torch.float32)
     y = moe_experts_decode_triton(x, expert, gate, w1, w2, "gelu")
     y_ref = moe_experts_ref(x.double(), expert, gate.double(), w1.double(), w2.double(), "gelu")
-    assert rel_err(y, y_ref) < (1e-5 if dtype == torch.float32 else 1e-2)
+    assert_close("y", y_ref, y, dtype, same_dtype=False)
 
 
 @pytest.mark.skipif(ON_GPU, reason="the interpreter's rounding is checked on the CPU")

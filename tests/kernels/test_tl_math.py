@@ -7,7 +7,7 @@ import triton.language as tl
 
 from blackmamba.kernels.tl_math import softplus
 
-from ..conftest import DEVICE
+from ..helpers import DEVICE
 
 
 @triton.jit
@@ -22,4 +22,5 @@ def test_kernel_softplus_is_accurate_for_negative_inputs():
     y = torch.empty_like(x)
     _softplus_kernel[(1,)](x, y, N=1024)
     ref = F.softplus(x.double())
+    # Per element, not assert_close: a norm over the tensor would not see the tiny outputs this is about.
     assert ((y.double() - ref) / ref).abs().max() < 2e-6

@@ -7,7 +7,7 @@ import torch
 from blackmamba.layers import MambaMixer, Mixer, MoE
 from blackmamba.model import Block
 
-from ..conftest import tiny_model
+from ..helpers import assert_close, tiny_model
 
 
 @pytest.mark.parametrize("index,kind", [(0, MambaMixer), (1, MoE)])
@@ -20,7 +20,7 @@ def test_step_continues_the_forward(index, kind):
         cache = mixer.allocate_cache(2)
         part, _ = mixer(x[:, :4], cache)
         steps = [mixer.step(x[:, t], cache) for t in range(4, 9)]
-    torch.testing.assert_close(torch.cat([part, torch.stack(steps, 1)], 1), full, rtol=1e-5, atol=1e-5)
+    assert_close("prefill then steps", full, torch.cat([part, torch.stack(steps, 1)], 1), torch.float32)
     assert (cache is None) == (kind is MoE)  # the MoE keeps no decode state
 
 
@@ -34,5 +34,5 @@ def test_block_step_is_the_mixers_norm_step(index):
     with torch.no_grad():
         r_full, out_full, _ = block(residual, delta, block.mixer.allocate_cache(3))
         r_step, out_step = block.step(residual[:, 0], delta[:, 0], block.mixer.allocate_cache(3))
-    torch.testing.assert_close(r_step, r_full[:, 0], rtol=0, atol=0)
-    torch.testing.assert_close(out_step, out_full[:, 0], rtol=1e-5, atol=1e-5)
+    assert_close("residual", r_full[:, 0], r_step, "exact")
+    assert_close("output", out_full[:, 0], out_step, torch.float32)

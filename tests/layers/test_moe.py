@@ -6,7 +6,7 @@ import torch
 import blackmamba.kernels.moe_decode as moe_decode
 from blackmamba.kernels import use_backend, use_settings
 
-from ..conftest import DEVICE, rel_err, tiny_model
+from ..helpers import DEVICE, assert_close, tiny_model
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -29,10 +29,8 @@ def test_layer_step_takes_the_decode_kernels(monkeypatch, dtype):
             with use_settings(decode_tokens=8):  # more tokens than the setting allows: the general path
                 layer.step(x, None)
             assert len(calls) == 1
-    if dtype == torch.float32:
-        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
-    else:  # the reference rounds h and act(h) to bf16, the interpreter run keeps them fp32
-        assert rel_err(y, y_ref) < 1e-2
+    # bf16: the reference rounds h and act(h) to bf16, the interpreter run keeps them fp32
+    assert_close("y", y_ref, y, dtype)
     with use_backend("triton"):
         layer.step(x, None)  # autograd on: the general path (which has a backward)
     assert len(calls) == 1

@@ -11,7 +11,7 @@ import torch
 from blackmamba import BlackMamba, BlackMambaConfig, load_pretrained, save_pretrained
 from blackmamba.tokenizer import train_bpe
 
-from ..conftest import randomize
+from ..helpers import randomize
 
 WORDS = (
     "the old river runs past a quiet town where seven bakers sell warm bread every morning and the children "

@@ -6,7 +6,7 @@ import torch
 
 from blackmamba.generation import Decoder, SamplingOptions
 
-from .conftest import tiny_model
+from ..helpers import assert_close, tiny_model
 
 PROMPTS = [[5, 9, 200, 17, 3], [8, 1], [1, 2, 3, 4, 5, 6, 7, 8, 9], [77, 78, 79]]
 
@@ -77,9 +77,9 @@ def test_prefill_into_slots_equals_prefill_alone():
     for row, slot in ((0, 3), (1, 1)):
         own = model.allocate_cache(1)
         alone = model(ids[row : row + 1], cache=own).logits
-        torch.testing.assert_close(together[row : row + 1], alone, rtol=1e-5, atol=1e-5)
-        for a, b in zip(pool.snapshot(slot).tensors(), own.tensors(), strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert_close(f"logits of row {row}", alone, together[row : row + 1], torch.float32)
+        for i, (a, b) in enumerate(zip(pool.snapshot(slot).tensors(), own.tensors(), strict=True)):
+            assert_close(f"state tensor {i} of slot {slot}", b, a, torch.float32)
     assert all(t[[0, 2]].abs().sum() == 0 for t in pool.tensors())  # slots not named stay zero
 
 

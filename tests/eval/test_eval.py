@@ -22,7 +22,7 @@ from blackmamba.eval.perplexity import document_logprob, encode_pair, run_model_
 from blackmamba.generation import generate  # noqa: E402
 from blackmamba.tokenizer import neox_tokenizer  # noqa: E402
 
-from .conftest import tiny_model  # noqa: E402
+from ..helpers import tiny_model  # noqa: E402
 
 TEXT = "The quick brown fox jumps over the lazy dog. It was the best of times, it was the worst of times."
 
@@ -176,14 +176,15 @@ def test_run_perplexity_on_file(model_dir, tmp_path, capsys):
 
 
 def test_eval_command_line(model_dir, tmp_path, capsys):
-    from blackmamba.eval.cli import main
+    from blackmamba.cli import main
 
     text_file = tmp_path / "t.txt"
     text_file.write_text(TEXT)
-    assert main(["--model", str(model_dir), "--perplexity", str(text_file), "--out", str(tmp_path / "r.json")]) == 0
+    argv = ["eval", "--model", str(model_dir), "--perplexity", str(text_file), "--out", str(tmp_path / "r.json")]
+    assert main(argv) == 0
     assert (tmp_path / "r.json").is_file()
-    assert main(["--model", str(tmp_path / "missing"), "--perplexity", str(text_file)]) == 1
-    assert main(["--model", str(model_dir), "--tasks", "no_such_task"]) == 1
+    assert main(["eval", "--model", str(tmp_path / "missing"), "--perplexity", str(text_file)]) == 1
+    assert main(["eval", "--model", str(model_dir), "--tasks", "no_such_task"]) == 1
     err = capsys.readouterr().err
     assert "error:" in err and "no offline data for task 'no_such_task'" in err
 

@@ -5,7 +5,7 @@ from blackmamba import generate, stream_generate
 from blackmamba.errors import BlackMambaError
 from blackmamba.generation import GenerationError, sample_next
 
-from .conftest import tiny_model
+from ..helpers import tiny_model
 
 
 def prompts():

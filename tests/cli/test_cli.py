@@ -17,9 +17,9 @@ from blackmamba.checkpoint import checkpoint_size, save_released
 from blackmamba.cli import main, unescape
 from blackmamba.tokenizer import load_tokenizer, train_bpe
 
-from .conftest import randomize
+from ..helpers import randomize
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PROMPT = "the old river"
 
 WORDS = (
