@@ -175,7 +175,10 @@ def cmd_info(args: argparse.Namespace) -> None:
         skeleton = BlackMamba(config)
     total, active = skeleton.num_parameters(), skeleton.num_parameters(active=True)
     active_core = skeleton.num_parameters(active=True, embedding=False)
-    n_mamba = config.layer_pattern.count("mamba")
+    kinds = {"mamba": "Mamba", "moe": "MoE", "attention": "attention", "mlp": "MLP"}
+    counts = " + ".join(
+        f"{config.layer_pattern.count(k)} {name}" for k, name in kinds.items() if k in config.layer_pattern
+    )
     size = f"{ckpt.size_bytes / 2**20:,.1f} MiB"
     if ckpt.optimizer_bytes:
         size += f" (includes {ckpt.optimizer_bytes / 2**20:,.1f} MiB of optimizer state in trainer_state.pt)"
@@ -184,7 +187,7 @@ def cmd_info(args: argparse.Namespace) -> None:
         ("total parameters", f"{total:,}"),
         ("active parameters", f"{active:,} (one expert per MoE block, embedding included)"),
         ("active, no embedding", f"{active_core:,} (the count `blackmamba flops` compares)"),
-        ("blocks", f"{config.n_layers} ({n_mamba} Mamba + {config.n_layers - n_mamba} MoE)"),
+        ("blocks", f"{config.n_layers} ({counts})"),
         ("layer pattern", _pattern_summary(config.layer_pattern)),
         ("d_model / d_inner / d_state", f"{config.d_model} / {config.d_inner} / {config.d_state}"),
         ("experts / d_ff", f"{config.n_experts} top-1 / {config.d_ff} ({config.moe_activation}-gated)"),

@@ -16,6 +16,7 @@ from numbers import Integral
 import torch
 from torch import Tensor
 
+from ..config import BlackMambaConfig
 from ..model import BlackMamba, InferenceCache
 from .decoder import decoder_for
 from .sampling import (
@@ -73,6 +74,20 @@ def prefill(
 
 
 @torch.inference_mode()
+def _check_kv_capacity(config: BlackMambaConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+    """Attention blocks keep ``max_seq_len`` positions per sequence; a CUDA-graph step cannot check that
+    limit on the device, so a run that would pass it is refused before it starts."""
+    if "attention" not in config.layer_pattern:
+        return
+    longest = max(len(p) for p in prompts) + max_new_tokens
+    if longest > config.max_seq_len:
+        raise GenerationError(
+            f"the longest prompt plus max_new_tokens is {longest} positions, more than the {config.max_seq_len} "
+            "the attention blocks' KV cache holds (max_seq_len in the model's config)",
+            "max_new_tokens",
+        )
+
+
 def stream_generate(
     model: BlackMamba,
     prompts: Sequence[Sequence[int]],
@@ -99,6 +114,7 @@ def stream_generate(
     check_prefill_chunk_size(prefill_chunk_size)
     if max_new_tokens == 0:
         return
+    _check_kv_capacity(config, prompts, max_new_tokens)
     device = model.device
     ids, mask = _left_pad(prompts, device)
     batch = ids.shape[0]

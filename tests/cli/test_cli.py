@@ -399,6 +399,16 @@ def test_info_on_released_layout(capsys, tmp_path):
     assert rows["size on disk"] == f"{checkpoint_size(tmp_path / 'rel') / 2**20:,.1f} MiB"
 
 
+def test_info_counts_every_block_kind(capsys, tmp_path):
+    config = BlackMambaConfig.from_preset(
+        "tiny", vocab_size=512, layer_pattern=["attention", "mlp", "mamba", "moe", "attention", "moe"], n_heads=2
+    )
+    save_pretrained(randomize(BlackMamba(config), 0), tmp_path / "mixed")
+    code, out, _ = run(capsys, "info", tmp_path / "mixed")
+    assert code == 0
+    assert info_rows(out)["blocks"] == "6 (1 Mamba + 2 MoE + 2 attention + 1 MLP)"
+
+
 def test_info_dtype_is_spelled_the_same_for_both_layouts(capsys, tmp_path):
     model = cast_model(build_model(512), torch.bfloat16)
     save_pretrained(model, tmp_path / "ours")

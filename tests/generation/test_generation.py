@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from blackmamba import generate, stream_generate
+from blackmamba import BlackMamba, BlackMambaConfig, generate, stream_generate
 from blackmamba.errors import BlackMambaError
 from blackmamba.generation import GenerationError, sample_next
 
@@ -118,3 +118,14 @@ def test_bad_arguments_are_named(args, match):
     assert isinstance(info.value, BlackMambaError) and isinstance(info.value, ValueError)
     option = match.split()[0] if match.split()[0] in kw else "prompts"
     assert info.value.option == option
+
+
+def test_attention_models_refuse_to_generate_past_their_kv_cache():
+    config = BlackMambaConfig.from_preset(
+        "tiny", vocab_size=64, layer_pattern=["attention", "moe"], n_heads=2, max_seq_len=16
+    )
+    model = BlackMamba(config).eval()
+    assert len(generate(model, [[1, 2, 3, 4]], 12)[0]) == 12  # 16 positions: fits
+    with pytest.raises(GenerationError, match="KV cache holds") as err:
+        generate(model, [[1, 2, 3, 4], [5]], 13)
+    assert err.value.option == "max_new_tokens"
