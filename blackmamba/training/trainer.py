@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import sys
 import time
 import warnings
@@ -86,6 +87,8 @@ from .rundir import (
 
 __all__ = ["METRICS", "STATE_FILE", "TrainArgs", "TrainingError", "evaluate", "save_checkpoint", "train"]
 
+# With a time budget, the schedule is fitted after this many steps at most (fewer when the warmup is shorter).
+FIT_STEPS = 10
 # Fewer optimizer steps than this in a time budget trains a model whose numbers mean little.
 MEANINGFUL_STEPS = 20
 # Options that fix the batches and the loss curve: a resumed run must repeat them.
@@ -913,10 +916,12 @@ def _train_loop(
     state_bytes = 12 * sum(p.numel() for p in model.parameters())  # fp32 weights + two AdamW moments
     budget.save_s = 0.3 + state_bytes / 150e6
     budget.plots_s = 3.0 if args.plots else 0.0
-    # With a time budget and no --max-steps the schedule's length is fitted after the first real steps:
-    # their learning rates do not depend on it (step 0 starts the warmup or the cosine at its peak, and a
-    # second step is still warming up), so the run is exactly a --max-steps run of the fitted length.
-    fit_at = None if max_steps is not None else start_step + (2 if args.warmup >= 2 else 1)
+    # With a time budget and no --max-steps the schedule's length is fitted after the first real steps, as
+    # late as the warmup allows (up to FIT_STEPS): warmup learning rates do not depend on the length (step 0
+    # starts the warmup or the cosine at its peak), so the run is exactly a --max-steps run of the fitted
+    # length. The first steps are slow (allocations, lazy imports, a busy machine settling), so the step
+    # time is the median of the later half of those measured.
+    fit_at = None if max_steps is not None else start_step + max(1, min(args.warmup, FIT_STEPS))
     if max_steps is not None:
         _warn_about_warmup(args, max_steps, start_step)
     progress = _Progress(args.progress and ranks.main, max_steps, start_step, args.progress_every)
@@ -927,7 +932,7 @@ def _train_loop(
             rng = rng_state()  # an evaluation draws nothing, but the run must not depend on that
             budget.eval_s = _measure_eval(model, val_data, args, device, autocast, ranks.world)
             set_rng_state(rng, Path("(eval probe)"))
-        budget.step_s = min(step_times)
+        budget.step_s = statistics.median(step_times[len(step_times) // 2 :])
         fitted = max(step, budget.fit(budget.step_s, args.eval_every, args.save_every, budget.final_reserve(True)))
         if ranks.distributed:
             fitted = broadcast_int(fitted)  # rank 0's clock decides for all
