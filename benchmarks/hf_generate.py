@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 
 import blackmamba
-from blackmamba.hf import BlackMambaForCausalLM
 
 from .harness import (
     BF16,
@@ -44,6 +43,8 @@ VOCAB = 50277  # token ids of the GPT-NeoX tokenizer
 
 
 def bench(model: blackmamba.BlackMamba, batch: int, prompt: int, new: int, repeats: int) -> Row:
+    from blackmamba.hf import BlackMambaForCausalLM  # transformers sets inductor variables on import
+
     device = model.device
     hf = BlackMambaForCausalLM.from_native(model)
     vocab = min(VOCAB, model.config.vocab_size)

@@ -245,27 +245,27 @@ def prefix_ttft(url: str, args) -> tuple[float, float]:
     return 1e3 * statistics.median(cold), 1e3 * statistics.median(warm)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argument_parser(__spec__, __doc__)
     p.add_argument("--preset", default="blackmamba-2.8b", help="random-weight model shape (default 2.8B)")
     p.add_argument("--model", help="serve this checkpoint instead of a random-weight preset")
     p.add_argument("--device", default="auto", help="the server's device (auto, cpu, cuda)")
     p.add_argument("--dtype", default="auto", help="the server's dtype (auto: bf16 on GPU)")
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64, 256])
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64, 256], help="concurrency levels")
     p.add_argument("--request-rate", type=float, default=float("inf"), help="Poisson arrivals per second")
     p.add_argument("--num-prompts", type=int, default=None, help="requests per level (default 4 x C, >= 16)")
-    p.add_argument("--input-len", type=int, default=128)
-    p.add_argument("--output-len", type=int, default=128)
-    p.add_argument("--prefix-len", type=int, default=1000)
-    p.add_argument("--cached", type=int, default=900)
-    p.add_argument("--prefix-trials", type=int, default=5)
+    p.add_argument("--input-len", type=int, default=128, help="prompt tokens per request")
+    p.add_argument("--output-len", type=int, default=128, help="new tokens per request")
+    p.add_argument("--prefix-len", type=int, default=1000, help="prompt tokens of the cached-prefix TTFT test")
+    p.add_argument("--cached", type=int, default=900, help="of those, tokens shared with an earlier prompt")
+    p.add_argument("--prefix-trials", type=int, default=5, help="repeats of the cached-prefix TTFT test")
     p.add_argument("--cache-interval", type=int, default=256, help="the server's --prompt-cache-interval")
     p.add_argument("--offline-batch", type=int, default=64, help="batch of the offline peer (0: skip it)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="the server's token budget per step")
     p.add_argument("--max-prefill-batch", type=int, default=None, help="the server's prompts per prefill forward")
     p.add_argument("--quick", action="store_true", help="short run: no results file unless --out is given")
     p.add_argument("--out", type=Path, default=None, help="results JSON (default results/serve.json)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     device = resolve_device(args.device)
     meta = run_meta(device, preset=args.model or args.preset, input_len=args.input_len, output_len=args.output_len,
                     request_rate=args.request_rate, max_num_batched_tokens=args.max_num_batched_tokens,

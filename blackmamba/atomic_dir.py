@@ -90,6 +90,20 @@ def _renameat2() -> Callable | None:
 _RENAMEAT2 = _renameat2()
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux shows it (``/proc/self/status``), since
+    setting and restoring it races with other threads creating files."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def exchange(a: Path, b: Path) -> bool:
     """Swap the names ``a`` and ``b`` (both must exist) atomically. False when this system cannot."""
     if _RENAMEAT2 is None:

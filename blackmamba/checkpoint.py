@@ -29,10 +29,7 @@ replaced. Folders and files honour the umask.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
-import errno
-import functools
 import glob
 import json
 import os
@@ -58,6 +55,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from .atomic_dir import current_umask, exchange
 from .config import BlackMambaConfig, ConfigError
 from .errors import BlackMambaError
 from .model import BlackMamba, cast_model
@@ -654,10 +652,10 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iter
     except OSError as e:
         raise CheckpointError(f"cannot write checkpoint {target}: {e.strerror or _one_line(e)}") from None
     try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; a checkpoint follows the umask
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; a checkpoint follows the umask
         yield tmp
         _check_destination(target, overwrite)
-        _settle_tree(tmp, _umask())
+        _settle_tree(tmp, current_umask())
         _swap_into_place(tmp, target)
     except (OSError, SafetensorError) as e:
         raise CheckpointError(f"cannot write checkpoint {target}: {_one_line(e)}") from None
@@ -716,7 +714,7 @@ def _swap_into_place(tmp: Path, target: Path) -> None:
     """Put the finished folder ``tmp`` at ``target``, then delete what was there."""
     if not os.path.lexists(target):
         os.rename(tmp, target)  # fails, rather than replaces, if a non-empty folder appeared meanwhile
-    elif _exchange(tmp, target):
+    elif exchange(tmp, target):
         _remove_quietly(tmp)  # tmp now holds the old version
     else:
         old = target.parent / f".{target.name}.old-{_owner_tag()}-{os.urandom(4).hex()}"
@@ -736,29 +734,6 @@ def _remove_quietly(folder: Path) -> None:
     with contextlib.suppress(OSError):
         if os.path.lexists(folder):
             shutil.rmtree(folder, ignore_errors=True)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two directory entries atomically (Linux renameat2 with RENAME_EXCHANGE). False when this system
-    or file system cannot, so that the caller falls back to two renames."""
-    renameat2 = getattr(_libc(), "renameat2", None)
-    if renameat2 is None:
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, f"cannot swap {a} and {b}: {os.strerror(err)}")
-
-
-@functools.cache
-def _libc() -> Any:
-    try:
-        return ctypes.CDLL(None, use_errno=True)
-    except OSError:  # no C library to load (Windows)
-        return None
 
 
 def _owner_tag() -> str:
@@ -793,18 +768,6 @@ def _alive(pid: int) -> bool:
     except (PermissionError, OverflowError, OSError):
         return True
     return True
-
-
-def _umask() -> int:
-    try:  # Linux shows it without changing it (thread safe)
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def _settle_tree(folder: Path, umask: int) -> None:

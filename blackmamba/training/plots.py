@@ -20,8 +20,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..atomic_dir import current_umask
 from ..errors import BlackMambaError
-from .rundir import current_umask
 
 METRICS_FILE = "metrics.jsonl"
 PLOTS_DIR = "plots"

@@ -233,19 +233,6 @@ class RunLock:
             self.fd = None
 
 
-def current_umask() -> int:
-    """The process umask (read without changing it where /proc allows)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a hidden temporary file and one rename (modes follow the umask)."""
     tmp = path.parent / f"{TMP_PREFIX}{path.name}-{os.getpid()}-{os.urandom(4).hex()}"

@@ -39,7 +39,7 @@ STEPS = [
     (os, "rmdir"),
     (shutil, "rmtree"),
     (tempfile, "mkdtemp"),
-    (ckpt, "_exchange"),
+    (ckpt, "exchange"),
     (ckpt, "save_file"),
     (torch, "save"),
     (builtins, "open"),
@@ -137,7 +137,7 @@ def inject(tmp_path: Path, writer: str, previous: bool, at: int, kill: bool, exc
     expected_names = sorted(p.name for p in root.iterdir() if p.name != "ckpt")
     with pytest.MonkeyPatch.context() as mp:
         if not exchange:
-            mp.setattr(ckpt, "_exchange", lambda a, b: False)
+            mp.setattr(ckpt, "exchange", lambda a, b: False)
         if kill:
             outcome = run_killed(write, at)
             assert outcome in (KILLED, 0), f"step {at} ({step}): the child failed otherwise ({outcome})"
@@ -186,7 +186,7 @@ def inject(tmp_path: Path, writer: str, previous: bool, at: int, kill: bool, exc
 
 def test_every_step_of_save_pretrained_raising(tmp_path):
     steps = count_steps(tmp_path, "save_pretrained", previous=True)
-    assert {"save_file", "_exchange", "fsync", "rmtree"} <= set(steps), steps
+    assert {"save_file", "exchange", "fsync", "rmtree"} <= set(steps), steps
     for at, step in enumerate(steps, 1):
         inject(tmp_path, "save_pretrained", True, at, kill=False, exchange=True, step=step)
 
@@ -194,7 +194,7 @@ def test_every_step_of_save_pretrained_raising(tmp_path):
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="kills a forked writer")
 def test_save_pretrained_killed_around_the_swap(tmp_path):
     steps = count_steps(tmp_path, "save_pretrained", previous=True)
-    swap = steps.index("_exchange") + 1
+    swap = steps.index("exchange") + 1
     for at in (steps.index("save_file") + 1, swap, swap + 1, len(steps)):
         inject(tmp_path, "save_pretrained", True, at, kill=True, exchange=True, step=steps[at - 1])
 
@@ -212,7 +212,7 @@ def test_every_step_of_every_writer(tmp_path, writer, previous, exchange, kill):
         pytest.skip("kills a forked writer")
     with pytest.MonkeyPatch.context() as mp:
         if not exchange:
-            mp.setattr(ckpt, "_exchange", lambda a, b: False)
+            mp.setattr(ckpt, "exchange", lambda a, b: False)
         steps = count_steps(tmp_path, writer, previous)
     for at, step in enumerate(steps, 1):
         inject(tmp_path, writer, previous, at, kill=kill, exchange=exchange, step=step)

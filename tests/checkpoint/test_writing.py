@@ -140,8 +140,8 @@ def test_replacement_swaps_the_folder_in_one_step(tmp_path, monkeypatch):
     path = make_ours(tmp_path / "ckpt", seed=0)
     inode = os.stat(path).st_ino
     calls = []
-    real = ckpt._exchange
-    monkeypatch.setattr(ckpt, "_exchange", lambda a, b: calls.append((a, b)) or real(a, b))
+    real = ckpt.exchange
+    monkeypatch.setattr(ckpt, "exchange", lambda a, b: calls.append((a, b)) or real(a, b))
     save_pretrained(tiny(seed=1), path)
     assert len(calls) == 1 and calls[0][1] == path
     if os.stat(path).st_ino == inode:
@@ -152,7 +152,7 @@ def test_replacement_swaps_the_folder_in_one_step(tmp_path, monkeypatch):
 
 def test_fallback_without_exchange_replaces_and_cleans_up(tmp_path, monkeypatch):
     path = make_ours(tmp_path / "ckpt", seed=0)
-    monkeypatch.setattr(ckpt, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(ckpt, "exchange", lambda a, b: False)
     save_released(tiny(seed=1), path)
     assert loads_as(path, tiny(seed=1))
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
