@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.metadata
 import json
 import os
 import platform
@@ -43,6 +42,7 @@ import torch
 
 from blackmamba import BlackMamba, BlackMambaConfig
 from blackmamba.model import cast_model
+from blackmamba.runinfo import cpu_model, package_version
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 BF16 = torch.bfloat16
@@ -75,24 +75,6 @@ def log(message: str) -> None:
 def elapsed_s() -> float:
     """Seconds since the harness was imported (the start of the run, for ``wall_s``)."""
     return time.perf_counter() - _START
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def package_version(name: str) -> str | None:
-    """The installed version of a distribution, without importing it; None when it is not installed."""
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def run_meta(device: str | torch.device = "cpu", /, **extra: Any) -> dict[str, Any]:

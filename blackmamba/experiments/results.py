@@ -15,13 +15,13 @@ better direction (above 1: the baseline does better than BlackMamba): peer / our
 from __future__ import annotations
 
 import datetime
-import importlib.metadata
 import os
 import platform
-from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..runinfo import cpu_model, package_version
 
 HIGHER_IS_BETTER = ("acc",)
 REFERENCE = "blackmamba"
@@ -104,37 +104,20 @@ def result_rows(models: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 _ROW_FIELDS = frozenset(row("", "", "", 0.0))
 
 
-def _version(name: str) -> str | None:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def run_meta(device: torch.device, command: str, /, **extra: Any) -> dict[str, Any]:
     """Date, command, card (None on a CPU), CPU, cores, torch threads and library versions, then ``extra``."""
     return {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": command,
         "card": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "triton": _version("triton"),
+        "triton": package_version("triton"),
         "cuda": torch.version.cuda,
-        "lm_eval": _version("lm-eval"),
-        "blackmamba": _version("blackmamba-toolkit"),
+        "lm_eval": package_version("lm-eval"),
+        "blackmamba": package_version("blackmamba-toolkit"),
         "python": platform.python_version(),
         "platform": platform.platform(),
         **extra,
