@@ -1,0 +1,165 @@
+"""The distributed trainer's step against the plain one (run under torchrun on the device machine).
+
+Each layout trains the same random model on the same random tokens, ``--batch`` sequences of ``--seq-len``
+per GPU, for two warm-up and ``--steps`` timed steps (CUDA-synchronised wall time, median), the step being
+what ``blackmamba train`` runs: bf16 autocast forward, cross-entropy, backward, fused AdamW over fp32 master
+weights. Layouts:
+
+- ``plain``: the model as the one-GPU trainer runs it (one process only);
+- ``fsdp``: FSDP2 per block with bf16 compute parameters, fp32 reduction and fp32 master weights
+  (:func:`blackmamba.training.distributed.parallelize`, what ``--fsdp`` applies);
+- ``fsdp+epE``: FSDP2 and expert parallelism over E ranks (``--expert-parallel E``).
+
+Rows: ``train_step`` tokens/s per GPU for each layout (shape ``2.8b/fsdp/1gpu``), against the plain step of
+the same run where there is one (speedup = layout / plain: 1.0 means the wrapping costs nothing), floor =
+the measured-peak matmul rate over training FLOPs per token; ``max_err`` = the largest difference of the
+per-step losses from the plain run's (bf16 compute parameters against autocast of fp32 weights: close, not
+equal).
+
+    torchrun --standalone --nproc-per-node 1 -m benchmarks.train_distributed [--presets blackmamba-2.8b]
+             [--layouts plain fsdp] [--batch 4] [--seq-len 2048] [--steps 5]
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from blackmamba.training.distributed import (
+    ParallelDims,
+    init_distributed,
+    is_main_process,
+    launched_by_torchrun,
+    mixed_precision,
+    parallelize,
+)
+from blackmamba.training.flops import flops_per_token
+from blackmamba.training.optim import build_optimizer
+
+from .harness import H200_BF16_TFLOPS, RESULTS_DIR, Row, argument_parser, build_model, meta_line, run_meta, write_results
+
+
+def parse_layout(name: str) -> tuple[bool, int]:
+    """``plain`` -> (False, 1), ``fsdp`` -> (True, 1), ``fsdp+ep4`` -> (True, 4)."""
+    if name == "plain":
+        return False, 1
+    if name == "fsdp":
+        return True, 1
+    if name.startswith("fsdp+ep") and name[7:].isdigit() and int(name[7:]) >= 1:
+        return True, int(name[7:])
+    raise SystemExit(f"--layouts: unknown layout {name!r} (plain, fsdp or fsdp+epE)")
+
+
+def bench(preset: str, layout: str, batch: int, seq_len: int, steps: int, world: int) -> tuple[float, dict]:
+    """Tokens/s per GPU of ``layout`` and the run's details (every step's loss, peak memory, step time)."""
+    fsdp, ep = parse_layout(layout)
+    model = build_model(preset, "cuda", train=True, seed=0)
+    if fsdp:
+        dims = ParallelDims(world, ep, fsdp=True)
+        parallelize(model, dims.build_meshes("cuda"), mixed_precision("cuda"))
+    optimizer = build_optimizer(model, 1e-4, 0.1, fused=True)
+    config = model.config
+    vocab = config.tokenizer_vocab_size or config.vocab_size
+    # Every rank draws its own part of the global batch, the same whatever the layout.
+    gen = torch.Generator().manual_seed(1000 + dist.get_rank())
+    ids = torch.randint(1, vocab, (batch, seq_len + 1), generator=gen).cuda()
+    torch.cuda.reset_peak_memory_stats()
+    times, losses = [], []
+    for i in range(steps + 2):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(ids[:, :-1]).logits
+        loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        losses.append(loss.item())
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    # The slowest rank sets the pace of a synchronous step.
+    step = torch.tensor(statistics.median(times), device="cuda")
+    dist.all_reduce(step, op=dist.ReduceOp.MAX)
+    peak = torch.tensor(torch.cuda.max_memory_allocated() / 2**30, device="cuda")
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    del model, optimizer, logits, loss
+    torch.cuda.empty_cache()
+    tps = batch * seq_len / step.item()
+    fpt = flops_per_token(config, seq_len)["train"]
+    return tps, {
+        "step_s": step.item(),
+        "mfu": tps * fpt / (H200_BF16_TFLOPS * 1e12),
+        "peak_memory_gib": peak.item(),
+        "losses": losses,
+        "floor": H200_BF16_TFLOPS * 1e12 / fpt,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argument_parser(__spec__, __doc__)
+    parser.add_argument("--presets", nargs="+", default=["blackmamba-2.8b"], help="model shapes")
+    parser.add_argument("--layouts", nargs="+", default=["plain", "fsdp"], help="plain, fsdp, fsdp+epE")
+    parser.add_argument("--batch", type=int, default=4, help="sequences per GPU per step")
+    parser.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (after two warm-up steps)")
+    parser.add_argument("--out", default=str(RESULTS_DIR / "distributed.json"), help="results file")
+    args = parser.parse_args(argv)
+    if not launched_by_torchrun():
+        raise SystemExit("run under torchrun: torchrun --standalone --nproc-per-node N -m benchmarks.train_distributed")
+    for layout in args.layouts:
+        parse_layout(layout)
+    env = init_distributed("cuda")
+    world = env.world_size
+    if "plain" in args.layouts and world > 1:
+        raise SystemExit("the plain layout runs on one process only (launch with --nproc-per-node 1)")
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+    rows = []
+    for preset in args.presets:
+        size = preset.removeprefix("blackmamba-")
+        plain: tuple[float, dict] | None = None
+        for layout in args.layouts:
+            tps, info = bench(preset, layout, args.batch, args.seq_len, args.steps, world)
+            if layout == "plain":
+                plain = (tps, info)
+            err = None if plain is None else max(abs(a - b) for a, b in zip(info["losses"], plain[1]["losses"]))
+            floor = info.pop("floor")
+            rows.append(
+                Row(
+                    "train_step",
+                    f"{size}/{layout}/{world}gpu",
+                    "tokens/s",
+                    tps,
+                    peer=None if plain is None or layout == "plain" else "plain trainer step, same run",
+                    peer_value=None if plain is None or layout == "plain" else plain[0],
+                    floor=floor,
+                    max_err=None if layout == "plain" else err,
+                    extra={**info, "gpus": world, "batch_per_gpu": args.batch, "seq_len": args.seq_len},
+                )
+            )
+            if is_main_process():
+                print(json.dumps(rows[-1].to_json()), file=sys.stderr, flush=True)
+    if is_main_process():
+        meta = run_meta("cuda", peak_tflops_assumed=H200_BF16_TFLOPS, gpus=world)
+        write_results(Path(args.out), meta, rows)
+        print(f"\n{meta_line(meta)}")
+        print(f"{'shape':<26} {'tokens/s/GPU':>12} {'vs plain':>9} {'MFU':>7} {'peak GiB':>9} {'max |dloss|':>11}")
+        for r in rows:
+            e = r.extra
+            vs = "-" if r.speedup is None else f"{r.speedup:.3f}"
+            err = "-" if r.max_err is None else f"{r.max_err:.4f}"
+            print(f"{r.shape:<26} {r.ours:>12,.0f} {vs:>9} {e['mfu']:>7.1%} {e['peak_memory_gib']:>9.1f} {err:>11}")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
