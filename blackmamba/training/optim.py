@@ -6,21 +6,31 @@ import math
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 # No weight decay on the SSM's A_log and D, on norms, biases and the (tied) embedding.
 NO_DECAY_SUFFIXES = ("A_log", "mixer.D", "bias", "norm.weight", "embedding.weight")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups, with and without weight decay. In a parallelized model, where FSDP's sharded parameters
+    (DTensors) sit beside plain ones (the fp32 A_log, D and dt bias it leaves out), each group is split in
+    two: the fused AdamW kernel refuses a group that mixes them."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         (no_decay if name.endswith(NO_DECAY_SUFFIXES) else decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if not any(isinstance(p, DTensor) for p in decay + no_decay):
+        return groups
+    split = []
+    for group in groups:
+        for sharded in (True, False):
+            params = [p for p in group["params"] if isinstance(p, DTensor) == sharded]
+            if params:
+                split.append({**group, "params": params})
+    return split
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, fused: bool = False) -> torch.optim.AdamW:

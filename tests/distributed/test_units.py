@@ -187,3 +187,41 @@ def test_hostile_metadata_is_refused(tmp_path, payload, capsys):
     with pytest.raises(CheckpointError, match=match):
         dcp.load(target, h.build_model())
     assert "pwned" not in capsys.readouterr().out
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A gloo process group of this one process (FSDP2 needs one to build its DTensors), torn down after."""
+    import torch.distributed as dist
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_fused_adamw_steps_a_model_with_sharded_and_plain_parameters(one_rank_group):
+    """FSDP leaves the fp32 A_log, D and dt bias out as plain tensors beside its DTensors; the fused AdamW
+    (what the trainer uses on GPU) refuses a group that mixes them, so each group is split by kind."""
+    from torch.distributed.tensor import DTensor
+
+    from blackmamba.training.distributed import Meshes, apply_fsdp, mixed_precision
+
+    model = h.build_model()
+    meshes = ParallelDims(1, 1, fsdp=True).build_meshes("cpu")
+    policy = mixed_precision("cpu")
+    policy = type(policy)(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    apply_fsdp(model, Meshes(meshes.dims, meshes.dense, None), policy)
+    kinds = {isinstance(p, DTensor) for p in model.parameters()}
+    assert kinds == {True, False}  # the situation that broke the fused optimizer
+    optimizer = build_optimizer(model, h.LR, h.WEIGHT_DECAY, fused=True)
+    for group in optimizer.param_groups:
+        assert len({isinstance(p, DTensor) for p in group["params"]}) == 1
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
+    before = [
+        p.detach().clone() if not isinstance(p, DTensor) else p.to_local().detach().clone() for p in model.parameters()
+    ]
+    model(torch.randint(0, 256, (2, 12))).logits.float().square().mean().backward()
+    optimizer.step()
+    after = [p.detach() if not isinstance(p, DTensor) else p.to_local().detach() for p in model.parameters()]
+    assert all(not torch.equal(a, b) for a, b in zip(after, before, strict=True))
