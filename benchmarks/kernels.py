@@ -10,7 +10,8 @@ Rows (BlackMamba-2.8B shapes: d_model 1472, d_inner 2944, N 16, conv 4, 8 expert
 Each row: ours (ms, median of triton.testing.do_bench), one peer measured in the same run, the floor (bytes
 over the measured copy bandwidth, or FLOPs over the measured bf16 matmul rate), fraction of the floor,
 speedup over the peer, and the max error against the plain reference (max |ours - ref| / max |ref|, the
-reference in fp32 on the same inputs). Other peers measured in the same run are kept in "others".
+reference in fp32 on the same inputs). Other peers measured in the same run are kept in "others", printed
+after the table.
 
     python -m benchmarks.kernels [--quick] [--out benchmarks/results/kernels.json]
 """
@@ -79,12 +80,11 @@ def scan_rows(batch: int, length: int, bw: float, check_grads: bool) -> list[Row
     shape = f"{batch}x{length}"
     x = scan_inputs(batch, length)
     with torch.no_grad():
-        y = selective_scan_triton(**x)
         ref = selective_scan_ref(**{k: (v.float() if v.dtype == BF16 else v) for k, v in x.items()})
-        err = max_err(y, ref)
-        del ref
+        err = max_err(selective_scan_triton(**x), ref)
         t_ours = bench_ms(lambda: selective_scan_triton(**x))
         t_torch = bench_ms(lambda: selective_scan_chunked(**x))
+        del ref
     act = batch * length * D_IN * 2  # one (B, L, D_in) bf16 tensor
     bc = batch * length * 2 * N * 2
     fwd_bytes = 4 * act + bc  # read u, delta, z, B, C; write y
@@ -97,16 +97,18 @@ def scan_rows(batch: int, length: int, bw: float, check_grads: bool) -> list[Row
         out = fn(**leaves)
         return torch.autograd.grad(out, list(leaves.values()), dy)
 
-    t_ours = bench_ms(lambda: fwd_bwd(selective_scan_triton))
-    t_torch = bench_ms(lambda: fwd_bwd(selective_scan_chunked))
-    err = None
+    ref_grads = None
     if check_grads:
-        grads = fwd_bwd(selective_scan_triton)
         ref_leaves = {k: (v.detach().float() if v.dtype == BF16 else v.detach()).requires_grad_() for k, v in x.items()}
-        ref_out = selective_scan_ref(**ref_leaves)
-        ref_grads = torch.autograd.grad(ref_out, list(ref_leaves.values()), dy.float())
-        err = max(max_err(a, b) for a, b in zip(grads, ref_grads, strict=True))
-        del ref_out, ref_grads
+        ref_grads = torch.autograd.grad(selective_scan_ref(**ref_leaves), list(ref_leaves.values()), dy.float())
+
+    def grads_err() -> float | None:
+        if ref_grads is None:
+            return None
+        return max(max_err(a, b) for a, b in zip(fwd_bwd(selective_scan_triton), ref_grads, strict=True))
+
+    t_torch = bench_ms(lambda: fwd_bwd(selective_scan_chunked))
+    t_ours, err = bench_ms(lambda: fwd_bwd(selective_scan_triton)), grads_err()
     bwd_bytes = 7 * act + 2 * bc  # read u, delta, z, dy, B, C; write du, ddelta, dz, dB, dC
     floor = (fwd_bytes + bwd_bytes) / bw * 1e3
     rows.append(row("scan_fwd_bwd", shape, t_ours, "torch chunked scan (ours, PyTorch)", t_torch, floor, err))
@@ -312,7 +314,7 @@ def main(argv: list[str] | None = None) -> None:
         block_d, warps, t_sub = (int(v) for v in args.scan_fwd.split(","))
         scan_settings.update(scan_fwd_config=(block_d, warps), scan_t_sub=t_sub)
     if args.scan_bwd:
-        scan_settings["scan_bwd_config"] = tuple(int(v) for v in args.scan_bwd.split(","))
+        scan_settings["scan_bwd_seg_config"] = tuple(int(v) for v in args.scan_bwd.split(","))
     with use_settings(**scan_settings) as settings:
         run(args, settings)
 
@@ -349,13 +351,16 @@ def run(args: argparse.Namespace, settings: KernelSettings) -> None:
     scan_config = {
         "fwd": settings.scan_fwd_config,
         "t_sub": settings.scan_t_sub,
-        "bwd": settings.scan_bwd_config,
+        "bwd_segmented": settings.scan_bwd_seg_config,
     }
     meta = run_meta("cuda", copy_bandwidth_TBps=bw / 1e12, bf16_matmul_TFLOPs=peak / 1e12, scan_config=scan_config)
     header, body = table(rows)
     write_results(Path(args.out), meta, rows, f"{meta_line(meta)}\n\n{markdown_table(header, body)}\n")
     print(f"\n{meta_line(meta)}")
     print(text_table(header, body))
+    for r in rows:  # the other peers beside the main figure
+        if r.extra.get("others"):
+            print(f"{r.benchmark} {r.shape}: " + ", ".join(f"{k} {fmt(v)}" for k, v in r.extra["others"].items()))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from ..kernel_inputs import D_IN, scan_inputs
 scan = importlib.import_module("blackmamba.kernels.scan_triton")  # the launchers and their segment rule
 conv = importlib.import_module("blackmamba.kernels.causal_conv1d")
 FWD = [(8, 1, 4), (16, 1, 8)]  # BLOCK_D, num_warps, T_SUB
-BWD = [(8, 1), (16, 1), (16, 2), (32, 2)]  # BLOCK_D, num_warps
+BWD = [(8, 1), (16, 1), (16, 2), (32, 2)]  # BLOCK_D, num_warps of the backward (kernels/scan_bwd_triton.py)
 
 
 def conv_sweep(variants: list[tuple[int, int, int]]) -> None:
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     dy = torch.randn_like(x["u"])
     bwd = {}
     for cfg in bwd_variants:
-        with use_settings(**fwd_settings(best_fwd), scan_bwd_config=cfg):
+        with use_settings(**fwd_settings(best_fwd), scan_bwd_seg_config=cfg):
             bwd[cfg] = do_bench(
                 lambda: torch.autograd.grad(scan.selective_scan_triton(**leaves), list(leaves.values()), dy),
                 rep=50,

@@ -7,10 +7,9 @@ channel's N states and walks the sequence, T_SUB positions per loop step: the st
 together. With few programs the forward also splits the sequence into segments: a pass from zero states
 gives each segment's end state and sum of dt, a carry over the segments gives their true start states,
 and the real pass runs from those. The forward keeps the state at every CHUNK-th position
-(B, n_chunks, D_in, N fp32) for the backward, which recomputes each chunk forward from it, keeping every
-4th state in a small scratch buffer (L2-resident), then walks the chunk backwards 4 positions at a time
-with those positions' states and decays in registers, running the adjoint recurrence
-lambda_t = C_t g_t + decay_{t+1} lambda_{t+1}. Tile shapes and the segment split come from
+(B, n_chunks, D_in, N fp32) for the backward (:mod:`.scan_bwd_triton`), which splits the sequence into
+segments, recomputes each chunk forward from its kept state and runs the adjoint recurrence
+lambda_t = C_t g_t + decay_{t+1} lambda_{t+1} backwards. Tile shapes and the segment split come from
 :mod:`.settings` (``scan_*``).
 
 The decode step (:func:`ssm_update_triton`) advances the state (S, D_in, N) by one token in place, one
@@ -29,6 +28,7 @@ import torch
 from torch import Tensor
 
 from .scan import _check_inputs, selective_scan_ref
+from .scan_bwd_triton import scan_bwd_segmented
 from .settings import get_settings
 from .tl_math import check_state_indices, decode_launch_config, expect_shape
 
@@ -43,23 +43,6 @@ _BLOCK_R = 64  # dt_proj rank per step of the fused dt GEMV
 
 if triton is not None:
     from .tl_math import softplus as _softplus
-
-    @triton.jit
-    def _seq_inputs(
-        u_ptr, delta_ptr, B_ptr, C_ptr, bias, t, seqlen, offs_d, mask_d, offs_n, mask_n,
-        stride_u_l, stride_delta_l, stride_B_l, stride_C_l, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    ):  # fmt: skip
-        valid = t < seqlen
-        m = mask_d & valid
-        u = tl.load(u_ptr + t * stride_u_l + offs_d, mask=m, other=0.0).to(tl.float32)
-        raw = tl.load(delta_ptr + t * stride_delta_l + offs_d, mask=m, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            raw += bias
-        dt = _softplus(raw) if SOFTPLUS else raw
-        dt = tl.where(m, dt, 0.0)  # past the end: decay 1 and no input
-        b_t = tl.load(B_ptr + t * stride_B_l + offs_n, mask=mask_n & valid, other=0.0).to(tl.float32)
-        c_t = tl.load(C_ptr + t * stride_C_l + offs_n, mask=mask_n & valid, other=0.0).to(tl.float32)
-        return u, raw, dt, b_t, c_t
 
     @triton.jit
     def _scan_fwd_seq_kernel(
@@ -136,176 +119,6 @@ if triton is not None:
         tl.store(hT_ptr + seg_state, h, mask=state_mask)
         if not STORE_Y:
             tl.store(dtsum_ptr + (b * n_seg + g) * dim + offs_d, dt_sum, mask=mask_d)
-
-    @triton.jit
-    def _seq_g(dy_ptr, z_ptr, t, seqlen, offs_d, mask_d, stride_dy_l, stride_z_l, HAS_Z: tl.constexpr):
-        """dy at position t and g = dy * silu(z), the gradient of the output before the gate."""
-        m = mask_d & (t < seqlen)
-        dy = tl.load(dy_ptr + t * stride_dy_l + offs_d, mask=m, other=0.0).to(tl.float32)
-        if HAS_Z:
-            zv = tl.load(z_ptr + t * stride_z_l + offs_d, mask=m, other=0.0).to(tl.float32)
-            return dy * zv * tl.sigmoid(zv), dy, zv
-        return dy, dy, dy
-
-    @triton.jit
-    def _seq_grads(
-        lam, h, h_prev, decay, u, raw, dt, b_t, c_t, g, dy, zv, t, seqlen, A, d_skip, dA_acc,
-        du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, offs_d, mask_d, offs_n, mask_n,
-        dim, N: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
-    ):  # fmt: skip
-        """Position t of the backward; lam is the gradient reaching h_t from every later position."""
-        valid = t < seqlen
-        m = mask_d & valid
-        if HAS_Z:
-            y_core = tl.sum(h * c_t, 1, keep_dims=True)
-            if HAS_D:
-                y_core += d_skip * u
-            sig = tl.sigmoid(zv)
-            dz = dy * y_core * sig * (1.0 + zv * (1.0 - sig))
-            tl.store(dz_ptr + t * dim + offs_d, dz.to(dz_ptr.dtype.element_ty), mask=m)
-        tl.store(dC_ptr + t * N + offs_n, tl.sum(h * g, 0, keep_dims=True), mask=mask_n & valid)
-        lam_b = lam * b_t
-        du = tl.sum(lam_b, 1, keep_dims=True)
-        g_decay = lam * h_prev * decay  # d(decay_t) * decay_t
-        ddt = du * u + tl.sum(g_decay * A, 1, keep_dims=True)
-        tl.store(dB_ptr + t * N + offs_n, tl.sum(lam * (dt * u), 0, keep_dims=True), mask=mask_n & valid)
-        du = du * dt
-        if HAS_D:
-            du += d_skip * g
-        if SOFTPLUS:
-            ddt = ddt * tl.sigmoid(raw)
-        ddt = tl.where(m, ddt, 0.0)
-        tl.store(du_ptr + t * dim + offs_d, du.to(du_ptr.dtype.element_ty), mask=m)
-        tl.store(ddelta_ptr + t * dim + offs_d, ddt.to(ddelta_ptr.dtype.element_ty), mask=m)
-        dA_acc += g_decay * dt
-        return ddt, dA_acc
-
-    @triton.jit
-    def _scan_bwd_seq_kernel(
-        u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_bias_ptr, ckpt_ptr, dy_ptr, dhT_ptr,
-        du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, ddelta_bias_ptr, dh0_ptr, scratch_ptr,
-        seqlen, dim, batch,
-        stride_u_b, stride_u_l, stride_delta_b, stride_delta_l, stride_B_b, stride_B_l, stride_C_b, stride_C_l,
-        stride_z_b, stride_z_l, stride_dy_b, stride_dy_l,
-        N: tl.constexpr, N_P2: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
-        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DHT: tl.constexpr,
-        SOFTPLUS: tl.constexpr,
-    ):  # fmt: skip
-        # T_SUB is 4 here: the four positions' states and decays are named registers.
-        b = tl.program_id(0).to(tl.int64)  # 64-bit: b * seqlen * dim and the state offsets outgrow int32
-        pid_d = tl.program_id(1)
-        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)[:, None]
-        mask_d = offs_d < dim
-        offs_n = tl.arange(0, N_P2)[None, :]
-        mask_n = offs_n < N
-        state_mask = mask_d & mask_n
-        state_offs = offs_d * N + offs_n
-        A = tl.load(A_ptr + state_offs, mask=state_mask, other=0.0)
-        A2 = A * 1.4426950408889634
-        if HAS_DHT:
-            lam = tl.load(dhT_ptr + b * dim * N + state_offs, mask=state_mask, other=0.0)
-        else:
-            lam = tl.zeros((BLOCK_D, N_P2), tl.float32)
-        bias = tl.load(delta_bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
-        d_skip = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) if HAS_D else 0.0
-        dA_acc = tl.zeros((BLOCK_D, N_P2), tl.float32)
-        dD_acc = tl.zeros((BLOCK_D, 1), tl.float32)
-        dbias_acc = tl.zeros((BLOCK_D, 1), tl.float32)
-        decay_next = tl.full((BLOCK_D, N_P2), 1.0, tl.float32)  # after the last position: lambda_L = dhT
-        u_ptr += b * stride_u_b
-        delta_ptr += b * stride_delta_b
-        B_ptr += b * stride_B_b
-        C_ptr += b * stride_C_b
-        z_ptr += b * stride_z_b
-        dy_ptr += b * stride_dy_b
-        du_ptr += b * seqlen * dim
-        ddelta_ptr += b * seqlen * dim
-        dz_ptr += b * seqlen * dim
-        dB_ptr += (pid_d * batch + b) * seqlen * N
-        dC_ptr += (pid_d * batch + b) * seqlen * N
-        scratch_ptr += (b * tl.num_programs(1) + pid_d) * (CHUNK // 4) * BLOCK_D * N_P2
-        local = tl.arange(0, BLOCK_D)[:, None] * N_P2 + offs_n
-        n_chunks = (seqlen + CHUNK - 1) // CHUNK
-        for kk in range(n_chunks):
-            k = n_chunks - 1 - kk
-            # Forward through the chunk from its saved start, keeping every 4th state.
-            h = tl.load(ckpt_ptr + (b * n_chunks + k) * dim * N + state_offs, mask=state_mask, other=0.0)
-            for s in range(CHUNK // 4):
-                tl.store(scratch_ptr + s * BLOCK_D * N_P2 + local, h)
-                for j in tl.static_range(4):
-                    t = k * CHUNK + s * 4 + j
-                    u, raw, dt, b_t, c_t = _seq_inputs(
-                        u_ptr, delta_ptr, B_ptr, C_ptr, bias, t, seqlen, offs_d, mask_d, offs_n, mask_n,
-                        stride_u_l, stride_delta_l, stride_B_l, stride_C_l, HAS_BIAS, SOFTPLUS,
-                    )  # fmt: skip
-                    h = tl.exp2(dt * A2) * h + (dt * u) * b_t
-            tl.debug_barrier()
-            # Backwards, four positions at a time.
-            for ss in range(CHUNK // 4):
-                s = CHUNK // 4 - 1 - ss
-                t0 = k * CHUNK + s * 4
-                h_start = tl.load(scratch_ptr + s * BLOCK_D * N_P2 + local)
-                u0, raw0, dt0, b0, c0 = _seq_inputs(
-                    u_ptr, delta_ptr, B_ptr, C_ptr, bias, t0, seqlen, offs_d, mask_d, offs_n, mask_n,
-                    stride_u_l, stride_delta_l, stride_B_l, stride_C_l, HAS_BIAS, SOFTPLUS,
-                )  # fmt: skip
-                u1, raw1, dt1, b1, c1 = _seq_inputs(
-                    u_ptr, delta_ptr, B_ptr, C_ptr, bias, t0 + 1, seqlen, offs_d, mask_d, offs_n, mask_n,
-                    stride_u_l, stride_delta_l, stride_B_l, stride_C_l, HAS_BIAS, SOFTPLUS,
-                )  # fmt: skip
-                u2, raw2, dt2, b2, c2 = _seq_inputs(
-                    u_ptr, delta_ptr, B_ptr, C_ptr, bias, t0 + 2, seqlen, offs_d, mask_d, offs_n, mask_n,
-                    stride_u_l, stride_delta_l, stride_B_l, stride_C_l, HAS_BIAS, SOFTPLUS,
-                )  # fmt: skip
-                u3, raw3, dt3, b3, c3 = _seq_inputs(
-                    u_ptr, delta_ptr, B_ptr, C_ptr, bias, t0 + 3, seqlen, offs_d, mask_d, offs_n, mask_n,
-                    stride_u_l, stride_delta_l, stride_B_l, stride_C_l, HAS_BIAS, SOFTPLUS,
-                )  # fmt: skip
-                e0 = tl.exp2(dt0 * A2)
-                e1 = tl.exp2(dt1 * A2)
-                e2 = tl.exp2(dt2 * A2)
-                e3 = tl.exp2(dt3 * A2)
-                h0 = e0 * h_start + (dt0 * u0) * b0
-                h1 = e1 * h0 + (dt1 * u1) * b1
-                h2 = e2 * h1 + (dt2 * u2) * b2
-                h3 = e3 * h2 + (dt3 * u3) * b3
-                g0, dy0, z0 = _seq_g(dy_ptr, z_ptr, t0, seqlen, offs_d, mask_d, stride_dy_l, stride_z_l, HAS_Z)
-                g1, dy1, z1 = _seq_g(dy_ptr, z_ptr, t0 + 1, seqlen, offs_d, mask_d, stride_dy_l, stride_z_l, HAS_Z)
-                g2, dy2, z2 = _seq_g(dy_ptr, z_ptr, t0 + 2, seqlen, offs_d, mask_d, stride_dy_l, stride_z_l, HAS_Z)
-                g3, dy3, z3 = _seq_g(dy_ptr, z_ptr, t0 + 3, seqlen, offs_d, mask_d, stride_dy_l, stride_z_l, HAS_Z)
-                # lambda_t = C_t g_t + decay_{t+1} lambda_{t+1}
-                lam = decay_next * lam + g3 * c3
-                ddt3, dA_acc = _seq_grads(
-                    lam, h3, h2, e3, u3, raw3, dt3, b3, c3, g3, dy3, z3, t0 + 3, seqlen, A, d_skip, dA_acc,
-                    du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, offs_d, mask_d, offs_n, mask_n,
-                    dim, N, HAS_D, HAS_Z, SOFTPLUS,
-                )  # fmt: skip
-                lam = e3 * lam + g2 * c2
-                ddt2, dA_acc = _seq_grads(
-                    lam, h2, h1, e2, u2, raw2, dt2, b2, c2, g2, dy2, z2, t0 + 2, seqlen, A, d_skip, dA_acc,
-                    du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, offs_d, mask_d, offs_n, mask_n,
-                    dim, N, HAS_D, HAS_Z, SOFTPLUS,
-                )  # fmt: skip
-                lam = e2 * lam + g1 * c1
-                ddt1, dA_acc = _seq_grads(
-                    lam, h1, h0, e1, u1, raw1, dt1, b1, c1, g1, dy1, z1, t0 + 1, seqlen, A, d_skip, dA_acc,
-                    du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, offs_d, mask_d, offs_n, mask_n,
-                    dim, N, HAS_D, HAS_Z, SOFTPLUS,
-                )  # fmt: skip
-                lam = e1 * lam + g0 * c0
-                ddt0, dA_acc = _seq_grads(
-                    lam, h0, h_start, e0, u0, raw0, dt0, b0, c0, g0, dy0, z0, t0, seqlen, A, d_skip, dA_acc,
-                    du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, offs_d, mask_d, offs_n, mask_n,
-                    dim, N, HAS_D, HAS_Z, SOFTPLUS,
-                )  # fmt: skip
-                decay_next = e0
-                dD_acc += g0 * u0 + g1 * u1 + g2 * u2 + g3 * u3
-                dbias_acc += ddt0 + ddt1 + ddt2 + ddt3
-            tl.debug_barrier()
-        tl.store(dh0_ptr + b * dim * N + state_offs, decay_next * lam, mask=state_mask)
-        tl.store(dA_ptr + b * dim * N + state_offs, dA_acc, mask=state_mask)
-        tl.store(dD_ptr + b * dim + offs_d, dD_acc, mask=mask_d)
-        tl.store(ddelta_bias_ptr + b * dim + offs_d, dbias_acc, mask=mask_d)
 
     @triton.jit
     def _ssm_update_kernel(
@@ -435,46 +248,13 @@ def _launch_fwd(u, delta, A, B, C, D, zz, z, delta_bias, starts, y, hT, ckpt, dt
         u, delta, A, B, C, u if D is None else D.float().contiguous(), zz,
         u if delta_bias is None else delta_bias.float().contiguous(), hT if starts is None else starts,
         y, hT, ckpt, dtsum, length, d_in, seg_len,
-        u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), B.stride(0), B.stride(1),
-        C.stride(0), C.stride(1), zz.stride(0), zz.stride(1),
+        stride_u_b=u.stride(0), stride_u_l=u.stride(1), stride_delta_b=delta.stride(0),
+        stride_delta_l=delta.stride(1), stride_B_b=B.stride(0), stride_B_l=B.stride(1), stride_C_b=C.stride(0),
+        stride_C_l=C.stride(1), stride_z_b=zz.stride(0), stride_z_l=zz.stride(1),
         N=n, N_P2=triton.next_power_of_2(n), CHUNK=settings.scan_chunk, BLOCK_D=block_d,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_H0=starts is not None,
-        SOFTPLUS=softplus, SAVE_CKPT=save_ckpt, STORE_Y=store_y, T_SUB=settings.scan_t_sub,
-        num_warps=warps,
+        SOFTPLUS=softplus, SAVE_CKPT=save_ckpt, STORE_Y=store_y, T_SUB=settings.scan_t_sub, num_warps=warps,
     )  # fmt: skip
-
-
-def _scan_bwd_triton(dy, dhT, u, delta, A, B, C, D, z, delta_bias, delta_softplus, ckpt, chunk):
-    batch, length, d_in = u.shape
-    n = A.shape[1]
-    block_d, warps = get_settings().scan_bwd_config
-    dy = _rows_contiguous(dy)
-    n_dblocks = triton.cdiv(d_in, block_d)
-    dev, f32 = u.device, torch.float32
-    du = torch.empty(batch, length, d_in, device=dev, dtype=u.dtype)
-    ddelta = torch.empty(batch, length, d_in, device=dev, dtype=delta.dtype)
-    dz = torch.empty(batch, length, d_in, device=dev, dtype=z.dtype) if z is not None else du
-    dB = torch.empty(n_dblocks, batch, length, n, device=dev, dtype=f32)
-    dC = torch.empty(n_dblocks, batch, length, n, device=dev, dtype=f32)
-    dA = torch.empty(batch, d_in, n, device=dev, dtype=f32)
-    dD = torch.empty(batch, d_in, device=dev, dtype=f32)
-    dbias = torch.empty(batch, d_in, device=dev, dtype=f32)
-    dh0 = torch.empty(batch, d_in, n, device=dev, dtype=f32)
-    zz = u if z is None else z
-    n_p2 = triton.next_power_of_2(n)
-    scratch = torch.empty(batch * n_dblocks * (chunk // 4) * block_d * n_p2, device=dev, dtype=f32)
-    _scan_bwd_seq_kernel[(batch, n_dblocks)](
-        u, delta, A, B, C, u if D is None else D.float().contiguous(), zz,
-        u if delta_bias is None else delta_bias.float().contiguous(), ckpt, dy,
-        dh0 if dhT is None else dhT.float().contiguous(),
-        du, ddelta, dz, dB, dC, dA, dD, dbias, dh0, scratch, length, d_in, batch,
-        u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), B.stride(0), B.stride(1),
-        C.stride(0), C.stride(1), zz.stride(0), zz.stride(1), dy.stride(0), dy.stride(1),
-        N=n, N_P2=triton.next_power_of_2(n), CHUNK=chunk, BLOCK_D=block_d,
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_DHT=dhT is not None,
-        SOFTPLUS=delta_softplus, num_warps=warps,
-    )  # fmt: skip
-    return du, ddelta, dA.sum(0), dB.sum(0), dC.sum(0), dD.sum(0), (None if z is None else dz), dbias.sum(0), dh0
 
 
 class _TritonScan(torch.autograd.Function):
@@ -491,7 +271,7 @@ class _TritonScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dhT):
         u, delta, A, B, C, D, z, delta_bias, ckpt = ctx.saved_tensors
-        du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = _scan_bwd_triton(
+        du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = scan_bwd_segmented(
             dy, dhT, u, delta, A, B, C, D, z, delta_bias, ctx.softplus, ckpt, ctx.chunk
         )
         return (

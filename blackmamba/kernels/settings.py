@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-GROUPED_GEMMS = ("auto", "triton", "torch")
+GROUPED_GEMMS = ("auto", "triton", "torch", "fused")
 
 
 def _tiles(table: dict[int, dict]) -> Mapping[int, Mapping[str, int]]:
@@ -29,11 +29,25 @@ def _tiles(table: dict[int, dict]) -> Mapping[int, Mapping[str, int]]:
 @dataclass(frozen=True)
 class KernelSettings:
     # MoE experts (kernels/moe.py, kernels/moe_decode.py).
-    # Grouped GEMM of the "triton" backend; "auto": torch._grouped_mm from grouped_mm_min_tokens where it applies
+    # Grouped GEMM of the "triton" backend ("fused": kernels/moe_fused.py, not yet measured, so "auto" never picks it);
+    # "auto": torch._grouped_mm from grouped_mm_min_tokens where it applies
     # (CUDA, bf16). results/kernels.json: _grouped_mm as fast or faster from 2K tokens (16K fwd+bwd 4.6 vs 6.5 ms).
     grouped_gemm: str = "auto"
     # Same run: 2K tokens is the smallest measured size where _grouped_mm was as fast; 1K itself was not measured.
     grouped_mm_min_tokens: int = 1024
+    # Tiles of the "fused" training path (kernels/moe_fused.py) for bf16 on the GPU, per kernel: fc1 (two (BM, BN)
+    # accumulators, a and b), fc2, dact (fc2's dgrad with the activation's backward), dx, wgrad (BM: rows per step).
+    # Guessed for an H200, not yet measured: benchmarks/tune/moe_layer.py --sweep times candidates.
+    moe_train_tiles: Mapping[str, Mapping[str, int]] = field(
+        hash=False,
+        default_factory=lambda: MappingProxyType({
+            "fc1": MappingProxyType(dict(BM=128, BN=64, BK=64, GROUP_M=8, num_warps=8, num_stages=4)),
+            "fc2": MappingProxyType(dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4)),
+            "dact": MappingProxyType(dict(BM=128, BN=64, BK=64, GROUP_M=8, num_warps=8, num_stages=4)),
+            "dx": MappingProxyType(dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4)),
+            "wgrad": MappingProxyType(dict(BM=64, BN=128, BK=128, num_warps=8, num_stages=3)),
+        }),
+    )  # fmt: skip
     # Inference calls of at most this many tokens take the decode kernels (0: never). results/profile_decode.json:
     # 2.8B decode step b1 1.09 ms with them vs 1.62 ms on the sorted grouped GEMMs, b16 2.37 vs 3.16 ms.
     decode_tokens: int = 64
@@ -58,15 +72,51 @@ class KernelSettings:
             64: dict(BN=32, BK=256, num_warps=4, num_stages=4),
         }),
     )  # fmt: skip
+    # fc2 splits its reduction over F into this many programs per column tile (split-K in one launch; 1: off), by
+    # token count as the tiles. Not yet measured (issue 17: at T=1 fc2 runs 46 programs, one expert's).
+    moe_fc2_splits: Mapping[int, int] = field(
+        hash=False, default_factory=lambda: MappingProxyType({1: 1, 16: 1, 64: 1})
+    )
+
+    # Few-row linear layers (kernels/gemv.py: linear()).
+    # The Triton GEMV runs for calls of at most this many rows (0: never). Not yet measured.
+    gemv_max_rows: int = 16
+    # The GEMV also takes unquantised (bf16/fp16/fp32) weights, among them the Mamba decode step's in_proj, x_proj
+    # and out_proj; off, those run F.linear (cuBLAS) and only float8 weights take it. Not yet measured (issue 17:
+    # cuBLAS takes 19 us for a 2.8B block's three projections whose 27 MB need 6.4 us).
+    gemv_dense: bool = False
+    # Split-K until a launch has about this many programs per SM. Not yet measured.
+    gemv_programs_per_sm: int = 2
+    # Tiles by row count: BN output columns and BK reduction step per program; one row multiplies on the CUDA
+    # cores (DOT=1: on tl.dot, padded to 16 rows), more rows on tl.dot (BN >= 16). Not yet measured (guesses;
+    # benchmarks/tune/gemv.py --sweep times candidates).
+    gemv_tiles: Mapping[int, Mapping[str, int]] = field(
+        hash=False,
+        default_factory=lambda: _tiles({
+            1: dict(BN=8, BK=512, num_warps=4, num_stages=3),
+            16: dict(BN=16, BK=256, num_warps=4, num_stages=4),
+            64: dict(BN=32, BK=128, num_warps=4, num_stages=4),
+        }),
+    )  # fmt: skip
+
+    # Head + cross-entropy of training (kernels/linear_cross_entropy.py). Tokens per chunk: a chunk's fp32 logits
+    # are 412 MB at 2048 tokens and V 50304 (the whole 4x2048 batch's took 1.6 GB). Not yet measured.
+    loss_chunk: int = 2048
+    # The chunks' elementwise work (logsumexp, softmax - onehot, the cast) under torch.compile. Not yet measured.
+    loss_compiled: bool = False
 
     # Selective scan, Triton (kernels/scan_triton.py); sweeps in benchmarks/results/tune_scan.log.
     # Positions between the states the forward keeps for the backward (a multiple of 4 and of scan_t_sub). Set with
     # the backward's 4-position register windows; not swept (fwd+bwd 8x2048 7.2-7.6 ms with it).
     scan_chunk: int = 64
     # (BLOCK_D, num_warps) of the forward: 8x2048 BLOCK_D 8 / 1 warp 0.82 ms, 16 / 1 1.22 ms, 8 / 2 warps 3.9 ms.
+    # results/kernels_scan_variants.json: fwd 8x2048 0.896 ms with it vs 0.997 the same kernel with the next group's
+    # loads issued a group early, 1.37-1.80 a forward in the backward's layout (both since deleted).
     scan_fwd_config: tuple[int, int] = (8, 1)
-    # (BLOCK_D, num_warps) of the backward: 8x2048 fwd+bwd 16 channels 7.35 ms, 8 7.81 ms, 4 10.4 ms.
-    scan_bwd_config: tuple[int, int] = (16, 1)
+    # (BLOCK_D, num_warps) of the backward (kernels/scan_bwd_triton.py: parallel over sequence segments, one
+    # recompute per chunk; 1 channel and 4 states per thread at N 16, BLOCK_D 8). results/kernels_scan_variants.json:
+    # fwd+bwd 8x2048 5.38 ms segmented BLOCK_D 8 vs 6.24 BLOCK_D 16 vs 8.02 the sequential backward (since deleted).
+    scan_bwd_seg_config: tuple[int, int] = (8, 1)
     # Positions per forward loop step: 8x2048 T_SUB 4 0.82 ms, 8 1.01 ms, 16 1.59 ms.
     scan_t_sub: int = 4
     # Sequence segments of the forward, "auto" or a number. 1x2048: 1 0.72, 2 0.58, 4 0.34, 8 0.46 ms;
@@ -79,11 +129,15 @@ class KernelSettings:
     # Elements per channel block of the in-place inference path: 1x2048 at d_inner 2304 ~0.43 s; blocking beyond
     # 2^17 elements per buffer changes little (notes/measurements.md, "CPU").
     inplace_block_elems: int = 2**20
+    # CPU tensors under the "torch" backend take the compiled scan (kernels/scan_cpu.py; the chunked path when no
+    # compiler is found). results/cpu.json (--scan both, 2 cores): 1.5B forward 8.09 s vs 11.0 s on the chunked
+    # scan; benchmarks/train_cpu.py small 8x256: 2.7K vs 1.6K tokens/s.
+    compiled_cpu_scan: bool = True
 
     def __post_init__(self) -> None:
         if self.grouped_gemm not in GROUPED_GEMMS:
             raise ValueError(f"grouped_gemm must be one of {GROUPED_GEMMS}; got {self.grouped_gemm!r}")
-        for name in ("grouped_mm_min_tokens", "decode_tokens", "scan_min_programs"):
+        for name in ("grouped_mm_min_tokens", "decode_tokens", "scan_min_programs", "gemv_max_rows"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}")
         if self.scan_t_sub < 1 or self.scan_chunk < 4 or self.scan_chunk % 4 or self.scan_chunk % self.scan_t_sub:
@@ -92,7 +146,7 @@ class KernelSettings:
             )
         if self.scan_segments != "auto" and not (isinstance(self.scan_segments, int) and self.scan_segments >= 1):
             raise ValueError(f"scan_segments must be 'auto' or an int >= 1; got {self.scan_segments!r}")
-        for name in ("scan_fwd_config", "scan_bwd_config"):
+        for name in ("scan_fwd_config", "scan_bwd_seg_config"):
             value = getattr(self, name)
             if len(value) != 2 or min(value) < 1:
                 raise ValueError(f"{name} must be (BLOCK_D, num_warps) of positive ints; got {value!r}")
@@ -101,6 +155,17 @@ class KernelSettings:
         # Tables given as plain dicts are frozen too.
         object.__setattr__(self, "moe_fc1_tiles", _tiles(self.moe_fc1_tiles))
         object.__setattr__(self, "moe_fc2_tiles", _tiles(self.moe_fc2_tiles))
+        object.__setattr__(self, "gemv_tiles", _tiles(self.gemv_tiles))
+        object.__setattr__(self, "moe_fc2_splits", MappingProxyType(dict(self.moe_fc2_splits)))
+        if self.gemv_programs_per_sm < 1 or min(self.moe_fc2_splits.values(), default=1) < 1:
+            raise ValueError(
+                f"gemv_programs_per_sm and moe_fc2_splits must be >= 1; got {self.gemv_programs_per_sm}, "
+                f"{dict(self.moe_fc2_splits)}"
+            )
+        if set(self.moe_train_tiles) != {"fc1", "fc2", "dact", "dx", "wgrad"}:
+            raise ValueError(f"moe_train_tiles must name fc1, fc2, dact, dx, wgrad; got {sorted(self.moe_train_tiles)}")
+        train_tiles = {name: MappingProxyType(dict(cfg)) for name, cfg in self.moe_train_tiles.items()}
+        object.__setattr__(self, "moe_train_tiles", MappingProxyType(train_tiles))
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(KernelSettings))

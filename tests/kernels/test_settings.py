@@ -42,7 +42,11 @@ def test_settings_are_frozen():
         ({"scan_chunk": 6}, "scan_chunk"),
         ({"scan_segments": 0}, "scan_segments"),
         ({"scan_fwd_config": (8,)}, "scan_fwd_config"),
+        ({"scan_bwd_seg_config": (8, 0)}, "scan_bwd_seg_config"),
         ({"decode_tokens": -1}, "decode_tokens"),
+        ({"gemv_max_rows": -1}, "gemv_max_rows"),
+        ({"gemv_programs_per_sm": 0}, "gemv_programs_per_sm"),
+        ({"moe_fc2_splits": {1: 0}}, "moe_fc2_splits"),
     ],
 )
 def test_bad_settings_are_named(changes, match):
