@@ -18,7 +18,8 @@ and its weights are never read (decode with a few tokens reads only the experts 
 un-permutation and gate into the second (rows scattered and scaled); its backward uses the same kernel
 with the weights untransposed for dX and a second kernel, ``dW[e] = dOut[rows e]^T X[rows e]``, for
 the weight gradients. :func:`moe_experts_grouped_mm` is the same op on ``torch._grouped_mm`` (CUDA).
-:attr:`.settings.KernelSettings.grouped_gemm` picks between them for the "triton" backend.
+:attr:`.settings.KernelSettings.grouped_gemm` picks between them for the "triton" backend, or ("fused")
+:func:`.moe_fused.moe_experts_fused`, which also fuses the activation into fc1 and its backward into fc2's.
 
 Numerics: GEMMs accumulate in fp32 (fp32 inputs use IEEE products unless TF32 is allowed for torch
 matmuls); the gate multiplies the fp32 accumulator; h and the activation are stored in the experts'
@@ -537,7 +538,9 @@ def moe_experts(
     if backend == "ref":
         impl = moe_experts_ref
     elif backend == "triton":
-        impls = {"triton": moe_experts_triton, "torch": moe_experts_grouped_mm}
+        from .moe_fused import moe_experts_fused  # imports this module
+
+        impls = {"triton": moe_experts_triton, "torch": moe_experts_grouped_mm, "fused": moe_experts_fused}
         choice = get_settings().grouped_gemm
         impl = impls[_grouped_gemm_choice(x_TD, w1_EFD) if choice == "auto" else choice]
     else:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import blackmamba.kernels.moe as moe
 from blackmamba.kernels import (
     moe_experts,
+    moe_experts_fused,
     moe_experts_grouped_mm,
     moe_experts_ref,
     moe_experts_triton,
@@ -308,7 +309,7 @@ def test_grouped_gemm_wgrad_full_size(gather_a, gather_b):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl", [moe_experts_triton, moe_experts_grouped_mm])
+@pytest.mark.parametrize("impl", [moe_experts_triton, moe_experts_grouped_mm, moe_experts_fused])
 def test_moe_grouped_never_syncs_with_the_host(impl):
     x, expert, gate, w1, w2 = moe_inputs(2048, D_28B, F_28B, E_28B, torch.bfloat16, skew=True, device="cuda")
     dy = torch.randn(x.shape, device="cuda", dtype=x.dtype)
