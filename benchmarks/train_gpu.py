@@ -1,14 +1,27 @@
 """Training throughput and MFU of the released shapes on one GPU (run on the device machine).
 
-One training step = forward of (batch, 2048) random token ids under bf16 autocast (fp32 master weights,
-as ``blackmamba train`` does on GPU), cross-entropy, backward, fused AdamW step. Train-mode routing is
-Sinkhorn. Reported: tokens/s (median of the timed steps, CUDA-synchronised), MFU = tokens/s x training
-FLOPs per token (``blackmamba.training.flops``) / peak (784 TFLOP/s, the bf16 matmul rate measured on
-the H200), peak memory, and the loss of the first step (finite). The default backend ("auto") runs the
-Triton kernels; ``--backend torch`` measures the plain PyTorch path (chunked scan, per-expert matmuls).
+A micro-batch = forward of (batch, 2048) random token ids under bf16 autocast (fp32 master weights, as
+``blackmamba train`` does on GPU), the loss (plus the router losses), backward. Train-mode routing is
+Sinkhorn. Two kinds of row per shape, from the same run:
+
+* ``1.5b/4x2048``: one micro-batch per optimizer step (forward, backward, fused AdamW step), as before;
+* ``1.5b/4x2048x8`` (with ``--accum 8``): eight micro-batches, each on other ids, then one AdamW step; its
+  tokens/s and MFU are per optimizer step (64K tokens at batch 4), so the optimizer is paid once per eight.
+
+Variants (``--variants``, each measured on the same model): ``plain`` computes the whole (B*L, V) logits
+and ``F.cross_entropy`` on them in fp32, as the trainer did; ``fused`` the chunked head + loss
+(``model(x, targets=y)``, :func:`blackmamba.kernels.linear_cross_entropy`), as it does now;
+``fused+cast-once`` adds the bf16 weight casts made once per optimizer step
+(:class:`blackmamba.training.precision.CastOnce`, ``blackmamba train --cast-once``).
+
+Reported: tokens/s (median of the timed steps, device-synchronised), MFU = tokens/s x training FLOPs per
+token (``blackmamba.training.flops``) / peak (784 TFLOP/s, the bf16 matmul rate measured on the H200), peak
+memory, and the loss of the first micro-batch (the same ids and weights in every row: the optimizer's
+learning rate is zero, so the variants' losses can be compared). The default backend ("auto") runs the Triton kernels;
+``--backend torch`` the plain PyTorch path. ``--device cpu --presets tiny`` checks the script on a CPU.
 
     python -m benchmarks.train_gpu [--presets blackmamba-1.5b blackmamba-2.8b] [--batch 4] [--steps 5]
-                                   [--backend auto|torch]
+                                   [--accum 8] [--accum-steps 3] [--variants plain fused fused+cast-once]
 """
 
 from __future__ import annotations
@@ -17,14 +30,18 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 
+from blackmamba import BlackMamba
 from blackmamba.kernels import use_backend
 from blackmamba.training.flops import flops_per_token
 from blackmamba.training.optim import build_optimizer
+from blackmamba.training.precision import CastOnce
 
 from .harness import (
     H200_BF16_TFLOPS,
@@ -32,79 +49,124 @@ from .harness import (
     Row,
     argument_parser,
     build_model,
+    log,
     meta_line,
+    random_ids,
     run_meta,
+    sync,
     write_results,
 )
 
 PEAK_TFLOPS = H200_BF16_TFLOPS
+VARIANTS = ("plain", "fused", "fused+cast-once")
 
 
-def bench(preset: str, batch: int, seq_len: int, steps: int) -> Row:
-    model = build_model(preset, "cuda", train=True)
-    config = model.config
-    opt = build_optimizer(model, 1e-4, 0.1, fused=True)
-    ids = torch.randint(0, config.tokenizer_vocab_size or config.vocab_size, (batch, seq_len + 1), device="cuda")
-    torch.cuda.reset_peak_memory_stats()
-    times, first_loss = [], None
-    for i in range(steps + 2):
-        torch.cuda.synchronize()
+def micro_batch(call: Callable, ids: torch.Tensor, loss_kind: str, scale: float) -> torch.Tensor:
+    """Forward and backward of one micro-batch (ids (B, L+1)); the backward of objective x ``scale``. The
+    named ranges are for :mod:`benchmarks.train_profile`."""
+    x, y = ids[:, :-1], ids[:, 1:]
+    with record_function("train::forward"), torch.autocast(ids.device.type, dtype=torch.bfloat16):
+        if loss_kind == "plain":
+            out = call(x)
+            with record_function("train::cross_entropy"):
+                loss = F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten())
+        else:
+            out = call(x, targets=y)
+            loss = out.loss
+        objective = loss if out.aux_loss is None else loss + out.aux_loss
+    with record_function("train::backward"):
+        (objective * scale).backward()
+    return loss.detach()
+
+
+def measure(
+    model: BlackMamba, variant: str, batches: list[torch.Tensor], accum: int, steps: int, warmup: int
+) -> dict[str, float | None]:
+    """Median seconds of an optimizer step of ``accum`` micro-batches, peak memory and the first loss."""
+    device = batches[0].device
+    # A zero learning rate leaves the weights as they were (the fused step's work is the same), so every
+    # variant and row starts from the same model and their first losses are comparable.
+    opt = build_optimizer(model, 0.0, 0.1, fused=device.type == "cuda")
+    call = CastOnce(model, opt) if variant.endswith("cast-once") else model
+    loss_kind = "plain" if variant == "plain" else "fused"
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    times, first = [], None
+    for i in range(warmup + steps):
+        sync(device)
         t0 = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = model(ids[:, :-1]).logits
-        loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
-        loss.backward()
+        for m in range(accum):
+            loss = micro_batch(call, batches[(i * accum + m) % len(batches)], loss_kind, 1.0 / accum)
+            first = loss if first is None else first
         opt.step()
         opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        if first_loss is None:
-            first_loss = loss.item()
-        if i >= 2:
+        sync(device)
+        if i >= warmup:
             times.append(time.perf_counter() - t0)
-    step = statistics.median(times)
-    tps = batch * seq_len / step
-    fpt = flops_per_token(config, seq_len)["train"]
-    row = Row(
-        "train_step",
-        f"{preset.removeprefix('blackmamba-')}/{batch}x{seq_len}",
-        "tokens/s",
-        tps,
-        floor=PEAK_TFLOPS * 1e12 / fpt,
-        extra={
-            "step_s": step,
-            "mfu": tps * fpt / (PEAK_TFLOPS * 1e12),
-            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
-            "first_loss": first_loss,
-        },
-    )
-    del model, opt
-    torch.cuda.empty_cache()
-    return row
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    if isinstance(call, CastOnce):
+        call.remove()
+    del opt
+    return {"step_s": statistics.median(times), "peak_memory_gib": peak, "first_loss": float(first)}
+
+
+def bench(preset: str, args) -> list[Row]:
+    device = torch.device(args.device)
+    model = build_model(preset, device, train=True)
+    config = model.config
+    vocab = config.tokenizer_vocab_size or config.vocab_size
+    batches = [random_ids(args.batch, args.seq_len + 1, vocab, seed, device) for seed in range(max(1, args.accum))]
+    fpt = flops_per_token(config, args.seq_len)["train"]
+    name = preset.removeprefix("blackmamba-")
+    plans = [(1, args.steps, 2)] + ([(args.accum, args.accum_steps, 1)] if args.accum > 1 else [])
+    rows = []
+    for variant in args.variants:
+        for accum, steps, warmup in plans:
+            log(f"{preset} {variant} {args.batch}x{args.seq_len} x{accum}")
+            m = measure(model, variant, batches, accum, steps, warmup)
+            tokens = args.batch * args.seq_len * accum
+            tps = tokens / m["step_s"]
+            shape = f"{name}/{args.batch}x{args.seq_len}" + (f"x{accum}" if accum > 1 else "")
+            extra = {"variant": variant, "micro_batches": accum, "tokens_per_step": tokens, **m}
+            extra["mfu"] = tps * fpt / (PEAK_TFLOPS * 1e12)
+            rows.append(Row("train_step", shape, "tokens/s", tps, floor=PEAK_TFLOPS * 1e12 / fpt, extra=extra))
+            print(json.dumps(rows[-1].to_json()), file=sys.stderr, flush=True)
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argument_parser(__spec__, __doc__)
     parser.add_argument("--presets", nargs="+", default=["blackmamba-1.5b", "blackmamba-2.8b"], help="model shapes")
-    parser.add_argument("--batch", type=int, default=4, help="sequences per step")
+    parser.add_argument("--batch", type=int, default=4, help="sequences per micro-batch")
     parser.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps (after two warm-up steps)")
+    parser.add_argument("--steps", type=int, default=5, help="timed one-micro-batch steps (after two warm-up steps)")
+    parser.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step of the extra rows")
+    parser.add_argument("--accum-steps", type=int, default=3, help="timed accumulated steps (after one warm-up)")
+    parser.add_argument("--variants", nargs="+", default=["fused"], choices=VARIANTS, help="loss and cast variants")
+    parser.add_argument("--device", default="cuda", help="cuda, or cpu to check the script on a tiny preset")
     parser.add_argument("--out", default=str(RESULTS_DIR / "train_gpu.json"), help="results file")
     parser.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"], help="kernel backend")
     args = parser.parse_args(argv)
+    if min(args.batch, args.seq_len, args.steps, args.accum, args.accum_steps) < 1:
+        parser.error("--batch, --seq-len, --steps, --accum and --accum-steps must be >= 1")
     rows = []
     for preset in args.presets:
         with use_backend(args.backend):
-            rows.append(bench(preset, args.batch, args.seq_len, args.steps))
-        print(json.dumps(rows[-1].to_json()), file=sys.stderr, flush=True)
-    meta = run_meta("cuda", peak_tflops_assumed=PEAK_TFLOPS, backend=args.backend)
+            rows.extend(bench(preset, args))
+    meta = run_meta(args.device, peak_tflops_assumed=PEAK_TFLOPS, backend=args.backend, variants=args.variants)
     write_results(Path(args.out), meta, rows)
     print(f"\n{meta_line(meta)}")
-    print(f"{'shape':<22} {'tokens/s':>10} {'MFU':>7} {'step s':>8} {'peak GiB':>9} {'first loss':>10}")
+    print(f"{'shape':<20} {'variant':<16} {'tokens/s':>10} {'MFU':>7} {'step s':>8} {'peak GiB':>9} {'first loss':>10}")
     for r in rows:
         e = r.extra
+        peak = "n/a" if e["peak_memory_gib"] is None else f"{e['peak_memory_gib']:.1f}"
         print(
-            f"{r.shape:<22} {r.ours:>10,.0f} {e['mfu']:>7.1%} {e['step_s']:>8.3f} "
-            f"{e['peak_memory_gib']:>9.1f} {e['first_loss']:>10.3f}"
+            f"{r.shape:<20} {e['variant']:<16} {r.ours:>10,.0f} {e['mfu']:>7.1%} {e['step_s']:>8.3f} "
+            f"{peak:>9} {e['first_loss']:>10.3f}"
         )
 
 

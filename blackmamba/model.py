@@ -25,7 +25,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from .config import BlackMambaConfig
-from .kernels import add_rms_norm
+from .kernels import add_rms_norm, linear_cross_entropy
 from .layers import MLP, AttentionMixer, MambaMixer, Mixer, MoE, RMSNorm, RouterStats
 
 # Parameters kept in fp32 whatever the model dtype (name suffixes).
@@ -145,14 +145,16 @@ class InferenceCache:
 
 @dataclass
 class BlackMambaOutput:
-    """``logits`` (B, L, V); ``expert_counts`` (n_moe_blocks, E) tokens per expert in each MoE block;
-    ``aux_loss`` the weighted router losses (training, when enabled); ``sinkhorn_iters`` per MoE block."""
+    """``logits`` (B, L, V) (None when the forward was given targets); ``expert_counts`` (n_moe_blocks, E)
+    tokens per expert in each MoE block; ``aux_loss`` the weighted router losses (training, when enabled);
+    ``sinkhorn_iters`` per MoE block; ``loss`` the mean cross-entropy against the forward's targets."""
 
-    logits: Tensor
+    logits: Tensor | None
     cache: InferenceCache | None = None
     expert_counts: Tensor | None = None
     aux_loss: Tensor | None = None
     sinkhorn_iters: list[int] = field(default_factory=list)
+    loss: Tensor | None = None
 
 
 class BlackMamba(nn.Module):
@@ -178,6 +180,11 @@ class BlackMamba(nn.Module):
         h = self.final_norm(x.to(self.final_norm.weight.dtype))
         return F.linear(h, self.embedding.weight)
 
+    def _loss(self, x: Tensor, targets: Tensor) -> Tensor:
+        """The head's mean cross-entropy against ``targets`` without the (B, L, V) logits."""
+        h = self.final_norm(x.to(self.final_norm.weight.dtype))
+        return linear_cross_entropy(h.flatten(0, 1), self.embedding.weight, targets.flatten())
+
     def forward(
         self,
         input_ids: Tensor,
@@ -185,8 +192,11 @@ class BlackMamba(nn.Module):
         mask: Tensor | None = None,
         num_last_tokens: int = 0,
         slots: Tensor | None = None,
+        targets: Tensor | None = None,
     ) -> BlackMambaOutput:
         """input_ids (B, L) -> logits (B, L, V) (only the last ``num_last_tokens`` positions when > 0).
+        With ``targets`` (B, L) -> the mean cross-entropy of those logits against them, as ``loss``, computed
+        in chunks of tokens without the logits (:func:`blackmamba.kernels.linear_cross_entropy`).
 
         With a ``cache`` the sequences continue from their state and leave their final state there: in
         ``slots`` (B,) of the pool, or in rows 0..B-1 (a cache of B slots) without them. ``mask`` (B, L)
@@ -194,6 +204,8 @@ class BlackMamba(nn.Module):
         """
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
+        if targets is not None and (targets.shape != input_ids.shape or num_last_tokens):
+            raise ValueError(f"targets must have input_ids' shape {tuple(input_ids.shape)}, without num_last_tokens")
         x, delta = self.embedding(input_ids).float(), None
         stats: list[RouterStats] = []
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
@@ -213,11 +225,12 @@ class BlackMamba(nn.Module):
             x = x[:, -num_last_tokens:]
         losses = [s.aux_loss for s in stats if s.aux_loss is not None]
         return BlackMambaOutput(
-            logits=self._head(x),
+            logits=self._head(x) if targets is None else None,
             cache=cache,
             expert_counts=torch.stack([s.counts_E for s in stats]) if stats else None,
             aux_loss=sum(losses) if losses else None,
             sinkhorn_iters=[s.sinkhorn_iters for s in stats],
+            loss=None if targets is None else self._loss(x, targets),
         )
 
     def step(self, token_ids: Tensor, cache: InferenceCache, slots: Tensor | None = None) -> Tensor:
@@ -250,14 +263,15 @@ class BlackMamba(nn.Module):
 
 
 def cast_model(model: BlackMamba, dtype: torch.dtype) -> BlackMamba:
-    """Cast parameters to ``dtype`` except those kept in fp32 (A_log, D, dt bias).
+    """Cast parameters to ``dtype`` except those kept in fp32 (A_log, D, dt bias) and 8-bit (fp8) weights,
+    which keep their dtype and scales (:mod:`blackmamba.layers.quant`).
 
     Parameters that are not 64-byte aligned (slices of a file buffer after loading) are copied to fresh
     memory: BLAS kernels round differently on unaligned data, and a reloaded model must compute exactly
     what the saved one did.
     """
     for name, p in model.named_parameters():
-        target = torch.float32 if name.endswith(FP32_PARAMS) else dtype
+        target = torch.float32 if name.endswith(FP32_PARAMS) else p.dtype if p.dtype.itemsize == 1 else dtype
         if p.dtype != target:
             p.data = p.data.to(target)
         elif p.data_ptr() % 64 or not p.is_contiguous():

@@ -57,6 +57,7 @@ from ..tokenizer import NEOX_SIZE
 from .data import TokenData
 from .flops import flops_per_token
 from .optim import build_optimizer, lr_at
+from .precision import CastOnce
 from .rundir import (
     CHECKPOINTS,
     METRICS,
@@ -130,6 +131,9 @@ class TrainArgs:
     dtype: Literal["auto", "float32", "bfloat16"] = option("auto", "auto: bf16 autocast on GPU, fp32 on CPU")
     compile: bool = option(False, "torch.compile the model")
     grad_checkpointing: bool = option(False, "recompute activations in backward")
+    cast_once: bool = option(
+        False, "bf16 copies of the matmul weights made once per optimizer step, not per micro-batch (one process)"
+    )
     fsdp: bool = option(
         False, "under torchrun: shard weights, gradients and optimizer state over the ranks (FSDP2, per block)"
     )
@@ -198,6 +202,8 @@ class TrainArgs:
         sources = [_flag(n) for n in ("preset", "config", "init_from") if getattr(self, n)]
         if len(sources) > 1:
             raise TrainingError(f"give only one of --preset, --config or --init-from (got {' and '.join(sources)})")
+        if self.cast_once and self.compile:
+            raise TrainingError("--cast-once runs the model's own forward: give it without --compile")
         if self.resume and self.overwrite:
             raise TrainingError("--resume continues the run in --out and --overwrite replaces it: give one of them")
         self._check_expert_parallel()
@@ -354,12 +360,22 @@ def build_model(args: TrainArgs, vocab_size: int) -> tuple[BlackMamba, BlackMamb
             raise TrainingError(
                 f"--init-from model has a vocabulary of {model.config.vocab_size}, the data needs {vocab_size}"
             )
+        _refuse_quantized(model.config, f"--init-from {args.init_from}")
         return model.train(), model.config
     if not (args.preset or args.config):
         raise TrainingError("give one of --preset, --config or --init-from (or --resume to continue a run)")
     config = _model_config(args, vocab_size)
+    _refuse_quantized(config, f"--config {args.config}" if args.config else f"--preset {args.preset}")
     torch.manual_seed(args.seed)
     return BlackMamba(config), config
+
+
+def _refuse_quantized(config: BlackMambaConfig, source: str) -> None:
+    if config.quantization is not None:
+        raise TrainingError(
+            f"{source} holds {config.quantization} weights (weight-only quantization, for inference only) and cannot "
+            "be trained; train the unquantized model and quantize the result (blackmamba convert --quantize)"
+        )
 
 
 def _distributed_config(checkpoint: Path, config: dict[str, Any]) -> BlackMambaConfig:
@@ -883,6 +899,10 @@ def _train_loop(
     optimizer = build_optimizer(model, args.lr, args.weight_decay, fused=device.type == "cuda")
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else nullcontext
     step_fn = torch.compile(model) if args.compile else model
+    if args.cast_once:
+        if ranks.distributed:
+            raise TrainingError("--cast-once is for one process: FSDP already keeps bf16 copies of the weights")
+        step_fn = CastOnce(model, optimizer)
     train_data, val_data = data.train, data.val
 
     start_step, max_steps = 0, args.max_steps
@@ -907,8 +927,8 @@ def _train_loop(
         x, y = train_data.batch(starts, args.seq_len)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast():
-            out = step_fn(x)
-            loss = F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten())
+            out = step_fn(x, targets=y)  # the head and the loss in chunks, without the (B, L, V) logits
+            loss = out.loss
             objective = loss if out.aux_loss is None else loss + out.aux_loss
         return out, loss, objective
 
