@@ -5,7 +5,9 @@ the state) that leaves each Mamba block's conv window and SSM state in the cache
 costs one step, O(1) in the length so far, on static buffers (:mod:`.decoder`; captured in CUDA graphs on
 a GPU), so memory stays constant however long the output. Prompts of different lengths are left-padded
 and masked so that each row gets exactly the state it would get alone; prompts shorter than the conv
-width are fine (the released code fails on them).
+width are fine (the released code fails on them). On a GPU the prefill forwards replay CUDA graphs captured
+per batch and length bucket (:mod:`.prefill_graphs`): the host then launches no kernels, which at a single
+prompt is most of the prefill's time.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import Tensor
 from ..config import BlackMambaConfig
 from ..model import BlackMamba, InferenceCache
 from .decoder import decoder_for
+from .prefill_graphs import prefill_graphs_for
 from .sampling import (
     GenerationError,
     SamplingOptions,
@@ -48,14 +51,20 @@ def _check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> None:
             raise GenerationError(f"generate: prompt {i} has token ids outside [0, {vocab_size}): {bad[:5]}", "prompts")
 
 
-def _left_pad(prompts: Sequence[Sequence[int]], device: torch.device) -> tuple[Tensor, Tensor | None]:
+def _left_pad_host(prompts: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor | None]:
+    """The prompts left-padded to the longest (B, L) and the mask of real tokens (None: no padding), on the host."""
     length = max(len(p) for p in prompts)
     ids = torch.zeros(len(prompts), length, dtype=torch.long)
     mask = torch.zeros(len(prompts), length, dtype=torch.bool)
     for i, p in enumerate(prompts):
         ids[i, length - len(p) :] = torch.tensor(p, dtype=torch.long)
         mask[i, length - len(p) :] = True
-    return ids.to(device), (None if bool(mask.all()) else mask.to(device))
+    return ids, (None if bool(mask.all()) else mask)
+
+
+def _left_pad(prompts: Sequence[Sequence[int]], device: torch.device) -> tuple[Tensor, Tensor | None]:
+    ids, mask = _left_pad_host(prompts)
+    return ids.to(device), (None if mask is None else mask.to(device))
 
 
 @torch.inference_mode()
@@ -100,12 +109,15 @@ def stream_generate(
     seed: int | None = None,
     cuda_graphs: bool | None = None,
     prefill_chunk_size: int | None = None,
+    prefill_graphs: bool | None = None,
 ) -> Iterator[list[int | None]]:
     """Yield, per decoding step, the new token of each prompt (None once a prompt has hit EOS).
 
     The EOS token itself is not yielded. Ids the tokenizer cannot produce (``config.tokenizer_vocab_size``
     and above, the embedding's padding rows) are never sampled. ``cuda_graphs``: replay the decode step
-    from CUDA graphs (default: on a GPU); ``prefill_chunk_size``: positions per prefill forward.
+    from CUDA graphs (default: on a GPU); ``prefill_chunk_size``: positions per prefill forward;
+    ``prefill_graphs``: replay the prefill from CUDA graphs per batch and length bucket
+    (:mod:`.prefill_graphs`; default: as ``cuda_graphs``).
     """
     config = model.config
     _check_prompts(prompts, config.vocab_size)
@@ -116,8 +128,10 @@ def stream_generate(
         return
     _check_kv_capacity(config, prompts, max_new_tokens)
     device = model.device
-    ids, mask = _left_pad(prompts, device)
-    batch = ids.shape[0]
+    if prefill_graphs is None:
+        prefill_graphs = cuda_graphs is not False and device.type == "cuda" and not model.training
+    prefiller = prefill_graphs_for(model, True) if prefill_graphs else None
+    batch = len(prompts)
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
 
     def uniforms() -> Tensor | None:
@@ -130,7 +144,12 @@ def stream_generate(
         for i, p in enumerate(prompts):
             seen[i, list(p)] = True
     cache = model.allocate_cache(batch, device=device)
-    logits = prefill(model, ids, cache, mask, prefill_chunk_size)
+    if prefiller is None:
+        ids, mask = _left_pad(prompts, device)
+        logits = prefill(model, ids, cache, mask, prefill_chunk_size)
+    else:
+        ids, mask = _left_pad_host(prompts)
+        logits = prefiller.run(ids, cache, mask, chunk_size=prefill_chunk_size)
     first = uniforms()
     tokens = decoder.process(logits, seen, torch.zeros(batch, device=device) if first is None else first)
     bucket = None
@@ -163,13 +182,14 @@ def generate(
     seed: int | None = None,
     cuda_graphs: bool | None = None,
     prefill_chunk_size: int | None = None,
+    prefill_graphs: bool | None = None,
 ) -> list[list[int]]:
     """Generate up to ``max_new_tokens`` tokens after each prompt (lists of token ids); returns the new
     tokens per prompt, without the EOS. Greedy when ``temperature`` is 0. See :func:`stream_generate`."""
     results: list[list[int]] = [[] for _ in prompts]
     for step_tokens in stream_generate(
         model, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_token_id, seed,
-        cuda_graphs, prefill_chunk_size,
+        cuda_graphs, prefill_chunk_size, prefill_graphs,
     ):  # fmt: skip
         for i, t in enumerate(step_tokens):
             if t is not None:

@@ -21,9 +21,13 @@ the offline decoder does: rows beyond the batch decode the pool's pad slot (its 
 inside the graph at every step). Logit processing and sampling stay outside the graph, because the requests
 of one step each have their own sampling options.
 
-Prefill is eager: on a GPU one forward is bound by the host launching its kernels, whatever its batch, so
-the scheduler batches the prompt chunks of an iteration into as few forwards as it can. A batched forward
-computes each row as the model does in a batch (see the scheduler on what that means for exactness).
+Prefill: on a GPU an eager forward is bound by the host launching its kernels, whatever its batch, so the
+scheduler batches the prompt chunks of an iteration into as few forwards as it can, and with graphs on, the
+forwards replay CUDA graphs per batch and length bucket (:mod:`~blackmamba.generation.prefill_graphs`, as
+offline generation does): a chunk into slots that still hold the zero state of :meth:`acquire` is padded to
+its bucket, a chunk that continues a state is replayed only when its length is a bucket (a full chunk of
+the prompt cache's grid at the default interval) and runs eagerly otherwise. A batched forward computes
+each row as the model does in a batch (see the scheduler on what that means for exactness).
 
 Nothing here reads from the device: slot indices go to the device through pinned memory without waiting,
 and the logits stay there, so the scheduler's one read per step is the sampled tokens.
@@ -38,6 +42,8 @@ import torch
 from torch import Tensor
 
 from ..generation.decoder import BUCKETS
+from ..generation.generate import _left_pad_host
+from ..generation.prefill_graphs import PrefillGraphs
 from ..model import BlackMamba, InferenceCache
 
 
@@ -85,6 +91,8 @@ class PoolEngine:
         self._slot_ids: dict[tuple[int, ...], Tensor] = {}
         self.state_bytes = sum(t[0].numel() * t.element_size() for t in self.pool.tensors())
         self._graphs: dict[int, _Graph] = {}
+        self._prefill = PrefillGraphs(model, True) if self.cuda_graphs else None
+        self._zeroed: set[int] = set()  # slots still holding the zero state of acquire()
 
     @property
     def free_slots(self) -> int:
@@ -117,6 +125,7 @@ class PoolEngine:
         self._free.sort()
         slot = self._free.pop(0)
         self.pool.reset(slot)
+        self._zeroed.add(slot)
         return slot
 
     def release(self, slot: int) -> None:
@@ -126,6 +135,9 @@ class PoolEngine:
 
     def prefill(self, slot: int, ids: Sequence[int], all_logits: bool = False) -> Tensor:
         """Run ``ids`` into ``slot`` after what it holds; logits (V,) of the last position, or (L, V) of all."""
+        if self._prefill is not None and not all_logits:
+            return self._prefill_graphed([slot], [ids])[0]
+        self._zeroed.discard(slot)
         x = self._to_device(torch.tensor([list(ids)], dtype=torch.long))
         out = self.model(x, cache=self.pool, slots=self._ids([slot]), num_last_tokens=0 if all_logits else 1)
         return out.logits[0] if all_logits else out.logits[0, -1]
@@ -140,6 +152,9 @@ class PoolEngine:
             raise ValueError(f"prefill_batch needs one chunk per slot, got {len(slots)} slots and {len(chunks)} chunks")
         if len(chunks) == 1:
             return self.prefill(slots[0], chunks[0])[None]
+        if self._prefill is not None:
+            return self._prefill_graphed(slots, chunks)
+        self._zeroed.difference_update(slots)
         length = max(len(c) for c in chunks)
         ids = torch.zeros(len(chunks), length, dtype=torch.long)
         mask = torch.zeros(len(chunks), length, dtype=torch.bool)
@@ -155,6 +170,13 @@ class PoolEngine:
             num_last_tokens=1,
         )
         return out.logits[:, -1]
+
+    def _prefill_graphed(self, slots: Sequence[int], chunks: Sequence[Sequence[int]]) -> Tensor:
+        """The chunks through the prefill graphs; padded in front only where every slot holds a zero state."""
+        fresh = all(s in self._zeroed for s in slots)
+        self._zeroed.difference_update(slots)
+        ids, mask = _left_pad_host(chunks)
+        return self._prefill.run(ids, self.pool, mask, slots=self._ids(slots), fresh=fresh)
 
     def set_next_tokens(self, slots: Sequence[int], tokens: Tensor) -> None:
         """Record ``tokens`` (n,), on the device, as the next input of ``slots``."""
@@ -219,6 +241,7 @@ class PoolEngine:
         return Snapshot(self.pool.snapshot(slot), self.state_bytes)
 
     def restore(self, slot: int, snapshot: Snapshot) -> None:
+        self._zeroed.discard(slot)
         self.pool.restore(slot, snapshot.state)
 
 
