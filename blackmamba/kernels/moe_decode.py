@@ -14,15 +14,22 @@ cost more than the reads. Here nothing is permuted:
   multiplies the tile of the expert's weights with the token block, masked to its tokens. Every weight
   of a used expert is read once; an unused expert's never. fc1 computes both halves and applies the
   gated activation in its epilogue; fc2 scales by the gate and writes each token's row from the one
-  program set that owns it, so no scatter, atomics or zero-fill are needed.
+  program set that owns it, so no scatter or zero-fill is needed. With one token, fc2's column tiles of
+  one expert are few (46 at the 2.8B widths), so fc2 can split F over several programs per tile (the
+  ``moe_fc2_splits`` setting), summed deterministically in the same launch as :mod:`.gemv` does.
+* float8 (e4m3) experts with fp32 scales per (expert, output channel), ``w1_scale`` (E, 2F) and
+  ``w2_scale`` (E, D): tiles are converted to x's dtype in registers (exact) and each accumulator column
+  is scaled before the activation (fc1) or the gate (fc2), as :func:`moe_experts_decode_ref` computes on
+  the weights dequantized in fp32.
 
 :func:`route_top1` and :func:`moe_experts_decode` are the dispatchers of a decode step: they take these
 kernels when :func:`decode_kernels_apply` (the "triton" backend, at most the ``decode_tokens`` setting's
 tokens, no autograd, no autocast), else the reference routing and :func:`.moe.moe_experts`.
 
-Rounding follows :func:`.moe.moe_experts_ref` on the GPU: a, b, act(a) and act(a) * b are rounded to the
-experts' dtype, fc2's fp32 accumulator is scaled by the fp32 gate and rounded once. Triton's interpreter
-truncates float casts, so there the intermediates stay fp32 and torch rounds the outputs.
+Rounding follows :func:`.moe.moe_experts_ref` on the GPU: a, b, act(a) and act(a) * b are rounded to x's
+dtype (the experts' dtype unless they are float8), fc2's fp32 accumulator is scaled by the fp32 gate and
+rounded once. Triton's interpreter truncates float casts, so there the intermediates stay fp32 and torch
+rounds the outputs.
 """
 
 from __future__ import annotations
@@ -34,7 +41,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .backend import resolve_backend
-from .moe import _check, _dot_flags, moe_experts
+from .gemv import DENSE, FP8, dequantize, split_k, split_k_arrive, split_k_counters, split_k_total
+from .moe import _check, _dot_flags, moe_experts, moe_experts_ref
 from .settings import get_settings
 from .tl_math import top1_sigmoid
 
@@ -137,6 +145,7 @@ def _gated(a, b, ACT: tl.constexpr, ROUND: tl.constexpr, dtype: tl.constexpr):
 def _decode_fc1_kernel(
     x_ptr,
     w_ptr,
+    scale_ptr,
     expert_ptr,
     h_ptr,
     n_tok,
@@ -146,9 +155,11 @@ def _decode_fc1_kernel(
     stride_w_e,
     stride_w_f,
     stride_w_d,
+    stride_s_e,
     stride_h_t,
     ACT: tl.constexpr,
     ROUND: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
     DOT_F32: tl.constexpr,
     PRECISION: tl.constexpr,
     BT: tl.constexpr,
@@ -174,11 +185,17 @@ def _decode_fc1_kernel(
         wb = tl.load(w_ptrs + d_ff * stride_w_f, mask=k_ok[:, None] & f_ok[None, :], other=0.0)
         if DOT_F32:
             x, wa, wb = x.to(tl.float32), wa.to(tl.float32), wb.to(tl.float32)
+        else:  # fp8 -> x's dtype is exact; a no-op for x's own dtype
+            wa, wb = wa.to(x.dtype), wb.to(x.dtype)
         acc_a = tl.dot(x, wa, acc_a, input_precision=PRECISION)
         acc_b = tl.dot(x, wb, acc_b, input_precision=PRECISION)
         x_ptrs += BK
         w_ptrs += BK * stride_w_d
-    h = _gated(acc_a, acc_b, ACT, ROUND, w_ptr.dtype.element_ty)
+    if HAS_SCALE:  # per output channel: sum_k x_k (s W8_k) = s sum_k x_k W8_k
+        s_ptrs = scale_ptr + expert.to(tl.int64) * stride_s_e + fs
+        acc_a = acc_a * tl.load(s_ptrs, mask=f_ok, other=0.0)[None, :]
+        acc_b = acc_b * tl.load(s_ptrs + d_ff, mask=f_ok, other=0.0)[None, :]
+    h = _gated(acc_a, acc_b, ACT, ROUND, h_ptr.dtype.element_ty)
     h_ptrs = h_ptr + ts[:, None].to(tl.int64) * stride_h_t + fs[None, :]
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=mine[:, None] & f_ok[None, :])
 
@@ -187,17 +204,24 @@ def _decode_fc1_kernel(
 def _decode_fc2_kernel(
     h_ptr,
     w_ptr,
+    scale_ptr,
     expert_ptr,
     gate_ptr,
     y_ptr,
+    part_ptr,
+    count_ptr,
     n_tok,
     dim,
     d_ff,
+    f_per_split,
     stride_h_t,
     stride_w_e,
     stride_w_d,
     stride_w_f,
+    stride_s_e,
     stride_y_t,
+    HAS_SCALE: tl.constexpr,
+    SPLIT: tl.constexpr,
     DOT_F32: tl.constexpr,
     PRECISION: tl.constexpr,
     BT: tl.constexpr,
@@ -209,24 +233,37 @@ def _decode_fc2_kernel(
     if tl.sum(mine.to(tl.int32), 0) == 0:  # an expert without tokens: its weights are never read
         return
     ts = tl.arange(0, BT)
-    ns = tl.program_id(1) * BN + tl.arange(0, BN)
+    pid_n = tl.program_id(1)
+    ns = pid_n * BN + tl.arange(0, BN)
     n_ok = ns < dim
+    f_lo = tl.program_id(2) * f_per_split  # this program's range of F (split-K)
+    f_hi = tl.minimum(d_ff, f_lo + f_per_split)
     ks = tl.arange(0, BK)
-    h_ptrs = h_ptr + ts[:, None].to(tl.int64) * stride_h_t + ks[None, :]
-    w_ptrs = w_ptr + expert.to(tl.int64) * stride_w_e + ns[None, :] * stride_w_d + ks[:, None] * stride_w_f
+    h_ptrs = h_ptr + ts[:, None].to(tl.int64) * stride_h_t + (f_lo + ks)[None, :]
+    w_ptrs = w_ptr + expert.to(tl.int64) * stride_w_e + ns[None, :] * stride_w_d + (f_lo + ks)[:, None] * stride_w_f
     acc = tl.zeros((BT, BN), dtype=tl.float32)
-    for k0 in range(0, d_ff, BK):
-        k_ok = ks < d_ff - k0
+    for k0 in range(f_lo, f_hi, BK):
+        k_ok = ks < f_hi - k0
         h = tl.load(h_ptrs, mask=mine[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         if DOT_F32:
             h, w = h.to(tl.float32), w.to(tl.float32)
+        else:
+            w = w.to(h.dtype)
         acc = tl.dot(h, w, acc, input_precision=PRECISION)
         h_ptrs += BK
         w_ptrs += BK * stride_w_f
+    offs = ts[:, None].to(tl.int64) * stride_y_t + ns[None, :]
+    mask = mine[:, None] & n_ok[None, :]
+    if SPLIT > 1:  # the last of the tile's SPLIT programs adds the partials in split order (kernels/gemv.py)
+        count_ptr += expert * tl.num_programs(1) + pid_n
+        if split_k_arrive(acc, part_ptr, offs, mask, n_tok * stride_y_t, tl.program_id(2), count_ptr) != SPLIT - 1:
+            return
+        acc = split_k_total(part_ptr, offs, mask, n_tok * stride_y_t, count_ptr, SPLIT)
+    if HAS_SCALE:
+        acc = acc * tl.load(scale_ptr + expert.to(tl.int64) * stride_s_e + ns, mask=n_ok, other=0.0)[None, :]
     acc = acc * tl.load(gate_ptr + ts, mask=mine, other=0.0).to(tl.float32)[:, None]
-    y_ptrs = y_ptr + ts[:, None].to(tl.int64) * stride_y_t + ns[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mine[:, None] & n_ok[None, :])
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 # Launch configurations on the GPU by token count: the settings' moe_fc1_tiles / moe_fc2_tiles (the entry of
@@ -249,11 +286,57 @@ def _config(table: Mapping[int, Mapping[str, int]], tokens: int, dtype: torch.dt
     return cfg
 
 
+def _scaled(w1_EFD: Tensor, w2_EDF: Tensor, w1_scale: Tensor | None, w2_scale: Tensor | None) -> bool:
+    """Whether the experts are float8 or carry output-channel scales."""
+    return w1_EFD.dtype in FP8 or w2_EDF.dtype in FP8 or w1_scale is not None or w2_scale is not None
+
+
+def _check_scales(
+    x_TD: Tensor, w1_EFD: Tensor, w2_EDF: Tensor, w1_scale: Tensor | None, w2_scale: Tensor | None
+) -> bool:
+    """Check the experts' dtypes and optional per-(expert, output channel) scales. float8 weights need both
+    scales; other weights must have x's dtype."""
+    n_exp, two_f, dim = w1_EFD.shape
+    fp8 = w1_EFD.dtype in FP8 or w2_EDF.dtype in FP8
+    if fp8 and (w1_scale is None or w2_scale is None or w1_EFD.dtype != w2_EDF.dtype):
+        raise ValueError(
+            f"moe_experts_decode: float8 experts need both scales and one dtype; got {w1_EFD.dtype}, "
+            f"{w2_EDF.dtype}, scales {'given' if w1_scale is not None else 'missing'} / "
+            f"{'given' if w2_scale is not None else 'missing'}"
+        )
+    if x_TD.dtype not in DENSE or (not fp8 and (x_TD.dtype != w1_EFD.dtype or w2_EDF.dtype != w1_EFD.dtype)):
+        raise ValueError(
+            f"moe_experts_decode: x and weights must share a dtype (bf16, fp16, fp32) unless the weights are "
+            f"float8; got {x_TD.dtype}, {w1_EFD.dtype}, {w2_EDF.dtype}"
+        )
+    for name, scale, shape in (("w1_scale", w1_scale, (n_exp, two_f)), ("w2_scale", w2_scale, (n_exp, dim))):
+        if scale is not None and (scale.shape != shape or scale.dtype != torch.float32):
+            raise ValueError(
+                f"moe_experts_decode: {name} must be {shape} float32; got {tuple(scale.shape)} {scale.dtype}"
+            )
+
+
+def _fc2_splits(tokens: int) -> int:
+    """The ``moe_fc2_splits`` entry for the smallest token count >= ``tokens`` (else the largest one)."""
+    table = get_settings().moe_fc2_splits
+    fits = [n for n in table if n >= tokens]
+    return table[min(fits) if fits else max(table)]
+
+
 def moe_experts_decode_triton(
-    x_TD: Tensor, expert_T: Tensor, gate_T: Tensor, w1_EFD: Tensor, w2_EDF: Tensor, activation: str = "gelu"
+    x_TD: Tensor,
+    expert_T: Tensor,
+    gate_T: Tensor,
+    w1_EFD: Tensor,
+    w2_EDF: Tensor,
+    activation: str = "gelu",
+    *,
+    w1_scale: Tensor | None = None,
+    w2_scale: Tensor | None = None,
 ) -> Tensor:
     """The experts for at most :data:`MAX_TOKENS` tokens in two launches, with no permutation and no
-    autograd (inference). Same result as :func:`.moe.moe_experts_ref`; expert ids must lie in [0, E)."""
+    autograd (inference). Same result as :func:`moe_experts_decode_ref`; expert ids must lie in [0, E).
+    ``w1_scale`` (E, 2F) and ``w2_scale`` (E, D) scale the output channels of float8 (e4m3) experts."""
     _check(x_TD, expert_T, gate_T, w1_EFD, w2_EDF)
     n_tok, dim = x_TD.shape
     n_exp, two_f, _ = w1_EFD.shape
@@ -262,11 +345,7 @@ def moe_experts_decode_triton(
         raise ValueError(f"moe_experts_decode_triton: at most {MAX_TOKENS} tokens per call, got {n_tok}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown MoE activation {activation!r}")
-    if x_TD.dtype != w1_EFD.dtype or w2_EDF.dtype != w1_EFD.dtype:
-        raise ValueError(
-            f"moe_experts_decode_triton: x and weights must share a dtype; got {x_TD.dtype}, {w1_EFD.dtype}, "
-            f"{w2_EDF.dtype}"
-        )
+    _check_scales(x_TD, w1_EFD, w2_EDF, w1_scale, w2_scale)
     dtype = x_TD.dtype
     if n_tok == 0:
         return x_TD.new_empty(0, dim)
@@ -280,15 +359,25 @@ def moe_experts_decode_triton(
     settings = get_settings()
     c1 = _config(settings.moe_fc1_tiles, n_tok, dtype, x_TD.is_cuda)
     c2 = _config(settings.moe_fc2_tiles, n_tok, dtype, x_TD.is_cuda)
+    s1 = h_TF if w1_scale is None else w1_scale.contiguous()  # placeholders when unscaled: never read
+    s2 = y_TD if w2_scale is None else w2_scale.contiguous()
     _decode_fc1_kernel[(n_exp, triton.cdiv(d_ff, c1["BF"]))](
-        x_TD, w1_EFD, expert_T, h_TF, n_tok, dim, d_ff,
-        x_TD.stride(0), *w1_EFD.stride(), h_TF.stride(0),
+        x_TD, w1_EFD, s1, expert_T, h_TF, n_tok, dim, d_ff,
+        x_TD.stride(0), *w1_EFD.stride(), s1.stride(0), h_TF.stride(0),
         ACT=ACTIVATIONS[activation], ROUND=not flags["DOT_F32"] and dtype != torch.float32,
+        HAS_SCALE=w1_scale is not None,
         BT=bt, BF=c1["BF"], BK=c1["BK"], num_warps=c1["num_warps"], num_stages=c1["num_stages"], **flags,
     )  # fmt: skip
-    _decode_fc2_kernel[(n_exp, triton.cdiv(dim, c2["BN"]))](
-        h_TF, w2_EDF, expert_T, gate_T.contiguous(), y_TD, n_tok, dim, d_ff,
-        h_TF.stride(0), *w2_EDF.stride(), y_TD.stride(0),
+    tiles_n = triton.cdiv(dim, c2["BN"])
+    n_split, per = split_k(n_exp * tiles_n, d_ff, c2["BK"], _fc2_splits(n_tok) * n_exp * tiles_n)
+    part = counters = y_TD  # placeholders: only read with SPLIT > 1
+    if n_split > 1:
+        part = torch.empty(n_split, n_tok, dim, dtype=torch.float32, device=x_TD.device)
+        counters = split_k_counters(x_TD.device, n_exp * tiles_n)
+    _decode_fc2_kernel[(n_exp, tiles_n, n_split)](
+        h_TF, w2_EDF, s2, expert_T, gate_T.contiguous(), y_TD, part, counters, n_tok, dim, d_ff, per,
+        h_TF.stride(0), *w2_EDF.stride(), s2.stride(0), y_TD.stride(0),
+        HAS_SCALE=w2_scale is not None, SPLIT=n_split,
         BT=bt, BN=c2["BN"], BK=c2["BK"], num_warps=c2["num_warps"], num_stages=c2["num_stages"], **flags,
     )  # fmt: skip
     return y_TD if work == dtype else y_TD.to(dtype)
@@ -322,11 +411,48 @@ def route_top1(x_TD: Tensor, weight_ED: Tensor, bias_E: Tensor) -> tuple[Tensor,
     return route_top1_ref(x_TD, weight_ED, bias_E)
 
 
-def moe_experts_decode(
-    x_TD: Tensor, expert_T: Tensor, gate_T: Tensor, w1_EFD: Tensor, w2_EDF: Tensor, activation: str = "gelu"
+def moe_experts_decode_ref(
+    x_TD: Tensor,
+    expert_T: Tensor,
+    gate_T: Tensor,
+    w1_EFD: Tensor,
+    w2_EDF: Tensor,
+    activation: str = "gelu",
+    *,
+    w1_scale: Tensor | None = None,
+    w2_scale: Tensor | None = None,
 ) -> Tensor:
-    """The experts of a decode step: :func:`moe_experts_decode_triton` when the decode kernels apply and x
-    has the experts' dtype, else :func:`.moe.moe_experts`. See :func:`.moe.moe_experts_ref`."""
-    if x_TD.dtype == w1_EFD.dtype == w2_EDF.dtype and decode_kernels_apply(x_TD, gate_T, w1_EFD, w2_EDF):
-        return moe_experts_decode_triton(x_TD, expert_T, gate_T, w1_EFD, w2_EDF, activation)
-    return moe_experts(x_TD, expert_T, gate_T, w1_EFD, w2_EDF, activation)
+    """The reference of the decode experts: :func:`.moe.moe_experts_ref`; with scales (float8 experts), on
+    the weights dequantized in fp32 (W * s) and x in fp32, the result rounded to x's dtype."""
+    if not _scaled(w1_EFD, w2_EDF, w1_scale, w2_scale):
+        return moe_experts_ref(x_TD, expert_T, gate_T, w1_EFD, w2_EDF, activation)
+    _check_scales(x_TD, w1_EFD, w2_EDF, w1_scale, w2_scale)
+    w1, w2 = dequantize(w1_EFD, w1_scale), dequantize(w2_EDF, w2_scale)
+    return moe_experts_ref(x_TD.float(), expert_T, gate_T.float(), w1, w2, activation).to(x_TD.dtype)
+
+
+def moe_experts_decode(
+    x_TD: Tensor,
+    expert_T: Tensor,
+    gate_T: Tensor,
+    w1_EFD: Tensor,
+    w2_EDF: Tensor,
+    activation: str = "gelu",
+    *,
+    w1_scale: Tensor | None = None,
+    w2_scale: Tensor | None = None,
+) -> Tensor:
+    """The experts of a decode step: :func:`moe_experts_decode_triton` when the decode kernels apply, else
+    :func:`.moe.moe_experts` (scaled float8 experts dequantized to x's dtype first). See
+    :func:`moe_experts_decode_ref`."""
+    if not _scaled(w1_EFD, w2_EDF, w1_scale, w2_scale):
+        if x_TD.dtype == w1_EFD.dtype == w2_EDF.dtype and decode_kernels_apply(x_TD, gate_T, w1_EFD, w2_EDF):
+            return moe_experts_decode_triton(x_TD, expert_T, gate_T, w1_EFD, w2_EDF, activation)
+        return moe_experts(x_TD, expert_T, gate_T, w1_EFD, w2_EDF, activation)
+    _check_scales(x_TD, w1_EFD, w2_EDF, w1_scale, w2_scale)
+    if decode_kernels_apply(x_TD, gate_T):
+        return moe_experts_decode_triton(
+            x_TD, expert_T, gate_T, w1_EFD, w2_EDF, activation, w1_scale=w1_scale, w2_scale=w2_scale
+        )
+    w1, w2 = dequantize(w1_EFD, w1_scale, x_TD.dtype), dequantize(w2_EDF, w2_scale, x_TD.dtype)
+    return moe_experts(x_TD, expert_T, gate_T, w1, w2, activation)

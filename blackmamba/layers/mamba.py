@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import BlackMambaConfig
-from ..kernels import causal_conv1d, conv_update, selective_scan, ssm_update
+from ..kernels import causal_conv1d, conv_update, linear, selective_scan, ssm_update
 from .mixer import Mixer
 
 
@@ -68,8 +68,8 @@ class MambaMixer(Mixer):
         self, n_slots: int, device: torch.device | None = None, dtype: torch.dtype | None = None
     ) -> MambaCache:
         """Zeroed decode state of ``n_slots`` sequences (the conv window in ``dtype``, the SSM state fp32)."""
-        device = device or self.in_proj.weight.device
-        dtype = dtype or self.in_proj.weight.dtype
+        device = device or self.conv1d.weight.device
+        dtype = dtype or self.conv1d.weight.dtype  # the projections' weights may be fp8 (layers/quant.py)
         return MambaCache(
             conv_state=torch.zeros(n_slots, self.d_conv - 1, self.d_inner, device=device, dtype=dtype),
             ssm_state=torch.zeros(n_slots, self.d_inner, self.d_state, device=device, dtype=torch.float32),
@@ -115,12 +115,21 @@ class MambaMixer(Mixer):
     def step(self, u_t: Tensor, cache: MambaCache, slots: Tensor | None = None) -> Tensor:
         """One token: u_t (B, D) -> (B, D); advances the state of ``slots`` (rows 0..B-1 without) in place. On
         the Triton backend the conv and the SSM step are one kernel each, the second with the dt_proj GEMV
-        and A = -exp(A_log) inside it."""
-        x, z = self.in_proj(u_t).chunk(2, dim=-1)
+        and A = -exp(A_log) inside it; the projections may run on the few-row GEMV (:func:`_project`)."""
+        x, z = _project(self.in_proj, u_t).chunk(2, dim=-1)
         x = conv_update(x, cache.conv_state, self.conv1d.weight[:, 0, :], self.conv1d.bias, "silu", slots)
-        dt_low, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt_low, B, C = _project(self.x_proj, x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         y = ssm_update(
             cache.ssm_state, x, dt_low, self.A_log, B, C, self.D, z, self.dt_proj.bias, True,
             dt_weight=self.dt_proj.weight, a_from_log=True, state_indices=slots,
         )  # fmt: skip
-        return self.out_proj(y)
+        return _project(self.out_proj, y)
+
+
+def _project(proj: nn.Module, x: Tensor) -> Tensor:
+    """A projection of the decode step: a bias-free ``nn.Linear`` runs :func:`blackmamba.kernels.linear`
+    (the few-row GEMV where the kernel settings enable it, ``gemv_dense``; else ``F.linear``); other modules,
+    such as the fp8 projections of :mod:`.quant`, run their own forward."""
+    if type(proj) is nn.Linear and proj.bias is None:
+        return linear(x, proj.weight)
+    return proj(x)

@@ -7,8 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from blackmamba.kernels import moe_experts_ref
-from blackmamba.kernels.moe_decode import MAX_TOKENS, moe_experts_decode_triton, route_top1_triton
+from blackmamba.kernels import moe_experts_ref, use_backend, use_settings
+from blackmamba.kernels.moe_decode import (
+    MAX_TOKENS,
+    moe_experts_decode,
+    moe_experts_decode_ref,
+    moe_experts_decode_triton,
+    route_top1_triton,
+)
 from blackmamba.routing import top1_sigmoid
 
 from ..helpers import DEVICE, ON_GPU, assert_close
@@ -75,6 +81,78 @@ def test_experts_decode_rejects_bad_input():
         moe_experts_decode_triton(x.double(), expert, gate, w1, w2)
     with pytest.raises(ValueError, match="weights"):
         moe_experts_decode_triton(x, expert, gate, w1[:, :, :8], w2)
+
+
+def fp8_experts(dim, ff, experts, seed=0, device=DEVICE):
+    """e4m3 experts (E, 2F, D) and (E, D, F) with fp32 scales per (expert, output channel)."""
+    g = torch.Generator().manual_seed(seed)
+    w1 = (4 * torch.randn(experts, 2 * ff, dim, generator=g)).to(torch.float8_e4m3fn).to(device)
+    w2 = (4 * torch.randn(experts, dim, ff, generator=g)).to(torch.float8_e4m3fn).to(device)
+    s1 = ((torch.rand(experts, 2 * ff, generator=g) + 0.5) / (4 * dim**0.5)).to(device)
+    s2 = ((torch.rand(experts, dim, generator=g) + 0.5) / (4 * ff**0.5)).to(device)
+    return w1, w2, s1, s2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens,splits", [(1, 1), (1, 3), (7, 2), (23, 1)])
+def test_experts_decode_fp8_matches_reference(poisoned, dtype, tokens, splits):
+    x, expert, gate = (t.detach() for t in moe_inputs(tokens, 40, 100, 4, dtype, True, seed=tokens)[:3])
+    w1, w2, s1, s2 = fp8_experts(40, 100, 4, seed=tokens)
+    y_ref = moe_experts_decode_ref(x, expert, gate, w1, w2, "silu", w1_scale=s1, w2_scale=s2)
+    with use_settings(moe_fc2_splits={64: splits}):
+        y = moe_experts_decode_triton(x, expert, gate, w1, w2, "silu", w1_scale=s1, w2_scale=s2)
+    assert_close("y", y_ref, y, dtype)
+
+
+@pytest.mark.parametrize("splits", [2, 4])
+def test_fc2_split_k_matches_one_split(poisoned, splits):
+    """F = 100 in reduction steps of 32: fc2 runs 2 or 4 programs per column tile, the same result."""
+    x, expert, gate, w1, w2 = (t.detach() for t in moe_inputs(9, 24, 100, 3, torch.float32, False, seed=splits))
+    with use_settings(moe_fc2_splits={64: 1}):
+        y_one = moe_experts_decode_triton(x, expert, gate, w1, w2)
+    with use_settings(moe_fc2_splits={64: splits}):
+        y = moe_experts_decode_triton(x, expert, gate, w1, w2)
+        assert torch.equal(y, moe_experts_decode_triton(x, expert, gate, w1, w2))  # deterministic
+    assert_close("y", moe_experts_ref(x, expert, gate, w1, w2), y, torch.float32)
+    assert_close("y vs one split", y_one, y, "fp32_same_math")
+
+
+def test_experts_decode_dispatches_fp8(poisoned):
+    """The dispatcher: the kernels on the Triton backend, else the general path on dequantized experts."""
+    x, expert, gate = (t.detach() for t in moe_inputs(5, 32, 20, 3, torch.bfloat16, False)[:3])
+    w1, w2, s1, s2 = fp8_experts(32, 20, 3)
+    y_ref = moe_experts_decode_ref(x, expert, gate, w1, w2, w1_scale=s1, w2_scale=s2)
+    for backend in ("triton", "torch", "ref"):
+        with use_backend(backend):
+            y = moe_experts_decode(x, expert, gate, w1, w2, w1_scale=s1, w2_scale=s2)
+        assert_close(backend, y_ref, y, torch.bfloat16)
+
+
+def test_experts_decode_rejects_bad_scales():
+    x, expert, gate = (t.detach() for t in moe_inputs(4, 16, 8, 2, torch.bfloat16, False)[:3])
+    w1, w2, s1, s2 = fp8_experts(16, 8, 2)
+    with pytest.raises(ValueError, match="need both scales"):
+        moe_experts_decode_triton(x, expert, gate, w1, w2, w1_scale=s1)
+    with pytest.raises(ValueError, match="w2_scale must be"):
+        moe_experts_decode(x, expert, gate, w1, w2, w1_scale=s1, w2_scale=s2[:, :4])
+    with pytest.raises(ValueError, match="w1_scale must be"):
+        moe_experts_decode_ref(x, expert, gate, w1, w2, w1_scale=s1.double(), w2_scale=s2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens,splits", [(1, 1), (1, 4), (16, 1), (16, 2)])
+def test_decode_moe_fp8_and_split_full_size(poisoned, tokens, splits):
+    dim, ff, experts = 1472, 3872, 8
+    inputs = moe_inputs(tokens, dim, ff, experts, torch.bfloat16, False, device="cuda")
+    x, expert, gate, w1_bf, w2_bf = (t.detach() for t in inputs)
+    w1, w2, s1, s2 = fp8_experts(dim, ff, experts, device="cuda")
+    with use_settings(moe_fc2_splits={64: splits}):
+        y8 = moe_experts_decode_triton(x, expert, gate, w1, w2, w1_scale=s1, w2_scale=s2)
+        y = moe_experts_decode_triton(x, expert, gate, w1_bf, w2_bf)
+    y8_ref = moe_experts_decode_ref(x.float(), expert, gate, w1, w2, w1_scale=s1, w2_scale=s2)
+    assert_close("fp8", y8_ref, y8, torch.bfloat16, same_dtype=False)
+    y_ref = moe_experts_ref(x.double(), expert, gate.double(), w1_bf.double(), w2_bf.double(), "gelu")
+    assert_close("bf16", y_ref, y, torch.bfloat16, same_dtype=False)
 
 
 @pytest.mark.gpu

@@ -1,0 +1,273 @@
+"""Issue 17's decode kernels on the GPU: the few-row GEMV against cuBLAS, the fp8 and split-K MoE decode
+kernels, and the 2.8B decode step with the GEMV off and on.
+
+Rows (BlackMamba-2.8B widths, random weights, bf16 activations):
+  gemv_bf16, gemv_fp8  in_proj (5888 x 1472), x_proj (124 x 2944), out_proj (1472 x 2944) at M = 1, 4, 16 rows:
+                       kernels/gemv.py on bf16 or e4m3 weights (per-row fp32 scales) against cuBLAS (F.linear,
+                       bf16); floor = the bytes of the weight (bf16 or fp8), x and y over the copy bandwidth
+  moe_decode_bf16, moe_decode_fp8
+                       fc1 + fc2 of the decode MoE (kernels/moe_decode.py) at T = 1, 16 tokens with fc2 in 1, 2,
+                       4, 8 splits of F (the best reported, the others in "splits_us"), against the current bf16
+                       kernels (one split); floor = the bytes of the experts in use
+  decode_step          model.step of the whole 2.8B model (the Decoder's CUDA graph, replayed back to back) at
+                       batch 1 and 16, the projections on the GEMV (gemv_dense) against F.linear; floor = the
+                       bytes of the weights a step reads (experts: the expected number in use, uniform routing)
+
+A kernel timing replays a CUDA graph of calls on different copies of the weights, at least 200 MB of them, so
+that they come from HBM and not from the 60 MB L2, as in a decode step: microseconds per call, launch gaps
+included. max err is max |ours - ref| / max |ref| against the fp32 reference on the same (dequantized)
+weights; for decode_step, the logits with the GEMV on against off. ``--sweep`` also times candidate GEMV tiles
+(the gemv_tiles setting) and prints the fastest per row count. Sections stop starting after ``--max-s``.
+
+    python -m benchmarks.tune.gemv [--only gemv moe step] [--sweep] [--max-s 100]
+"""
+
+from __future__ import annotations
+
+import itertools
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from blackmamba.generation.decoder import Decoder, SamplingOptions
+from blackmamba.kernels import get_settings, use_settings
+from blackmamba.kernels.gemv import launch_plan, linear_reference, linear_triton
+from blackmamba.kernels.moe_decode import moe_experts_decode_ref, moe_experts_decode_triton
+
+from ..harness import (
+    BF16,
+    RESULTS_DIR,
+    Row,
+    argument_parser,
+    build_model,
+    cuda_event_us,
+    cuda_graph,
+    elapsed_s,
+    fmt,
+    gpu_ceilings,
+    log,
+    markdown_table,
+    max_err,
+    meta_line,
+    run_meta,
+    text_table,
+    write_results,
+)
+from ..kernel_inputs import D_IN, D_MODEL, F_FF, E, N, R
+
+PROJECTIONS = {"in_proj": (2 * D_IN, D_MODEL), "x_proj": (R + 2 * N, D_IN), "out_proj": (D_MODEL, D_IN)}
+ROWS = (1, 4, 16)
+TOKENS = (1, 16)
+SPLITS = (1, 2, 4, 8)
+COLD_BYTES = 200e6  # weights per timed graph: well above the 60 MB L2
+FP8 = torch.float8_e4m3fn
+CUBLAS = "cuBLAS F.linear (bf16)"
+
+
+def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """e4m3 weights and fp32 scales per output row (the last axis is reduced): s = amax / 448."""
+    scale = w.float().abs().amax(-1).clamp(min=1e-12) / 448.0
+    return (w.float() / scale[..., None]).to(FP8), scale
+
+
+def copies_for(nbytes: int, most: int = 256) -> int:
+    """How many copies of a weight of ``nbytes`` make a graph read at least :data:`COLD_BYTES` (at least 4)."""
+    return max(4, min(most, int(COLD_BYTES // nbytes) + 1))
+
+
+def graph_us(fn, args: list[tuple], reps: int = 30) -> float:
+    """Microseconds per call of ``fn(*a)`` for each ``a`` in ``args``, all captured in one CUDA graph, replayed."""
+    graph = cuda_graph(lambda: [fn(*a) for a in args])
+    return cuda_event_us(graph.replay, reps) / len(args)
+
+
+def moe_fp8(x, expert, gate, w1, w2, s1, s2):
+    return moe_experts_decode_triton(x, expert, gate, w1, w2, w1_scale=s1, w2_scale=s2)
+
+
+def row(benchmark: str, shape: str, ours: float, peer: str, peer_us: float, floor: float, err: float, **extra) -> Row:
+    return Row(benchmark, shape, "us", ours, peer, peer_us, floor, err, extra)
+
+
+def gemv_rows(bw: float) -> list[Row]:
+    rows = []
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for name, (n, k) in PROJECTIONS.items():
+        copies = copies_for(n * k * 2)
+        weights = [(torch.randn(n, k, device="cuda", generator=gen) / k**0.5).to(BF16) for _ in range(copies)]
+        quantized = [quantize(w) for w in weights]
+        for m in ROWS:
+            x = torch.randn(m, k, device="cuda", generator=gen).to(BF16)
+            err = max_err(linear_triton(x, weights[0]), linear_reference(x.float(), weights[0].float()))
+            w8, s = quantized[0]
+            err8 = max_err(linear_triton(x, w8, s), linear_reference(x.float(), w8, s))
+            t_cublas = graph_us(partial(F.linear, x), [(w,) for w in weights])
+            t_ours = graph_us(partial(linear_triton, x), [(w,) for w in weights])
+            t_fp8 = graph_us(partial(linear_triton, x), quantized)
+            io = 2 * m * (k + n)
+            shape = f"{name} {n}x{k} M={m}"
+            plan, plan8 = launch_plan(x, weights[0]), launch_plan(x, w8)
+            rows.append(row("gemv_bf16", shape, t_ours, CUBLAS, t_cublas, (2 * n * k + io) / bw * 1e6, err,
+                            plan=plan))  # fmt: skip
+            rows.append(row("gemv_fp8", shape, t_fp8, CUBLAS, t_cublas, (n * k + 4 * n + io) / bw * 1e6, err8,
+                            plan=plan8))  # fmt: skip
+            log(f"{shape}: cuBLAS {t_cublas:.2f} us, bf16 {t_ours:.2f} us, fp8 {t_fp8:.2f} us")
+    return rows
+
+
+def moe_rows(bw: float) -> list[Row]:
+    rows = []
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    expert_bytes = 3 * F_FF * D_MODEL * 2
+    copies = 8  # one expert read per copy at T=1: 8 x 34 MB
+    w1s = [(torch.randn(E, 2 * F_FF, D_MODEL, device="cuda", generator=gen) / D_MODEL**0.5).to(BF16)
+           for _ in range(copies)]  # fmt: skip
+    w2s = [(torch.randn(E, D_MODEL, F_FF, device="cuda", generator=gen) / F_FF**0.5).to(BF16) for _ in range(copies)]
+    q1s, q2s = [quantize(w) for w in w1s], [quantize(w) for w in w2s]
+    for tokens in TOKENS:
+        x = torch.randn(tokens, D_MODEL, device="cuda", generator=gen).to(BF16)
+        expert = torch.randint(0, E, (tokens,), device="cuda", generator=gen)
+        gate = torch.rand(tokens, device="cuda", generator=gen)
+        used = int(expert.unique().numel())
+
+        tokens_in = (x, expert, gate)
+        bf16_us = {s: moe_us(tokens_in, list(zip(w1s, w2s, strict=True)), s, fp8=False) for s in SPLITS}
+        fp8_args = [(a[0], b[0], a[1], b[1]) for a, b in zip(q1s, q2s, strict=True)]
+        fp8_us = {s: moe_us(tokens_in, fp8_args, s, fp8=True) for s in SPLITS}
+        ref = moe_experts_decode_ref(x.float(), expert, gate, w1s[0].float(), w2s[0].float())
+        with use_settings(moe_fc2_splits={64: min(bf16_us, key=bf16_us.get)}):
+            err = max_err(moe_experts_decode_triton(x, expert, gate, w1s[0], w2s[0]), ref)
+        (w1, s1), (w2, s2) = q1s[0], q2s[0]
+        ref8 = moe_experts_decode_ref(x.float(), expert, gate, w1, w2, w1_scale=s1, w2_scale=s2)
+        with use_settings(moe_fc2_splits={64: min(fp8_us, key=fp8_us.get)}):
+            err8 = max_err(moe_experts_decode_triton(x, expert, gate, w1, w2, w1_scale=s1, w2_scale=s2), ref8)
+        io = tokens * D_MODEL * 4
+        shape = f"T={tokens} ({used} experts)"
+        current = bf16_us[1]
+        for name, times, e, nbytes in (("moe_decode_bf16", bf16_us, err, expert_bytes),
+                                       ("moe_decode_fp8", fp8_us, err8, expert_bytes // 2)):  # fmt: skip
+            best = min(times, key=times.get)
+            rows.append(row(name, shape, times[best], "bf16, fc2 in one split (current)", current,
+                            (used * nbytes + io) / bw * 1e6, e, best_splits=best,
+                            splits_us={str(s): t for s, t in times.items()}))  # fmt: skip
+        log(f"MoE T={tokens}: bf16 by splits {fmt_times(bf16_us)}; fp8 {fmt_times(fp8_us)}")
+    return rows
+
+
+def moe_us(tokens_in: tuple, weights: list[tuple], splits: int, fp8: bool) -> float:
+    """Microseconds per decode MoE call (fc1 + fc2) on each set of expert weights, fc2 in ``splits`` splits."""
+    with use_settings(moe_fc2_splits={64: splits}):  # read when the graph is captured
+        return graph_us(partial(moe_fp8 if fp8 else moe_experts_decode_triton, *tokens_in), weights)
+
+
+def fmt_times(times: dict[int, float]) -> str:
+    return ", ".join(f"{s}: {t:.1f} us" for s, t in times.items())
+
+
+def step_rows(bw: float, steps: int = 100) -> list[Row]:
+    model = build_model("blackmamba-2.8b", "cuda", BF16)
+    cfg = model.config
+    rows = []
+    expert_bytes = 3 * cfg.d_ff * cfg.d_model * 2
+    n_moe = cfg.layer_pattern.count("moe")
+    all_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    for batch in (1, 16):
+        used = cfg.n_experts * (1 - (1 - 1 / cfg.n_experts) ** batch)  # expected experts in use, uniform routing
+        floor = (all_bytes - n_moe * (cfg.n_experts - used) * expert_bytes) / bw * 1e6
+        tokens = torch.randint(1, 50000, (batch,), device="cuda")
+        us, logits = {}, {}
+        for on in (False, True):
+            with use_settings(gemv_dense=on), torch.inference_mode():
+                decoder = Decoder(model, SamplingOptions(), use_graphs=True)  # a fresh graph per setting
+                slot = decoder.start(model.allocate_cache(batch), tokens, None)
+                us[on] = cuda_event_us(lambda decoder=decoder, slot=slot: decoder.step(slot, None), steps, warmup=10)
+                logits[on] = model.step(tokens, model.allocate_cache(batch)).float()
+                del decoder, slot
+        rows.append(row("decode_step", f"2.8B b{batch}", us[True], "GEMV off: F.linear projections", us[False],
+                        floor, max_err(logits[True], logits[False]),
+                        tokens_per_s_on=batch * 1e6 / us[True], tokens_per_s_off=batch * 1e6 / us[False]))  # fmt: skip
+        log(f"decode step b{batch}: GEMV off {us[False]:.0f} us, on {us[True]:.0f} us")
+    return rows
+
+
+def sweep(bw: float) -> list[list[str]]:
+    """Candidate gemv_tiles entries per row count, timed on the three projections (bf16); the lines of a table."""
+    one_row = [dict(BN=bn, BK=bk, num_warps=4, num_stages=1) for bn, bk in itertools.product([4, 8, 16], [512, 1024])]
+    one_row += [
+        dict(BN=16, BK=bk, num_warps=4, num_stages=st, DOT=1) for bk, st in itertools.product([128, 256], [3, 4])
+    ]
+    rows16 = [
+        dict(BN=bn, BK=bk, num_warps=4, num_stages=st) for bn, bk, st in itertools.product([16, 32], [128, 256], [3, 4])
+    ]
+    candidates = {1: one_row, 16: rows16}
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    weights = {}
+    for name, (n, k) in PROJECTIONS.items():
+        copies = copies_for(n * k * 2)
+        weights[name] = [(torch.randn(n, k, device="cuda", generator=gen) / k**0.5).to(BF16) for _ in range(copies)]
+    lines = []
+    for m, configs in candidates.items():
+        xs = {name: torch.randn(m, k, device="cuda", generator=gen).to(BF16) for name, (_, k) in PROJECTIONS.items()}
+        results = []
+        for cfg in configs:
+            table = {**get_settings().gemv_tiles, m: cfg}
+            with use_settings(gemv_tiles=table):
+                try:
+                    per = {name: graph_us(partial(linear_triton, xs[name]), [(w,) for w in ws])
+                           for name, ws in weights.items()}  # fmt: skip
+                except Exception as exc:  # a tile that does not fit (shared memory) is skipped
+                    log(f"sweep M={m} {cfg}: {type(exc).__name__}")
+                    continue
+            results.append((sum(per.values()), cfg, per))
+        results.sort(key=lambda r: r[0])
+        for total, cfg, per in results[:5]:
+            lines.append([str(m), str(cfg), *(fmt(per[name]) for name in PROJECTIONS), fmt(total)])
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argument_parser(__spec__, __doc__)
+    parser.add_argument("--only", nargs="*", default=None, help="sections to run: gemv moe step (default all)")
+    parser.add_argument("--sweep", action="store_true", help="also time candidate GEMV tiles (about 30 s more)")
+    parser.add_argument("--max-s", type=float, default=100.0, help="start no section after this many seconds")
+    parser.add_argument("--out", default=str(RESULTS_DIR / "gemv.json"), help="results file (and .md beside it)")
+    args = parser.parse_args(argv)
+    want = args.only or ["gemv", "moe", "step"]
+    bw, _ = gpu_ceilings()
+    log(f"copy bandwidth {bw / 1e12:.2f} TB/s")
+    rows: list[Row] = []
+    skipped = []
+    sections = {"gemv": gemv_rows, "moe": moe_rows, "step": step_rows}
+    for name in want:
+        if elapsed_s() > args.max_s:
+            skipped.append(name)
+            continue
+        with torch.no_grad():
+            rows += sections[name](bw)
+        torch.cuda.empty_cache()
+    sweep_lines = sweep(bw) if args.sweep and elapsed_s() <= args.max_s + 60 else []
+    settings = get_settings()
+    meta = run_meta("cuda", copy_bandwidth_TBps=bw / 1e12, skipped=skipped, wall_s=elapsed_s(),
+                    gemv_tiles={str(k): dict(v) for k, v in settings.gemv_tiles.items()},
+                    gemv_programs_per_sm=settings.gemv_programs_per_sm)  # fmt: skip
+    header = ["benchmark", "shape", "ours us", "peer", "peer us", "speedup", "floor us", "of floor", "max err"]
+    body = [[r.benchmark, r.shape, fmt(r.ours), r.peer or "n/a", fmt(r.peer_value), fmt(r.speedup), fmt(r.floor),
+             "n/a" if r.fraction_of_floor is None else f"{r.fraction_of_floor:.0%}", fmt(r.max_err)]
+            for r in rows]  # fmt: skip
+    sweep_header = ["rows", "gemv_tiles entry", *(f"{p} us" for p in PROJECTIONS), "sum us"]
+    markdown = f"{meta_line(meta)}\n\n{markdown_table(header, body)}\n"
+    if sweep_lines:
+        markdown += (
+            f"\nGEMV tile sweep (bf16, fastest five per row count):\n\n{markdown_table(sweep_header, sweep_lines)}\n"
+        )
+    write_results(Path(args.out), meta, rows, markdown, sweep=sweep_lines)
+    if sweep_lines:
+        print(text_table(sweep_header, sweep_lines) + "\n")
+    print(meta_line(meta) + (f"; skipped (time): {', '.join(skipped)}" if skipped else ""))
+    print(text_table(header, body))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,243 @@
+"""The few-row linear kernel (kernels/gemv.py) against its reference: dense and fp8 weights, split-K, dispatch.
+
+On the CPU the kernel runs in Triton's interpreter on tiny, awkward widths (N and K not multiples of the
+tiles); the ``gpu`` tests use the 2.8B Mamba projections and a CUDA graph.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from blackmamba.errors import BlackMambaError
+from blackmamba.kernels import gemv, use_backend, use_settings
+from blackmamba.kernels.gemv import (
+    COUNTERS,
+    GemvError,
+    dequantize,
+    linear,
+    linear_reference,
+    linear_triton,
+    split_k,
+)
+
+from ..helpers import DEVICE, ON_GPU, assert_close
+
+FP8 = torch.float8_e4m3fn
+SHAPES = [(18, 70), (5, 33)]  # (N, K): neither a multiple of the interpreter's tiles (BN 4 or 16, BK 32)
+TOL_FP8 = {torch.float32: torch.float32, torch.bfloat16: torch.bfloat16}
+
+
+def gemv_inputs(rows, n, k, dtype, seed=0, device=DEVICE, lead=()):
+    """x (*lead, rows, K), a dense weight (N, K) in ``dtype``, an e4m3 weight with its fp32 scales (N,)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, rows, k, generator=g).to(device, dtype)
+    w = (torch.randn(n, k, generator=g) / k**0.5).to(device, dtype)
+    w8 = (4 * torch.randn(n, k, generator=g)).to(FP8).to(device)
+    scale = (torch.rand(n, generator=g) + 0.5).div(4 * k**0.5).to(device)
+    return x, w, w8, scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 16])
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_linear_triton_matches_reference(poisoned, dtype, rows, n, k):
+    x, w, w8, scale = gemv_inputs(rows, n, k, dtype, seed=rows)
+    assert_close("dense", linear_reference(x, w), linear_triton(x, w), dtype)
+    assert_close("fp8", linear_reference(x, w8, scale), linear_triton(x, w8, scale), TOL_FP8[dtype])
+    assert_close("scaled dense", linear_reference(x, w, scale), linear_triton(x, w, scale), dtype)
+
+
+@pytest.mark.parametrize("splits", [1, 2, 3])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_split_k_is_deterministic_and_leaves_counters_zeroed(poisoned, splits, rows):
+    x, w, w8, scale = gemv_inputs(rows, 9, 100, torch.float32, seed=splits)  # K = 100: up to 4 splits of 32
+    ref = linear_reference(x, w8, scale)
+    first = linear_triton(x, w8, scale, splits=splits)
+    assert_close("y", ref, first, torch.float32)
+    assert torch.equal(first, linear_triton(x, w8, scale, splits=splits))
+    counters = gemv._counters.get(x.device)
+    assert splits == 1 or (counters is not None and not counters.any())
+
+
+def test_one_row_on_the_dot_path(poisoned):
+    x, w, w8, scale = gemv_inputs(1, 21, 45, torch.bfloat16)
+    tiles = {1: dict(BN=16, BK=64, num_warps=4, num_stages=1, DOT=1)}
+    with use_settings(gemv_tiles=tiles):
+        assert gemv._config(tiles, 1, torch.bfloat16, torch.bfloat16, x.is_cuda)["DOT"] == 1
+        assert_close("fp8", linear_reference(x, w8, scale), linear_triton(x, w8, scale), torch.bfloat16)
+
+
+def test_leading_dims_strides_and_many_rows(poisoned):
+    x, w, w8, scale = gemv_inputs(35, 10, 40, torch.float32, lead=(2,))  # 70 rows: two row blocks of 64
+    y = linear_triton(x, w8, scale)
+    assert y.shape == (2, 35, 10)
+    assert_close("many rows", linear_reference(x, w8, scale), y, torch.float32)
+    wide = torch.randn(3, 80, device=DEVICE)
+    assert_close("strided x", linear_reference(wide[:, ::2], w), linear_triton(wide[:, ::2], w), torch.float32)
+    w_cols = w.t().contiguous().t()  # the same values, column-major
+    assert_close("strided weight", linear_reference(x, w), linear_triton(x, w_cols), torch.float32)
+    assert linear_triton(x[:, :0], w).shape == (2, 0, 10)
+
+
+def test_split_k_plan():
+    assert split_k(tiles=16, k=2944, block_k=512, target=264) == (6, 512)  # x_proj, one row, on an H200
+    assert split_k(tiles=368, k=1472, block_k=256, target=264) == (1, 1472)  # enough tiles: no split
+    assert split_k(tiles=COUNTERS + 1, k=4096, block_k=16, target=10**9) == (1, 4096)
+    for tiles, k, block_k, target in [(3, 100, 32, 40), (92, 2944, 256, 264), (1, 7, 16, 64)]:
+        splits, per = split_k(tiles, k, block_k, target)
+        assert per % block_k == 0 or splits == 1
+        assert splits * per >= k > (splits - 1) * per  # every split has work
+
+
+def test_tile_choice_on_the_gpu():
+    bf16, fp32 = torch.bfloat16, torch.float32
+    table = {1: dict(BN=8, BK=512, num_warps=4, num_stages=3), 16: dict(BN=8, BK=256, num_warps=4, num_stages=4)}
+    one = gemv._config(table, 1, bf16, bf16, True)
+    assert one["DOT"] == 0 and one["BN"] == 8
+    assert gemv._config(table, 1, FP8, bf16, True)["BK"] == 2 * one["BK"]  # the same bytes per step
+    few = gemv._config(table, 3, bf16, bf16, True)  # the entry for 16 rows, on tl.dot: BN raised to 16
+    assert few["DOT"] == 1 and few["BN"] == 16 and few["BK"] == 256
+    assert gemv._config(table, 40, bf16, bf16, True)["BK"] == 256  # more rows than any entry: the largest
+    for w_dtype in (fp32, FP8):
+        wide = gemv._config(table, 16, w_dtype, fp32, True)
+        assert wide["BK"] <= 128 and wide["num_stages"] <= 3  # fp32 tiles: half the depth in shared memory
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """The number of calls :func:`linear` made to the kernel's launcher."""
+    calls = []
+    launch = gemv.linear_triton
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return launch(*args, **kwargs)
+
+    monkeypatch.setattr(gemv, "linear_triton", counted)
+    return calls
+
+
+def test_linear_dispatch(kernel_calls):
+    x, w, w8, scale = gemv_inputs(3, 12, 20, torch.float32)
+    with use_backend("triton"):
+        linear(x, w)  # dense weights stay on F.linear unless gemv_dense
+        assert len(kernel_calls) == 0
+        assert_close("fp8", linear_reference(x, w8, scale), linear(x, w8, scale), torch.float32)
+        assert len(kernel_calls) == 1
+        with use_settings(gemv_dense=True):
+            assert_close("dense", linear_reference(x, w), linear(x, w), torch.float32)
+            assert len(kernel_calls) == 2
+            with use_settings(gemv_max_rows=2):
+                linear(x, w8, scale)  # 3 rows > 2
+            x_grad = x.detach().requires_grad_()
+            y = linear(x_grad, w)  # autograd: F.linear
+            assert len(kernel_calls) == 2
+            (g,) = torch.autograd.grad(y.sum(), x_grad)
+            assert_close("grad", w.sum(0).expand_as(x), g, torch.float32)
+    with use_backend("ref"), use_settings(gemv_dense=True):
+        assert torch.equal(linear(x, w8, scale), linear_reference(x, w8, scale))
+    assert len(kernel_calls) == 2
+
+
+def test_torch_fallback_dequantizes_to_the_input_dtype():
+    x, _, w8, scale = gemv_inputs(40, 12, 20, torch.bfloat16)  # 40 rows: more than gemv_max_rows
+    with use_backend("torch"):
+        y = linear(x, w8, scale)
+    assert y.dtype == torch.bfloat16
+    assert_close("fallback", linear_reference(x, w8, scale), y, torch.bfloat16)
+    assert_close("dequantize", w8.float() * scale[:, None], dequantize(w8, scale), "exact")
+
+
+def test_bad_input_is_named():
+    x, w, w8, scale = gemv_inputs(2, 6, 8, torch.float32)
+    cases = [
+        ((x, w[0]), "weight must be"),
+        ((x[:, :5], w), r"x must be \(\.\.\., 8\)"),
+        ((x, w8), "need their per-output-channel scales"),
+        ((x, w8, scale[:5]), "scale must be"),
+        ((x, w8, scale.double()), "scale must be"),
+        ((x.bfloat16(), w, scale), "share a dtype"),
+        ((x.double(), w8, scale), "bf16, fp16 or fp32"),
+    ]
+    for args, match in cases:
+        with pytest.raises(GemvError, match=match):
+            linear_triton(*args)
+    assert issubclass(GemvError, BlackMambaError) and issubclass(GemvError, ValueError)
+    with pytest.raises(GemvError, match="scales"):
+        linear_reference(x, w8)
+
+
+# Lowers the kernels to cubins for an H200 (Triton's interpreter accepts more than its compiler). It runs in a
+# fresh process: the compiler cannot run where TRITON_INTERPRET has set Triton up for the interpreter.
+COMPILE_SM90 = """
+import triton
+from triton.backends.compiler import GPUTarget
+from blackmamba.kernels import gemv, moe_decode
+
+def compile_for_sm90(kernel, pointers, consts, dims=()):
+    signature = {a: "constexpr" if a in consts else pointers.get(a, "i32") for a in kernel.arg_names}
+    src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=consts)
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=3)).asm["ptx"]
+    assert "atom" in ptx or not consts.get("SPLIT", 1) > 1, "no split-K counter"
+
+flags = dict(DOT_F32=False, PRECISION="ieee")
+for weight, rows in (("bf16", 1), ("fp8e4nv", 16)):
+    compile_for_sm90(gemv._gemv_kernel, dict(x_ptr="*bf16", w_ptr=f"*{weight}", scale_ptr="*fp32", y_ptr="*bf16",
+                     part_ptr="*fp32", count_ptr="*i32"),
+                     dict(HAS_SCALE=weight != "bf16", SPLIT=3, BM=rows, BN=16, BK=256, stride_w_k=1, **flags))
+common = dict(w_ptr="*fp8e4nv", scale_ptr="*fp32", expert_ptr="*i64", h_ptr="*bf16", x_ptr="*bf16")
+compile_for_sm90(moe_decode._decode_fc1_kernel, common,
+                 dict(ACT=0, ROUND=True, HAS_SCALE=True, BT=16, BF=32, BK=256, stride_w_d=1, **flags))
+compile_for_sm90(moe_decode._decode_fc2_kernel, dict(common, gate_ptr="*fp32", y_ptr="*bf16", part_ptr="*fp32",
+                 count_ptr="*i32"), dict(HAS_SCALE=True, SPLIT=4, BT=16, BN=32, BK=256, stride_w_f=1, **flags))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(ON_GPU, reason="the gpu tests run the kernels themselves")
+def test_kernels_compile_for_sm90():
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    done = subprocess.run([sys.executable, "-c", COMPILE_SM90], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+# 2.8B Mamba projections: in_proj, x_proj, out_proj as (N, K).
+PROJECTIONS = {"in_proj": (5888, 1472), "x_proj": (124, 2944), "out_proj": (1472, 2944)}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("proj", list(PROJECTIONS))
+@pytest.mark.parametrize("rows", [1, 4, 16])
+def test_full_size_projections(poisoned, proj, rows):
+    n, k = PROJECTIONS[proj]
+    x, w, w8, scale = gemv_inputs(rows, n, k, torch.bfloat16, device="cuda")
+    ref = linear_reference(x.float(), w.float())
+    assert_close("bf16", ref, linear_triton(x, w), torch.bfloat16, same_dtype=False)
+    assert_close("fp32", ref, linear_triton(x.float(), w.float()), torch.float32)
+    ref8 = linear_reference(x.float(), w8, scale)
+    assert_close("fp8", ref8, linear_triton(x, w8, scale), torch.bfloat16, same_dtype=False)
+
+
+@pytest.mark.gpu
+def test_split_k_in_a_cuda_graph():
+    """x_proj (split-K) and in_proj captured in one graph, replayed on new inputs: each replay equals eager."""
+    x, w, w8, scale = gemv_inputs(1, *PROJECTIONS["x_proj"], torch.bfloat16, device="cuda")
+    _, w_in, _, _ = gemv_inputs(1, *PROJECTIONS["in_proj"], torch.bfloat16, device="cuda")
+    x_in = torch.randn(1, w_in.shape[1], device="cuda", dtype=torch.bfloat16)
+    with use_settings(gemv_dense=True):
+        run = lambda: (linear(x, w8, scale), linear(x, w), linear(x_in, w_in))  # noqa: E731
+        for _ in range(2):
+            run()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outs = run()
+        for seed in range(3):
+            x.copy_(torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)))
+            x_in.copy_(torch.randn(x_in.shape, generator=torch.Generator().manual_seed(seed + 10)))
+            graph.replay()
+            for name, out, eager in zip(("fp8", "bf16", "in_proj"), outs, run(), strict=True):
+                assert_close(name, eager, out, "exact")
