@@ -4,7 +4,11 @@ BlackMamba-2.8B and -1.5B shapes, random bf16 weights, the default backend (Trit
   decode   tokens/s at batch 1, 16, 64, 256 after a prompt of 16 (and 512) tokens, 256 new tokens, greedy;
            p50/p99 of the time per step as the caller sees it (one host read of the tokens per step)
   prefill  tokens/s of the prompt forward at 1x2048, 8x2048, 64x2048 (logits of the last position only),
-           and the time to first token (prefill + first sampled token) at 1x2048
+           replayed from the prefill CUDA graphs (row "prefill", the path generate takes; max err against
+           the eager forward of the same ids) and eager (row "prefill-eager"), and the time to first token
+           (prefill + first sampled token) at 1x2048, with and without the prefill graphs
+  fp8      the same decode and prefill shapes with the model quantized in place to fp8 weight-only (rows
+           decode_fp8 and prefill_fp8; their peer is the bf16 row of the same shape; --no-fp8 skips them)
   memory   peak GPU memory after 1K, 8K and 64K new tokens at batch 1 (constant: no KV cache)
   latency  time to generate N tokens for N up to 16K, BlackMamba against a dense transformer of the same
            active size (scaled_dot_product_attention with a KV cache, CUDA graphs per 1K of cache length)
@@ -15,6 +19,8 @@ states) over the copy bandwidth measured here; prefill, 2 x active parameters FL
 bf16 matmul rate measured here. Max err: logits of our fast path against our reference backend.
 
     python -m benchmarks.generate [--presets 2.8b 1.5b] [--quick]     (on the GPU machine)
+    python -m benchmarks.generate --presets 2.8b --only prefill       (prefill rows only, about a minute)
+    python -m benchmarks.generate --presets 2.8b --only fp8           (bf16 and fp8 decode and prefill rows)
     python -m benchmarks.generate --plot benchmarks/results/generate.json  (the PNG, where matplotlib is)
 """
 
@@ -33,7 +39,9 @@ from torch import nn
 
 from blackmamba import BlackMamba
 from blackmamba.generation import stream_generate
+from blackmamba.generation.prefill_graphs import prefill_graphs_for
 from blackmamba.kernels import use_backend
+from blackmamba.layers.quant import quantize_fp8
 
 from .harness import (
     BF16,
@@ -56,6 +64,7 @@ from .peers import PEER_NAME, build_jamba, jamba_greedy, jamba_prefill
 
 DEVICE = "cuda"
 VOCAB = 50277  # token ids of the GPT-NeoX tokenizer the released models use
+BF16_PEER = "blackmamba bf16 (same run)"  # the reference of the fp8 rows
 
 
 def row(benchmark: str, shape: str, ours: float, peer_value: float | None, floor: float, err: float, **extra) -> Row:
@@ -95,7 +104,8 @@ def decode_floor(model: BlackMamba, batch: int, bw: float) -> float:
 
 
 @torch.inference_mode()
-def prefill_time(model: BlackMamba, batch: int, length: int) -> float:
+def prefill_time(model: BlackMamba, batch: int, length: int) -> tuple[float, torch.Tensor]:
+    """(median seconds, last logits) of the eager prompt forward."""
     ids = random_ids(batch, length, VOCAB, seed=1, device=DEVICE)
     cache = model.allocate_cache(batch)
     model(ids, cache=cache, num_last_tokens=1)  # warm-up
@@ -103,16 +113,32 @@ def prefill_time(model: BlackMamba, batch: int, length: int) -> float:
     for _ in range(3):
         cache = model.allocate_cache(batch)
         t0 = sync_time(DEVICE)
-        model(ids, cache=cache, num_last_tokens=1)
+        logits = model(ids, cache=cache, num_last_tokens=1).logits[:, -1]
         times.append(sync_time(DEVICE) - t0)
-    return statistics.median(times)
+    return statistics.median(times), logits
 
 
-def time_to_first_token(model: BlackMamba, length: int) -> float:
+@torch.inference_mode()
+def prefill_graph_time(model: BlackMamba, batch: int, length: int) -> tuple[float, torch.Tensor]:
+    """(median seconds, last logits) of the same prompts through the prefill graphs, as generate runs them
+    (ids from the host, the state copied into the caller's cache); the first call captures."""
+    ids = random_ids(batch, length, VOCAB, seed=1)
+    runner = prefill_graphs_for(model, True)
+    runner.run(ids, model.allocate_cache(batch))  # capture
+    times = []
+    for _ in range(5):
+        cache = model.allocate_cache(batch)
+        t0 = sync_time(DEVICE)
+        logits = runner.run(ids, cache)
+        times.append(sync_time(DEVICE) - t0)
+    return statistics.median(times), logits
+
+
+def time_to_first_token(model: BlackMamba, length: int, prefill_graphs: bool = True) -> float:
     ps = prompts(1, length)
-    next(iter(stream_generate(model, ps, 1)))  # warm-up
+    next(iter(stream_generate(model, ps, 1, prefill_graphs=prefill_graphs)))  # warm-up
     t0 = sync_time(DEVICE)
-    next(iter(stream_generate(model, ps, 1)))
+    next(iter(stream_generate(model, ps, 1, prefill_graphs=prefill_graphs)))
     return time.perf_counter() - t0
 
 
@@ -251,8 +277,9 @@ def bench_preset(preset: str, args: argparse.Namespace, bw: float, peak: float, 
     model = build_model(f"blackmamba-{short}", DEVICE, BF16)
     active = model.num_parameters(active=True)
     err_prefill, err_step = fast_path_errors(model)
-    peer = None if args.no_peer else build_jamba(model.config, DEVICE, BF16)
-    for batch in [1, 16] if args.quick else [1, 16, 64, 256]:
+    only_prefill = args.only == "prefill"
+    peer = None if args.no_peer or args.only else build_jamba(model.config, DEVICE, BF16)
+    for batch in [] if only_prefill else [1, 16] if args.quick or args.only else [1, 16, 64, 256]:
         for prompt_len in (16, 512):
             decode_run(model, batch, prompt_len, 8)  # warm-up: graph capture for this bucket
             tps, steps = decode_run(model, batch, prompt_len, args.new_tokens)
@@ -274,26 +301,25 @@ def bench_preset(preset: str, args: argparse.Namespace, bw: float, peak: float, 
                 )
             )
             print(json.dumps(rows[-1].to_json()), flush=True)
-    for batch in [1, 8] if args.quick else [1, 8, 64]:
-        seconds = prefill_time(model, batch, 2048)
+    for batch in [1, 8] if args.quick or args.only else [1, 8, 64]:
+        eager_s, eager_logits = prefill_time(model, batch, 2048)
+        seconds, logits = prefill_graph_time(model, batch, 2048)
         peer_s = guarded(peer_prefill, peer, batch, 2048) if peer is not None and batch <= 8 else None
-        extra = {"time_to_first_token_ms": 1e3 * time_to_first_token(model, 2048)} if batch == 1 else {}
-        rows.append(
-            row(
-                "prefill",
-                f"{short}/{batch}x2048",
-                batch * 2048 / seconds,
-                None if peer_s is None else batch * 2048 / peer_s,
-                peak / (2 * active),
-                err_prefill,
-                seconds=seconds,
-                **extra,
-            )
-        )
+        peer_tps = None if peer_s is None else batch * 2048 / peer_s
+        extra = {}
+        if batch == 1:
+            extra["time_to_first_token_ms"] = 1e3 * time_to_first_token(model, 2048)
+            extra["time_to_first_token_eager_ms"] = 1e3 * time_to_first_token(model, 2048, prefill_graphs=False)
+        shape, floor = f"{short}/{batch}x2048", peak / (2 * active)
+        err = max_err(logits, eager_logits)
+        rows.append(row("prefill", shape, batch * 2048 / seconds, peer_tps, floor, err, seconds=seconds, **extra))
+        print(json.dumps(rows[-1].to_json()), flush=True)
+        rows.append(row("prefill-eager", shape, batch * 2048 / eager_s, peer_tps, floor, err_prefill, seconds=eager_s))
         print(json.dumps(rows[-1].to_json()), flush=True)
     del peer
+    prefill_graphs_for(model, True).clear()
     torch.cuda.empty_cache()
-    if short == "2.8b":
+    if short == "2.8b" and not args.only:
         marks = [1024, 8192, 65536] if not args.quick else [1024, 8192]
         peaks, curve = memory_and_latency(model, marks[-1], marks)
         extras["peak_memory_gib_after_new_tokens"] = peaks
@@ -302,6 +328,45 @@ def bench_preset(preset: str, args: argparse.Namespace, bw: float, peak: float, 
             active, model.config.d_model, model.config.vocab_size, args.curve_tokens
         )
         print(json.dumps(extras), flush=True)
+    if args.only == "fp8" or (args.fp8 and not args.only):
+        fp8_rows(model, short, args, bw, peak, rows)
+
+
+def fp8_rows(model: BlackMamba, short: str, args: argparse.Namespace, bw: float, peak: float, rows: list[Row]) -> None:
+    """The model quantized in place (fp8 weight-only, layers/quant.py) at the decode and prefill shapes of its
+    bf16 rows: rows decode_fp8 and prefill_fp8, whose "peer" is the bf16 row of the same shape (so speedup is
+    fp8 over bf16). The floor counts the fp8 bytes; max err is the fp8 model's fast path against its reference."""
+    bf16 = {(r.benchmark, r.shape): r.ours for r in rows}
+    quantize_fp8(model)
+    err_prefill, err_step = fast_path_errors(model)
+    for batch in [1, 16] if args.quick or args.only else [1, 16, 64, 256]:
+        for prompt_len in (16, 512):
+            decode_run(model, batch, prompt_len, 8)  # warm-up: graph capture for this bucket
+            tps, steps = decode_run(model, batch, prompt_len, args.new_tokens)
+            ms = sorted(1e3 * s for s in steps)
+            shape = f"{short}/b{batch}" + ("" if prompt_len == 16 else f"/p{prompt_len}")
+            ref = bf16.get(("decode", shape))
+            rows.append(
+                Row("decode_fp8", shape, "tokens/s", tps, None if ref is None else BF16_PEER, ref,
+                    decode_floor(model, batch, bw), err_step,
+                    dict(p50_ms=ms[len(ms) // 2], p99_ms=ms[min(len(ms) - 1, int(0.99 * len(ms)))]))
+            )  # fmt: skip
+            print(json.dumps(rows[-1].to_json()), flush=True)
+    for batch in [1, 8] if args.quick or args.only else [1, 8, 64]:
+        eager_s, _ = prefill_time(model, batch, 2048)
+        seconds, _ = prefill_graph_time(model, batch, 2048)
+        shape = f"{short}/{batch}x2048"
+        ref = bf16.get(("prefill", shape))
+        extra = {"seconds": seconds, "seconds_eager": eager_s}
+        if batch == 1:
+            extra["time_to_first_token_ms"] = 1e3 * time_to_first_token(model, 2048)
+        rows.append(
+            Row("prefill_fp8", shape, "tokens/s", batch * 2048 / seconds, None if ref is None else BF16_PEER, ref,
+                peak / (2 * model.num_parameters(active=True)), err_prefill, extra)
+        )  # fmt: skip
+        print(json.dumps(rows[-1].to_json()), flush=True)
+    prefill_graphs_for(model, True).clear()
+    torch.cuda.empty_cache()
 
 
 def plot(path: Path) -> Path:
@@ -343,10 +408,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--new-tokens", type=int, default=256, help="new tokens per decode run")
     parser.add_argument("--curve-tokens", type=int, default=16384, help="length of the latency curve")
     parser.add_argument("--quick", action="store_true", help="fewer shapes (a smoke run)")
+    parser.add_argument(
+        "--only",
+        choices=["prefill", "fp8"],
+        help="only these rows (prefill: 1x2048 and 8x2048, graphs and eager; fp8: decode at batch 1 and 16 and "
+        "prefill at 1x2048 and 8x2048, bf16 then fp8)",
+    )
+    parser.add_argument("--no-fp8", dest="fp8", action="store_false", help="skip the fp8 weight-only rows")
     parser.add_argument("--no-peer", action="store_true", help="do not build or time transformers' Jamba")
-    parser.add_argument("--out", default=str(RESULTS_DIR / "generate.json"), help="results file (and .md beside it)")
+    default_out = "results/generate.json (with --only: generate_prefill.json, generate_fp8.json)"
+    parser.add_argument("--out", help=f"results file (and .md beside it); default {default_out}")
     parser.add_argument("--plot", help="draw the latency PNG from a results file and exit")
     args = parser.parse_args(argv)
+    # A partial run must not overwrite the full results file.
+    args.out = args.out or str(RESULTS_DIR / (f"generate_{args.only}.json" if args.only else "generate.json"))
     if args.plot:
         print(plot(Path(args.plot)))
         return

@@ -8,7 +8,10 @@ Two layouts on disk:
 * **ours**: ``config.json`` (:class:`BlackMambaConfig`) + ``model.safetensors`` (or shards
   ``model-0000k-of-0000n.safetensors`` with ``model.safetensors.index.json``, split by huggingface_hub) +
   ``tokenizer.json`` when known. Expert weights are stacked (``mixer.w1`` (E, 2F, D), ``mixer.w2`` (E, D, F)).
-  A training run's step folders add ``trainer_state.pt`` (the optimizer state).
+  A training run's step folders add ``trainer_state.pt`` (the optimizer state). An fp8 checkpoint
+  (``"quantization": "fp8"`` in its config; ``convert --quantize fp8`` writes one) holds the Mamba projections
+  and the experts as ``F8_E4M3`` with their fp32 scales beside them (``mixer.in_proj.scale``,
+  ``mixer.w1_scale``, ...; :mod:`blackmamba.layers.quant`); it exists in our layout only.
 
 Reading: every file is untrusted. :func:`open_checkpoint` is the one door: it checks the config's bounds, that
 torch files hold nothing but tensors (``weights_only=True``; a pickle with code is refused and said so), that
@@ -58,6 +61,7 @@ from torch import Tensor
 from .atomic_dir import current_umask, exchange
 from .config import BlackMambaConfig, ConfigError
 from .errors import BlackMambaError
+from .layers.quant import QuantizationError, quantize_fp8, quantized_tensors
 from .model import BlackMamba, cast_model
 from .tokenizer import NEOX_SIZE, neox_tokenizer_or_none
 
@@ -78,6 +82,7 @@ _SAFETENSORS_DTYPES = {
     "F32": "float32",
     "F16": "float16",
     "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn",
     "I64": "int64",
     "I32": "int32",
     "I16": "int16",
@@ -106,11 +111,30 @@ def _one_line(e: BaseException) -> str:
 # ------------------------------------------------------------------------------------------ key names
 
 
-def expected_shapes(config: BlackMambaConfig) -> dict[str, tuple[int, ...]]:
-    """Our parameter names and shapes for ``config`` (from a model built on the meta device)."""
+def empty_model(config: BlackMambaConfig) -> BlackMamba:
+    """The model ``config`` describes on the meta device (quantized when the config says so), for the
+    shapes of a checkpoint and for loading one into (``load_state_dict(..., assign=True)``)."""
     with torch.device("meta"):
         model = BlackMamba(config)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if config.quantization == "fp8":
+        try:
+            quantize_fp8(model)
+        except QuantizationError as e:
+            raise CheckpointError(f"cannot load an fp8 checkpoint: {e}") from None
+    return model
+
+
+def expected_shapes(config: BlackMambaConfig) -> dict[str, tuple[int, ...]]:
+    """Our parameter names and shapes for ``config`` (from a model built on the meta device)."""
+    return {k: tuple(v.shape) for k, v in empty_model(config).state_dict().items()}
+
+
+def expected_dtypes(config: BlackMambaConfig) -> dict[str, str]:
+    """The names whose dtype is fixed by ``config`` (an fp8 model's weights and scales) and that dtype; any
+    other weight may be any of :data:`FLOAT_DTYPES`."""
+    if config.quantization is None:
+        return {}
+    return {k: str(v).removeprefix("torch.") for k, v in quantized_tensors(empty_model(config)).items()}
 
 
 def released_shapes(config: BlackMambaConfig) -> dict[str, tuple[int, ...]]:
@@ -164,11 +188,15 @@ def _key_list(keys: list[Any]) -> str:
 
 
 def check_state_dict(
-    state: Mapping[Any, Tensor | TensorSpec], expected: dict[str, tuple[int, ...]], where: str
+    state: Mapping[Any, Tensor | TensorSpec],
+    expected: dict[str, tuple[int, ...]],
+    where: str,
+    dtypes: Mapping[str, str] | None = None,
 ) -> None:
     """Raise :class:`CheckpointError` naming every missing or unexpected key, every value that is not a dense
-    floating-point CPU tensor, and every wrong shape. Values are tensors, or :class:`TensorSpec` from a file
-    header (then nothing is read but the header)."""
+    floating-point CPU tensor (of the dtype ``dtypes`` names for its key, if any), and every wrong shape.
+    Values are tensors, or :class:`TensorSpec` from a file header (then nothing is read but the header)."""
+    dtypes = dtypes or {}
     problems = []
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -187,7 +215,9 @@ def check_state_dict(
             value = _spec(value)
         if not isinstance(value, TensorSpec):
             problems.append(f"key {key!r} holds a {type(value).__name__}, not a tensor")
-        elif value.dtype not in FLOAT_DTYPES:
+        elif key in dtypes and value.dtype != dtypes[key]:
+            problems.append(f"key {key!r} holds {value.dtype} values; an fp8 checkpoint stores it as {dtypes[key]}")
+        elif key not in dtypes and value.dtype not in FLOAT_DTYPES:
             problems.append(f"key {key!r} holds {value.dtype} values; weights must be one of {list(FLOAT_DTYPES)}")
         elif value.shape != shape:
             problems.append(f"key {key!r}: expected shape {list(shape)} from config.json, found {list(value.shape)}")
@@ -359,11 +389,12 @@ def load_pretrained(
 ) -> BlackMamba:
     """Load a checkpoint (released or our layout) into a :class:`BlackMamba` in eval mode.
 
-    ``dtype`` defaults to the stored dtype (A_log, D and the dt bias are always fp32).
+    ``dtype`` defaults to the stored dtype (A_log, D and the dt bias are always fp32). An fp8 checkpoint
+    loads as the quantized model (its fp8 weights and scales as stored; ``dtype`` is that of the rest and of
+    the activations).
     """
     config, state, _ = load_state_dict(path)
-    with torch.device("meta"):
-        model = BlackMamba(config)
+    model = empty_model(config)
     model.load_state_dict(state, strict=True, assign=True)
     cast_model(model, dtype or state["embedding.weight"].dtype)
     return model.to(device or "cpu").eval()
@@ -392,7 +423,7 @@ def _open_once(path: Path, load_weights: bool) -> Checkpoint:
         else:
             handles, specs = _open_safetensors(path, held)
             files = tuple(handles)
-            check_state_dict(specs, expected_shapes(config), str(path))
+            check_state_dict(specs, expected_shapes(config), str(path), expected_dtypes(config))
             dtype = getattr(torch, specs["embedding.weight"].dtype)
             if load_weights:
                 state = _read_safetensors_tensors(handles)
@@ -864,17 +895,29 @@ def save_released(
     return Path(path)
 
 
-def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str | None = None, overwrite: bool = False) -> str:
+def convert(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    to: str | None = None,
+    overwrite: bool = False,
+    quantize: str | None = None,
+) -> str:
     """Convert a checkpoint to the other layout (or to ``to``: "ours" | "released"). Returns the new layout.
 
     The tensors are copied bit-exact (no dtype change); the files' bytes differ from any other writer's (for
-    instance from the released download), since the containers are laid out anew. A tokenizer.json beside the
+    instance from the released download), since the containers are laid out anew. ``quantize="fp8"``
+    writes the fp8 weight-only model instead (:func:`blackmamba.layers.quant.quantize_fp8`; our layout, the
+    default target then), every other tensor copied as it is. A tokenizer.json beside the
     source is kept; a released checkpoint without one gets the GPT-NeoX-20B tokenizer when it is installed and
     the vocabulary is large enough for it. ``dst`` as in :func:`save_pretrained`; it may never be ``src``, hold
     ``src`` or lie inside it.
     """
     if to not in (None, "ours", "released"):
         raise CheckpointError(f"convert: unknown target layout {to!r} (use 'ours' or 'released')")
+    if quantize not in (None, "fp8"):
+        raise CheckpointError(f"convert: unknown quantization {quantize!r} (the one supported is 'fp8')")
+    if quantize is not None and to == "released":
+        raise CheckpointError("convert: the released layout cannot hold fp8 weights; --quantize writes our layout")
     source, dest = os.path.realpath(src), os.path.realpath(dst)
     if source == dest:
         raise CheckpointError("convert: source and destination are the same directory")
@@ -884,10 +927,21 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str | None = Non
         raise CheckpointError(f"convert: {dst} lies inside the source checkpoint {src}; choose another place")
     _check_destination(Path(dst), overwrite)  # before the long read
     config, state, layout = load_state_dict(src)
-    target = to or ("ours" if layout == "released" else "released")
-    with torch.device("meta"):
-        model = BlackMamba(config)
+    if quantize is not None and config.quantization is not None:
+        raise CheckpointError(f"convert: {src} is already quantized ({config.quantization})")
+    target = to or ("ours" if layout == "released" or quantize or config.quantization else "released")
+    if target == "released" and config.quantization is not None:
+        raise CheckpointError(
+            f"convert: {src} holds {config.quantization} weights, which the released layout cannot hold "
+            "(convert the unquantized checkpoint instead)"
+        )
+    model = empty_model(config)
     model.load_state_dict(state, strict=True, assign=True)
+    if quantize is not None:
+        try:
+            quantize_fp8(model)
+        except QuantizationError as e:
+            raise CheckpointError(f"convert: cannot quantize {src}: {e}") from None
     tokenizer = None
     if os.path.lexists(Path(src) / TOKENIZER):
         from .tokenizer import read_tokenizer

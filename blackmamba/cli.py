@@ -3,6 +3,7 @@
     blackmamba generate --model DIR --prompt TEXT [...]   text generation (greedy by default)
     blackmamba info DIR                                    parameters, layer pattern, dtype, size on disk
     blackmamba convert SRC DST [--to ours|released] [--overwrite]   between the released layout and ours
+    blackmamba convert SRC DST --quantize fp8              fp8 weight-only copy (Mamba projections, experts)
     blackmamba data prepare --source NAME_OR_PATH... --out DIR [--tokenizer neox|bpe:VOCAB]
     blackmamba train (--preset NAME | --config FILE) --data DIR --out RUN [...]
     blackmamba plot RUN                                    PNG plots of a training run
@@ -193,11 +194,18 @@ def cmd_info(args: argparse.Namespace) -> None:
         ("experts / d_ff", f"{config.n_experts} top-1 / {config.d_ff} ({config.moe_activation}-gated)"),
         ("vocab", f"{config.vocab_size}"),
         ("dtype", str(ckpt.dtype).removeprefix("torch.")),
+        ("quantization", _quantization_summary(config.quantization)),
         ("size on disk", size),
     ]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
+
+
+def _quantization_summary(quantization: str | None) -> str:
+    if quantization is None:
+        return "none"
+    return f"{quantization} weight-only (Mamba projections and experts, per-output-channel scales; inference only)"
 
 
 def _pattern_summary(pattern: Sequence[str]) -> str:
@@ -214,10 +222,12 @@ def cmd_convert(args: argparse.Namespace) -> None:
     if is_distributed_checkpoint(Path(args.src)):  # a checkpoint of a torchrun training run
         from .training.dcp import dcp_to_pretrained
 
+        if args.quantize:
+            raise CliError(f"--quantize: convert {args.src} to a single-folder checkpoint first, then quantize that")
         target = args.to or "ours"
         dcp_to_pretrained(args.src, args.dst, overwrite=args.overwrite, to=target)
     else:
-        target = convert(args.src, args.dst, to=args.to, overwrite=args.overwrite)
+        target = convert(args.src, args.dst, to=args.to, overwrite=args.overwrite, quantize=args.quantize)
     print(f"wrote {args.dst} ({target} layout)")
 
 
@@ -366,6 +376,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("src", help="source checkpoint directory")
     c.add_argument("dst", help="destination directory: new, empty or a checkpoint (replaced atomically)")
     c.add_argument("--to", choices=["ours", "released"], default=None, help="target layout (default: the other one)")
+    c.add_argument(
+        "--quantize",
+        choices=["fp8"],
+        default=None,
+        help="fp8: store the Mamba projections and the experts as e4m3 with per-output-channel scales, for "
+        "inference (our layout; the rest is copied as it is)",
+    )
     c.add_argument(
         "--overwrite",
         action="store_true",

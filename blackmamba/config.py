@@ -31,6 +31,8 @@ from .errors import BlackMambaError
 # mamba + mlp, transformer = attention + mlp, transformer-MoE = attention + moe).
 LAYER_KINDS = ("mamba", "moe", "attention", "mlp")
 ACTIVATIONS = ("gelu", "silu", "gelu_tanh")
+# Weight formats other than plain floating point (``quantization``; None = none): fp8 e4m3 weight-only.
+QUANTIZATIONS = ("fp8",)
 
 # Upper bounds of the size fields (the lower bound is 1). Each is far above any model of this family (the
 # 2.8B has d_model 1472, 36 blocks, 8 experts, d_ff 3872 and a 50,304-token vocabulary) and of any published
@@ -141,6 +143,11 @@ class BlackMambaConfig:
     top-1 ("top1"). The optional
     switch-style balancing loss and router z-loss are weighted by ``load_balance_weight`` and
     ``z_loss_weight`` (0 = off, as in the paper).
+
+    ``quantization`` is None for a model in one floating-point dtype, or "fp8" for one whose Mamba projections
+    and experts are stored as e4m3 with per-output-channel scales (inference only; see
+    :mod:`blackmamba.layers.quant`). It says what a checkpoint holds; ``BlackMamba(config)`` builds the plain
+    model, which ``quantize_fp8`` turns into that one.
     """
 
     vocab_size: int = 50304
@@ -171,6 +178,7 @@ class BlackMambaConfig:
     n_heads: int = 0
     head_dim: int = 64
     rope_theta: float = 10000.0
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         # The fields that other fields derive from are checked first, so that a wrong type fails here with the
@@ -226,6 +234,11 @@ class BlackMambaConfig:
         _check_choice("train_routing", self.train_routing, ("sinkhorn", "top1"))
         _check_choice("sinkhorn_init", self.sinkhorn_init, ("zyphra", "ones"))
         _check_choice("sinkhorn_criterion", self.sinkhorn_criterion, ("released", "marginals"))
+        if self.quantization is not None and (
+            not isinstance(self.quantization, str) or self.quantization not in QUANTIZATIONS
+        ):
+            allowed, got = list(QUANTIZATIONS), _show(self.quantization)
+            raise ConfigError(f"config field 'quantization' must be null or one of {allowed}, got {got}")
         _check_int("sinkhorn_max_iters", self.sinkhorn_max_iters, 1, LIMITS["sinkhorn_max_iters"])
         for name in ("sinkhorn_tol", "load_balance_weight", "z_loss_weight"):
             _check_real(name, getattr(self, name), 0.0, math.inf)
@@ -370,6 +383,11 @@ class BlackMambaConfig:
         if others:
             raise ConfigError(
                 f"the released layout holds Mamba and MoE blocks only; this model also has {others} blocks "
+                "(keep it in our layout)"
+            )
+        if self.quantization is not None:
+            raise ConfigError(
+                f"the released layout holds unquantized weights only; this model is {self.quantization} "
                 "(keep it in our layout)"
             )
         if self.moe_activation != "gelu":

@@ -41,7 +41,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from blackmamba.checkpoint import load_pretrained
+from blackmamba.checkpoint import load_config, load_pretrained
 from blackmamba.errors import BlackMambaError
 from blackmamba.layers import MambaMixer, Mixer, MoE, RMSNorm
 from blackmamba.model import BlackMamba, InferenceCache
@@ -144,6 +144,11 @@ class BlackMambaForCausalLM(PreTrainedModel, GenerationMixin):
 
     def __init__(self, config: BlackMambaHFConfig, model: BlackMamba | None = None) -> None:
         super().__init__(config)
+        if config.quantization is not None:
+            raise HFError(
+                f"the transformers bridge does not load {config.quantization} weight-only models; use blackmamba's "
+                "own generate, eval or serve, or the unquantized checkpoint"
+            )
         native = BlackMamba(config.to_native()) if model is None else model
         if model is not None and model.config != config.to_native():
             raise HFError("the native model's config differs from the transformers config it is wrapped with")
@@ -195,6 +200,12 @@ class BlackMambaForCausalLM(PreTrainedModel, GenerationMixin):
         for name in _UNSUPPORTED_ARGS:
             if kwargs.pop(name, None) is not None:
                 raise HFError(f"{name} is not supported when loading a native BlackMamba checkpoint ({path})")
+        quantization = load_config(path).quantization
+        if quantization is not None:
+            raise HFError(
+                f"{path} holds {quantization} weights: the transformers bridge does not load quantized models; "
+                "use blackmamba's own generate, eval or serve, or the unquantized checkpoint"
+            )
         native = load_pretrained(path, dtype=_torch_dtype(dtype if dtype is not None else torch_dtype))
         if not isinstance(config, BlackMambaHFConfig):
             config = BlackMambaHFConfig.from_pretrained(path)

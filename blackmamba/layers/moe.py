@@ -86,11 +86,16 @@ class MoE(Mixer):
             if cfg.z_loss_weight > 0:
                 terms.append(cfg.z_loss_weight * router_z_loss(logits_TE))
             aux = sum(terms) if terms else None
-        y_TD = moe_experts(x_TD, expert_T, gate_T, self.w1, self.w2, self.activation)
+        y_TD = moe_experts(x_TD, expert_T, gate_T, *self.expert_weights(x.dtype), self.activation)
         # Not bincount: on CUDA it reads the largest id back to the host, which a CUDA graph cannot hold.
         counts_E = torch.zeros(self.n_experts, dtype=torch.long, device=expert_T.device)
         counts_E.index_add_(0, expert_T, torch.ones_like(expert_T))
         return y_TD.view_as(x), RouterStats(counts_E, aux, iters)
+
+    def expert_weights(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """(w1, w2) for inputs of ``dtype``: the parameters themselves here; an fp8 MoE
+        (:mod:`.quant`) dequantizes its weights to ``dtype``."""
+        return self.w1, self.w2
 
     def step(self, x_t: Tensor, cache: None = None, slots: Tensor | None = None) -> Tensor:
         """One token per row: x_t (B, D) -> (B, D), with no statistics (on the Triton backend: the decode
@@ -103,7 +108,7 @@ class MoE(Mixer):
         return self.experts_step(x_TD, expert_T, gate_T).view_as(x_t)
 
     def experts_step(self, x_TD: Tensor, expert_T: Tensor, gate_T: Tensor) -> Tensor:
-        return moe_experts_decode(x_TD, expert_T, gate_T, self.w1, self.w2, self.activation)
+        return moe_experts_decode(x_TD, expert_T, gate_T, *self.expert_weights(x_TD.dtype), self.activation)
 
     def norm_step(
         self, norm: RMSNorm, residual: Tensor, delta: Tensor | None, cache: None = None, slots: Tensor | None = None
