@@ -15,6 +15,11 @@ Everything runs in one process with random weights built from configs (nothing i
   expert's fc1 d->2F and fc2 F->d; the tied head d->vocab) and divided by the best fp32
   ``torch.matmul`` rate measured in this run on GEMMs of the model's own shapes (median of repeats per
   shape, best shape). ``fraction of floor`` = floor / our time: 1.0 would mean purely matmul bound.
+* ``--scan``: which selective scan our model runs: ``compiled`` (the default: the C++ scan of
+  ``blackmamba/kernels/scan_cpu.py``, built on first use; the PyTorch path where it cannot be built),
+  ``chunked`` (the PyTorch chunked scan, ``use_settings(compiled_cpu_scan=False)``), or ``both``: the
+  default's rows plus a forward row per shape with the chunked scan ("... chunked scan"), the two forwards
+  timed alternately in one loop so that both see the same load.
 * ``max err``: our default (fast) path against the plain reference backend (``use_backend("ref")``):
   max |fast - ref| / max |ref| over the logits. Forward rows: a 1x64 forward. Decode rows: prefill of
   the prompt plus 16 teacher-forced ``step`` calls through the cache, logits of every step.
@@ -31,6 +36,7 @@ measurement).
     .venv/bin/python -m benchmarks.cpu --only small    # the small preset only
     .venv/bin/python -m benchmarks.cpu --skip-1.5b --skip-peer
     .venv/bin/python -m benchmarks.cpu --quick --skip-peer --out /tmp/bench
+    .venv/bin/python -m benchmarks.cpu --scan both     # also the 1.5B forward on the PyTorch chunked scan
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ from typing import Any
 import torch
 
 from blackmamba import BlackMamba, BlackMambaConfig, generate
-from blackmamba.kernels import use_backend
+from blackmamba.kernels import scan_cpu, use_backend, use_settings
 
 from .harness import (
     RESULTS_DIR,
@@ -116,6 +122,26 @@ class Measured:
     prefill_s: float
     decode_tps: float
     decode_tokens: int
+    forward_chunked_all_s: list[float] | None = None  # --scan both: forwards on the chunked scan
+
+
+SCANS = ("compiled", "chunked", "both")
+
+
+def scan_settings(scan: str) -> Any:
+    """The settings under which our model runs the ``--scan`` choice's default rows."""
+    return use_settings(compiled_cpu_scan=scan != "chunked")
+
+
+def alternate_times(fns: list[Callable[[], object]], warmup: int, repeats: int) -> list[list[float]]:
+    """Wall times of each of ``fns``, called in turn ``repeats`` times (after ``warmup`` rounds)."""
+    times: list[list[float]] = [[] for _ in fns]
+    for i in range(warmup + repeats):
+        for fn, out in zip(fns, times, strict=True):
+            seconds = wall_times(fn, warmup=0, repeats=1)[0]
+            if i >= warmup:
+                out.append(seconds)
+    return times
 
 
 def meets_target(row: Row, target: str) -> bool | None:
@@ -208,15 +234,27 @@ def matmul_rates(cfg: BlackMambaConfig, tokens: int, repeats: int = 5) -> dict[s
     return cpu_matmul_rates(shapes, repeats)
 
 
-def measure_ours(plan: Plan, model: BlackMamba, ids: torch.Tensor, prompt: list[int]) -> Measured:
-    fwd = wall_times(lambda: model(ids), warmup=1, repeats=plan.ours_repeats)
+def chunked_forward(model: BlackMamba, ids: torch.Tensor) -> object:
+    with use_settings(compiled_cpu_scan=False):
+        return model(ids)
+
+
+def measure_ours(plan: Plan, model: BlackMamba, ids: torch.Tensor, prompt: list[int], compare: bool) -> Measured:
+    chunked = None
+    if compare:
+        fwd, chunked = alternate_times(
+            [lambda: model(ids), lambda: chunked_forward(model, ids)], warmup=1, repeats=plan.ours_repeats
+        )
+        log(f"{plan.key}: ours forward on the chunked scan {[round(t, 3) for t in chunked]} s")
+    else:
+        fwd = wall_times(lambda: model(ids), warmup=1, repeats=plan.ours_repeats)
     log(f"{plan.key}: ours forward {[round(t, 3) for t in fwd]} s")
     prefill = median_s(lambda: model(torch.tensor([prompt])), warmup=1, repeats=3)
     tps, produced = decode_rate(
         lambda p, n: ours_generate(model, p, n), prompt, plan.ours_new_tokens, plan.decode_repeats
     )
     log(f"{plan.key}: ours decode {tps:.1f} tokens/s over {produced} tokens")
-    return Measured(n_params(model), statistics.median(fwd), fwd, prefill, tps, produced)
+    return Measured(n_params(model), statistics.median(fwd), fwd, prefill, tps, produced, chunked)
 
 
 def measure_peer(plan: Plan, cfg: BlackMambaConfig, ids: torch.Tensor, prompt: list[int]) -> Measured:
@@ -240,15 +278,20 @@ def measure_errors(plan: Plan, model: BlackMamba, prompt: list[int]) -> tuple[fl
     return fwd_err, dec_err
 
 
-def bench_plan(plan: Plan, rate: float, skip_peer: bool) -> list[Row]:
+def bench_plan(plan: Plan, rate: float, skip_peer: bool, scan: str) -> list[Row]:
     cfg = BlackMambaConfig.from_preset(plan.preset)
     ids = random_ids(1, plan.forward_len, cfg.vocab_size, seed=1)
     prompt = random_ids(1, PROMPT_LEN, cfg.vocab_size, seed=2)[0].tolist()
+    chunked_err = None
     with torch.inference_mode():
         model = build_model(cfg)
         log(f"{plan.key}: ours built, {n_params(model) / 1e6:.2f}M parameters")
-        fwd_err, dec_err = measure_errors(plan, model, prompt)
-        ours = measure_ours(plan, model, ids, prompt)
+        with scan_settings(scan):
+            fwd_err, dec_err = measure_errors(plan, model, prompt)
+            ours = measure_ours(plan, model, ids, prompt, compare=scan == "both")
+        if scan == "both":
+            with use_settings(compiled_cpu_scan=False):
+                chunked_err = forward_error(model, random_ids(1, ERR_LEN, cfg.vocab_size, seed=3))
         del model
         gc.collect()
         peer = None if skip_peer else measure_peer(plan, cfg, ids, prompt)
@@ -298,7 +341,24 @@ def bench_plan(plan: Plan, rate: float, skip_peer: bool) -> list[Row]:
             "prefill_s_peer": None if peer is None else peer.prefill_s,
         },
     )
-    return [forward, decode]
+    rows = [forward, decode]
+    if ours.forward_chunked_all_s is not None:
+        times = ours.forward_chunked_all_s
+        extra = {**forward.extra, "ours_all_s": times, "scan": "chunked"}
+        rows.append(
+            Row(
+                "forward",
+                f"{forward.shape} chunked scan",
+                "s",
+                statistics.median(times),
+                PEER_NAME,
+                forward.peer_value,
+                floor=forward.floor,
+                max_err=chunked_err,
+                extra=extra,
+            )
+        )
+    return rows
 
 
 def profile_forward(preset: str, top: int = 15) -> str:
@@ -352,7 +412,7 @@ def summary(rows: list[Row], meta: dict[str, Any]) -> str:
     """Lines printed above the table: parameter counts, matmul rate, load, run time."""
     lines = []
     for r in rows:
-        if r.benchmark != "forward":
+        if r.benchmark != "forward" or r.extra.get("scan") == "chunked":
             continue
         ours, peer = r.extra["params_ours"], r.extra["params_peer"]
         ratio = "" if peer is None else f" ({peer / ours:.4f}x ours)"
@@ -363,6 +423,7 @@ def summary(rows: list[Row], meta: dict[str, Any]) -> str:
         f"{meta['load_average_start'][0]:.2f}, at end {meta['load_average_end'][0]:.2f}; "
         f"run took {meta['wall_s']:.0f} s"
     )
+    lines.append(f"selective scan: {meta['scan']} (compiled scan: {meta.get('compiled_scan', 'not used')})")
     busy = ", ".join(f"{k} {v:.0%}" for k, v in meta.get("cpu_busy_before", {}).items())
     lines.append(f"CPU busy with other processes just before each shape: {busy}")
     return "\n".join(lines) + "\n"
@@ -401,6 +462,13 @@ def parse_args(argv: list[str] | None) -> Any:
         metavar="SECONDS",
         help="before each shape, wait up to this long for other processes to leave the CPU idle",
     )
+    p.add_argument(
+        "--scan",
+        choices=SCANS,
+        default="compiled",
+        help="our selective scan: the compiled C++ one (default), the PyTorch chunked one, or both (adds a "
+        "forward row per shape on the chunked scan, timed alternately with the default)",
+    )
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder (default benchmarks/results)")
     return p.parse_args(argv)
 
@@ -414,6 +482,9 @@ def main(argv: list[str] | None = None) -> None:
         keys = [args.only] if args.only else [k for k in PLANS if not (args.skip_big and k == "1.5b")]
         plans = [PLANS[k] for k in keys]
     meta = run_meta("cpu", load_average_start=load_average())
+    meta["scan"] = args.scan
+    if args.scan != "chunked":
+        meta["compiled_scan"] = "built" if scan_cpu.library() is not None else scan_cpu.unavailable_reason()
     log(f"threads {torch.get_num_threads()}, shapes {[p.key for p in plans]}, load average {os.getloadavg()}")
 
     # The floor's matmul rate is measured on the 1.5B GEMM shapes (the small preset's on --quick).
@@ -429,7 +500,7 @@ def main(argv: list[str] | None = None) -> None:
         meta["cpu_busy_before"][plan.key] = busy
         log(f"{plan.key}: CPU {busy:.0%} busy before starting")
         # The floor is a lower bound, so the best rate seen so far is used (rows get it at the end).
-        rows += bench_plan(plan, max(first.values()), args.skip_peer)
+        rows += bench_plan(plan, max(first.values()), args.skip_peer, args.scan)
     rows.sort(key=lambda r: r.benchmark != "forward")  # stable: keeps the plan order within a benchmark
 
     second = matmul_rates(rate_cfg, rate_len, rate_repeats)

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from blackmamba import BlackMambaConfig
-from blackmamba.kernels import use_backend
+from blackmamba.kernels import use_backend, use_settings
 
 from .harness import (
     H200_BF16_TFLOPS,
@@ -264,12 +264,23 @@ def parse_args(argv: list[str] | None) -> Any:
     p.add_argument("--skip-peer", action="store_true", help="do not build or time transformers' Jamba")
     p.add_argument("--skip-top1", action="store_true", help="only the Sinkhorn-routed row")
     p.add_argument("--profile", action="store_true", help="torch.profiler of our training step (stderr + JSON)")
+    p.add_argument(
+        "--scan",
+        choices=["compiled", "chunked"],
+        default="compiled",
+        help="our selective scan on CPU: the compiled C++ one (kernels/scan_cpu.py; default) or PyTorch's chunked one",
+    )
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder (default benchmarks/results)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    with use_settings(compiled_cpu_scan=args.scan == "compiled"):
+        train_benchmark(args)
+
+
+def train_benchmark(args: Any) -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -292,6 +303,7 @@ def main(argv: list[str] | None = None) -> None:
         peer_warmup=args.peer_warmup,
         peer_repeats=args.peer_repeats,
         err_shape=f"{args.err_batch}x{args.err_len}",
+        scan=args.scan,
         load_average_start=load_average(),
     )
     log(f"device {device}, threads {torch.get_num_threads()}, {shape}, load average {os.getloadavg()}")

@@ -102,10 +102,13 @@ def selective_scan(
     initial_state: Tensor | None = None,
     return_final_state: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """The selective scan on the selected backend; see :func:`selective_scan_ref` for shapes."""
+    """The selective scan on the selected backend; see :func:`selective_scan_ref` for shapes. The "torch" backend
+    runs the compiled CPU scan (:mod:`.scan_cpu`) where it applies, else the PyTorch chunked path."""
     backend = resolve_backend(u, has_triton=True)
     impls = {"ref": selective_scan_ref, "triton": scan_triton.selective_scan_triton}
     impl = impls.get(backend, scan_chunked.selective_scan_chunked)
+    if backend == "torch" and scan_cpu.applies(u, delta, A, B, C, D, z, delta_bias, initial_state):
+        impl = scan_cpu.selective_scan_cpu
     return impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_final_state)
 
 
@@ -174,4 +177,4 @@ def ssm_update(
 
 
 # The implementations import the checks and the reference above, so they come last.
-from . import scan_chunked, scan_triton  # noqa: E402
+from . import scan_chunked, scan_cpu, scan_triton  # noqa: E402
