@@ -17,7 +17,7 @@ per-step losses from the plain run's (bf16 compute parameters against autocast o
 equal).
 
     torchrun --standalone --nproc-per-node 1 -m benchmarks.train_distributed [--presets blackmamba-2.8b]
-             [--layouts plain fsdp] [--batch 4] [--seq-len 2048] [--steps 5]
+             [--layouts plain fsdp] [--batch 4] [--seq-len 2048] [--steps 5] [--profile]
 """
 
 from __future__ import annotations
@@ -44,7 +44,16 @@ from blackmamba.training.distributed import (
 from blackmamba.training.flops import flops_per_token
 from blackmamba.training.optim import build_optimizer
 
-from .harness import H200_BF16_TFLOPS, RESULTS_DIR, Row, argument_parser, build_model, meta_line, run_meta, write_results
+from .harness import (
+    H200_BF16_TFLOPS,
+    RESULTS_DIR,
+    Row,
+    argument_parser,
+    build_model,
+    meta_line,
+    run_meta,
+    write_results,
+)
 
 
 def parse_layout(name: str) -> tuple[bool, int]:
@@ -58,8 +67,11 @@ def parse_layout(name: str) -> tuple[bool, int]:
     raise SystemExit(f"--layouts: unknown layout {name!r} (plain, fsdp or fsdp+epE)")
 
 
-def bench(preset: str, layout: str, batch: int, seq_len: int, steps: int, world: int) -> tuple[float, dict]:
-    """Tokens/s per GPU of ``layout`` and the run's details (every step's loss, peak memory, step time)."""
+def bench(
+    preset: str, layout: str, batch: int, seq_len: int, steps: int, world: int, profile: bool = False
+) -> tuple[float, dict]:
+    """Tokens/s per GPU of ``layout`` and the run's details (every step's loss, peak memory, step time; with
+    ``profile``, this rank's kernel time per step by part over two more steps, communication included)."""
     fsdp, ep = parse_layout(layout)
     model = build_model(preset, "cuda", train=True, seed=0)
     if fsdp:
@@ -86,6 +98,24 @@ def bench(preset: str, layout: str, batch: int, seq_len: int, steps: int, world:
         losses.append(loss.item())
         if i >= 2:
             times.append(time.perf_counter() - t0)
+    parts = None
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as profiler
+
+        from .train_profile import breakdown, kernels_of
+
+        with profiler(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(2):
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    logits = model(ids[:, :-1]).logits
+                loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+        report = breakdown(kernels_of(prof), 2)
+        parts = {p: round(f["ms"], 3) for p, f in report["parts"].items()} | {"all": round(report["kernel_ms"], 3)}
     # The slowest rank sets the pace of a synchronous step.
     step = torch.tensor(statistics.median(times), device="cuda")
     dist.all_reduce(step, op=dist.ReduceOp.MAX)
@@ -101,6 +131,7 @@ def bench(preset: str, layout: str, batch: int, seq_len: int, steps: int, world:
         "peak_memory_gib": peak.item(),
         "losses": losses,
         "floor": H200_BF16_TFLOPS * 1e12 / fpt,
+        **({"kernel_ms_by_part": parts} if parts else {}),
     }
 
 
@@ -111,6 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=4, help="sequences per GPU per step")
     parser.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence")
     parser.add_argument("--steps", type=int, default=5, help="timed steps (after two warm-up steps)")
+    parser.add_argument("--profile", action="store_true", help="also each layout's kernel time by part (rank 0)")
     parser.add_argument("--out", default=str(RESULTS_DIR / "distributed.json"), help="results file")
     args = parser.parse_args(argv)
     if not launched_by_torchrun():
@@ -127,10 +159,14 @@ def main(argv: list[str] | None = None) -> None:
         size = preset.removeprefix("blackmamba-")
         plain: tuple[float, dict] | None = None
         for layout in args.layouts:
-            tps, info = bench(preset, layout, args.batch, args.seq_len, args.steps, world)
+            tps, info = bench(preset, layout, args.batch, args.seq_len, args.steps, world, args.profile)
             if layout == "plain":
                 plain = (tps, info)
-            err = None if plain is None else max(abs(a - b) for a, b in zip(info["losses"], plain[1]["losses"]))
+            err = (
+                None
+                if plain is None
+                else max(abs(a - b) for a, b in zip(info["losses"], plain[1]["losses"], strict=True))
+            )
             floor = info.pop("floor")
             rows.append(
                 Row(
@@ -157,6 +193,10 @@ def main(argv: list[str] | None = None) -> None:
             vs = "-" if r.speedup is None else f"{r.speedup:.3f}"
             err = "-" if r.max_err is None else f"{r.max_err:.4f}"
             print(f"{r.shape:<26} {r.ours:>12,.0f} {vs:>9} {e['mfu']:>7.1%} {e['peak_memory_gib']:>9.1f} {err:>11}")
+        for r in rows:
+            if "kernel_ms_by_part" in r.extra:
+                parts = ", ".join(f"{k} {v:.1f}" for k, v in r.extra["kernel_ms_by_part"].items() if v)
+                print(f"{r.shape}: kernel ms per step by part: {parts}")
     dist.barrier()
     dist.destroy_process_group()
 

@@ -16,7 +16,9 @@ from .causal_conv1d import (
     conv_update,
     conv_update_triton,
 )
-from .moe import moe_experts, moe_experts_grouped_mm, moe_experts_ref, moe_experts_triton
+from .gemv import dequantize, linear, linear_reference, linear_triton
+from .linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
+from .moe import gated_activation, moe_experts, moe_experts_grouped_mm, moe_experts_ref, moe_experts_triton
 from .moe_decode import (
     decode_kernels_apply,
     moe_experts_decode,
@@ -25,6 +27,7 @@ from .moe_decode import (
     route_top1_ref,
     route_top1_triton,
 )
+from .moe_fused import moe_experts_fused
 from .norm import (
     add_rms_norm,
     add_rms_norm_ref,
@@ -36,6 +39,7 @@ from .norm import (
 )
 from .scan import selective_scan, selective_scan_ref, selective_state_update, ssm_update
 from .scan_chunked import selective_scan_chunked
+from .scan_cpu import selective_scan_cpu
 from .scan_triton import selective_scan_triton, ssm_update_triton
 from .settings import KernelSettings, get_settings, use_settings
 
@@ -54,11 +58,19 @@ __all__ = [
     "conv_update",
     "conv_update_triton",
     "decode_kernels_apply",
+    "dequantize",
+    "gated_activation",
     "get_backend",
     "get_settings",
+    "linear",
+    "linear_cross_entropy",
+    "linear_cross_entropy_ref",
+    "linear_reference",
+    "linear_triton",
     "moe_experts",
     "moe_experts_decode",
     "moe_experts_decode_triton",
+    "moe_experts_fused",
     "moe_experts_grouped_mm",
     "moe_experts_ref",
     "moe_experts_triton",
@@ -70,6 +82,7 @@ __all__ = [
     "route_top1_triton",
     "selective_scan",
     "selective_scan_chunked",
+    "selective_scan_cpu",
     "selective_scan_ref",
     "selective_scan_triton",
     "selective_state_update",
