@@ -84,7 +84,7 @@ def judge(steps: int, gap: float) -> list[str]:
     if steps < MIN_USEFUL_STEPS:
         warnings.append(
             f"only {steps} training step{'s' if steps != 1 else ''}: too few for the model to learn much "
-            f"(the README's run made about 400 in 9 minutes); give --minutes {MIN_USEFUL_MINUTES:g} or more"
+            f"(the README's run made about 1,000 in 9 minutes); give --minutes {MIN_USEFUL_MINUTES:g} or more"
         )
     if not gap > 0:
         warnings.append(
