@@ -169,6 +169,39 @@ def grouped_gemm_wgrad_ref(
 
 
 @_jit
+def _expert_tile(
+    pid,
+    offs_ptr,
+    n_experts,
+    n_out,
+    m_tiles,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    E_P2: tl.constexpr,
+):
+    """(expert, first sorted row, end row of the expert, column tile) of program ``pid``; expert is
+    n_experts past the last row tile. Row tiles go GROUP_M at a time for every column tile (L2 reuse);
+    expert e owns the row tiles [before_e, before_e + tiles_e)."""
+    n_tiles = tl.cdiv(n_out, BN)
+    per_group = GROUP_M * n_tiles
+    first_m = (pid // per_group) * GROUP_M
+    group_m = tl.minimum(m_tiles - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_n = (pid % per_group) // group_m
+    e = tl.arange(0, E_P2)
+    lo = tl.load(offs_ptr + e, mask=e < n_experts, other=0)
+    hi = tl.load(offs_ptr + e + 1, mask=e < n_experts, other=0)
+    tiles = (hi - lo + BM - 1) // BM
+    before = tl.sum(tl.where(e[None, :] < e[:, None], tiles[None, :], 0), 1)
+    expert = tl.sum((before + tiles <= pid_m).to(tl.int32), 0)
+    mine = e == expert
+    row0 = tl.sum(tl.where(mine, lo + (pid_m - before) * BM, 0), 0)
+    row_end = tl.sum(tl.where(mine, hi, 0), 0)
+    return expert, row0, row_end, pid_n
+
+
+@_jit
 def _grouped_gemm_kernel(
     a_ptr,
     b_ptr,
@@ -199,28 +232,11 @@ def _grouped_gemm_kernel(
     GROUP_M: tl.constexpr,
     E_P2: tl.constexpr,
 ):
-    # Row tiles are visited GROUP_M at a time for every column tile, so neighbouring programs share the
-    # same weight columns and activation rows in L2.
-    pid = tl.program_id(0)
-    n_tiles = tl.cdiv(n_out, BN)
-    per_group = GROUP_M * n_tiles
-    first_m = (pid // per_group) * GROUP_M
-    group_m = tl.minimum(m_tiles - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_m
-    pid_n = (pid % per_group) // group_m
-    # This row tile's expert: expert e owns tiles [before_e, before_e + tiles_e), where before_e sums the
-    # tiles of the experts ahead of it (a masked (E, E) sum; E is small). Past the last tile: exit.
-    e = tl.arange(0, E_P2)
-    lo = tl.load(offs_ptr + e, mask=e < n_experts, other=0)
-    hi = tl.load(offs_ptr + e + 1, mask=e < n_experts, other=0)
-    tiles = (hi - lo + BM - 1) // BM
-    before = tl.sum(tl.where(e[None, :] < e[:, None], tiles[None, :], 0), 1)
-    expert = tl.sum((before + tiles <= pid_m).to(tl.int32), 0)
+    expert, row0, row_end, pid_n = _expert_tile(
+        tl.program_id(0), offs_ptr, n_experts, n_out, m_tiles, BM, BN, GROUP_M, E_P2
+    )
     if expert >= n_experts:
         return
-    mine = e == expert
-    row0 = tl.sum(tl.where(mine, lo + (pid_m - before) * BM, 0), 0)
-    row_end = tl.sum(tl.where(mine, hi, 0), 0)
     rows = row0 + tl.arange(0, BM)
     row_ok = rows < row_end
     if A_GATHER:

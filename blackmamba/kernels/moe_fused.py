@@ -42,6 +42,7 @@ from torch import Tensor
 from .moe import (
     _check,
     _dot_flags,
+    _expert_tile,
     _experts_dtype,
     _grouped_gemm_kernel,
     _grouped_wgrad_kernel,
@@ -60,39 +61,6 @@ except ImportError:  # triton is an optional extra: without it the kernels are n
 
     def _jit(fn):
         return fn
-
-
-@_jit
-def _expert_tile(
-    pid,
-    offs_ptr,
-    n_experts,
-    n_out,
-    m_tiles,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    GROUP_M: tl.constexpr,
-    E_P2: tl.constexpr,
-):
-    """(expert, first sorted row, end row of the expert, column tile) of program ``pid``; expert is
-    n_experts past the last row tile. Row tiles go GROUP_M at a time for every column tile (L2 reuse);
-    expert e owns the row tiles [before_e, before_e + tiles_e)."""
-    n_tiles = tl.cdiv(n_out, BN)
-    per_group = GROUP_M * n_tiles
-    first_m = (pid // per_group) * GROUP_M
-    group_m = tl.minimum(m_tiles - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_m
-    pid_n = (pid % per_group) // group_m
-    e = tl.arange(0, E_P2)
-    lo = tl.load(offs_ptr + e, mask=e < n_experts, other=0)
-    hi = tl.load(offs_ptr + e + 1, mask=e < n_experts, other=0)
-    tiles = (hi - lo + BM - 1) // BM
-    before = tl.sum(tl.where(e[None, :] < e[:, None], tiles[None, :], 0), 1)
-    expert = tl.sum((before + tiles <= pid_m).to(tl.int32), 0)
-    mine = e == expert
-    row0 = tl.sum(tl.where(mine, lo + (pid_m - before) * BM, 0), 0)
-    row_end = tl.sum(tl.where(mine, hi, 0), 0)
-    return expert, row0, row_end, pid_n
 
 
 @_jit
