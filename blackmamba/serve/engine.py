@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..generation.decoder import BUCKETS
+from ..generation.decoder import BUCKETS, Decoder
 from ..generation.generate import _left_pad_host
 from ..generation.prefill_graphs import PrefillGraphs
 from ..model import BlackMamba, InferenceCache
@@ -248,4 +248,4 @@ class PoolEngine:
 def bucket_size(batch: int, capacity: int) -> int:
     """The smallest bucket of :data:`~blackmamba.generation.decoder.BUCKETS` holding ``batch`` rows, capped at
     the pool's capacity (a pool of 48 slots steps 33..48 rows in a bucket of 48)."""
-    return min(next((b for b in BUCKETS if b >= batch), batch), capacity)
+    return min(Decoder.bucket(batch), capacity)
