@@ -31,7 +31,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from blackmamba.training.distributed import (
     ParallelDims,
@@ -54,6 +53,7 @@ from .harness import (
     run_meta,
     write_results,
 )
+from .train_gpu import micro_batch
 
 
 def parse_layout(name: str) -> tuple[bool, int]:
@@ -65,6 +65,15 @@ def parse_layout(name: str) -> tuple[bool, int]:
     if name.startswith("fsdp+ep") and name[7:].isdigit() and int(name[7:]) >= 1:
         return True, int(name[7:])
     raise SystemExit(f"--layouts: unknown layout {name!r} (plain, fsdp or fsdp+epE)")
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Tensor) -> float:
+    """One optimizer step on ``ids`` (B, L+1) with the full-logits loss (the plain trainer's, when this was
+    first measured); returns the loss."""
+    loss = micro_batch(model, ids, "plain", 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
 
 
 def bench(
@@ -83,19 +92,13 @@ def bench(
     # Every rank draws its own part of the global batch, the same whatever the layout.
     gen = torch.Generator().manual_seed(1000 + dist.get_rank())
     ids = torch.randint(1, vocab, (batch, seq_len + 1), generator=gen).cuda()
+
     torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
     for i in range(steps + 2):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = model(ids[:, :-1]).logits
-        loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        losses.append(loss.item())
+        losses.append(train_step(model, optimizer, ids))
         if i >= 2:
             times.append(time.perf_counter() - t0)
     parts = None
@@ -107,13 +110,7 @@ def bench(
 
         with profiler(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(2):
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    logits = model(ids[:, :-1]).logits
-                loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            torch.cuda.synchronize()
+                train_step(model, optimizer, ids)
         report = breakdown(kernels_of(prof), 2)
         parts = {p: round(f["ms"], 3) for p, f in report["parts"].items()} | {"all": round(report["kernel_ms"], 3)}
     # The slowest rank sets the pace of a synchronous step.
@@ -121,7 +118,7 @@ def bench(
     dist.all_reduce(step, op=dist.ReduceOp.MAX)
     peak = torch.tensor(torch.cuda.max_memory_allocated() / 2**30, device="cuda")
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-    del model, optimizer, logits, loss
+    del model, optimizer
     torch.cuda.empty_cache()
     tps = batch * seq_len / step.item()
     fpt = flops_per_token(config, seq_len)["train"]
