@@ -19,6 +19,7 @@ bucket works over it, its last slot reserved as the pad. A decoder runs one gene
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,18 @@ from ..model import BlackMamba, InferenceCache
 from .sampling import SamplingOptions, apply_repetition_penalty, sample_next
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def warm_up_on_side_stream(fn: Callable[[], object], device: torch.device, times: int = 2) -> None:
+    """Run ``fn`` ``times`` times on a side stream ordered after the current one (kernels compile, the
+    allocator settles), then order the current stream after it: what a CUDA graph capture of ``fn`` needs
+    first."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(times):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
 
 
 @dataclass
@@ -120,12 +133,8 @@ class Decoder:
         if self.use_graphs:
             # Warm up on a side stream (kernels compile, the allocator settles), then capture. Every row is on
             # the pad slot until start() assigns the real ones, so the warm-up touches no other bucket's state.
-            stream = torch.cuda.Stream(device)
-            stream.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(stream), torch.inference_mode():
-                for _ in range(2):
-                    self._step(bucket)
-            torch.cuda.current_stream(device).wait_stream(stream)
+            with torch.inference_mode():
+                warm_up_on_side_stream(lambda: self._step(bucket), device)
             bucket.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(bucket.graph), torch.inference_mode():
                 self._step(bucket)

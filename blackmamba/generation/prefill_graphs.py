@@ -53,7 +53,7 @@ import torch
 from torch import Tensor
 
 from ..model import BlackMamba, InferenceCache
-from .decoder import Decoder, _weights_key
+from .decoder import Decoder, _weights_key, warm_up_on_side_stream
 from .sampling import GenerationError, check_prefill_chunk_size
 
 # Default cap on the tokens of one captured forward (64 x 2048); its intermediates stay in the graph pool.
@@ -346,12 +346,7 @@ class PrefillGraphs:
         device = self.model.device
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._forward(entry, state)
-        torch.cuda.current_stream(device).wait_stream(stream)
+        warm_up_on_side_stream(lambda: self._forward(entry, state), device)
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, pool=self._pool):

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..generation.decoder import BUCKETS, Decoder
+from ..generation.decoder import BUCKETS, Decoder, warm_up_on_side_stream
 from ..generation.generate import _left_pad_host
 from ..generation.prefill_graphs import PrefillGraphs
 from ..model import BlackMamba, InferenceCache
@@ -217,12 +217,7 @@ class PoolEngine:
         )
         # Warm up on a side stream (kernels compile, the allocator settles), then capture; every row is on the
         # pad slot meanwhile, so no stream's state is touched.
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._step(g)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
+        warm_up_on_side_stream(lambda: self._step(g), self.device)
         g.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g.graph):
             self._step(g)
