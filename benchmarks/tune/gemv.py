@@ -35,6 +35,7 @@ from blackmamba.generation.decoder import Decoder, SamplingOptions
 from blackmamba.kernels import get_settings, use_settings
 from blackmamba.kernels.gemv import launch_plan, linear_reference, linear_triton
 from blackmamba.kernels.moe_decode import moe_experts_decode_ref, moe_experts_decode_triton
+from blackmamba.layers.quant import quantize_tensor
 
 from ..harness import (
     BF16,
@@ -62,14 +63,7 @@ ROWS = (1, 4, 16)
 TOKENS = (1, 16)
 SPLITS = (1, 2, 4, 8)
 COLD_BYTES = 200e6  # weights per timed graph: well above the 60 MB L2
-FP8 = torch.float8_e4m3fn
 CUBLAS = "cuBLAS F.linear (bf16)"
-
-
-def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """e4m3 weights and fp32 scales per output row (the last axis is reduced): s = amax / 448."""
-    scale = w.float().abs().amax(-1).clamp(min=1e-12) / 448.0
-    return (w.float() / scale[..., None]).to(FP8), scale
 
 
 def copies_for(nbytes: int, most: int = 256) -> int:
@@ -97,7 +91,7 @@ def gemv_rows(bw: float) -> list[Row]:
     for name, (n, k) in PROJECTIONS.items():
         copies = copies_for(n * k * 2)
         weights = [(torch.randn(n, k, device="cuda", generator=gen) / k**0.5).to(BF16) for _ in range(copies)]
-        quantized = [quantize(w) for w in weights]
+        quantized = [quantize_tensor(w) for w in weights]
         for m in ROWS:
             x = torch.randn(m, k, device="cuda", generator=gen).to(BF16)
             err = max_err(linear_triton(x, weights[0]), linear_reference(x.float(), weights[0].float()))
@@ -125,7 +119,7 @@ def moe_rows(bw: float) -> list[Row]:
     w1s = [(torch.randn(E, 2 * F_FF, D_MODEL, device="cuda", generator=gen) / D_MODEL**0.5).to(BF16)
            for _ in range(copies)]  # fmt: skip
     w2s = [(torch.randn(E, D_MODEL, F_FF, device="cuda", generator=gen) / F_FF**0.5).to(BF16) for _ in range(copies)]
-    q1s, q2s = [quantize(w) for w in w1s], [quantize(w) for w in w2s]
+    q1s, q2s = [quantize_tensor(w) for w in w1s], [quantize_tensor(w) for w in w2s]
     for tokens in TOKENS:
         x = torch.randn(tokens, D_MODEL, device="cuda", generator=gen).to(BF16)
         expert = torch.randint(0, E, (tokens,), device="cuda", generator=gen)
