@@ -272,6 +272,26 @@ def dense_latency(active_params: int, d: int, vocab: int, total: int) -> list[tu
     return curve
 
 
+def decode_batches(args: argparse.Namespace) -> list[int]:
+    return [1, 16] if args.quick or args.only else [1, 16, 64, 256]
+
+
+def prefill_batches(args: argparse.Namespace) -> list[int]:
+    return [1, 8] if args.quick or args.only else [1, 8, 64]
+
+
+def decode_point(
+    model: BlackMamba, short: str, batch: int, prompt_len: int, new_tokens: int
+) -> tuple[str, float, dict[str, float]]:
+    """(shape, tokens/s, p50/p99 ms per step) of one decode run, after a short run that captures the bucket's
+    graph."""
+    decode_run(model, batch, prompt_len, 8)
+    tps, steps = decode_run(model, batch, prompt_len, new_tokens)
+    ms = sorted(1e3 * s for s in steps)
+    shape = f"{short}/b{batch}" + ("" if prompt_len == 16 else f"/p{prompt_len}")
+    return shape, tps, {"p50_ms": ms[len(ms) // 2], "p99_ms": ms[min(len(ms) - 1, int(0.99 * len(ms)))]}
+
+
 def bench_preset(preset: str, args: argparse.Namespace, bw: float, peak: float, rows: list[Row], extras: dict) -> None:
     short = preset.removeprefix("blackmamba-")
     model = build_model(f"blackmamba-{short}", DEVICE, BF16)
@@ -279,29 +299,15 @@ def bench_preset(preset: str, args: argparse.Namespace, bw: float, peak: float, 
     err_prefill, err_step = fast_path_errors(model)
     only_prefill = args.only == "prefill"
     peer = None if args.no_peer or args.only else build_jamba(model.config, DEVICE, BF16)
-    for batch in [] if only_prefill else [1, 16] if args.quick or args.only else [1, 16, 64, 256]:
+    for batch in [] if only_prefill else decode_batches(args):
         for prompt_len in (16, 512):
-            decode_run(model, batch, prompt_len, 8)  # warm-up: graph capture for this bucket
-            tps, steps = decode_run(model, batch, prompt_len, args.new_tokens)
+            shape, tps, percentiles = decode_point(model, short, batch, prompt_len, args.new_tokens)
             peer_tps = None
             if peer is not None and batch <= 16 and prompt_len == 16:
                 peer_tps = guarded(peer_decode, peer, batch, prompt_len, 16 if batch > 1 else 32)
-            ms = sorted(1e3 * s for s in steps)
-            shape = f"{short}/b{batch}" + ("" if prompt_len == 16 else f"/p{prompt_len}")
-            rows.append(
-                row(
-                    "decode",
-                    shape,
-                    tps,
-                    peer_tps,
-                    decode_floor(model, batch, bw),
-                    err_step,
-                    p50_ms=ms[len(ms) // 2],
-                    p99_ms=ms[min(len(ms) - 1, int(0.99 * len(ms)))],
-                )
-            )
+            rows.append(row("decode", shape, tps, peer_tps, decode_floor(model, batch, bw), err_step, **percentiles))
             print(json.dumps(rows[-1].to_json()), flush=True)
-    for batch in [1, 8] if args.quick or args.only else [1, 8, 64]:
+    for batch in prefill_batches(args):
         eager_s, eager_logits = prefill_time(model, batch, 2048)
         seconds, logits = prefill_graph_time(model, batch, 2048)
         peer_s = guarded(peer_prefill, peer, batch, 2048) if peer is not None and batch <= 8 else None
@@ -339,20 +345,16 @@ def fp8_rows(model: BlackMamba, short: str, args: argparse.Namespace, bw: float,
     bf16 = {(r.benchmark, r.shape): r.ours for r in rows}
     quantize_fp8(model)
     err_prefill, err_step = fast_path_errors(model)
-    for batch in [1, 16] if args.quick or args.only else [1, 16, 64, 256]:
+    for batch in decode_batches(args):
         for prompt_len in (16, 512):
-            decode_run(model, batch, prompt_len, 8)  # warm-up: graph capture for this bucket
-            tps, steps = decode_run(model, batch, prompt_len, args.new_tokens)
-            ms = sorted(1e3 * s for s in steps)
-            shape = f"{short}/b{batch}" + ("" if prompt_len == 16 else f"/p{prompt_len}")
+            shape, tps, percentiles = decode_point(model, short, batch, prompt_len, args.new_tokens)
             ref = bf16.get(("decode", shape))
             rows.append(
                 Row("decode_fp8", shape, "tokens/s", tps, None if ref is None else BF16_PEER, ref,
-                    decode_floor(model, batch, bw), err_step,
-                    dict(p50_ms=ms[len(ms) // 2], p99_ms=ms[min(len(ms) - 1, int(0.99 * len(ms)))]))
+                    decode_floor(model, batch, bw), err_step, percentiles)
             )  # fmt: skip
             print(json.dumps(rows[-1].to_json()), flush=True)
-    for batch in [1, 8] if args.quick or args.only else [1, 8, 64]:
+    for batch in prefill_batches(args):
         eager_s, _ = prefill_time(model, batch, 2048)
         seconds, _ = prefill_graph_time(model, batch, 2048)
         shape = f"{short}/{batch}x2048"
