@@ -153,7 +153,7 @@ class BlackMambaOutput:
     cache: InferenceCache | None = None
     expert_counts: Tensor | None = None
     aux_loss: Tensor | None = None
-    sinkhorn_iters: list[int] = field(default_factory=list)
+    sinkhorn_iters: list[int | Tensor] = field(default_factory=list)
     loss: Tensor | None = None
 
 

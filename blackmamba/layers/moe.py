@@ -30,11 +30,12 @@ if TYPE_CHECKING:
 @dataclass
 class RouterStats:
     """What one MoE call reports: tokens per expert (E,), the weighted auxiliary loss (training only,
-    None when no loss is enabled) and the Sinkhorn iterations used (0 without Sinkhorn)."""
+    None when no loss is enabled) and the Sinkhorn iterations used (0 without Sinkhorn; a 0-d device tensor
+    when the Triton kernel ran, so that nothing waits for the GPU until it is logged)."""
 
     counts_E: Tensor
     aux_loss: Tensor | None = None
-    sinkhorn_iters: int = 0
+    sinkhorn_iters: int | Tensor = 0
 
 
 class MoE(Mixer):

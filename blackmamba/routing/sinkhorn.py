@@ -22,27 +22,34 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..kernels.backend import resolve_backend
+from ..kernels.sinkhorn import sinkhorn_experts, sinkhorn_scaling_triton
+
 SINKHORN_INITS = ("zyphra", "ones")
 SINKHORN_CRITERIA = ("released", "marginals")
 
 
-@torch.no_grad()
-def sinkhorn(
-    logits_TE: Tensor,
-    tol: float = 1e-4,
-    max_iters: int = 50,
-    init: str = "zyphra",
-    eps: float = 1e-8,
-    criterion: str = "released",
-) -> tuple[Tensor, int]:
-    """Balanced assignment probabilities P (T, E) (rows sum to ~1/T, columns to ~1/E) and the number of
-    iterations used. Computed in fp32; logits are clamped at 40 so exp(2 * logits) stays finite."""
+def _check_args(init: str, criterion: str, max_iters: int) -> None:
     if init not in SINKHORN_INITS:
         raise ValueError(f"unknown Sinkhorn initialisation {init!r}; choose one of {SINKHORN_INITS}")
     if criterion not in SINKHORN_CRITERIA:
         raise ValueError(f"unknown Sinkhorn stopping criterion {criterion!r}; choose one of {SINKHORN_CRITERIA}")
     if max_iters < 1:
         raise ValueError(f"max_iters must be >= 1, got {max_iters}")
+
+
+@torch.no_grad()
+def sinkhorn_scaling(
+    logits_TE: Tensor,
+    tol: float = 1e-4,
+    max_iters: int = 50,
+    init: str = "zyphra",
+    eps: float = 1e-8,
+    criterion: str = "released",
+) -> tuple[Tensor, Tensor, Tensor, int]:
+    """The reference iteration: (cost C (T, E), row scaling d0 (T,), column scaling d1 (E,), iterations),
+    P = diag(d0) C diag(d1). Each iteration's convergence test is read on the host."""
+    _check_args(init, criterion, max_iters)
     cost = torch.exp(2 * logits_TE.float().clamp(max=40.0))
     tokens, experts = cost.shape
     if init == "zyphra":
@@ -60,14 +67,37 @@ def sinkhorn(
             converged = bool((row_mass - 1).abs().max() <= tol)
         d1 = d1_new
         iters += 1
+    return cost, d0, d1, iters
+
+
+def sinkhorn(
+    logits_TE: Tensor,
+    tol: float = 1e-4,
+    max_iters: int = 50,
+    init: str = "zyphra",
+    eps: float = 1e-8,
+    criterion: str = "released",
+) -> tuple[Tensor, int]:
+    """Balanced assignment probabilities P (T, E) (rows sum to ~1/T, columns to ~1/E) and the number of
+    iterations used. Computed in fp32; logits are clamped at 40 so exp(2 * logits) stays finite."""
+    cost, d0, d1, iters = sinkhorn_scaling(logits_TE, tol, max_iters, init, eps, criterion)
     return d0[:, None] * cost * d1[None, :], iters
 
 
 def sinkhorn_top1(
     logits_TE: Tensor, tol: float = 1e-4, max_iters: int = 50, init: str = "zyphra", criterion: str = "released"
-) -> tuple[Tensor, Tensor, int]:
-    """Expert by Sinkhorn (no gradient), gate = sigmoid of the chosen logit (with gradient)."""
-    probs, iters = sinkhorn(logits_TE, tol, max_iters, init, criterion=criterion)
-    expert_T = probs.argmax(dim=-1)
+) -> tuple[Tensor, Tensor, int | Tensor]:
+    """Expert by Sinkhorn (no gradient), gate = sigmoid of the chosen logit (with gradient), and the
+    iterations used. With the Triton backend the iteration runs in one kernel that never waits for the host
+    (:mod:`blackmamba.kernels.sinkhorn`), and the count is a 0-d int32 tensor on the device (read it when
+    logging, not every step); elsewhere it is the reference loop and an int."""
+    if resolve_backend(logits_TE, has_triton=True) == "triton":
+        _check_args(init, criterion, max_iters)
+        with torch.no_grad():
+            d1, iters = sinkhorn_scaling_triton(logits_TE, tol, max_iters, init, 1e-8, criterion)
+            expert_T = sinkhorn_experts(logits_TE, d1)
+    else:
+        probs, iters = sinkhorn(logits_TE, tol, max_iters, init, criterion=criterion)
+        expert_T = probs.argmax(dim=-1)
     gate_T = torch.sigmoid(logits_TE.gather(-1, expert_T[:, None]).squeeze(-1))
     return expert_T, gate_T, iters

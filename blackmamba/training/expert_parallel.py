@@ -123,7 +123,7 @@ class DistributedMoE(MoE):
             y_TD = self._experts_all_to_all(x_TD, expert_T, gate_T, counts_E)
         return y_TD.view_as(x), RouterStats(global_counts_E, aux, iters)
 
-    def _global_sinkhorn(self, logits_TE: Tensor) -> tuple[Tensor, int]:
+    def _global_sinkhorn(self, logits_TE: Tensor) -> tuple[Tensor, int | Tensor]:
         """Sinkhorn over the logits of every rank (all-gathered in rank order, which is the order of the
         global batch), then this rank's rows."""
         cfg = self.config

@@ -1132,7 +1132,7 @@ def _train_loop(
                 if aux_total:
                     row["aux_loss"] = aux_total
                 if iters:
-                    row["sinkhorn_iters"] = sum(iters) / len(iters)
+                    row["sinkhorn_iters"] = sum(int(i) for i in iters) / len(iters)  # device counts read here
                 if load_acc is not None:
                     row["expert_load"] = (load_acc / load_acc.sum(1, keepdim=True)).tolist()
                     load_acc = None
