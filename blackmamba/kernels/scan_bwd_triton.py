@@ -45,7 +45,7 @@ except ImportError:  # the PyTorch paths work without Triton
 
 
 if triton is not None:
-    from .tl_math import softplus as _softplus
+    from .tl_math import softplus
 
     @triton.jit
     def _load_fwd(u_ptr, delta_ptr, B_ptr, t, seqlen, offs_d, mask_d, offs_n, mask_n, stride_u_l, stride_delta_l,
@@ -102,7 +102,7 @@ if triton is not None:
         raw = raw.to(tl.float32)
         if HAS_BIAS:
             raw += bias
-        dt = _softplus(raw) if SOFTPLUS else raw
+        dt = softplus(raw) if SOFTPLUS else raw
         return raw, tl.where(mask_d & (t < seqlen), dt, 0.0)
 
     @triton.jit
@@ -190,7 +190,7 @@ if triton is not None:
                 raw = raw.to(tl.float32)
                 if HAS_BIAS:
                     raw += bias
-                dt = tl.where(ok, _softplus(raw) if SOFTPLUS else raw, 0.0)
+                dt = tl.where(ok, softplus(raw) if SOFTPLUS else raw, 0.0)
                 gj, _, _ = _gate(dy, zv, HAS_Z)
                 dt_sum += dt
                 m = tl.exp2(dt * A2) * (m + gj * c_t.to(tl.float32))

@@ -42,7 +42,7 @@ _BLOCK_R = 64  # dt_proj rank per step of the fused dt GEMV
 
 
 if triton is not None:
-    from .tl_math import softplus as _softplus
+    from .tl_math import softplus
 
     @triton.jit
     def _scan_fwd_seq_kernel(
@@ -96,7 +96,7 @@ if triton is not None:
             raw_tile = tl.load(delta_ptr + t_cols * stride_delta_l + offs_d, mask=m, other=0.0).to(tl.float32)
             if HAS_BIAS:
                 raw_tile += bias
-            dt_tile = tl.where(m, _softplus(raw_tile) if SOFTPLUS else raw_tile, 0.0)
+            dt_tile = tl.where(m, softplus(raw_tile) if SOFTPLUS else raw_tile, 0.0)
             if not STORE_Y:
                 dt_sum += tl.sum(dt_tile, 1, keep_dims=True)
             y_tile = tl.zeros((BLOCK_D, T_SUB), tl.float32)
@@ -164,7 +164,7 @@ if triton is not None:
         if HAS_DT_BIAS:
             dt += tl.load(delta_bias_ptr + d, mask=mask_d, other=0.0).to(tl.float32)
         if SOFTPLUS:
-            dt = _softplus(dt)
+            dt = softplus(dt)
 
         A = tl.load(A_ptr + d[:, None] * stride_A_d + n[None, :] * stride_A_n, mask=mask, other=0.0).to(tl.float32)
         if A_FROM_LOG:  # A = -exp(A_log), which would otherwise take two launches per step
