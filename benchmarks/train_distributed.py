@@ -8,7 +8,13 @@ weights. Layouts:
 - ``plain``: the model as the one-GPU trainer runs it (one process only);
 - ``fsdp``: FSDP2 per block with bf16 compute parameters, fp32 reduction and fp32 master weights
   (:func:`blackmamba.training.distributed.parallelize`, what ``--fsdp`` applies);
-- ``fsdp+epE``: FSDP2 and expert parallelism over E ranks (``--expert-parallel E``).
+- ``fsdp+epE``: FSDP2 and expert parallelism over E ranks (``--expert-parallel E``);
+- options after colons: ``:reshard`` or ``:keep`` forces FSDP to free each block's gathered parameters after
+  its forward (and gather them again for the backward) or to keep them (by default it reshards only when
+  the parameters are sharded over more than one rank); ``:uN`` wraps N consecutive blocks per FSDP unit.
+
+Each row also gives the host's time to issue a step's work (``host_issue_s``: forward + backward, optimizer),
+measured before anything waits for the GPU: where it nears the step time, the host sets the pace.
 
 Rows: ``train_step`` tokens/s per GPU for each layout (shape ``2.8b/fsdp/1gpu``), against the plain step of
 the same run where there is one (speedup = layout / plain: 1.0 means the wrapping costs nothing), floor =
@@ -56,24 +62,48 @@ from .harness import (
 from .train_gpu import micro_batch
 
 
-def parse_layout(name: str) -> tuple[bool, int]:
-    """``plain`` -> (False, 1), ``fsdp`` -> (True, 1), ``fsdp+ep4`` -> (True, 4)."""
-    if name == "plain":
-        return False, 1
-    if name == "fsdp":
-        return True, 1
-    if name.startswith("fsdp+ep") and name[7:].isdigit() and int(name[7:]) >= 1:
-        return True, int(name[7:])
-    raise SystemExit(f"--layouts: unknown layout {name!r} (plain, fsdp or fsdp+epE)")
+def parse_layout(name: str) -> tuple[bool, int, bool | None, int]:
+    """A layout name -> (fsdp, expert-parallel degree, reshard after forward, blocks per FSDP unit):
+    ``plain`` -> (False, 1, None, 1), ``fsdp`` -> (True, 1, None, 1), ``fsdp+ep4`` -> (True, 4, None, 1); options
+    follow after colons: ``:reshard`` or ``:keep`` (reshard after forward on or off; default: on when sharded over
+    more than one rank) and ``:uN`` (N consecutive blocks per FSDP unit), e.g. ``fsdp:keep:u2``."""
+    base, *options = name.split(":")
+    bad = SystemExit(
+        f"--layouts: unknown layout {name!r} (plain, fsdp or fsdp+epE, then optionally :reshard or :keep and :uN)"
+    )
+    if base == "plain":
+        fsdp, ep = False, 1
+    elif base == "fsdp":
+        fsdp, ep = True, 1
+    elif base.startswith("fsdp+ep") and base[7:].isdigit() and int(base[7:]) >= 1:
+        fsdp, ep = True, int(base[7:])
+    else:
+        raise bad
+    reshard, per_unit = None, 1
+    for option in options:
+        if option in ("reshard", "keep") and fsdp:
+            reshard = option == "reshard"
+        elif option.startswith("u") and option[1:].isdigit() and int(option[1:]) >= 1 and fsdp:
+            per_unit = int(option[1:])
+        else:
+            raise bad
+    return fsdp, ep, reshard, per_unit
 
 
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Tensor) -> float:
+def train_step(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Tensor
+) -> tuple[float, float, float]:
     """One optimizer step on ``ids`` (B, L+1) with the full-logits loss (the plain trainer's, when this was
-    first measured); returns the loss."""
+    first measured); returns the loss and the host's seconds to issue the forward + backward and the
+    optimizer step (before anything waits for the GPU: when they add up to the step time, the host sets
+    the pace, not the GPU)."""
+    t0 = time.perf_counter()
     loss = micro_batch(model, ids, "plain", 1.0)
+    t1 = time.perf_counter()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss.item()
+    t2 = time.perf_counter()
+    return loss.item(), t1 - t0, t2 - t1
 
 
 def bench(
@@ -81,11 +111,12 @@ def bench(
 ) -> tuple[float, dict]:
     """Tokens/s per GPU of ``layout`` and the run's details (every step's loss, peak memory, step time; with
     ``profile``, this rank's kernel time per step by part over two more steps, communication included)."""
-    fsdp, ep = parse_layout(layout)
+    fsdp, ep, reshard, per_unit = parse_layout(layout)
     model = build_model(preset, "cuda", train=True, seed=0)
     if fsdp:
         dims = ParallelDims(world, ep, fsdp=True)
-        parallelize(model, dims.build_meshes("cuda"), mixed_precision("cuda"))
+        meshes = dims.build_meshes("cuda")
+        parallelize(model, meshes, mixed_precision("cuda"), reshard_after_forward=reshard, blocks_per_unit=per_unit)
     optimizer = build_optimizer(model, 1e-4, 0.1, fused=True)
     config = model.config
     vocab = config.tokenizer_vocab_size or config.vocab_size
@@ -94,14 +125,16 @@ def bench(
     ids = torch.randint(1, vocab, (batch, seq_len + 1), generator=gen).cuda()
 
     torch.cuda.reset_peak_memory_stats()
-    times, losses = [], []
+    times, losses, host = [], [], []
     for i in range(steps + 2):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        losses.append(train_step(model, optimizer, ids))
+        loss, host_fwd_bwd, host_opt = train_step(model, optimizer, ids)
+        losses.append(loss)
         if i >= 2:
             times.append(time.perf_counter() - t0)
-    parts = None
+            host.append((host_fwd_bwd, host_opt))
+    parts, profiled = None, {}
     if profile:
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as profiler
@@ -111,8 +144,14 @@ def bench(
         with profiler(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(2):
                 train_step(model, optimizer, ids)
-        report = breakdown(kernels_of(prof), 2)
+        report = breakdown(kernels_of(prof), 2, top=12)
         parts = {p: round(f["ms"], 3) for p, f in report["parts"].items()} | {"all": round(report["kernel_ms"], 3)}
+        launches = {p: round(f["launches"]) for p, f in report["parts"].items() if f["launches"]}
+        profiled = {
+            "kernel_launches_by_part": launches,
+            "timeline_ms": {k: round(v, 3) for k, v in report["timeline"].items()},
+            "top_kernels": [{**k, "name": k["name"][:120]} for k in report["top_kernels"]],
+        }
     # The slowest rank sets the pace of a synchronous step.
     step = torch.tensor(statistics.median(times), device="cuda")
     dist.all_reduce(step, op=dist.ReduceOp.MAX)
@@ -127,8 +166,12 @@ def bench(
         "mfu": tps * fpt / (H200_BF16_TFLOPS * 1e12),
         "peak_memory_gib": peak.item(),
         "losses": losses,
+        "host_issue_s": {
+            "forward_backward": statistics.median(h[0] for h in host),
+            "optimizer": statistics.median(h[1] for h in host),
+        },
         "floor": H200_BF16_TFLOPS * 1e12 / fpt,
-        **({"kernel_ms_by_part": parts} if parts else {}),
+        **({"kernel_ms_by_part": parts, **profiled} if parts else {}),
     }
 
 
@@ -184,16 +227,27 @@ def main(argv: list[str] | None = None) -> None:
         meta = run_meta("cuda", peak_tflops_assumed=H200_BF16_TFLOPS, gpus=world)
         write_results(Path(args.out), meta, rows)
         print(f"\n{meta_line(meta)}")
-        print(f"{'shape':<26} {'tokens/s/GPU':>12} {'vs plain':>9} {'MFU':>7} {'peak GiB':>9} {'max |dloss|':>11}")
+        print(
+            f"{'shape':<26} {'tokens/s/GPU':>12} {'vs plain':>9} {'MFU':>7} {'step ms':>8} {'host ms':>12} "
+            f"{'peak GiB':>9} {'max |dloss|':>11}"
+        )
         for r in rows:
             e = r.extra
             vs = "-" if r.speedup is None else f"{r.speedup:.3f}"
             err = "-" if r.max_err is None else f"{r.max_err:.4f}"
-            print(f"{r.shape:<26} {r.ours:>12,.0f} {vs:>9} {e['mfu']:>7.1%} {e['peak_memory_gib']:>9.1f} {err:>11}")
+            h = e["host_issue_s"]
+            host = f"{h['forward_backward'] * 1e3:.0f}+{h['optimizer'] * 1e3:.0f}"
+            print(
+                f"{r.shape:<26} {r.ours:>12,.0f} {vs:>9} {e['mfu']:>7.1%} {e['step_s'] * 1e3:>8.1f} {host:>12} "
+                f"{e['peak_memory_gib']:>9.1f} {err:>11}"
+            )
         for r in rows:
             if "kernel_ms_by_part" in r.extra:
                 parts = ", ".join(f"{k} {v:.1f}" for k, v in r.extra["kernel_ms_by_part"].items() if v)
+                line = r.extra["timeline_ms"]
                 print(f"{r.shape}: kernel ms per step by part: {parts}")
+                span, busy, idle = line["span_ms"], line["busy_ms"], line["idle_ms"]
+                print(f"{r.shape}: span {span:.1f} ms, busy {busy:.1f}, idle {idle:.1f}")
     dist.barrier()
     dist.destroy_process_group()
 

@@ -391,9 +391,21 @@ def _average_over_ranks(p: Tensor) -> None:
 
 
 def apply_fsdp(
-    model: BlackMamba, meshes: Meshes, mp_policy: MixedPrecisionPolicy | None = None, reshard_root: bool = False
+    model: BlackMamba,
+    meshes: Meshes,
+    mp_policy: MixedPrecisionPolicy | None = None,
+    reshard_root: bool = False,
+    reshard_after_forward: bool | None = None,
+    blocks_per_unit: int = 1,
 ) -> BlackMamba:
-    """FSDP2 per block (bottom-up), then the root (embedding, final norm); explicit prefetching in block order.
+    """FSDP2 per block, or per ``blocks_per_unit`` consecutive blocks (one all-gather, one reduce-scatter and
+    one set of hooks for them all: less host work per step, more memory held at once), bottom-up; then the
+    root (embedding, final norm); explicit prefetching in block order.
+
+    ``reshard_after_forward``: free each block's gathered parameters after its forward and gather them again
+    for its backward (less memory, one more all-gather per block and step). ``None`` does so only when the
+    parameters are sharded over more than one rank: on one rank there is nothing to save but the compute
+    copies, and the second gather is pure cost.
 
     An MoE that :func:`.expert_parallel.apply_expert_parallel` prepared gets two units of its own before its
     block: its router (dense mesh, fp32) and its experts (the experts' mesh, gradients divided by the world
@@ -410,40 +422,54 @@ def apply_fsdp(
         for p in ignored:
             if dims.world_size > 1:
                 p.register_post_accumulate_grad_hook(_average_over_ranks)
-    common = {"mp_policy": mp_policy, "ignored_params": ignored or None}
+    if isinstance(blocks_per_unit, bool) or not isinstance(blocks_per_unit, int) or blocks_per_unit < 1:
+        raise DistributedError(f"blocks per FSDP unit must be a positive whole number, got {blocks_per_unit!r}")
+    if reshard_after_forward is None:
+        reshard_after_forward = meshes.dense.size() > 1
+    common = {"mp_policy": mp_policy, "ignored_params": ignored or None, "reshard_after_forward": reshard_after_forward}
     fp32 = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32, cast_forward_inputs=False)
     units: list[list[FSDPModule]] = []
+    group: list[nn.Module] = []
+
+    def close_group() -> None:
+        if group:
+            placement = _expert_placement([b.mixer for b in group if isinstance(b.mixer, MoE)], meshes)
+            modules = group[0] if len(group) == 1 else list(group)
+            fully_shard(modules, mesh=meshes.dense, shard_placement_fn=placement, **common)
+            units.append([group[0]])
+            group.clear()
+
     for block in model.layers:
-        inner: list[FSDPModule] = []
         mixer = block.mixer
         if isinstance(mixer, MoE) and getattr(mixer, "expert_group", None) is not None:
-            fully_shard(mixer.router, mesh=meshes.dense, mp_policy=fp32)
+            close_group()
+            fully_shard(mixer.router, mesh=meshes.dense, mp_policy=fp32, reshard_after_forward=reshard_after_forward)
             fully_shard(
                 mixer,
                 mesh=meshes.expert_dp_mesh,
                 mp_policy=mp_policy,
-                shard_placement_fn=_expert_placement(mixer, meshes),
+                shard_placement_fn=_expert_placement([mixer], meshes),
+                reshard_after_forward=reshard_after_forward,
             )
             mixer.set_gradient_divide_factor(float(dims.world_size))
-            inner = [mixer.router, mixer]
-        elif isinstance(mixer, MoE):
-            placement = _expert_placement(mixer, meshes)
-            fully_shard(block, mesh=meshes.dense, shard_placement_fn=placement, **common)
-            units.append([block])
+            fully_shard(block, mesh=meshes.dense, **common)
+            units.append([block, mixer.router, mixer])
             continue
-        fully_shard(block, mesh=meshes.dense, **common)
-        units.append([block, *inner])
-    fully_shard(model, mesh=meshes.dense, reshard_after_forward=reshard_root, **common)
+        group.append(block)
+        if len(group) == blocks_per_unit:
+            close_group()
+    close_group()
+    fully_shard(model, mesh=meshes.dense, **{**common, "reshard_after_forward": reshard_root})
     _set_prefetch(model, units)
     return model
 
 
-def _expert_placement(moe: MoE, meshes: Meshes):
+def _expert_placement(moes: list[MoE], meshes: Meshes):
     """Shard the expert weights on the expert axis (dim 0), or on dim 1 when the FSDP degree times the
     expert-parallel degree exceeds the number of experts (each rank would otherwise hold padding)."""
-    experts = {id(moe.w1), id(moe.w2)}
+    experts = {id(p) for moe in moes for p in (moe.w1, moe.w2)}
     fsdp_ranks = meshes.expert_dp_mesh.size() if meshes.dims.fsdp else 1
-    if fsdp_ranks * meshes.dims.ep <= moe.n_experts:
+    if not moes or fsdp_ranks * meshes.dims.ep <= min(moe.n_experts for moe in moes):
         return None
 
     def placement(p: nn.Parameter) -> Shard | None:
@@ -466,15 +492,25 @@ def _set_prefetch(model: BlackMamba, units: list[list[FSDPModule]]) -> None:
             unit[0].set_modules_to_backward_prefetch(units[i - 1])
 
 
-def parallelize(model: BlackMamba, meshes: Meshes, mp_policy: MixedPrecisionPolicy | None = None) -> BlackMamba:
+def parallelize(
+    model: BlackMamba,
+    meshes: Meshes,
+    mp_policy: MixedPrecisionPolicy | None = None,
+    reshard_after_forward: bool | None = None,
+    blocks_per_unit: int = 1,
+) -> BlackMamba:
     """Apply the layout of ``meshes`` to a built model, in place: expert parallelism and global routing
-    (when there is more than one rank), then FSDP2. The model must already be on its device."""
+    (when there is more than one rank), then FSDP2 (``reshard_after_forward`` and ``blocks_per_unit`` as in
+    :func:`apply_fsdp`).
+    The model must already be on its device."""
     from .expert_parallel import apply_expert_parallel
 
     meshes.dims.check_model(model.config.n_experts)
     if meshes.dims.world_size > 1:
         apply_expert_parallel(model, meshes)
-    return apply_fsdp(model, meshes, mp_policy)
+    return apply_fsdp(
+        model, meshes, mp_policy, reshard_after_forward=reshard_after_forward, blocks_per_unit=blocks_per_unit
+    )
 
 
 # ------------------------------------------------------------------------------------------ gradients

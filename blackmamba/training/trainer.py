@@ -139,6 +139,9 @@ class TrainArgs:
     fsdp: bool = option(
         False, "under torchrun: shard weights, gradients and optimizer state over the ranks (FSDP2, per block)"
     )
+    fsdp_unit_blocks: int = option(
+        1, "with --fsdp: consecutive blocks per FSDP unit (fewer units: less host work per step, more memory)"
+    )
     expert_parallel: int = option(
         1, "under torchrun: ranks that share out each MoE layer's experts (divides the ranks and the experts)"
     )
@@ -180,6 +183,7 @@ class TrainArgs:
                 raise TrainingError(f"{_flag(name)} must be a non-empty string, got {value!r}")
         at_least = {"batch_size": 1, "seq_len": 1, "grad_accum": 1, "eval_every": 1, "eval_tokens": 1}
         at_least |= {"save_every": 1, "keep_last": 1, "log_every": 1, "warmup": 0, "seed": 0, "expert_parallel": 1}
+        at_least["fsdp_unit_blocks"] = 1
         for name, low in at_least.items():
             _check_int(name, getattr(self, name), low)
         if self.seed >= 2**63:
@@ -897,7 +901,12 @@ def _train_loop(
             full_optimizer = get_optimizer_state_dict(model, whole)
             del whole
         # bf16 compute parameters where the plain trainer autocasts to bf16; fp32 throughout otherwise.
-        parallelize(model, ranks.dims.build_meshes(device.type), mixed_precision("cuda" if use_bf16 else "cpu"))
+        parallelize(
+            model,
+            ranks.dims.build_meshes(device.type),
+            mixed_precision("cuda" if use_bf16 else "cpu"),
+            blocks_per_unit=args.fsdp_unit_blocks,
+        )
     optimizer = build_optimizer(model, args.lr, args.weight_decay, fused=device.type == "cuda")
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else nullcontext
     step_fn = torch.compile(model) if args.compile else model

@@ -49,6 +49,7 @@ def one_process(monkeypatch):
         ({"dist_timeout": 0.0}, "--dist-timeout must be above 0"),
         ({"dist_timeout": math.nan}, "--dist-timeout must be a finite number"),
         ({"fsdp": "yes"}, "fsdp must be True or False"),
+        ({"fsdp_unit_blocks": 0}, "--fsdp-unit-blocks must be"),
     ],
 )
 def test_bad_distributed_options_are_refused_naming_them(tmp_path, change, message):
@@ -58,11 +59,16 @@ def test_bad_distributed_options_are_refused_naming_them(tmp_path, change, messa
 
 def test_flags_come_from_train_args(tmp_path):
     argv = ["train", "--preset", "tiny", "--data", "d", "--out", "o", "--max-steps", "1", "--fsdp",
-            "--expert-parallel", "2", "--dist-timeout", "30"]  # fmt: skip
+            "--expert-parallel", "2", "--dist-timeout", "30", "--fsdp-unit-blocks", "2"]  # fmt: skip
     args = cli.build_parser().parse_args(argv)
-    assert (args.fsdp, args.expert_parallel, args.dist_timeout) == (True, 2, 30.0)
+    assert (args.fsdp, args.expert_parallel, args.dist_timeout, args.fsdp_unit_blocks) == (True, 2, 30.0, 2)
     defaults = cli.build_parser().parse_args(argv[:9])
-    assert (defaults.fsdp, defaults.expert_parallel, defaults.dist_timeout) == (False, 1, 600.0)
+    assert (defaults.fsdp, defaults.expert_parallel, defaults.dist_timeout, defaults.fsdp_unit_blocks) == (
+        False,
+        1,
+        600.0,
+        1,
+    )
 
 
 def test_expert_parallel_without_torchrun_is_refused(tmp_path, one_process):

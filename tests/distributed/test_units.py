@@ -9,6 +9,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from torch.distributed.fsdp import FSDPModule
 
 from blackmamba.checkpoint import CheckpointError
 from blackmamba.layers import MoE
@@ -225,3 +226,30 @@ def test_fused_adamw_steps_a_model_with_sharded_and_plain_parameters(one_rank_gr
     optimizer.step()
     after = [p.detach() if not isinstance(p, DTensor) else p.to_local().detach() for p in model.parameters()]
     assert all(not torch.equal(a, b) for a, b in zip(after, before, strict=True))
+
+
+@pytest.mark.parametrize("blocks_per_unit", [2, 3])
+def test_fsdp_units_of_several_blocks_train_like_the_plain_model(one_rank_group, blocks_per_unit):
+    """Blocks grouped into FSDP units (one all-gather and one set of hooks per group; a last, shorter group
+    when the count does not divide) give the plain model's losses and leave every block inside a unit."""
+    from blackmamba.training.distributed import apply_fsdp
+
+    ids = torch.randint(1, 256, (2, 13), generator=torch.Generator().manual_seed(5))
+    losses = {}
+    for name in ("plain", "grouped"):
+        model = h.build_model()
+        if name == "grouped":
+            meshes = ParallelDims(1, 1, fsdp=True).build_meshes("cpu")
+            apply_fsdp(model, meshes, blocks_per_unit=blocks_per_unit)
+            assert all(isinstance(b, FSDPModule) for b in model.layers)
+        optimizer = build_optimizer(model, h.LR, h.WEIGHT_DECAY, fused=False)
+        losses[name] = []
+        for _ in range(3):
+            out = model(ids[:, :-1], targets=ids[:, 1:])
+            (out.loss if out.aux_loss is None else out.loss + out.aux_loss).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses[name].append(out.loss.item())
+    assert losses["grouped"] == pytest.approx(losses["plain"], rel=1e-5, abs=1e-6)
+    with pytest.raises(DistributedError, match="blocks per FSDP unit"):
+        apply_fsdp(h.build_model(), ParallelDims(1, 1, fsdp=True).build_meshes("cpu"), blocks_per_unit=0)
