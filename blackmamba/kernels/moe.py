@@ -542,7 +542,12 @@ def _grouped_gemm_choice(x_TD: Tensor, w1_EFD: Tensor) -> str:
     device = x_TD.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else w1_EFD.dtype
     fits = x_TD.is_cuda and dtype == torch.bfloat16 and w1_EFD.shape[1] % 16 == 0 and w1_EFD.shape[2] % 8 == 0
-    return "torch" if fits and x_TD.shape[0] >= get_settings().grouped_mm_min_tokens else "triton"
+    if not fits:
+        return "triton"
+    settings, tokens = get_settings(), x_TD.shape[0]
+    if torch.is_grad_enabled() and (x_TD.requires_grad or w1_EFD.requires_grad):  # training: see settings.py
+        return "fused" if tokens < settings.fused_train_max_tokens else "torch"
+    return "torch" if tokens >= settings.grouped_mm_min_tokens else "triton"
 
 
 def moe_experts(

@@ -29,22 +29,30 @@ def _tiles(table: dict[int, dict]) -> Mapping[int, Mapping[str, int]]:
 @dataclass(frozen=True)
 class KernelSettings:
     # MoE experts (kernels/moe.py, kernels/moe_decode.py).
-    # Grouped GEMM of the "triton" backend ("fused": kernels/moe_fused.py, not yet measured, so "auto" never picks it);
-    # "auto": torch._grouped_mm from grouped_mm_min_tokens where it applies
-    # (CUDA, bf16). results/kernels.json: _grouped_mm as fast or faster from 2K tokens (16K fwd+bwd 4.6 vs 6.5 ms).
+    # Grouped GEMM of the "triton" backend: "triton" (kernels/moe.py), "torch" (torch._grouped_mm), "fused"
+    # (kernels/moe_fused.py), or "auto", where it applies (CUDA, bf16): with autograd (training), "fused" below
+    # fused_train_max_tokens and torch._grouped_mm from there; without, torch._grouped_mm from
+    # grouped_mm_min_tokens, else "triton".
     grouped_gemm: str = "auto"
-    # Same run: 2K tokens is the smallest measured size where _grouped_mm was as fast; 1K itself was not measured.
+    # results/kernels.json (2026-11-28): _grouped_mm as fast or faster from 2K tokens in the forward; 1K itself was
+    # not measured.
     grouped_mm_min_tokens: int = 1024
+    # benchmarks.tune.moe_layer, 2.8B widths, forward + backward, two runs on 2026-12-02: at 2K and 4K tokens fused
+    # 1.96 / 2.25 ms against _grouped_mm 2.49 / 2.44 (one run); at 8K (a 4x2048 micro-batch) fused 2.78 / 2.62
+    # against 3.07 / 2.53 (the two runs disagree); at 16K _grouped_mm 4.57 / 4.49 against 4.81 / 4.90.
+    fused_train_max_tokens: int = 8192
     # Tiles of the "fused" training path (kernels/moe_fused.py) for bf16 on the GPU, per kernel: fc1 (two (BM, BN)
     # accumulators, a and b), fc2, dact (fc2's dgrad with the activation's backward), dx, wgrad (BM: rows per step).
-    # Guessed for an H200, not yet measured: benchmarks/tune/moe_layer.py --sweep times candidates.
+    # The best of benchmarks/tune/moe_layer.py --sweep at 16K tokens (2026-12-02): fc1 0.86 ms against 0.97 for
+    # the first guess (4 stages), dact 0.97 against 1.17 (BM 128), fc2 0.39 against 0.44 and dx 0.57 against 0.72
+    # (BN 128, 4 stages); wgrad's guess stayed the best.
     moe_train_tiles: Mapping[str, Mapping[str, int]] = field(
         hash=False,
         default_factory=lambda: MappingProxyType({
-            "fc1": MappingProxyType(dict(BM=128, BN=64, BK=64, GROUP_M=8, num_warps=8, num_stages=4)),
-            "fc2": MappingProxyType(dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4)),
-            "dact": MappingProxyType(dict(BM=128, BN=64, BK=64, GROUP_M=8, num_warps=8, num_stages=4)),
-            "dx": MappingProxyType(dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4)),
+            "fc1": MappingProxyType(dict(BM=128, BN=64, BK=64, GROUP_M=8, num_warps=8, num_stages=3)),
+            "fc2": MappingProxyType(dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3)),
+            "dact": MappingProxyType(dict(BM=64, BN=64, BK=64, GROUP_M=8, num_warps=8, num_stages=4)),
+            "dx": MappingProxyType(dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3)),
             "wgrad": MappingProxyType(dict(BM=64, BN=128, BK=128, num_warps=8, num_stages=3)),
         }),
     )  # fmt: skip
@@ -137,7 +145,13 @@ class KernelSettings:
     def __post_init__(self) -> None:
         if self.grouped_gemm not in GROUPED_GEMMS:
             raise ValueError(f"grouped_gemm must be one of {GROUPED_GEMMS}; got {self.grouped_gemm!r}")
-        for name in ("grouped_mm_min_tokens", "decode_tokens", "scan_min_programs", "gemv_max_rows"):
+        for name in (
+            "grouped_mm_min_tokens",
+            "fused_train_max_tokens",
+            "decode_tokens",
+            "scan_min_programs",
+            "gemv_max_rows",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}")
         if self.scan_t_sub < 1 or self.scan_chunk < 4 or self.scan_chunk % 4 or self.scan_chunk % self.scan_t_sub:

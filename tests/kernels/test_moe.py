@@ -330,3 +330,11 @@ def test_auto_grouped_gemm_choice():
         assert moe._grouped_gemm_choice(torch.empty(4096, 24, device="cuda", dtype=torch.bfloat16), w1) == "torch"
         assert moe._grouped_gemm_choice(torch.empty(64, 24, device="cuda", dtype=torch.bfloat16), w1) == "triton"
         assert moe._grouped_gemm_choice(torch.empty(4096, 24, device="cuda"), w1.float()) == "triton"
+        # With autograd (training): the fused path below fused_train_max_tokens, _grouped_mm from there.
+        w1_train = w1.clone().requires_grad_()
+        limit = moe.get_settings().fused_train_max_tokens
+        for tokens, expected in ((64, "fused"), (limit - 1, "fused"), (limit, "torch")):
+            x = torch.empty(tokens, 24, device="cuda", dtype=torch.bfloat16)
+            assert moe._grouped_gemm_choice(x, w1_train) == expected
+            with torch.no_grad():
+                assert moe._grouped_gemm_choice(x, w1_train) == ("triton" if tokens < 1024 else "torch")
