@@ -5,14 +5,17 @@ A micro-batch = forward of (batch, 2048) random token ids under bf16 autocast (f
 Sinkhorn. Two kinds of row per shape, from the same run:
 
 * ``1.5b/4x2048``: one micro-batch per optimizer step (forward, backward, fused AdamW step), as before;
-* ``1.5b/4x2048x8`` (with ``--accum 8``): eight micro-batches, each on other ids, then one AdamW step; its
-  tokens/s and MFU are per optimizer step (64K tokens at batch 4), so the optimizer is paid once per eight.
+* benchmark ``train_step_accum8``, shape ``1.5b/4x2048`` (with ``--accum 8``): eight micro-batches, each on
+  other ids, then one AdamW step; its tokens/s and MFU are per optimizer step (64K tokens at batch 4), so the
+  optimizer is paid once per eight.
 
 Variants (``--variants``, each measured on the same model): ``plain`` computes the whole (B*L, V) logits
 and ``F.cross_entropy`` on them in fp32, as the trainer did; ``fused`` the chunked head + loss
 (``model(x, targets=y)``, :func:`blackmamba.kernels.linear_cross_entropy`), as it does now;
 ``fused+cast-once`` adds the bf16 weight casts made once per optimizer step
-(:class:`blackmamba.training.precision.CastOnce`, ``blackmamba train --cast-once``).
+(:class:`blackmamba.training.precision.CastOnce`, ``blackmamba train --cast-once``); ``fused+compile`` runs
+the model through ``torch.compile`` (``blackmamba train --compile``; the compilation happens in the
+warm-up steps, which are not timed).
 
 Reported: tokens/s (median of the timed steps, device-synchronised), MFU = tokens/s x training FLOPs per
 token (``blackmamba.training.flops``) / peak (784 TFLOP/s, the bf16 matmul rate measured on the H200), peak
@@ -58,7 +61,7 @@ from .harness import (
 )
 
 PEAK_TFLOPS = H200_BF16_TFLOPS
-VARIANTS = ("plain", "fused", "fused+cast-once")
+VARIANTS = ("plain", "fused", "fused+cast-once", "fused+compile")
 
 
 def micro_batch(call: Callable, ids: torch.Tensor, loss_kind: str, scale: float) -> torch.Tensor:
@@ -87,7 +90,11 @@ def measure(
     # A zero learning rate leaves the weights as they were (the fused step's work is the same), so every
     # variant and row starts from the same model and their first losses are comparable.
     opt = build_optimizer(model, 0.0, 0.1, fused=device.type == "cuda")
-    call = CastOnce(model, opt) if variant.endswith("cast-once") else model
+    call: Callable = model
+    if variant.endswith("cast-once"):
+        call = CastOnce(model, opt)
+    elif variant.endswith("compile"):
+        call = torch.compile(model)
     loss_kind = "plain" if variant == "plain" else "fused"
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -127,10 +134,11 @@ def bench(preset: str, args) -> list[Row]:
             m = measure(model, variant, batches, accum, steps, warmup)
             tokens = args.batch * args.seq_len * accum
             tps = tokens / m["step_s"]
-            shape = f"{name}/{args.batch}x{args.seq_len}" + (f"x{accum}" if accum > 1 else "")
+            shape = f"{name}/{args.batch}x{args.seq_len}"
+            benchmark = "train_step" if accum == 1 else f"train_step_accum{accum}"
             extra = {"variant": variant, "micro_batches": accum, "tokens_per_step": tokens, **m}
             extra["mfu"] = tps * fpt / (PEAK_TFLOPS * 1e12)
-            rows.append(Row("train_step", shape, "tokens/s", tps, floor=PEAK_TFLOPS * 1e12 / fpt, extra=extra))
+            rows.append(Row(benchmark, shape, "tokens/s", tps, floor=PEAK_TFLOPS * 1e12 / fpt, extra=extra))
             print(json.dumps(rows[-1].to_json()), file=sys.stderr, flush=True)
     del model
     if device.type == "cuda":
@@ -160,12 +168,15 @@ def main(argv: list[str] | None = None) -> None:
     meta = run_meta(args.device, peak_tflops_assumed=PEAK_TFLOPS, backend=args.backend, variants=args.variants)
     write_results(Path(args.out), meta, rows)
     print(f"\n{meta_line(meta)}")
-    print(f"{'shape':<20} {'variant':<16} {'tokens/s':>10} {'MFU':>7} {'step s':>8} {'peak GiB':>9} {'first loss':>10}")
+    print(
+        f"{'benchmark':<18} {'shape':<14} {'variant':<16} {'tokens/s':>10} {'MFU':>7} {'step s':>8} {'peak GiB':>9} "
+        f"{'first loss':>10}"
+    )
     for r in rows:
         e = r.extra
         peak = "n/a" if e["peak_memory_gib"] is None else f"{e['peak_memory_gib']:.1f}"
         print(
-            f"{r.shape:<20} {e['variant']:<16} {r.ours:>10,.0f} {e['mfu']:>7.1%} {e['step_s']:>8.3f} "
+            f"{r.benchmark:<18} {r.shape:<14} {e['variant']:<16} {r.ours:>10,.0f} {e['mfu']:>7.1%} {e['step_s']:>8.3f} "
             f"{peak:>9} {e['first_loss']:>10.3f}"
         )
 
