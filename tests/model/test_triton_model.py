@@ -39,6 +39,7 @@ def compare(model, ids, logits_tol, grads_tol):
     assert_close(worst, grads_ref[worst], grads[worst], grads_tol)
 
 
+@pytest.mark.slow  # 30 s in the interpreter: .ci/run runs it; the kernels' own tests stay in make test
 def test_tiny_model_triton_equals_reference(small_chunks):
     model = tiny_model().to(DEVICE).train()
     model.config.train_routing = "top1"  # the same routing on both backends
@@ -46,6 +47,7 @@ def test_tiny_model_triton_equals_reference(small_chunks):
     compare(model, ids, torch.float32, "fp32_model_grad")
 
 
+@pytest.mark.slow  # 11 s in the interpreter: .ci/run runs it
 def test_tiny_model_triton_decode_equals_forward(small_chunks):
     model = tiny_model().to(DEVICE)
     ids = torch.randint(0, model.config.vocab_size, (3, 9)).to(DEVICE)
