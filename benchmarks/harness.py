@@ -49,6 +49,8 @@ BF16 = torch.bfloat16
 # The MFU denominator of the training benchmarks (--peak-tflops): the bf16 matmul rate measured on the H200.
 H200_BF16_TFLOPS = 784.0
 TIME_UNITS = ("s", "ms", "us")
+# Units that are neither: a ratio of two rates (higher is better) and a loss (lower is better).
+OTHER_UNITS = ("ratio", "loss")
 _START = time.perf_counter()
 
 
@@ -157,12 +159,23 @@ class Row:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.unit not in TIME_UNITS and not self.unit.endswith("/s"):
-            raise ValueError(f"unit {self.unit!r}: expected a time ({', '.join(TIME_UNITS)}) or a rate ('.../s')")
+        if self.unit not in TIME_UNITS + OTHER_UNITS and not self.unit.endswith("/s"):
+            raise ValueError(
+                f"unit {self.unit!r}: expected a time ({', '.join(TIME_UNITS)}), a rate ('.../s') or one of "
+                f"{', '.join(OTHER_UNITS)}"
+            )
+
+    @classmethod
+    def from_json(cls, row: dict[str, Any]) -> Row:
+        """The row :meth:`to_json` wrote (the derived speedup and fraction of floor are recomputed)."""
+        fields = ("benchmark", "shape", "unit", "ours", "peer", "peer_value", "floor", "max_err")
+        derived = ("fraction_of_floor", "speedup")
+        extra = {k: v for k, v in row.items() if k not in fields + derived}
+        return cls(**{k: row.get(k) for k in fields}, extra=extra)
 
     @property
     def higher_is_better(self) -> bool:
-        return self.unit.endswith("/s")
+        return self.unit.endswith("/s") or self.unit == "ratio"
 
     @property
     def speedup(self) -> float | None:

@@ -23,12 +23,16 @@ per-step losses from the plain run's (bf16 compute parameters against autocast o
 equal).
 
     torchrun --standalone --nproc-per-node 1 -m benchmarks.train_distributed [--presets blackmamba-2.8b]
-             [--layouts plain fsdp] [--batch 4] [--seq-len 2048] [--steps 5] [--profile]
+             [--layouts plain fsdp] [--batch 4] [--seq-len 2048] [--steps 5] [--profile] [--device cpu]
+
+``--device cpu`` runs the same on gloo (a check of the script on tiny presets; rows named ``Nproc``).
+:mod:`benchmarks.scaling` launches this script on 1, 2, ... GPUs and adds the scaling rows.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import sys
 import time
@@ -57,6 +61,7 @@ from .harness import (
     build_model,
     meta_line,
     run_meta,
+    sync,
     write_results,
 )
 from .train_gpu import micro_batch
@@ -106,72 +111,99 @@ def train_step(
     return loss.item(), t1 - t0, t2 - t1
 
 
+COMM_ALL_TO_ALL = re.compile(r"sendrecv|all_?to_?all", re.IGNORECASE)
+
+
 def bench(
-    preset: str, layout: str, batch: int, seq_len: int, steps: int, world: int, profile: bool = False
+    preset: str,
+    layout: str,
+    batch: int,
+    seq_len: int,
+    steps: int,
+    world: int,
+    profile: bool = False,
+    device: str = "cuda",
 ) -> tuple[float, dict]:
-    """Tokens/s per GPU of ``layout`` and the run's details (every step's loss, peak memory, step time; with
-    ``profile``, this rank's kernel time per step by part over two more steps, communication included)."""
+    """Tokens/s per GPU (per process on CPU) of ``layout`` and the run's details (every step's loss, peak
+    memory, step time, host issue time; with ``profile``, this rank's kernel time per step by part over two
+    more steps, the communication split into all-to-all (expert parallelism) and the rest (FSDP's
+    all-gathers and reduce-scatters, all-reduces))."""
     fsdp, ep, reshard, per_unit = parse_layout(layout)
-    model = build_model(preset, "cuda", train=True, seed=0)
+    dev = torch.device(device, torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
+    model = build_model(preset, dev, train=True, seed=0)
     if fsdp:
         dims = ParallelDims(world, ep, fsdp=True)
-        meshes = dims.build_meshes("cuda")
-        parallelize(model, meshes, mixed_precision("cuda"), reshard_after_forward=reshard, blocks_per_unit=per_unit)
-    optimizer = build_optimizer(model, 1e-4, 0.1, fused=True)
+        meshes = dims.build_meshes(dev.type)
+        parallelize(model, meshes, mixed_precision(dev.type), reshard_after_forward=reshard, blocks_per_unit=per_unit)
+    optimizer = build_optimizer(model, 1e-4, 0.1, fused=dev.type == "cuda")
     config = model.config
     vocab = config.tokenizer_vocab_size or config.vocab_size
     # Every rank draws its own part of the global batch, the same whatever the layout.
     gen = torch.Generator().manual_seed(1000 + dist.get_rank())
-    ids = torch.randint(1, vocab, (batch, seq_len + 1), generator=gen).cuda()
+    ids = torch.randint(1, vocab, (batch, seq_len + 1), generator=gen).to(dev)
 
-    torch.cuda.reset_peak_memory_stats()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     times, losses, host = [], [], []
     for i in range(steps + 2):
-        torch.cuda.synchronize()
+        sync(dev)
         t0 = time.perf_counter()
         loss, host_fwd_bwd, host_opt = train_step(model, optimizer, ids)
         losses.append(loss)
         if i >= 2:
             times.append(time.perf_counter() - t0)
             host.append((host_fwd_bwd, host_opt))
-    parts, profiled = None, {}
+    profiled = {}
     if profile:
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as profiler
 
-        from .train_profile import breakdown, kernels_of
+        from .train_profile import breakdown, categorize, kernels_of
 
-        with profiler(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+        with profiler(activities=activities) as prof:
             for _ in range(2):
                 train_step(model, optimizer, ids)
-        report = breakdown(kernels_of(prof), 2, top=12)
-        parts = {p: round(f["ms"], 3) for p, f in report["parts"].items()} | {"all": round(report["kernel_ms"], 3)}
-        launches = {p: round(f["launches"]) for p, f in report["parts"].items() if f["launches"]}
+        kernels = kernels_of(prof)
+        report = breakdown(kernels, 2, top=12)
+        comm = [k for k in kernels if categorize(k.name) == "communication"]
+        a2a = sum(k.dur_us for k in comm if COMM_ALL_TO_ALL.search(k.name)) / 2e3
         profiled = {
-            "kernel_launches_by_part": launches,
+            "kernel_ms_by_part": {p: round(f["ms"], 3) for p, f in report["parts"].items()}
+            | {"all": round(report["kernel_ms"], 3)},
+            "communication_ms": {
+                "all_to_all": round(a2a, 3),
+                "fsdp_and_other": round(sum(k.dur_us for k in comm) / 2e3 - a2a, 3),
+            },
+            "kernel_launches_by_part": {p: round(f["launches"]) for p, f in report["parts"].items() if f["launches"]},
             "timeline_ms": {k: round(v, 3) for k, v in report["timeline"].items()},
             "top_kernels": [{**k, "name": k["name"][:120]} for k in report["top_kernels"]],
         }
     # The slowest rank sets the pace of a synchronous step.
-    step = torch.tensor(statistics.median(times), device="cuda")
+    collective = dev if dist.get_backend() == "nccl" else torch.device("cpu")
+    step = torch.tensor(statistics.median(times), device=collective)
     dist.all_reduce(step, op=dist.ReduceOp.MAX)
-    peak = torch.tensor(torch.cuda.max_memory_allocated() / 2**30, device="cuda")
-    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    peak = None
+    if dev.type == "cuda":
+        peak_t = torch.tensor(torch.cuda.max_memory_allocated() / 2**30, device=collective)
+        dist.all_reduce(peak_t, op=dist.ReduceOp.MAX)
+        peak = peak_t.item()
     del model, optimizer
-    torch.cuda.empty_cache()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
     tps = batch * seq_len / step.item()
     fpt = flops_per_token(config, seq_len)["train"]
     return tps, {
         "step_s": step.item(),
         "mfu": tps * fpt / (H200_BF16_TFLOPS * 1e12),
-        "peak_memory_gib": peak.item(),
+        "peak_memory_gib": peak,
         "losses": losses,
         "host_issue_s": {
             "forward_backward": statistics.median(h[0] for h in host),
             "optimizer": statistics.median(h[1] for h in host),
         },
         "floor": H200_BF16_TFLOPS * 1e12 / fpt,
-        **({"kernel_ms_by_part": parts, **profiled} if parts else {}),
+        **profiled,
     }
 
 
@@ -183,13 +215,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence")
     parser.add_argument("--steps", type=int, default=5, help="timed steps (after two warm-up steps)")
     parser.add_argument("--profile", action="store_true", help="also each layout's kernel time by part (rank 0)")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: gloo, to check the script")
     parser.add_argument("--out", default=str(RESULTS_DIR / "distributed.json"), help="results file")
     args = parser.parse_args(argv)
     if not launched_by_torchrun():
         raise SystemExit("run under torchrun: torchrun --standalone --nproc-per-node N -m benchmarks.train_distributed")
     for layout in args.layouts:
         parse_layout(layout)
-    env = init_distributed("cuda")
+    env = init_distributed(args.device)
     world = env.world_size
     if "plain" in args.layouts and world > 1:
         raise SystemExit("the plain layout runs on one process only (launch with --nproc-per-node 1)")
@@ -199,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
         size = preset.removeprefix("blackmamba-")
         plain: tuple[float, dict] | None = None
         for layout in args.layouts:
-            tps, info = bench(preset, layout, args.batch, args.seq_len, args.steps, world, args.profile)
+            tps, info = bench(preset, layout, args.batch, args.seq_len, args.steps, world, args.profile, args.device)
             if layout == "plain":
                 plain = (tps, info)
             err = (
@@ -211,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(
                 Row(
                     "train_step",
-                    f"{size}/{layout}/{world}gpu",
+                    f"{size}/{layout}/{world}{'gpu' if args.device == 'cuda' else 'proc'}",
                     "tokens/s",
                     tps,
                     peer=None if plain is None or layout == "plain" else "plain trainer step, same run",
@@ -224,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
             if is_main_process():
                 print(json.dumps(rows[-1].to_json()), file=sys.stderr, flush=True)
     if is_main_process():
-        meta = run_meta("cuda", peak_tflops_assumed=H200_BF16_TFLOPS, gpus=world)
+        meta = run_meta(env.device, peak_tflops_assumed=H200_BF16_TFLOPS, gpus=world if args.device == "cuda" else 0)
         write_results(Path(args.out), meta, rows)
         print(f"\n{meta_line(meta)}")
         print(
@@ -237,9 +270,10 @@ def main(argv: list[str] | None = None) -> None:
             err = "-" if r.max_err is None else f"{r.max_err:.4f}"
             h = e["host_issue_s"]
             host = f"{h['forward_backward'] * 1e3:.0f}+{h['optimizer'] * 1e3:.0f}"
+            peak = "n/a" if e["peak_memory_gib"] is None else f"{e['peak_memory_gib']:.1f}"
             print(
                 f"{r.shape:<26} {r.ours:>12,.0f} {vs:>9} {e['mfu']:>7.1%} {e['step_s'] * 1e3:>8.1f} {host:>12} "
-                f"{e['peak_memory_gib']:>9.1f} {err:>11}"
+                f"{peak:>9} {err:>11}"
             )
         for r in rows:
             if "kernel_ms_by_part" in r.extra:
@@ -247,7 +281,12 @@ def main(argv: list[str] | None = None) -> None:
                 line = r.extra["timeline_ms"]
                 print(f"{r.shape}: kernel ms per step by part: {parts}")
                 span, busy, idle = line["span_ms"], line["busy_ms"], line["idle_ms"]
+                comm = r.extra["communication_ms"]
                 print(f"{r.shape}: span {span:.1f} ms, busy {busy:.1f}, idle {idle:.1f}")
+                print(
+                    f"{r.shape}: all-to-all {comm['all_to_all']:.1f} ms, FSDP and other collectives "
+                    f"{comm['fsdp_and_other']:.1f} ms"
+                )
     dist.barrier()
     dist.destroy_process_group()
 

@@ -59,6 +59,16 @@ def test_row_json_keeps_the_contract_fields_in_order_then_extras():
     assert out["p50_ms"] == 1.5
 
 
+def test_ratio_and_loss_rows_and_the_json_round_trip():
+    ratio = Row("scaling_efficiency", "2.8b/fsdp/1to2", "ratio", 0.9, "one GPU", 1.0)
+    loss = Row("resume", "tiny", "loss", 2.0, "continued", 1.9, max_err=0.1, extra={"steps": [4, 5]})
+    assert ratio.higher_is_better and ratio.speedup == pytest.approx(0.9)
+    assert not loss.higher_is_better and loss.speedup == pytest.approx(0.95)
+    for row in (ratio, loss, Row("decode", "b1", "tokens/s", 10.0, "peer", 5.0, 20.0, 1e-3, {"p50_ms": 1.5})):
+        back = Row.from_json(json.loads(json.dumps(row.to_json())))
+        assert back == row and back.to_json() == row.to_json()
+
+
 def test_write_results_writes_meta_rows_sections_and_markdown(tmp_path):
     meta = harness.run_meta("cpu", wall_s=1.5)
     rows = [Row("forward", "s1", "s", 2.0, "peer", 4.0), Row("decode", "s1", "tokens/s", 3.0)]
