@@ -22,16 +22,13 @@ for generate, after the subcommand) sets torch's CPU threads; by default the CPU
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import os
 import re
-import signal
 import sys
-import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -155,14 +152,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
     )  # fmt: skip
     interrupted = False
     try:
-        with _interrupt_flag() as stop:
-            for step in steps:
-                if step[0] is None:
-                    break
-                emit(streamer.put(step[0]))
-                if streamer.stopped or stop.is_set():
-                    interrupted = stop.is_set()
-                    break
+        for step in steps:
+            if step[0] is None:
+                break
+            emit(streamer.put(step[0]))
+            if streamer.stopped:
+                break
     except KeyboardInterrupt:  # print what was generated, then main() reports the interruption
         interrupted = True
     emit(streamer.finish() + "\n")
@@ -172,29 +167,6 @@ def cmd_generate(args: argparse.Namespace) -> None:
     elapsed = time.perf_counter() - start
     n = streamer.n_tokens
     print(f"[{n} tokens in {elapsed:.2f} s, {n / max(elapsed, 1e-9):.1f} tokens/s]", file=sys.stderr)
-
-
-@contextlib.contextmanager
-def _interrupt_flag() -> Iterator[threading.Event]:
-    """While the body runs on the main thread, Ctrl-C (SIGINT) sets the returned flag instead of raising, so
-    that the loop stops at its next check: an exception raised by the signal can be lost when it lands in
-    code that swallows errors (a finalizer, a callback from a native library), and the generation then runs
-    on. A second Ctrl-C raises KeyboardInterrupt at once. Elsewhere (another thread) the flag never sets."""
-    stop = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
-
-    def on_sigint(signum: int, frame: object) -> None:
-        if stop.is_set():
-            raise KeyboardInterrupt
-        stop.set()
-
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    try:
-        yield stop
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def cmd_info(args: argparse.Namespace) -> None:
