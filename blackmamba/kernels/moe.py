@@ -202,6 +202,29 @@ def _expert_tile(
 
 
 @_jit
+def _gathered_tile_dot(
+    a_ptr, src, row_ok, stride_a_m, stride_a_k, b_ptr, expert, stride_b_e, stride_b_k, stride_b_n, cols, col_ok,
+    k_red, PRECISION: tl.constexpr, DOT_F32: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    """The (BM, BN) fp32 tile A[src] @ op(B[expert]) of a grouped GEMM: rows ``src`` of A (masked by
+    ``row_ok``) against columns ``cols`` of expert ``expert``'s B, summed over ``k_red`` in steps of BK."""
+    ks = tl.arange(0, BK)
+    a_ptrs = a_ptr + src[:, None] * stride_a_m + ks[None, :] * stride_a_k
+    b_ptrs = b_ptr + expert.to(tl.int64) * stride_b_e + ks[:, None] * stride_b_k + cols[None, :] * stride_b_n
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, k_red, BK):
+        k_ok = ks < k_red - k0
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if DOT_F32:
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        a_ptrs += BK * stride_a_k
+        b_ptrs += BK * stride_b_k
+    return acc
+
+
+@_jit
 def _grouped_gemm_kernel(
     a_ptr,
     b_ptr,
@@ -245,19 +268,10 @@ def _grouped_gemm_kernel(
         src = rows.to(tl.int64)
     cols = pid_n * BN + tl.arange(0, BN)
     col_ok = cols < n_out
-    ks = tl.arange(0, BK)
-    a_ptrs = a_ptr + src[:, None] * stride_a_m + ks[None, :] * stride_a_k
-    b_ptrs = b_ptr + expert.to(tl.int64) * stride_b_e + ks[:, None] * stride_b_k + cols[None, :] * stride_b_n
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, k_red, BK):
-        k_ok = ks < k_red - k0
-        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        if DOT_F32:
-            a, b = a.to(tl.float32), b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        a_ptrs += BK * stride_a_k
-        b_ptrs += BK * stride_b_k
+    acc = _gathered_tile_dot(
+        a_ptr, src, row_ok, stride_a_m, stride_a_k, b_ptr, expert, stride_b_e, stride_b_k, stride_b_n, cols, col_ok,
+        k_red, PRECISION, DOT_F32, BM, BN, BK,
+    )  # fmt: skip
     if C_SCATTER:
         dst = tl.load(c_rows_ptr + rows, mask=row_ok, other=0).to(tl.int64)
     else:

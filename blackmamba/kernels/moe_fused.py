@@ -44,6 +44,7 @@ from .moe import (
     _dot_flags,
     _expert_tile,
     _experts_dtype,
+    _gathered_tile_dot,
     _grouped_gemm_kernel,
     _grouped_wgrad_kernel,
     expert_offsets,
@@ -208,20 +209,11 @@ def _fc2_dgrad_gated_kernel(
     src = tl.load(order_ptr + rows, mask=row_ok, other=0).to(tl.int64)
     cols = pid_n * BN + tl.arange(0, BN)
     col_ok = cols < ff
-    ks = tl.arange(0, BK)
     # g = dy[order] W2[e]: W2 is (E, D, F), so the reduction runs over its D axis.
-    dy_ptrs = dy_ptr + src[:, None] * stride_dy_m + ks[None, :] * stride_dy_k
-    w_ptrs = w_ptr + expert.to(tl.int64) * stride_w_e + ks[:, None] * stride_w_k + cols[None, :] * stride_w_n
-    g = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, dim, BK):
-        k_ok = ks < dim - k0
-        dy = tl.load(dy_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        if DOT_F32:
-            dy, w = dy.to(tl.float32), w.to(tl.float32)
-        g = tl.dot(dy, w, g, input_precision=PRECISION)
-        dy_ptrs += BK * stride_dy_k
-        w_ptrs += BK * stride_w_k
+    g = _gathered_tile_dot(
+        dy_ptr, src, row_ok, stride_dy_m, stride_dy_k, w_ptr, expert, stride_w_e, stride_w_k, stride_w_n, cols,
+        col_ok, dim, PRECISION, DOT_F32, BM, BN, BK,
+    )  # fmt: skip
     mask = row_ok[:, None] & col_ok[None, :]
     # Offsets inside the tile in int32 from per-tile base pointers: fewer 64-bit values live in the epilogue.
     tile_rows = tl.arange(0, BM)[:, None]
