@@ -27,6 +27,7 @@ from ..kernels.sinkhorn import sinkhorn_experts, sinkhorn_scaling_triton
 
 SINKHORN_INITS = ("zyphra", "ones")
 SINKHORN_CRITERIA = ("released", "marginals")
+SINKHORN_EPS = 1e-8  # keeps the scalings finite when a row or column of the costs underflows
 
 
 def _check_args(init: str, criterion: str, max_iters: int) -> None:
@@ -44,7 +45,7 @@ def sinkhorn_scaling(
     tol: float = 1e-4,
     max_iters: int = 50,
     init: str = "zyphra",
-    eps: float = 1e-8,
+    eps: float = SINKHORN_EPS,
     criterion: str = "released",
 ) -> tuple[Tensor, Tensor, Tensor, int]:
     """The reference iteration: (cost C (T, E), row scaling d0 (T,), column scaling d1 (E,), iterations),
@@ -75,7 +76,7 @@ def sinkhorn(
     tol: float = 1e-4,
     max_iters: int = 50,
     init: str = "zyphra",
-    eps: float = 1e-8,
+    eps: float = SINKHORN_EPS,
     criterion: str = "released",
 ) -> tuple[Tensor, int]:
     """Balanced assignment probabilities P (T, E) (rows sum to ~1/T, columns to ~1/E) and the number of
@@ -94,7 +95,7 @@ def sinkhorn_top1(
     if resolve_backend(logits_TE, has_triton=True) == "triton":
         _check_args(init, criterion, max_iters)
         with torch.no_grad():
-            d1, iters = sinkhorn_scaling_triton(logits_TE, tol, max_iters, init, 1e-8, criterion)
+            d1, iters = sinkhorn_scaling_triton(logits_TE, tol, max_iters, init, SINKHORN_EPS, criterion)
             expert_T = sinkhorn_experts(logits_TE, d1)
     else:
         probs, iters = sinkhorn(logits_TE, tol, max_iters, init, criterion=criterion)
