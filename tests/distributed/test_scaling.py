@@ -61,3 +61,15 @@ def test_the_script_on_gloo_processes(tmp_path):
     # fp32 on gloo: the run resumed on one process continues as the run on two did.
     assert resumed["max_err"] < 1e-4 and len(resumed["losses_resumed"]) == 2
     assert [m["gpus"] for m in result["meta"]["runs"]] == [1, 2]
+
+
+def test_train_distributed_layout_names():
+    from benchmarks.train_distributed import parse_layout
+
+    assert parse_layout("plain") == (False, 1, None, 1)
+    assert parse_layout("fsdp") == (True, 1, None, 1)
+    assert parse_layout("fsdp+ep4:keep") == (True, 4, False, 1)
+    assert parse_layout("fsdp:reshard:u2") == (True, 1, True, 2)
+    for bad in ("plain:keep", "fsdp:u0", "fsdp:sometimes", "fsdp+ep0", "ddp"):
+        with pytest.raises(SystemExit, match="unknown layout"):
+            parse_layout(bad)
