@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .backend import resolve_backend
-from .tl_math import check_state_indices, decode_launch_config, expect_shape
+from .tl_math import check_state_indices, decode_launch_config, expect_shape, pdl_launch, pdl_wait
 
 try:
     import triton
@@ -159,9 +159,10 @@ if triton is not None:
         stride_x_b, stride_x_d, stride_state_b, stride_state_k, stride_state_d, stride_w_d, stride_w_k,
         stride_y_b, stride_y_d,
         K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HAS_STATE_INDICES: tl.constexpr,
-        BLOCK_D: tl.constexpr,
+        BLOCK_D: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         # One program: (row b, BLOCK_D channels); row b shifts window state_indices[b] (b without indices).
+        pdl_wait(PDL)
         b = tl.program_id(0).to(tl.int64)
         if HAS_STATE_INDICES:
             slot = tl.load(state_indices_ptr + b).to(tl.int64)
@@ -507,12 +508,13 @@ def conv_update_triton(
     if batch == 0 or dim == 0:
         return out
     block, warps = decode_launch_config(batch, dim, 1)
+    pdl = pdl_launch(x, batch)
     _conv_update_kernel[(batch, triton.cdiv(dim, block))](
         x, state, weight, x if bias is None else bias, out, x if state_indices is None else state_indices,
         dim,
         *x.stride(), *state.stride(), *weight.stride(), *out.stride(),
         K=width, HAS_BIAS=bias is not None, SILU=activation == "silu", HAS_STATE_INDICES=state_indices is not None,
-        BLOCK_D=block, num_warps=warps,
+        BLOCK_D=block, PDL=pdl, num_warps=warps, launch_pdl=pdl,
     )  # fmt: skip
     return out
 

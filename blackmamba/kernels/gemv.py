@@ -34,6 +34,7 @@ from torch import Tensor
 from ..errors import BlackMambaError
 from .backend import resolve_backend
 from .settings import get_settings
+from .tl_math import pdl_launch, pdl_wait
 
 try:
     import triton
@@ -96,6 +97,7 @@ def _gemv_kernel(
     SPLIT: tl.constexpr,
     DOT_F32: tl.constexpr,
     PRECISION: tl.constexpr,
+    PDL: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
@@ -113,16 +115,22 @@ def _gemv_kernel(
     x_ptrs = x_ptr + ms[:, None].to(tl.int64) * stride_x_m + (k_lo + ks)[None, :]
     w_ptrs = w_ptr + ns[:, None].to(tl.int64) * stride_w_n + (k_lo + ks)[None, :].to(tl.int64) * stride_w_k
     if BM == 1:  # one row: products on the CUDA cores, one reduction over K at the end
+        # The weight tile of the next step is loaded one step ahead, the first before the PDL wait (weights
+        # are parameters): with a BK that covers the program's K range, all its weight bytes are in flight
+        # while the kernel before finishes.
+        w = tl.load(w_ptrs, mask=n_ok[:, None] & (ks < k_hi - k_lo)[None, :], other=0.0)
+        pdl_wait(PDL)
         acc_k = tl.zeros((BN, BK), dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BK):
-            k_ok = ks < k_hi - k0
-            x = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            acc_k += w.to(tl.float32) * x.to(tl.float32)
-            x_ptrs += BK
+            x = tl.load(x_ptrs, mask=(ks < k_hi - k0)[None, :], other=0.0)
             w_ptrs += BK * stride_w_k
+            w_next = tl.load(w_ptrs, mask=n_ok[:, None] & (ks < k_hi - k0 - BK)[None, :], other=0.0)
+            acc_k += w.to(tl.float32) * x.to(tl.float32)
+            w = w_next
+            x_ptrs += BK
         acc = tl.sum(acc_k, 1)[None, :]
     else:
+        pdl_wait(PDL)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BK):
             k_ok = ks < k_hi - k0
@@ -197,15 +205,25 @@ _INTERPRETED = {1: dict(BN=4, BK=32, num_warps=1, num_stages=1), 16: dict(BN=16,
 
 
 def _config(
-    table: Mapping[int, Mapping[str, int]], rows: int, dtype: torch.dtype, x_dtype: torch.dtype, on_gpu: bool
+    table: Mapping[int, Mapping[str, int]],
+    rows: int,
+    dtype: torch.dtype,
+    x_dtype: torch.dtype,
+    on_gpu: bool,
+    shape: tuple[int, int] | None = None,
+    shape_table: Mapping[tuple[int, int, int], Mapping[str, int]] | None = None,
 ) -> dict:
     """Tiles for ``rows``: the ``gemv_tiles`` entry of the smallest row count >= rows (else the largest),
-    with ``DOT`` set: one row takes the CUDA-core path (any BN) unless its entry has DOT=1, more rows
-    ``tl.dot`` (BN >= 16). The table is for 16-bit weights and x: fp32 takes twice the shared memory, so
+    or the ``gemv_shape_tiles`` entry of that row count and the weight's ``shape`` (N, K) where there is
+    one, with ``DOT`` set: one row takes the CUDA-core path (any BN) unless its entry has DOT=1, more rows
+    ``tl.dot`` (BN >= 16). The tables are for 16-bit weights and x: fp32 takes twice the shared memory, so
     its reduction step is capped; float8 weights under 16-bit x take a step twice as deep, the same bytes
     per tile."""
     fits = [n for n in table if n >= rows]
-    cfg = dict(table[min(fits) if fits else max(table)])
+    key = min(fits) if fits else max(table)
+    cfg = dict(table[key])
+    if shape is not None and shape_table:
+        cfg = dict(shape_table.get((key, *shape), cfg))
     dot = int(rows > 1 or bool(cfg.get("DOT", 0)))
     if not on_gpu:  # tiny tiles: the interpreter runs every program on the CPU
         return dict(_INTERPRETED[16 if dot else 1], DOT=dot)
@@ -269,7 +287,10 @@ def launch_plan(x_MK: Tensor, weight: Tensor, splits: int | None = None) -> dict
     """How :func:`linear_triton` launches for x (M, K) and weight (N, K): the tiles of :func:`_config` and
     BM (rows per program), SPLIT, k_per_split, tiles_n, tiles_m and programs."""
     (m, k), n = x_MK.shape, weight.shape[0]
-    cfg = _config(get_settings().gemv_tiles, m, weight.dtype, x_MK.dtype, x_MK.is_cuda)
+    settings = get_settings()
+    cfg = _config(
+        settings.gemv_tiles, m, weight.dtype, x_MK.dtype, x_MK.is_cuda, tuple(weight.shape), settings.gemv_shape_tiles
+    )
     bm = min(MAX_ROW_BLOCK, max(16, triton.next_power_of_2(m))) if cfg["DOT"] else 1
     tiles = triton.cdiv(n, cfg["BN"]) * triton.cdiv(m, bm)
     target = _programs_target(x_MK) if splits is None else splits * tiles
@@ -299,12 +320,13 @@ def linear_triton(x: Tensor, weight: Tensor, scale: Tensor | None = None, splits
         part = torch.empty(n_split, m, n, dtype=torch.float32, device=x.device)
         counters = split_k_counters(x.device, tiles_n * tiles_m)
     tf32 = x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not interpreted
+    pdl = pdl_launch(x, m)
     _gemv_kernel[(tiles_n, n_split, tiles_m)](
         x_MK, weight, y if scale is None else scale, y, part, counters, m, n, k, per,
         x_MK.stride(0), weight.stride(0), weight.stride(1),
         HAS_SCALE=scale is not None, SPLIT=n_split, DOT_F32=interpreted and x.dtype != torch.float32,
-        PRECISION="tf32" if tf32 else "ieee", BM=bm, BN=cfg["BN"], BK=cfg["BK"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        PRECISION="tf32" if tf32 else "ieee", PDL=pdl, BM=bm, BN=cfg["BN"], BK=cfg["BK"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=pdl,
     )  # fmt: skip
     return y.to(x.dtype).view(*x.shape[:-1], n)
 

@@ -44,7 +44,7 @@ from .backend import resolve_backend
 from .gemv import DENSE, FP8, dequantize, split_k, split_k_arrive, split_k_counters, split_k_total
 from .moe import _check, _dot_flags, moe_experts, moe_experts_ref
 from .settings import get_settings
-from .tl_math import top1_sigmoid
+from .tl_math import pdl_launch, pdl_wait, top1_sigmoid
 
 try:
     import triton
@@ -76,7 +76,9 @@ def _route_top1_kernel(
     stride_w_d,
     E_P2: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_wait(PDL)
     t = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, E_P2)
     e_ok = e < n_experts
@@ -106,13 +108,14 @@ def route_top1_triton(x_TD: Tensor, weight_ED: Tensor, bias_E: Tensor) -> tuple[
     gate_T = torch.empty(n_tok, dtype=torch.float32, device=x_TD.device)
     if n_tok:
         x_TD = x_TD if x_TD.stride(1) == 1 else x_TD.contiguous()
+        pdl = pdl_launch(x_TD, n_tok)
         # All of D in one step on the GPU (one program per token would wait on each step's loads).
         e_p2 = max(2, triton.next_power_of_2(n_exp))
         block = min(triton.next_power_of_2(dim), max(64, ROUTER_TILE // e_p2)) if x_TD.is_cuda else 64
         _route_top1_kernel[(n_tok,)](
             x_TD, weight_ED, bias_E.contiguous(), expert_T, gate_T, dim, n_exp,
             x_TD.stride(0), weight_ED.stride(0), weight_ED.stride(1),
-            E_P2=e_p2, BLOCK_D=block, num_warps=8 if x_TD.is_cuda else 1,
+            E_P2=e_p2, BLOCK_D=block, PDL=pdl, num_warps=8 if x_TD.is_cuda else 1, launch_pdl=pdl,
         )  # fmt: skip
     return expert_T, gate_T
 
@@ -165,7 +168,9 @@ def _decode_fc1_kernel(
     BT: tl.constexpr,
     BF: tl.constexpr,
     BK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_wait(PDL)  # the expert ids come from the kernel before
     expert = tl.program_id(0)
     mine = _tokens_of(expert_ptr, n_tok, expert, BT)
     if tl.sum(mine.to(tl.int32), 0) == 0:  # an expert without tokens: its weights are never read
@@ -227,7 +232,10 @@ def _decode_fc2_kernel(
     BT: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    # With PDL, the expert ids are read before the wait: they were written before fc1 ran, and fc1 released
+    # this kernel only after its own wait (see tl_math.pdl_wait). Only h, fc1's output, waits.
     expert = tl.program_id(0)
     mine = _tokens_of(expert_ptr, n_tok, expert, BT)
     if tl.sum(mine.to(tl.int32), 0) == 0:  # an expert without tokens: its weights are never read
@@ -242,6 +250,7 @@ def _decode_fc2_kernel(
     h_ptrs = h_ptr + ts[:, None].to(tl.int64) * stride_h_t + (f_lo + ks)[None, :]
     w_ptrs = w_ptr + expert.to(tl.int64) * stride_w_e + ns[None, :] * stride_w_d + (f_lo + ks)[:, None] * stride_w_f
     acc = tl.zeros((BT, BN), dtype=tl.float32)
+    pdl_wait(PDL)
     for k0 in range(f_lo, f_hi, BK):
         k_ok = ks < f_hi - k0
         h = tl.load(h_ptrs, mask=mine[:, None] & k_ok[None, :], other=0.0)
@@ -361,12 +370,14 @@ def moe_experts_decode_triton(
     c2 = _config(settings.moe_fc2_tiles, n_tok, dtype, x_TD.is_cuda)
     s1 = h_TF if w1_scale is None else w1_scale.contiguous()  # placeholders when unscaled: never read
     s2 = y_TD if w2_scale is None else w2_scale.contiguous()
+    pdl = pdl_launch(x_TD, n_tok)
     _decode_fc1_kernel[(n_exp, triton.cdiv(d_ff, c1["BF"]))](
         x_TD, w1_EFD, s1, expert_T, h_TF, n_tok, dim, d_ff,
         x_TD.stride(0), *w1_EFD.stride(), s1.stride(0), h_TF.stride(0),
         ACT=ACTIVATIONS[activation], ROUND=not flags["DOT_F32"] and dtype != torch.float32,
         HAS_SCALE=w1_scale is not None,
         BT=bt, BF=c1["BF"], BK=c1["BK"], num_warps=c1["num_warps"], num_stages=c1["num_stages"], **flags,
+        PDL=pdl, launch_pdl=pdl,
     )  # fmt: skip
     tiles_n = triton.cdiv(dim, c2["BN"])
     n_split, per = split_k(n_exp * tiles_n, d_ff, c2["BK"], _fc2_splits(n_tok) * n_exp * tiles_n)
@@ -379,6 +390,7 @@ def moe_experts_decode_triton(
         h_TF.stride(0), *w2_EDF.stride(), s2.stride(0), y_TD.stride(0),
         HAS_SCALE=w2_scale is not None, SPLIT=n_split,
         BT=bt, BN=c2["BN"], BK=c2["BK"], num_warps=c2["num_warps"], num_stages=c2["num_stages"], **flags,
+        PDL=pdl, launch_pdl=pdl,
     )  # fmt: skip
     return y_TD if work == dtype else y_TD.to(dtype)
 

@@ -13,6 +13,7 @@ from torch import Tensor
 from .backend import resolve_backend
 from .moe_decode import decode_kernels_apply, route_top1, route_top1_ref
 from .settings import get_settings
+from .tl_math import pdl_launch
 
 try:
     import triton
@@ -42,7 +43,7 @@ def add_rms_norm_ref(x: Tensor, delta: Tensor | None, weight: Tensor, eps: float
 
 
 if triton is not None:
-    from .tl_math import top1_sigmoid
+    from .tl_math import pdl_wait, top1_sigmoid
 
     @triton.jit
     def _add_norm_row(
@@ -68,7 +69,9 @@ if triton is not None:
         stride_x_t, stride_delta_t, stride_y_t, stride_r_t,
         n_cols, eps,
         BLOCK_D: tl.constexpr, HAS_DELTA: tl.constexpr, STORE_R: tl.constexpr, ROUND: tl.constexpr,
+        PDL: tl.constexpr,
     ):  # fmt: skip
+        pdl_wait(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK_D)
         mask = cols < n_cols
@@ -119,22 +122,25 @@ if triton is not None:
         stride_x_t, stride_delta_t, stride_y_t, stride_r_t, stride_router_w_e,
         n_cols, n_experts, eps,
         BLOCK_D: tl.constexpr, E_P2: tl.constexpr, HAS_DELTA: tl.constexpr, ROUND: tl.constexpr,
+        PDL: tl.constexpr,
     ):  # fmt: skip
         # The forward above for one row, then the MoE router on the normalised row as stored: fp32 logits,
-        # sigmoid, top-1 (lowest index on ties, as torch.max).
+        # sigmoid, top-1 (lowest index on ties, as torch.max). The router's weights are parameters: read
+        # before the PDL wait.
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK_D)
         mask = cols < n_cols
+        e = tl.arange(0, E_P2)
+        e_ok = e < n_experts
+        rw_ptrs = router_w_ptr + e[:, None] * stride_router_w_e + cols[None, :]
+        rw = tl.load(rw_ptrs, mask=e_ok[:, None] & mask[None, :], other=0.0)
+        pdl_wait(PDL)
         _, y = _add_norm_row(
             x_ptr, delta_ptr, w_ptr, r_ptr, row, cols, mask, stride_x_t, stride_delta_t, stride_r_t, n_cols, eps,
             HAS_DELTA, True, ROUND,
         )  # fmt: skip
         y = y.to(y_ptr.dtype.element_ty)
         tl.store(y_ptr + row * stride_y_t + cols, y, mask=mask)
-        e = tl.arange(0, E_P2)
-        e_ok = e < n_experts
-        rw_ptrs = router_w_ptr + e[:, None] * stride_router_w_e + cols[None, :]
-        rw = tl.load(rw_ptrs, mask=e_ok[:, None] & mask[None, :], other=0.0)
         logits = tl.sum(rw.to(tl.float32) * y.to(tl.float32)[None, :], axis=1)
         expert, gate = top1_sigmoid(logits + tl.load(router_b_ptr + e, mask=e_ok, other=0.0).to(tl.float32), e_ok, E_P2)
         tl.store(expert_ptr + row, expert.to(tl.int64))
@@ -168,11 +174,13 @@ def _fwd(
     rr = y if r is None else r
     if n_rows == 0:
         return y, r, rstd
+    pdl = pdl_launch(x, n_rows)
     _add_rms_norm_fwd_kernel[(n_rows,)](
         x, d, weight, y, rr, rstd,
         x.stride(0), d.stride(0), y.stride(0), rr.stride(0),
         n_cols, eps,
-        BLOCK_D=block, HAS_DELTA=delta is not None, STORE_R=store_r, ROUND=round_, num_warps=warps,
+        BLOCK_D=block, HAS_DELTA=delta is not None, STORE_R=store_r, ROUND=round_, PDL=pdl, num_warps=warps,
+        launch_pdl=pdl,
     )  # fmt: skip
     return y, r, rstd
 
@@ -309,12 +317,13 @@ def add_rms_norm_route_triton(
     rw = router_weight if router_weight.stride(1) == 1 else router_weight.contiguous()
     if n_rows:
         block, warps = _launch_config(n_cols)
+        pdl = pdl_launch(x, n_rows)
         _add_rms_norm_route_kernel[(n_rows,)](
             x2, d2, weight.contiguous(), y, r, rw, router_bias.contiguous(), expert, gate,
             x2.stride(0), d2.stride(0), y.stride(0), r.stride(0), rw.stride(0),
             n_cols, n_exp, eps,
             BLOCK_D=block, E_P2=max(2, triton.next_power_of_2(n_exp)), HAS_DELTA=delta is not None,
-            ROUND=weight.dtype != torch.float32, num_warps=warps,
+            ROUND=weight.dtype != torch.float32, PDL=pdl, num_warps=warps, launch_pdl=pdl,
         )  # fmt: skip
     return y.view(shape), r.view(shape), expert, gate
 

@@ -30,7 +30,7 @@ from torch import Tensor
 from .scan import _check_inputs, selective_scan_ref
 from .scan_bwd_triton import scan_bwd_segmented
 from .settings import get_settings
-from .tl_math import check_state_indices, decode_launch_config, expect_shape
+from .tl_math import check_state_indices, decode_launch_config, expect_shape, pdl_launch
 
 try:
     import triton
@@ -42,7 +42,7 @@ _BLOCK_R = 64  # dt_proj rank per step of the fused dt GEMV
 
 
 if triton is not None:
-    from .tl_math import softplus
+    from .tl_math import pdl_wait, softplus
 
     @triton.jit
     def _scan_fwd_seq_kernel(
@@ -130,10 +130,11 @@ if triton is not None:
         stride_z_b, stride_z_d, stride_y_b, stride_y_d,
         FUSED_DT: tl.constexpr, A_FROM_LOG: tl.constexpr, HAS_DT_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_STATE_INDICES: tl.constexpr,
-        BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         # One program: (row b, BLOCK_D channels) x all N states. stride_delta_k runs over D_in, or over R when
         # FUSED_DT. Row b steps state row state_indices[b] (b itself without HAS_STATE_INDICES).
+        pdl_wait(PDL)
         b = tl.program_id(0).to(tl.int64)
         if HAS_STATE_INDICES:
             slot = tl.load(state_indices_ptr + b).to(tl.int64)
@@ -375,6 +376,7 @@ def ssm_update_triton(
     block_n = triton.next_power_of_2(dstate)
     block, warps = decode_launch_config(batch, dim, block_n)
     w = u if dt_weight is None else dt_weight
+    pdl = pdl_launch(u, batch)
     _ssm_update_kernel[(batch, triton.cdiv(dim, block))](
         state, u, delta, w, A, B, C, u if D is None else D, u if z is None else z,
         u if delta_bias is None else delta_bias, out, u if state_indices is None else state_indices,
@@ -385,6 +387,6 @@ def ssm_update_triton(
         SOFTPLUS=delta_softplus, HAS_D=D is not None, HAS_Z=z is not None,
         HAS_STATE_INDICES=state_indices is not None,
         BLOCK_D=block, BLOCK_N=block_n, BLOCK_R=min(_BLOCK_R, triton.next_power_of_2(max(rank, 1))),
-        num_warps=warps,
+        PDL=pdl, num_warps=warps, launch_pdl=pdl,
     )  # fmt: skip
     return out

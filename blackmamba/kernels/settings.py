@@ -86,13 +86,21 @@ class KernelSettings:
         hash=False, default_factory=lambda: MappingProxyType({1: 1, 16: 1, 64: 1})
     )
 
+    # Launches of the decode kernels (GEMV, decode MoE, conv and SSM steps, norms) of at most this many rows (tokens)
+    # use programmatic dependent launch on sm_90+ (tl_math.pdl_wait): a kernel starts, and reads its weights, while
+    # the one before it finishes (0: never). benchmarks.tune.gemv, 2.8B decode step with GEMV projections, us with
+    # PDL against without: batch 1 796 / 960 (results/gemv.json), 2 1,230 / 1,280, 4 1,470 / 1,480, 8 1,840 / 1,870
+    # (results/gemv_steps.json), 16 2,391 / 2,325 (results/gemv.json): slower at 16.
+    pdl_max_rows: int = 8
+
     # Few-row linear layers (kernels/gemv.py: linear()).
     # The Triton GEMV runs for calls of at most this many rows (0: never). Not yet measured.
     gemv_max_rows: int = 16
     # The GEMV also takes unquantised (bf16/fp16/fp32) weights, among them the Mamba decode step's in_proj, x_proj
-    # and out_proj; off, those run F.linear (cuBLAS) and only float8 weights take it. Not yet measured (issue 17:
-    # cuBLAS takes 19 us for a 2.8B block's three projections whose 27 MB need 6.4 us).
-    gemv_dense: bool = False
+    # and out_proj; off, those run F.linear (cuBLAS) and only float8 weights take it. benchmarks.tune.gemv
+    # (results/gemv.json, 2026-12-02, no PDL): 2.8B decode step at batch 1 960 us with it against 1,078 on cuBLAS,
+    # batch 16 2,325 against 2,366 us.
+    gemv_dense: bool = True
     # Split-K until a launch has about this many programs per SM. Not yet measured.
     gemv_programs_per_sm: int = 2
     # Tiles by row count: BN output columns and BK reduction step per program; one row multiplies on the CUDA
@@ -104,6 +112,26 @@ class KernelSettings:
             1: dict(BN=8, BK=512, num_warps=4, num_stages=3),
             16: dict(BN=16, BK=256, num_warps=4, num_stages=4),
             64: dict(BN=32, BK=128, num_warps=4, num_stages=4),
+        }),
+    )  # fmt: skip
+    # Tiles for one weight shape: (row-count entry of gemv_tiles, N, K) -> entry, used before gemv_tiles: the fastest
+    # of `python -m benchmarks.tune.gemv --sweep` (PDL on; results/gemv.json, 2026-12-02) for the Mamba projections
+    # of both released models, in us against the gemv_tiles entry: 2.8B one row in_proj 5.46 / 6.82, x_proj 1.40 /
+    # 2.52, out_proj 3.42 / 5.22; 16 rows in_proj 7.78 / 9.49, out_proj 6.14 / 8.75; 1.5B one row x_proj 1.36 / 2.46,
+    # out_proj 2.91 / 4.24; 16 rows in_proj 6.15 / 8.12, out_proj 5.15 / 5.89. Where the entry itself won (1.5B
+    # in_proj at one row) or within 1% (x_proj at 16 rows), nothing is listed.
+    gemv_shape_tiles: Mapping[tuple[int, int, int], Mapping[str, int]] = field(
+        hash=False,
+        default_factory=lambda: _tiles({
+            (1, 5888, 1472): dict(BN=16, BK=512, num_warps=4, num_stages=1),
+            (1, 124, 2944): dict(BN=2, BK=4096, num_warps=8, num_stages=1),
+            (1, 1472, 2944): dict(BN=2, BK=2048, num_warps=4, num_stages=1),
+            (1, 104, 2304): dict(BN=2, BK=4096, num_warps=8, num_stages=1),
+            (1, 1152, 2304): dict(BN=4, BK=2048, num_warps=4, num_stages=1),
+            (16, 5888, 1472): dict(BN=16, BK=128, num_warps=4, num_stages=4),
+            (16, 1472, 2944): dict(BN=32, BK=128, num_warps=4, num_stages=3),
+            (16, 4608, 1152): dict(BN=16, BK=128, num_warps=4, num_stages=4),
+            (16, 1152, 2304): dict(BN=32, BK=128, num_warps=4, num_stages=3),
         }),
     )  # fmt: skip
 
@@ -151,6 +179,7 @@ class KernelSettings:
             "decode_tokens",
             "scan_min_programs",
             "gemv_max_rows",
+            "pdl_max_rows",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}")
@@ -170,6 +199,7 @@ class KernelSettings:
         object.__setattr__(self, "moe_fc1_tiles", _tiles(self.moe_fc1_tiles))
         object.__setattr__(self, "moe_fc2_tiles", _tiles(self.moe_fc2_tiles))
         object.__setattr__(self, "gemv_tiles", _tiles(self.gemv_tiles))
+        object.__setattr__(self, "gemv_shape_tiles", _tiles(self.gemv_shape_tiles))
         object.__setattr__(self, "moe_fc2_splits", MappingProxyType(dict(self.moe_fc2_splits)))
         if self.gemv_programs_per_sm < 1 or min(self.moe_fc2_splits.values(), default=1) < 1:
             raise ValueError(

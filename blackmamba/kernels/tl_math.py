@@ -5,9 +5,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .settings import get_settings
+
 try:
     import triton
     import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
     _jit = triton.jit
 except ImportError:  # triton is an optional extra: without it the kernels are never launched
@@ -38,6 +41,27 @@ def top1_sigmoid(logits, e_ok, E_P2: tl.constexpr):
     probs = tl.where(e_ok, tl.sigmoid(logits), -1.0)
     best = tl.max(probs, 0)
     return tl.min(tl.where(probs == best, e, E_P2), 0), best
+
+
+@_jit
+def pdl_wait(PDL: tl.constexpr):
+    """With PDL (a programmatic dependent launch, sm_90+): wait until the kernel before this one in the
+    stream has finished and its writes are visible, then let the next kernel launch. Everything a kernel
+    does before this call may only read what no earlier kernel of the step writes (its parameters), so
+    that reading overlaps the previous kernel; reads of activations, decode state and any write come after.
+    The next kernel is released only here, after the wait, so at most two kernels overlap. A no-op
+    without PDL (and the interpreter, which has no inline assembly, never sets it)."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+
+
+def pdl_launch(t: Tensor, rows: int) -> bool:
+    """Whether a decode kernel of ``rows`` rows (tokens) on ``t``'s device launches with PDL: at most the
+    ``pdl_max_rows`` setting's rows, a CUDA tensor and a GPU of compute capability 9.0 or later (Hopper)."""
+    if not (0 < rows <= get_settings().pdl_max_rows and t.is_cuda):
+        return False
+    return torch.cuda.get_device_capability(t.device)[0] >= 9
 
 
 # Host side: launch shape and checks shared by the decode-step kernels (conv_update, ssm_update).

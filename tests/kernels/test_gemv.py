@@ -123,7 +123,8 @@ def kernel_calls(monkeypatch):
 def test_linear_dispatch(kernel_calls):
     x, w, w8, scale = gemv_inputs(3, 12, 20, torch.float32)
     with use_backend("triton"):
-        linear(x, w)  # dense weights stay on F.linear unless gemv_dense
+        with use_settings(gemv_dense=False):
+            linear(x, w)  # dense weights stay on F.linear unless gemv_dense
         assert len(kernel_calls) == 0
         assert_close("fp8", linear_reference(x, w8, scale), linear(x, w8, scale), torch.float32)
         assert len(kernel_calls) == 1
