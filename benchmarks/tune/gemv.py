@@ -10,14 +10,16 @@ Rows (BlackMamba-2.8B widths, random weights, bf16 activations):
                        4, 8 splits of F (the best reported, the others in "splits_us"), against the current bf16
                        kernels (one split); floor = the bytes of the experts in use
   decode_step          model.step of the whole 2.8B model (the Decoder's CUDA graph, replayed back to back) at
-                       batch 1 and 16, the projections on the GEMV (gemv_dense) against F.linear; floor = the
-                       bytes of the weights a step reads (experts: the expected number in use, uniform routing)
+                       batch 1 and 16: the projections on the GEMV (gemv_dense), the decode kernels launched
+                       with PDL (pdl_max_rows), and both, against F.linear projections without PDL; floor = the bytes of
+                       the weights a step reads (experts: the expected number in use, uniform routing)
 
 A kernel timing replays a CUDA graph of calls on different copies of the weights, at least 200 MB of them, so
 that they come from HBM and not from the 60 MB L2, as in a decode step: microseconds per call, launch gaps
 included. max err is max |ours - ref| / max |ref| against the fp32 reference on the same (dequantized)
-weights; for decode_step, the logits with the GEMV on against off. ``--sweep`` also times candidate GEMV tiles
-(the gemv_tiles setting) and prints the fastest per row count. Sections stop starting after ``--max-s``.
+weights; for decode_step, the logits of each variant against the first. ``--sweep`` also times candidate GEMV
+tiles (the gemv_tiles setting), with PDL off and on, and prints the fastest per row count and the fastest per
+projection. Sections stop starting after ``--max-s``.
 
     python -m benchmarks.tune.gemv [--only gemv moe step] [--sweep] [--max-s 100]
 """
@@ -31,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from blackmamba.config import BlackMambaConfig
 from blackmamba.generation.decoder import Decoder, SamplingOptions
 from blackmamba.kernels import get_settings, use_settings
 from blackmamba.kernels.gemv import launch_plan, linear_reference, linear_triton
@@ -111,6 +114,10 @@ def gemv_rows(bw: float) -> list[Row]:
     return rows
 
 
+PDL_ON, PDL_OFF = dict(pdl_max_rows=64), dict(pdl_max_rows=0)  # PDL for every decode launch, or for none
+MOE_VARIANTS = {"": PDL_OFF, "_pdl": PDL_ON}  # row name suffix -> kernel settings; the first (one split) is the peer
+
+
 def moe_rows(bw: float) -> list[Row]:
     rows = []
     gen = torch.Generator(device="cuda").manual_seed(1)
@@ -127,26 +134,29 @@ def moe_rows(bw: float) -> list[Row]:
         used = int(expert.unique().numel())
 
         tokens_in = (x, expert, gate)
-        bf16_us = {s: moe_us(tokens_in, list(zip(w1s, w2s, strict=True)), s, fp8=False) for s in SPLITS}
         fp8_args = [(a[0], b[0], a[1], b[1]) for a, b in zip(q1s, q2s, strict=True)]
-        fp8_us = {s: moe_us(tokens_in, fp8_args, s, fp8=True) for s in SPLITS}
-        ref = moe_experts_decode_ref(x.float(), expert, gate, w1s[0].float(), w2s[0].float())
-        with use_settings(moe_fc2_splits={64: min(bf16_us, key=bf16_us.get)}):
-            err = max_err(moe_experts_decode_triton(x, expert, gate, w1s[0], w2s[0]), ref)
         (w1, s1), (w2, s2) = q1s[0], q2s[0]
+        ref = moe_experts_decode_ref(x.float(), expert, gate, w1s[0].float(), w2s[0].float())
         ref8 = moe_experts_decode_ref(x.float(), expert, gate, w1, w2, w1_scale=s1, w2_scale=s2)
-        with use_settings(moe_fc2_splits={64: min(fp8_us, key=fp8_us.get)}):
-            err8 = max_err(moe_experts_decode_triton(x, expert, gate, w1, w2, w1_scale=s1, w2_scale=s2), ref8)
         io = tokens * D_MODEL * 4
         shape = f"T={tokens} ({used} experts)"
-        current = bf16_us[1]
-        for name, times, e, nbytes in (("moe_decode_bf16", bf16_us, err, expert_bytes),
-                                       ("moe_decode_fp8", fp8_us, err8, expert_bytes // 2)):  # fmt: skip
-            best = min(times, key=times.get)
-            rows.append(row(name, shape, times[best], "bf16, fc2 in one split (current)", current,
-                            (used * nbytes + io) / bw * 1e6, e, best_splits=best,
-                            splits_us={str(s): t for s, t in times.items()}))  # fmt: skip
-        log(f"MoE T={tokens}: bf16 by splits {fmt_times(bf16_us)}; fp8 {fmt_times(fp8_us)}")
+        current = None
+        for tag, variant in MOE_VARIANTS.items():
+            with use_settings(**variant):
+                bf16_us = {s: moe_us(tokens_in, list(zip(w1s, w2s, strict=True)), s, fp8=False) for s in SPLITS}
+                fp8_us = {s: moe_us(tokens_in, fp8_args, s, fp8=True) for s in SPLITS}
+                with use_settings(moe_fc2_splits={64: min(bf16_us, key=bf16_us.get)}):
+                    err = max_err(moe_experts_decode_triton(x, expert, gate, w1s[0], w2s[0]), ref)
+                with use_settings(moe_fc2_splits={64: min(fp8_us, key=fp8_us.get)}):
+                    err8 = max_err(moe_experts_decode_triton(x, expert, gate, w1, w2, w1_scale=s1, w2_scale=s2), ref8)
+            current = bf16_us[1] if current is None else current  # the peer: bf16, one split, no PDL
+            for name, times, e, nbytes in ((f"moe_decode_bf16{tag}", bf16_us, err, expert_bytes),
+                                           (f"moe_decode_fp8{tag}", fp8_us, err8, expert_bytes // 2)):  # fmt: skip
+                best = min(times, key=times.get)
+                rows.append(row(name, shape, times[best], "bf16, fc2 in one split, no PDL", current,
+                                (used * nbytes + io) / bw * 1e6, e, best_splits=best,
+                                splits_us={str(s): t for s, t in times.items()}))  # fmt: skip
+            log(f"MoE T={tokens} {tag or 'no PDL'}: bf16 by splits {fmt_times(bf16_us)}; fp8 {fmt_times(fp8_us)}")
     return rows
 
 
@@ -160,71 +170,108 @@ def fmt_times(times: dict[int, float]) -> str:
     return ", ".join(f"{s}: {t:.1f} us" for s, t in times.items())
 
 
-def step_rows(bw: float, steps: int = 100) -> list[Row]:
+STEP_VARIANTS = {  # name -> kernel settings of a decode-step variant; the first is the peer of the others
+    "cuBLAS projections": dict(gemv_dense=False, **PDL_OFF),
+    "GEMV": dict(gemv_dense=True, **PDL_OFF),
+    "cuBLAS projections + PDL": dict(gemv_dense=False, **PDL_ON),
+    "GEMV + PDL": dict(gemv_dense=True, **PDL_ON),
+    "GEMV + PDL, gemv_tiles only": dict(gemv_dense=True, gemv_shape_tiles={}, **PDL_ON),
+}
+STEP_BATCHES = (1, 16)
+
+
+def step_rows(bw: float, steps: int = 100, batches: tuple[int, ...] = STEP_BATCHES) -> list[Row]:
+    """The 2.8B decode step (CUDA graph, replayed back to back) under each of :data:`STEP_VARIANTS`, against
+    the first; max err: the logits of one eager step against the first variant's."""
     model = build_model("blackmamba-2.8b", "cuda", BF16)
     cfg = model.config
     rows = []
     expert_bytes = 3 * cfg.d_ff * cfg.d_model * 2
     n_moe = cfg.layer_pattern.count("moe")
     all_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    for batch in (1, 16):
+    names = list(STEP_VARIANTS)
+    for batch in batches:
         used = cfg.n_experts * (1 - (1 - 1 / cfg.n_experts) ** batch)  # expected experts in use, uniform routing
         floor = (all_bytes - n_moe * (cfg.n_experts - used) * expert_bytes) / bw * 1e6
         tokens = torch.randint(1, 50000, (batch,), device="cuda")
         us, logits = {}, {}
-        for on in (False, True):
-            with use_settings(gemv_dense=on), torch.inference_mode():
+        for name in names * 2:  # each variant twice, interleaved: the second time is kept (host and clocks settle)
+            with use_settings(**STEP_VARIANTS[name]), torch.inference_mode():
                 decoder = Decoder(model, SamplingOptions(), use_graphs=True)  # a fresh graph per setting
                 slot = decoder.start(model.allocate_cache(batch), tokens, None)
-                us[on] = cuda_event_us(lambda decoder=decoder, slot=slot: decoder.step(slot, None), steps, warmup=10)
-                logits[on] = model.step(tokens, model.allocate_cache(batch)).float()
+                us[name] = cuda_event_us(lambda decoder=decoder, slot=slot: decoder.step(slot, None), steps, warmup=10)
+                logits[name] = model.step(tokens, model.allocate_cache(batch)).float()
                 del decoder, slot
-        rows.append(row("decode_step", f"2.8B b{batch}", us[True], "GEMV off: F.linear projections", us[False],
-                        floor, max_err(logits[True], logits[False]),
-                        tokens_per_s_on=batch * 1e6 / us[True], tokens_per_s_off=batch * 1e6 / us[False]))  # fmt: skip
-        log(f"decode step b{batch}: GEMV off {us[False]:.0f} us, on {us[True]:.0f} us")
+        peer = names[0]
+        for name in names[1:]:
+            rows.append(row("decode_step", f"2.8B b{batch} {name}", us[name], peer, us[peer], floor,
+                            max_err(logits[name], logits[peer]), tokens_per_s=batch * 1e6 / us[name],
+                            tokens_per_s_peer=batch * 1e6 / us[peer]))  # fmt: skip
+        log(f"decode step b{batch}: " + ", ".join(f"{n} {us[n]:.0f} us" for n in names))
     return rows
 
 
-def sweep(bw: float) -> list[list[str]]:
-    """Candidate gemv_tiles entries per row count, timed on the three projections (bf16); the lines of a table."""
-    one_row = [dict(BN=bn, BK=bk, num_warps=4, num_stages=1) for bn, bk in itertools.product([4, 8, 16], [512, 1024])]
-    one_row += [
-        dict(BN=16, BK=bk, num_warps=4, num_stages=st, DOT=1) for bk, st in itertools.product([128, 256], [3, 4])
+def sweep_shapes() -> dict[str, tuple[int, int]]:
+    """The Mamba projections (N, K) of both released models, by name."""
+    shapes = {}
+    for preset in ("blackmamba-2.8b", "blackmamba-1.5b"):
+        c = BlackMambaConfig.from_preset(preset)
+        tag = preset.removeprefix("blackmamba-")
+        shapes[f"{tag} in_proj"] = (2 * c.d_inner, c.d_model)
+        shapes[f"{tag} x_proj"] = (c.dt_rank + 2 * c.d_state, c.d_inner)
+        shapes[f"{tag} out_proj"] = (c.d_model, c.d_inner)
+    return shapes
+
+
+def sweep(bw: float, pdl_modes: tuple[bool, ...] = (True,)) -> list[list[str]]:
+    """Candidate GEMV tiles per row count (1 and 16), timed on the Mamba projections of both released models
+    (bf16), with PDL off and on (back-to-back calls in a graph: with PDL each call's weights stream in while
+    the one before ends). The lines of a table: per shape, the fastest entry and its time against the
+    gemv_tiles default's (the gemv_shape_tiles setting takes the fastest)."""
+    one_row = [
+        dict(BN=bn, BK=bk, num_warps=w, num_stages=1)
+        for bn, bk, w in itertools.product([2, 4, 8, 16, 32], [256, 512, 1024, 2048, 4096], [4, 8])
+        if 1024 <= bn * bk <= 16384
     ]
     rows16 = [
-        dict(BN=bn, BK=bk, num_warps=4, num_stages=st) for bn, bk, st in itertools.product([16, 32], [128, 256], [3, 4])
+        dict(BN=bn, BK=bk, num_warps=4, num_stages=st)
+        for bn, bk, st in itertools.product([16, 32, 64], [64, 128, 256], [2, 3, 4])
     ]
     candidates = {1: one_row, 16: rows16}
     gen = torch.Generator(device="cuda").manual_seed(2)
+    shapes = sweep_shapes()
     weights = {}
-    for name, (n, k) in PROJECTIONS.items():
+    for name, (n, k) in shapes.items():
         copies = copies_for(n * k * 2)
         weights[name] = [(torch.randn(n, k, device="cuda", generator=gen) / k**0.5).to(BF16) for _ in range(copies)]
     lines = []
-    for m, configs in candidates.items():
-        xs = {name: torch.randn(m, k, device="cuda", generator=gen).to(BF16) for name, (_, k) in PROJECTIONS.items()}
-        results = []
-        for cfg in configs:
-            table = {**get_settings().gemv_tiles, m: cfg}
-            with use_settings(gemv_tiles=table):
-                try:
-                    per = {name: graph_us(partial(linear_triton, xs[name]), [(w,) for w in ws])
-                           for name, ws in weights.items()}  # fmt: skip
-                except Exception as exc:  # a tile that does not fit (shared memory) is skipped
-                    log(f"sweep M={m} {cfg}: {type(exc).__name__}")
-                    continue
-            results.append((sum(per.values()), cfg, per))
-        results.sort(key=lambda r: r[0])
-        for total, cfg, per in results[:5]:
-            lines.append([str(m), str(cfg), *(fmt(per[name]) for name in PROJECTIONS), fmt(total)])
+    for (m, configs), pdl in itertools.product(candidates.items(), pdl_modes):
+        xs = {name: torch.randn(m, k, device="cuda", generator=gen).to(BF16) for name, (_, k) in shapes.items()}
+        default = dict(get_settings().gemv_tiles[m])
+        times: dict[str, list[tuple[float, dict]]] = {name: [] for name in shapes}
+        for cfg in [default, *configs]:
+            tiles = {**get_settings().gemv_tiles, m: cfg}
+            with use_settings(gemv_tiles=tiles, gemv_shape_tiles={}, **(PDL_ON if pdl else PDL_OFF)):
+                for name, ws in weights.items():
+                    try:
+                        times[name].append((graph_us(partial(linear_triton, xs[name]), [(w,) for w in ws]), cfg))
+                    except Exception as exc:  # a tile that does not fit (shared memory) is skipped
+                        log(f"sweep M={m} {cfg} {name}: {type(exc).__name__}")
+        for name, (n, k) in shapes.items():
+            best_us, best = min(times[name], key=lambda t: t[0])
+            lines.append([f"{m}{' PDL' if pdl else ''}", name, f"({m}, {n}, {k})", str(best), fmt(best_us),
+                          fmt(times[name][0][0])])  # fmt: skip
+            log(f"sweep M={m} pdl={pdl} {name}: {best} {best_us:.2f} us (default {times[name][0][0]:.2f})")
     return lines
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argument_parser(__spec__, __doc__)
     parser.add_argument("--only", nargs="*", default=None, help="sections to run: gemv moe step (default all)")
-    parser.add_argument("--sweep", action="store_true", help="also time candidate GEMV tiles (about 30 s more)")
+    parser.add_argument("--sweep", action="store_true", help="also time candidate GEMV tiles (a few minutes more)")
+    parser.add_argument("--sweep-pdl", choices=["on", "off", "both"], default="on",
+                        help="sweep with PDL on (default), off, or both")  # fmt: skip
+    parser.add_argument("--batches", type=int, nargs="+", default=list(STEP_BATCHES), help="decode step batches")
     parser.add_argument("--max-s", type=float, default=100.0, help="start no section after this many seconds")
     parser.add_argument("--out", default=str(RESULTS_DIR / "gemv.json"), help="results file (and .md beside it)")
     args = parser.parse_args(argv)
@@ -233,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     log(f"copy bandwidth {bw / 1e12:.2f} TB/s")
     rows: list[Row] = []
     skipped = []
-    sections = {"gemv": gemv_rows, "moe": moe_rows, "step": step_rows}
+    sections = {"gemv": gemv_rows, "moe": moe_rows, "step": partial(step_rows, batches=tuple(args.batches))}
     for name in want:
         if elapsed_s() > args.max_s:
             skipped.append(name)
@@ -241,7 +288,8 @@ def main(argv: list[str] | None = None) -> None:
         with torch.no_grad():
             rows += sections[name](bw)
         torch.cuda.empty_cache()
-    sweep_lines = sweep(bw) if args.sweep and elapsed_s() <= args.max_s + 60 else []
+    pdl_modes = {"on": (True,), "off": (False,), "both": (False, True)}[args.sweep_pdl]
+    sweep_lines = sweep(bw, pdl_modes) if args.sweep and elapsed_s() <= args.max_s + 60 else []
     settings = get_settings()
     meta = run_meta("cuda", copy_bandwidth_TBps=bw / 1e12, skipped=skipped, wall_s=elapsed_s(),
                     gemv_tiles={str(k): dict(v) for k, v in settings.gemv_tiles.items()},
@@ -250,12 +298,10 @@ def main(argv: list[str] | None = None) -> None:
     body = [[r.benchmark, r.shape, fmt(r.ours), r.peer or "n/a", fmt(r.peer_value), fmt(r.speedup), fmt(r.floor),
              "n/a" if r.fraction_of_floor is None else f"{r.fraction_of_floor:.0%}", fmt(r.max_err)]
             for r in rows]  # fmt: skip
-    sweep_header = ["rows", "gemv_tiles entry", *(f"{p} us" for p in PROJECTIONS), "sum us"]
+    sweep_header = ["rows", "projection", "gemv_shape_tiles key", "fastest entry", "us", "default entry us"]
     markdown = f"{meta_line(meta)}\n\n{markdown_table(header, body)}\n"
     if sweep_lines:
-        markdown += (
-            f"\nGEMV tile sweep (bf16, fastest five per row count):\n\n{markdown_table(sweep_header, sweep_lines)}\n"
-        )
+        markdown += f"\nGEMV tile sweep (bf16, fastest per shape):\n\n{markdown_table(sweep_header, sweep_lines)}\n"
     write_results(Path(args.out), meta, rows, markdown, sweep=sweep_lines)
     if sweep_lines:
         print(text_table(sweep_header, sweep_lines) + "\n")
