@@ -21,7 +21,7 @@ weights; for decode_step, the logits of each variant against the first. ``--swee
 tiles (the gemv_tiles setting), with PDL off and on, and prints the fastest per row count and the fastest per
 projection. Sections stop starting after ``--max-s``.
 
-    python -m benchmarks.tune.gemv [--only gemv moe step] [--sweep] [--max-s 100]
+    python -m benchmarks.tune.gemv [--only gemv moe step] [--batches 1 16] [--step-variants pdl|moe] [--sweep]
 """
 
 from __future__ import annotations
@@ -177,26 +177,37 @@ STEP_VARIANTS = {  # name -> kernel settings of a decode-step variant; the first
     "GEMV + PDL": dict(gemv_dense=True, **PDL_ON),
     "GEMV + PDL, gemv_tiles only": dict(gemv_dense=True, gemv_shape_tiles={}, **PDL_ON),
 }
+# Issue 17's MoE question at larger batches: the decode kernels (at most 64 tokens) against the sorted grouped
+# GEMM path, under the defaults otherwise. ``--step-variants moe``.
+MOE_STEP_VARIANTS = {
+    "defaults (MoE decode kernels to 64 tokens)": dict(),
+    "MoE on the grouped GEMM (decode_tokens=0)": dict(decode_tokens=0),
+}
+STEP_VARIANT_SETS = {"pdl": STEP_VARIANTS, "moe": MOE_STEP_VARIANTS}
 STEP_BATCHES = (1, 16)
 
 
-def step_rows(bw: float, steps: int = 100, batches: tuple[int, ...] = STEP_BATCHES) -> list[Row]:
-    """The 2.8B decode step (CUDA graph, replayed back to back) under each of :data:`STEP_VARIANTS`, against
-    the first; max err: the logits of one eager step against the first variant's."""
+def step_rows(
+    bw: float, steps: int = 100, batches: tuple[int, ...] = STEP_BATCHES, variants: dict | None = None
+) -> list[Row]:
+    """The 2.8B decode step (CUDA graph, replayed back to back) under each of ``variants`` (default
+    :data:`STEP_VARIANTS`), against the first; max err: the logits of one eager step against the first
+    variant's."""
+    variants = STEP_VARIANTS if variants is None else variants
     model = build_model("blackmamba-2.8b", "cuda", BF16)
     cfg = model.config
     rows = []
     expert_bytes = 3 * cfg.d_ff * cfg.d_model * 2
     n_moe = cfg.layer_pattern.count("moe")
     all_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    names = list(STEP_VARIANTS)
+    names = list(variants)
     for batch in batches:
         used = cfg.n_experts * (1 - (1 - 1 / cfg.n_experts) ** batch)  # expected experts in use, uniform routing
         floor = (all_bytes - n_moe * (cfg.n_experts - used) * expert_bytes) / bw * 1e6
         tokens = torch.randint(1, 50000, (batch,), device="cuda")
         us, logits = {}, {}
         for name in names * 2:  # each variant twice, interleaved: the second time is kept (host and clocks settle)
-            with use_settings(**STEP_VARIANTS[name]), torch.inference_mode():
+            with use_settings(**variants[name]), torch.inference_mode():
                 decoder = Decoder(model, SamplingOptions(), use_graphs=True)  # a fresh graph per setting
                 slot = decoder.start(model.allocate_cache(batch), tokens, None)
                 us[name] = cuda_event_us(lambda decoder=decoder, slot=slot: decoder.step(slot, None), steps, warmup=10)
@@ -272,6 +283,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sweep-pdl", choices=["on", "off", "both"], default="on",
                         help="sweep with PDL on (default), off, or both")  # fmt: skip
     parser.add_argument("--batches", type=int, nargs="+", default=list(STEP_BATCHES), help="decode step batches")
+    parser.add_argument("--step-variants", choices=sorted(STEP_VARIANT_SETS), default="pdl",
+                        help="pdl: GEMV and PDL on/off; moe: MoE decode kernels vs grouped GEMM")  # fmt: skip
     parser.add_argument("--max-s", type=float, default=100.0, help="start no section after this many seconds")
     parser.add_argument("--out", default=str(RESULTS_DIR / "gemv.json"), help="results file (and .md beside it)")
     args = parser.parse_args(argv)
@@ -280,7 +293,8 @@ def main(argv: list[str] | None = None) -> None:
     log(f"copy bandwidth {bw / 1e12:.2f} TB/s")
     rows: list[Row] = []
     skipped = []
-    sections = {"gemv": gemv_rows, "moe": moe_rows, "step": partial(step_rows, batches=tuple(args.batches))}
+    step = partial(step_rows, batches=tuple(args.batches), variants=STEP_VARIANT_SETS[args.step_variants])
+    sections = {"gemv": gemv_rows, "moe": moe_rows, "step": step}
     for name in want:
         if elapsed_s() > args.max_s:
             skipped.append(name)

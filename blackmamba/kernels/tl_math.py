@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -61,7 +63,13 @@ def pdl_launch(t: Tensor, rows: int) -> bool:
     ``pdl_max_rows`` setting's rows, a CUDA tensor and a GPU of compute capability 9.0 or later (Hopper)."""
     if not (0 < rows <= get_settings().pdl_max_rows and t.is_cuda):
         return False
-    return torch.cuda.get_device_capability(t.device)[0] >= 9
+    return _has_pdl(t.device.index if t.device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _has_pdl(device_index: int) -> bool:
+    """Compute capability 9.0 or later (asked once per device: a decode step launches hundreds of kernels)."""
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
 # Host side: launch shape and checks shared by the decode-step kernels (conv_update, ssm_update).
