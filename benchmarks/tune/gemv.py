@@ -18,8 +18,8 @@ A kernel timing replays a CUDA graph of calls on different copies of the weights
 that they come from HBM and not from the 60 MB L2, as in a decode step: microseconds per call, launch gaps
 included. max err is max |ours - ref| / max |ref| against the fp32 reference on the same (dequantized)
 weights; for decode_step, the logits of each variant against the first. ``--sweep`` also times candidate GEMV
-tiles (the gemv_tiles setting), with PDL off and on, and prints the fastest per row count and the fastest per
-projection. Sections stop starting after ``--max-s``.
+tiles on the Mamba projections of both released models, with PDL on (``--sweep-pdl`` for off or both), and
+prints the fastest per shape (the gemv_shape_tiles setting). Sections stop starting after ``--max-s``.
 
     python -m benchmarks.tune.gemv [--only gemv moe step] [--batches 1 16] [--step-variants pdl|moe] [--sweep]
 """
