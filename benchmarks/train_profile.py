@@ -16,8 +16,10 @@ cross-entropy without them). From the kernels' start and end times: the GPU's bu
 kernel intervals), its idle time between the first and last kernel (launch gaps), and the gaps over 10 us.
 Per step figures; the results go to ``results/train_profile.json`` and a markdown table beside it.
 
+``--sources`` adds which aten op and source line issue the copy and elementwise launches (:func:`launch_sources`).
+
     python -m benchmarks.train_profile [--preset blackmamba-2.8b] [--batch 4] [--steps 2] [--accum 1]
-                                       [--loss fused|plain] [--cast-once]
+                                       [--loss fused|plain] [--cast-once] [--sources]
 """
 
 from __future__ import annotations
@@ -210,6 +212,87 @@ def without_ranges(report: dict) -> dict:
     }
 
 
+def _frame(event: Any, fragment: str) -> str | None:
+    """The source of one profiler event under ``fragment``: a frame of its recorded stack, or its own name
+    where it is a Python function event ("path(line): function"), from the fragment on."""
+    for frame in [*(event.stack or ()), event.name]:
+        at = frame.find(fragment)
+        if at >= 0:
+            return frame[at:]
+    return None
+
+
+def _python_source(event: Any, fragment: str) -> str | None:
+    """The innermost source under ``fragment`` of ``event`` or of the events around it."""
+    node = event
+    while node is not None:
+        src = _frame(node, fragment)
+        if src is not None:
+            return src
+        node = node.cpu_parent
+    return None
+
+
+def launch_sources(
+    events: Iterable[Any],
+    steps: int,
+    parts: Sequence[str] = ("copy_cast", "elementwise"),
+    fragment: str = "blackmamba/",
+    top: int = 40,
+) -> list[dict[str, Any]]:
+    """Which code issues the launches of ``parts``: GPU kernels (leaf aten ops where nothing ran on a GPU)
+    counted per (part, outermost aten op, source), per step, from a profile recorded ``with_stack``. An op's
+    source is the innermost Python function under ``fragment`` around it (the profiler names a function by
+    its file and first line); an op of the backward (the autograd engine's node, no Python around it) takes
+    the source of the forward op with its sequence number, marked "(backward)"."""
+    events = list(events)
+    forward_source: dict[int, str] = {}
+    for e in events:
+        if e.name.startswith("aten::") and e.sequence_nr >= 0:
+            src = _python_source(e, fragment)
+            if src is not None:
+                forward_source.setdefault(e.sequence_nr, src)
+
+    def source_of(e: Any) -> str:
+        node = e
+        while node is not None:
+            src = _frame(node, fragment)
+            if src is not None:
+                return src
+            if not node.name.startswith("aten::") and node.sequence_nr in forward_source:
+                return forward_source[node.sequence_nr] + " (backward)"
+            node = node.cpu_parent
+        return "(no source)"
+
+    def aten_of(e: Any) -> str:
+        node, name = e, e.name
+        while node is not None:  # the outermost aten op around e
+            if node.name.startswith("aten::"):
+                name = node.name
+            node = node.cpu_parent
+        return name
+
+    counts: Counter = Counter()
+    time_us: Counter = Counter()
+    on_gpu = any(e.kernels for e in events)
+    for e in events:
+        if on_gpu:
+            launched = [(categorize(k.name), k.duration) for k in e.kernels]
+        elif e.name.startswith("aten::") and not any(c.name.startswith("aten::") for c in e.cpu_children):
+            launched = [(categorize(e.name), 0.0)]  # a leaf op: where a kernel would run
+        else:
+            launched = []
+        for part, dur in launched:
+            if part in parts:
+                key = (part, aten_of(e), source_of(e))
+                counts[key] += 1
+                time_us[key] += dur
+    return [
+        {"part": part, "op": op, "source": src, "launches": n / steps, "ms": time_us[(part, op, src)] / steps / 1e3}
+        for (part, op, src), n in counts.most_common(top)
+    ]
+
+
 def scopes_of(prof: torch.profiler.profile, steps: int) -> dict[str, float]:
     """GPU milliseconds per step launched inside each range of :data:`SCOPES` (ranges of the main thread; the
     backward, which autograd runs on its device thread, is what the forward and the optimizer leave)."""
@@ -250,6 +333,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cast-once", action="store_true", help="bf16 weight casts once per optimizer step")
     parser.add_argument("--out", default=str(RESULTS_DIR / "train_profile.json"), help="results file")
     parser.add_argument(
+        "--sources",
+        action="store_true",
+        help="also attribute the copy and elementwise launches to the source lines that issue them (a profile "
+        "with Python stacks: its figures go to launch_sources, the timings stay from the plain profile)",
+    )
+    parser.add_argument(
         "--correct",
         metavar="FILE",
         help="rewrite a results file written before named ranges were left out of the kernel sums, and exit",
@@ -283,6 +372,11 @@ def main(argv: list[str] | None = None) -> None:
     report["scopes_ms"] = scopes_of(prof, args.steps)
     scoped = report["scopes_ms"]["forward"] + report["scopes_ms"]["optimizer"]
     report["scopes_ms"]["backward_and_rest"] = report["kernel_ms"] - scoped
+    if args.sources:
+        log("profiling with Python stacks")
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as stacked:
+            run_steps(opt, call, batches, args.accum, args.steps, args.loss)
+        report["launch_sources"] = launch_sources(stacked.events(), args.steps)
     report["wall_ms"] = 1e3 * statistics.median(wall)
     report["profiled_wall_ms"] = 1e3 * statistics.median(profiled)
 
@@ -320,6 +414,11 @@ def publish(report: dict, meta: dict, out: Path) -> None:
         ]
     )
     write_results(out, meta, rows, markdown + "\n", profile=report)
+    if report.get("launch_sources"):
+        sources = [
+            [t["part"], t["op"], t["source"][:90], fmt(t["launches"]), fmt(t["ms"])] for t in report["launch_sources"]
+        ]
+        print(text_table(["part", "aten op", "source", "launches per step", "ms per step"], sources) + "\n")
     tops = [[t["name"][:80], t["part"], fmt(t["ms"]), fmt(t["launches"])] for t in report["top_kernels"]]
     print(f"\n{meta_line(meta)}; {shape}, {variant}\n")
     print(text_table(["kernel", "part", "ms per step", "launches"], tops))

@@ -132,3 +132,24 @@ def test_named_ranges_come_off_the_kernel_sums_of_an_older_report():
     assert fixed["scopes_ms"]["backward_and_rest"] == 2.0
     assert [k["name"] for k in fixed["top_kernels"]] == ["adam_kernel"]
     assert report["parts"]["other"]["ms"] == 45.0  # the input is left as it was
+
+
+def _round_trip(x):
+    return x.to(torch.bfloat16).float()  # two copies in the forward
+
+
+def test_launch_sources_name_the_line_and_its_backward():
+    from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks.train_profile import launch_sources
+
+    x = torch.randn(16, 16, requires_grad=True)
+    with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
+        _round_trip(x).sum().backward()
+    rows = launch_sources(prof.events(), 1, parts=("copy_cast",), fragment="tests/test_train_profile.py")
+    here = f"test_train_profile.py({_round_trip.__code__.co_firstlineno}): _round_trip"  # how the profiler names it
+    forward = [r for r in rows if r["source"].endswith(here)]
+    backward = [r for r in rows if r["source"].endswith(here + " (backward)")]
+    assert sum(r["launches"] for r in forward) == 2, rows  # the two casts' copies
+    assert {r["op"] for r in forward} == {"aten::to"}
+    assert sum(r["launches"] for r in backward) >= 2, rows  # the casts' gradients are casts too
