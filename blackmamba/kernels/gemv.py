@@ -5,7 +5,12 @@ weights: the three of a 2.8B Mamba block are 27 MB of bf16, 6.4 us at the H200's
 cuBLAS takes 19 us (issue 17). The kernel here streams W with many bytes in flight:
 
 * One program per (BN output columns, K range, BM rows). One row multiplies and adds on the CUDA cores
-  into a (BN, BK) fp32 tile summed once at the end; more rows use ``tl.dot`` with the rows padded to 16.
+  into a (BN, BK) fp32 tile summed once at the end, loading each weight tile one step ahead; more rows use
+  ``tl.dot`` with the rows padded to 16. Tiles come from the ``gemv_tiles`` setting by row count, or from
+  ``gemv_shape_tiles`` for the weight shapes swept there (the Mamba projections of the released models).
+* With PDL (the ``pdl_max_rows`` setting, sm_90) the first weight tile is read before the kernel waits for
+  the one before it (:func:`.tl_math.pdl_wait`): with a BK that covers the program's K range, all its weight
+  bytes are in flight while the previous kernel finishes.
 * Split-K when the column tiles alone would leave SMs idle (a narrow W such as x_proj's 124 rows, or
   out_proj's 1472 with 16-row tiles). It is deterministic and takes one launch: each program writes its
   fp32 partial sum and bumps its tile's counter; the program that arrives last adds the partials in split

@@ -26,6 +26,10 @@ cost more than the reads. Here nothing is permuted:
 kernels when :func:`decode_kernels_apply` (the "triton" backend, at most the ``decode_tokens`` setting's
 tokens, no autograd, no autocast), else the reference routing and :func:`.moe.moe_experts`.
 
+With PDL (the ``pdl_max_rows`` setting, sm_90) each launch starts while the kernel before it finishes and
+waits for it before reading activations (:func:`.tl_math.pdl_wait`); fc2 reads the expert ids before its wait,
+since fc1 released it only after fc1's own wait, when the ids were already written.
+
 Rounding follows :func:`.moe.moe_experts_ref` on the GPU: a, b, act(a) and act(a) * b are rounded to x's
 dtype (the experts' dtype unless they are float8), fc2's fp32 accumulator is scaled by the fp32 gate and
 rounded once. Triton's interpreter truncates float casts, so there the intermediates stay fp32 and torch
