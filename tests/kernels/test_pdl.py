@@ -1,6 +1,8 @@
 """Programmatic dependent launch (the ``pdl_max_rows`` kernel setting): the decode kernels compute the same
 thing with it as without; it is never used off sm_90, on the CPU, or beyond the setting's rows."""
 
+import copy
+
 import pytest
 import torch
 
@@ -8,6 +10,7 @@ from blackmamba.config import BlackMambaConfig
 from blackmamba.generation import Decoder, SamplingOptions
 from blackmamba.kernels import linear_triton, use_settings
 from blackmamba.kernels.tl_math import pdl_launch
+from blackmamba.layers.quant import quantize_fp8
 from blackmamba.model import BlackMamba, cast_model
 
 from ..helpers import DEVICE, randomize
@@ -50,14 +53,22 @@ def model_28b_widths() -> BlackMamba:
     return cast_model(randomize(BlackMamba(config), 0).eval().cuda(), torch.bfloat16)
 
 
+@pytest.fixture(scope="module")
+def model_28b_widths_fp8(model_28b_widths) -> BlackMamba:
+    """The same model with its projections and experts in fp8 (weight-only, layers/quant.py)."""
+    return quantize_fp8(copy.deepcopy(model_28b_widths))
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("gemv_dense", [False, True])
+@pytest.mark.parametrize(("weights", "gemv_dense"), [("bf16", False), ("bf16", True), ("fp8", True)])
 @pytest.mark.parametrize("batch", [1, 3, 16])
-def test_graphed_decode_with_pdl_is_bitwise_the_same(model_28b_widths, gemv_dense, batch):
-    """PDL only changes when kernels start: the graphed steps give the same logits and states, bit for bit."""
+def test_graphed_decode_with_pdl_is_bitwise_the_same(request, weights, gemv_dense, batch):
+    """PDL only changes when kernels start: the graphed steps give the same logits and states, bit for bit
+    (bf16 weights with the projections on cuBLAS or on the GEMV; fp8 weights, whose projections and experts
+    always take the Triton kernels)."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("PDL needs sm_90")
-    model = model_28b_widths
+    model = request.getfixturevalue("model_28b_widths" if weights == "bf16" else "model_28b_widths_fp8")
     tokens = torch.randint(1, 50000, (batch,), device="cuda", generator=torch.Generator("cuda").manual_seed(batch))
     out = {}
     for pdl in (False, True):
