@@ -205,6 +205,19 @@ def _left_context(x: Tensor, weight: Tensor, initial_state: Tensor | None) -> Te
     return initial_state.to(x.dtype)
 
 
+def _finish(
+    y: Tensor, xp: Tensor, dtype: torch.dtype, width: int, activation: str | None, return_final_state: bool
+) -> Tensor | tuple[Tensor, Tensor]:
+    """The end of both PyTorch paths: the activation on the fp32 conv ``y``, the result in ``dtype``, and the
+    final state (the last K-1 rows of the padded input ``xp``) when asked for."""
+    if activation == "silu":
+        y = F.silu(y)
+    elif activation is not None:
+        raise ValueError(f"causal_conv1d: unknown activation {activation!r}")
+    y = y.to(dtype)
+    return (y, xp[:, xp.shape[1] - (width - 1) :]) if return_final_state else y
+
+
 def causal_conv1d_ref(
     x: Tensor,
     weight: Tensor,
@@ -222,12 +235,7 @@ def causal_conv1d_ref(
         None if bias is None else bias.float(),
         groups=x.shape[2],
     ).transpose(1, 2)
-    if activation == "silu":
-        y = F.silu(y)
-    elif activation is not None:
-        raise ValueError(f"causal_conv1d: unknown activation {activation!r}")
-    y = y.to(x.dtype)
-    return (y, xp[:, xp.shape[1] - (width - 1) :]) if return_final_state else y
+    return _finish(y, xp, x.dtype, width, activation, return_final_state)
 
 
 def causal_conv1d_shifted(
@@ -248,12 +256,7 @@ def causal_conv1d_shifted(
         y = torch.addcmul(y, xf[:, k : k + length], w[:, k])
     if bias is not None:
         y = y + bias.float()
-    if activation == "silu":
-        y = F.silu(y)
-    elif activation is not None:
-        raise ValueError(f"causal_conv1d: unknown activation {activation!r}")
-    y = y.to(x.dtype)
-    return (y, xp[:, xp.shape[1] - (width - 1) :]) if return_final_state else y
+    return _finish(y, xp, x.dtype, width, activation, return_final_state)
 
 
 def _unit_stride(t: Tensor) -> Tensor:
