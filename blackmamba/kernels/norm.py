@@ -317,7 +317,9 @@ def add_rms_norm_route_triton(
     rw = router_weight if router_weight.stride(1) == 1 else router_weight.contiguous()
     if n_rows:
         block, warps = _launch_config(n_cols)
-        pdl = pdl_launch(x, n_rows)
+        # The kernel reads the router's weights before its PDL wait: only the parameter itself, never a copy
+        # made just now by the kernel before it.
+        pdl = pdl_launch(x, n_rows) and rw is router_weight
         _add_rms_norm_route_kernel[(n_rows,)](
             x2, d2, weight.contiguous(), y, r, rw, router_bias.contiguous(), expert, gate,
             x2.stride(0), d2.stride(0), y.stride(0), r.stride(0), rw.stride(0),
