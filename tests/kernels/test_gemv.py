@@ -106,6 +106,17 @@ def test_tile_choice_on_the_gpu():
         assert wide["BK"] <= 128 and wide["num_stages"] <= 3  # fp32 tiles: half the depth in shared memory
 
 
+def test_shape_tiles_take_precedence_for_their_shape_only():
+    bf16 = torch.bfloat16
+    table = {1: dict(BN=8, BK=512, num_warps=4, num_stages=3), 16: dict(BN=16, BK=256, num_warps=4, num_stages=4)}
+    shapes = {(1, 124, 2944): dict(BN=2, BK=4096, num_warps=8, num_stages=1),
+              (16, 124, 2944): dict(BN=32, BK=128, num_warps=4, num_stages=3)}  # fmt: skip
+    assert gemv._config(table, 1, bf16, bf16, True, (124, 2944), shapes)["BK"] == 4096
+    assert gemv._config(table, 1, bf16, bf16, True, (124, 2048), shapes)["BK"] == 512  # another shape: the rows'
+    few = gemv._config(table, 3, bf16, bf16, True, (124, 2944), shapes)  # 3 rows use the 16-row entries
+    assert few["BN"] == 32 and few["BK"] == 128 and few["DOT"] == 1
+
+
 @pytest.fixture
 def kernel_calls(monkeypatch):
     """The number of calls :func:`linear` made to the kernel's launcher."""

@@ -45,6 +45,7 @@ def test_settings_are_frozen():
         ({"scan_bwd_seg_config": (8, 0)}, "scan_bwd_seg_config"),
         ({"decode_tokens": -1}, "decode_tokens"),
         ({"gemv_max_rows": -1}, "gemv_max_rows"),
+        ({"pdl_max_rows": -1}, "pdl_max_rows"),
         ({"gemv_programs_per_sm": 0}, "gemv_programs_per_sm"),
         ({"moe_fc2_splits": {1: 0}}, "moe_fc2_splits"),
     ],
