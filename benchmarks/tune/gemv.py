@@ -288,6 +288,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-s", type=float, default=100.0, help="start no section after this many seconds")
     parser.add_argument("--out", default=str(RESULTS_DIR / "gemv.json"), help="results file (and .md beside it)")
     args = parser.parse_args(argv)
+    if min(args.batches) < 1:
+        parser.error(f"--batches must be >= 1, got {args.batches}")
     want = args.only or ["gemv", "moe", "step"]
     bw, _ = gpu_ceilings()
     log(f"copy bandwidth {bw / 1e12:.2f} TB/s")
