@@ -4,8 +4,8 @@ Random bf16 weights of a preset shape; the step is replayed from its graph back 
 per step, unlike benchmarks/generate.py, which times what a caller sees). For each batch and each
 variant (``--variants``: kernel settings such as the MoE layer's decode_tokens, 0 = the general sorted
 path; see blackmamba.kernels.KernelSettings) it prints the replay time per step, tokens/s, the kernels
-per step and their summed GPU time, then the kernels that take the most time in the first variant; then the
-same for one 1 x N prefill (``--prefill``), with its wall time against its kernel time. Results go to
+per step and their summed GPU time, and the kernels that take the most time; then the same for one B x N
+prefill (``--prefill``, ``--prefill-batch``), with its wall time against its kernel time. Results go to
 benchmarks/results/profile_decode.json.
 
     python -m benchmarks.tune.profile_decode [--preset 2.8b] [--batches 1 16]
@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import json
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -41,7 +42,8 @@ from ..harness import (
 
 def parse_variant(variant: str) -> dict:
     """'decode_tokens=0;fuse_router=0' -> settings changes, typed like the defaults. The older spelling
-    'moe_decode.DECODE_TOKENS=0' names the same field."""
+    'moe_decode.DECODE_TOKENS=0' names the same field. A table setting takes JSON, its keys read as ints:
+    'ssm_update_tiles={"16": {"BLOCK_D": 32, "ROWS": 1, "num_warps": 1}}'."""
     changes = {}
     for setting in [] if variant == "default" else variant.split(";"):
         name, _, value = setting.partition("=")
@@ -49,7 +51,12 @@ def parse_variant(variant: str) -> dict:
         if name not in FIELDS:
             raise ValueError(f"--variants: no kernel setting {name!r}; settings: {', '.join(FIELDS)}")
         default = getattr(get_settings(), name)
-        if isinstance(default, bool):
+        if isinstance(default, Mapping):
+            try:
+                changes[name] = {int(k): v for k, v in json.loads(value).items()}
+            except (ValueError, AttributeError) as exc:
+                raise ValueError(f"--variants: {name} wants a JSON object with integer keys, got {value!r}") from exc
+        elif isinstance(default, bool):
             changes[name] = bool(int(value))
         elif isinstance(default, int) or value != "auto":
             changes[name] = int(value)
@@ -79,13 +86,14 @@ def kernels_per_call(fn, calls: int = 5) -> dict[str, tuple[float, float]]:
     return {name: (count[name] / calls, time_us[name] / calls) for name in count}
 
 
-def prefill_profile(model: BlackMamba, length: int) -> tuple[dict, list]:
-    """One 1 x ``length`` prefill (logits of the last position): wall time, kernel time, launches, top kernels."""
-    ids = torch.randint(0, 50000, (1, length), device="cuda")
+def prefill_profile(model: BlackMamba, length: int, batch: int = 1) -> tuple[dict, list]:
+    """One ``batch`` x ``length`` prefill (logits of the last position): wall time, kernel time, launches,
+    top kernels."""
+    ids = torch.randint(0, 50000, (batch, length), device="cuda")
 
     @torch.inference_mode()
     def run():
-        model(ids, cache=model.allocate_cache(1), num_last_tokens=1)
+        model(ids, cache=model.allocate_cache(batch), num_last_tokens=1)
 
     run()
     torch.cuda.synchronize()
@@ -95,7 +103,7 @@ def prefill_profile(model: BlackMamba, length: int) -> tuple[dict, list]:
     torch.cuda.synchronize()
     wall_us = 1e6 * (time.perf_counter() - start) / 5
     kernels = kernels_per_call(run, 3)
-    row = dict(prefill=f"1x{length}", wall_us=wall_us, launches=sum(n for n, _ in kernels.values()),
+    row = dict(prefill=f"{batch}x{length}", wall_us=wall_us, launches=sum(n for n, _ in kernels.values()),
                kernel_us=sum(t for _, t in kernels.values()))  # fmt: skip
     return row, sorted(kernels.items(), key=lambda kv: -kv[1][1])[:15]
 
@@ -111,10 +119,13 @@ def main(argv: list[str] | None = None) -> None:
         help="kernel settings per run, e.g. 'decode_tokens=0;fuse_router=0'",
     )
     parser.add_argument("--steps", type=int, default=200, help="graph replays timed per batch")
-    parser.add_argument("--prefill", type=int, default=2048, help="also profile a 1 x N prefill (0: skip)")
+    parser.add_argument("--prefill", type=int, default=2048, help="also profile a B x N prefill (0: skip)")
+    parser.add_argument("--prefill-batch", type=int, default=1, help="B, the prompts in that prefill")
     parser.add_argument("--out", default=str(RESULTS_DIR / "profile_decode.json"), help="results file")
     args = parser.parse_args(argv)
     model = build_model(f"blackmamba-{args.preset}", "cuda", BF16)
+    if args.prefill_batch < 1:
+        parser.error(f"--prefill-batch must be at least 1, got {args.prefill_batch}")
     rows, top = [], None
     try:
         variants = {variant: parse_variant(variant) for variant in args.variants}
@@ -131,22 +142,25 @@ def main(argv: list[str] | None = None) -> None:
                 kernels = kernels_per_call(lambda decoder=decoder, slot=slot: decoder.step(slot, None))
             launches = sum(n for n, _ in kernels.values())
             busy = sum(t for _, t in kernels.values())
+            batch_top = sorted(kernels.items(), key=lambda kv: -kv[1][1])[:20]
             rows.append(
                 dict(preset=args.preset, batch=batch, variant=variant, us_per_step=us,
-                     tokens_per_s=batch * 1e6 / us, launches_per_step=launches, kernel_us_per_step=busy)
+                     tokens_per_s=batch * 1e6 / us, launches_per_step=launches, kernel_us_per_step=busy,
+                     top_kernels=batch_top)
             )  # fmt: skip
-            print(json.dumps(rows[-1]), flush=True)
+            print(json.dumps({k: v for k, v in rows[-1].items() if k != "top_kernels"}), flush=True)
+            print(f"top kernels, batch {batch}, {variant}:")
+            print(text_table(["kernel", "per step", "us per step"],
+                             [[n[:90], fmt(c), fmt(t)] for n, (c, t) in batch_top]), flush=True)  # fmt: skip
             if top is None:
-                top = sorted(kernels.items(), key=lambda kv: -kv[1][1])[:20]
-    print("\ntop kernels (first variant):")
-    print(text_table(["kernel", "per step", "us per step"], [[n[:90], fmt(c), fmt(t)] for n, (c, t) in top]))
+                top = batch_top
     print()
     cols = ["preset", "batch", "variant", "us_per_step", "tokens_per_s", "launches_per_step",
             "kernel_us_per_step"]  # fmt: skip
     print(text_table(cols, [[r[c] if isinstance(r[c], str) else fmt(r[c]) for c in cols] for r in rows]))
     prefill = prefill_top = None
     if args.prefill:
-        prefill, prefill_top = prefill_profile(model, args.prefill)
+        prefill, prefill_top = prefill_profile(model, args.prefill, args.prefill_batch)
         print(f"\nprefill {prefill['prefill']}: {fmt(prefill['wall_us'])} us wall, {fmt(prefill['kernel_us'])} us in "
               f"{fmt(prefill['launches'])} kernels")  # fmt: skip
         print(

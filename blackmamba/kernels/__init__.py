@@ -18,7 +18,14 @@ from .causal_conv1d import (
 )
 from .gemv import dequantize, linear, linear_reference, linear_triton
 from .linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
-from .moe import gated_activation, moe_experts, moe_experts_grouped_mm, moe_experts_ref, moe_experts_triton
+from .moe import (
+    gated_activation,
+    gated_activation_ref,
+    moe_experts,
+    moe_experts_grouped_mm,
+    moe_experts_ref,
+    moe_experts_triton,
+)
 from .moe_decode import (
     decode_kernels_apply,
     moe_experts_decode,
@@ -60,6 +67,7 @@ __all__ = [
     "decode_kernels_apply",
     "dequantize",
     "gated_activation",
+    "gated_activation_ref",
     "get_backend",
     "get_settings",
     "linear",

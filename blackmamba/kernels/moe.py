@@ -8,9 +8,10 @@ its expert whatever the load. ``moe_experts_ref`` is the plain loop over experts
 the fast path sorts tokens by expert once and runs one matrix product per expert on a contiguous slice,
 reading the per-expert counts from the device once per call (never once per expert).
 
-On the GPU (backend "triton") nothing is read back to the host: tokens are sorted by expert and the
-row offset of each expert is found with ``searchsorted`` on the device (``bincount`` would size its
-output from a host read of the max), then two grouped GEMMs run over all experts in one launch each.
+On the GPU (backend "triton") nothing is read back to the host: one launch of a counting sort
+(:func:`expert_order_triton`) gives the token order grouped by expert and each expert's row offset on the
+device (``bincount`` would size its output from a host read of the max), then two grouped GEMMs run over
+all experts in one launch each; between them the gated activation is one pass over h.
 The grid is an upper bound on the row tiles, ``cdiv(T, BM) + min(E, T)``; each program finds its expert
 and row tile from the offsets and exits when it has none, so an expert without tokens costs nothing
 and its weights are never read (decode with a few tokens reads only the experts it uses).
@@ -32,8 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import resolve_backend
+from .backend import resolve_backend, triton_interpreted
 from .settings import get_settings
+from .tl_math import ACTIVATIONS, gated
 
 try:
     import triton
@@ -46,8 +48,22 @@ except ImportError:  # triton is an optional extra: without it the kernels are n
         return fn
 
 
+def _kernels_run(t: Tensor) -> bool:
+    """Whether this module's Triton kernels can take ``t``: on CUDA, or on the CPU under the interpreter."""
+    return triton is not None and (t.is_cuda or triton_interpreted())
+
+
 def gated_activation(h: Tensor, activation: str) -> Tensor:
-    """act(a) * b for h = [a ; b] split in halves along the last axis."""
+    """act(a) * b for h = [a ; b] split in halves along the last axis. On CUDA without autograd through
+    ``h``: one launch of :func:`gated_activation_triton`; else :func:`gated_activation_ref`."""
+    needs_grad = torch.is_grad_enabled() and h.requires_grad
+    if _kernels_run(h) and not needs_grad and h.ndim == 2 and h.shape[1] % 2 == 0:
+        return gated_activation_triton(h, activation)
+    return gated_activation_ref(h, activation)
+
+
+def gated_activation_ref(h: Tensor, activation: str) -> Tensor:
+    """:func:`gated_activation` in PyTorch ops (act(a) is rounded to h's dtype before the product)."""
     a, b = h.chunk(2, dim=-1)
     if activation == "gelu":
         return F.gelu(a) * b
@@ -56,6 +72,36 @@ def gated_activation(h: Tensor, activation: str) -> Tensor:
     if activation == "gelu_tanh":
         return F.gelu(a, approximate="tanh") * b
     raise ValueError(f"unknown MoE activation {activation!r}")
+
+
+@_jit
+def _gated_activation_kernel(h_ptr, y_ptr, f, stride_h_t, stride_y_t, ACT: tl.constexpr, BLOCK_F: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+    mask = cols < f
+    a = tl.load(h_ptr + t * stride_h_t + cols, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(h_ptr + t * stride_h_t + f + cols, mask=mask, other=0.0).to(tl.float32)
+    dtype = y_ptr.dtype.element_ty
+    y = gated(a, b, ACT, dtype != tl.float32, dtype)
+    tl.store(y_ptr + t * stride_y_t + cols, y.to(dtype), mask=mask)
+
+
+def gated_activation_triton(h_TF2: Tensor, activation: str) -> Tensor:
+    """:func:`gated_activation` of h (T, 2F) in one pass: h read once, (T, F) written once (no autograd)."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown MoE activation {activation!r}; one of {tuple(ACTIVATIONS)}")
+    if h_TF2.ndim != 2 or h_TF2.shape[1] % 2:
+        raise ValueError(f"gated_activation_triton: h must be (T, 2F), got {tuple(h_TF2.shape)}")
+    n_tok, f = h_TF2.shape[0], h_TF2.shape[1] // 2
+    h_TF2 = h_TF2 if h_TF2.stride(1) == 1 else h_TF2.contiguous()
+    y = torch.empty(n_tok, f, dtype=h_TF2.dtype, device=h_TF2.device)
+    if n_tok and f:
+        block = min(1024, triton.next_power_of_2(f)) if h_TF2.is_cuda else 16
+        _gated_activation_kernel[(n_tok, triton.cdiv(f, block))](
+            h_TF2, y, f, h_TF2.stride(0), y.stride(0), ACT=ACTIVATIONS[activation], BLOCK_F=block,
+            num_warps=4 if h_TF2.is_cuda else 1,
+        )  # fmt: skip
+    return y
 
 
 def _check(x_TD: Tensor, expert_T: Tensor, gate_T: Tensor, w1_EFD: Tensor, w2_EDF: Tensor) -> None:
@@ -80,7 +126,7 @@ def moe_experts_ref(
     outs = {}
     for e in range(w1_EFD.shape[0]):
         mask = expert_T == e
-        h = gated_activation(x_TD[mask] @ w1_EFD[e].t(), activation)
+        h = gated_activation_ref(x_TD[mask] @ w1_EFD[e].t(), activation)
         out = h @ w2_EDF[e].t()
         outs[e] = (mask, out * gate_T[mask, None].to(out.dtype))
     # The experts' dtype (which autocast may lower) sets the output's.
@@ -103,7 +149,7 @@ def experts_sorted(x_sorted_TD: Tensor, counts_E: Tensor, w1_EFD: Tensor, w2_EDF
     outs = []
     for e, x_e in enumerate(x_sorted_TD.split(counts_E.tolist())):
         if x_e.shape[0]:
-            outs.append(gated_activation(x_e @ w1_EFD[e].t(), activation) @ w2_EDF[e].t())
+            outs.append(gated_activation_ref(x_e @ w1_EFD[e].t(), activation) @ w2_EDF[e].t())
     return torch.cat(outs) if outs else x_sorted_TD.new_zeros(0, w2_EDF.shape[1])
 
 
@@ -118,12 +164,87 @@ def moe_experts_sorted(
     return x_TD.new_zeros(x_TD.shape, dtype=y_sorted.dtype).index_copy(0, order_T, y_sorted)
 
 
+# The counting sort runs in one program: up to this many tokens it beats torch.sort (H200, 2.8B decode step at
+# batch 256: 2.5 us per layer against 27 us for the sort; at 16K tokens, a 8x2048 prefill, 80 us against 47).
+COUNTING_SORT_MAX_TOKENS = 4096
+
+
 def expert_offsets(expert_T: Tensor, n_experts: int) -> tuple[Tensor, Tensor]:
     """Stable token order grouping tokens by expert, and row offsets (E+1,) int32 of each expert in that
-    order (expert e owns sorted rows [offs[e], offs[e+1])). No host synchronisation."""
+    order (expert e owns sorted rows [offs[e], offs[e+1])). No host synchronisation. The counting sort where
+    :func:`expert_order` takes it, else :func:`expert_offsets_ref`."""
+    if _counting_sort(expert_T):
+        return expert_order_triton(expert_T, n_experts)[:2]
+    return expert_offsets_ref(expert_T, n_experts)
+
+
+def _counting_sort(expert_T: Tensor) -> bool:
+    return _kernels_run(expert_T) and expert_T.shape[0] <= COUNTING_SORT_MAX_TOKENS
+
+
+def expert_order(expert_T: Tensor, n_experts: int) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`expert_offsets` and ``rank``, the inverse of the order (token t sits at sorted row rank[t]). One
+    launch of the counting sort (:func:`expert_order_triton`) where the Triton kernels run and there are at
+    most :data:`COUNTING_SORT_MAX_TOKENS` tokens; else :func:`expert_offsets_ref` and a scatter."""
+    if _counting_sort(expert_T):
+        return expert_order_triton(expert_T, n_experts)
+    order_T, offs = expert_offsets_ref(expert_T, n_experts)
+    rank_T = torch.empty_like(order_T).scatter_(0, order_T, torch.arange(order_T.shape[0], device=order_T.device))
+    return order_T, offs, rank_T
+
+
+def expert_offsets_ref(expert_T: Tensor, n_experts: int) -> tuple[Tensor, Tensor]:
+    """:func:`expert_offsets` by a stable sort and ``searchsorted`` of the expert bounds."""
     sorted_T, order_T = torch.sort(expert_T, stable=True)
     bounds = torch.arange(n_experts + 1, device=expert_T.device, dtype=sorted_T.dtype)
     return order_T, torch.searchsorted(sorted_T, bounds, out_int32=True)
+
+
+@_jit
+def _expert_order_kernel(
+    expert_ptr, order_ptr, rank_ptr, offs_ptr, n_tok, n_exp, BLOCK_T: tl.constexpr, E_P2: tl.constexpr
+):
+    # One program. Pass 1 counts the tokens of each expert; pass 2 gives token t the position
+    # offs[e_t] + (tokens of e_t before t), block by block with a running count per expert.
+    es = tl.arange(0, E_P2)
+    counts = tl.zeros([E_P2], dtype=tl.int32)
+    for t0 in range(0, n_tok, BLOCK_T):
+        ts = t0 + tl.arange(0, BLOCK_T)
+        e = tl.load(expert_ptr + ts, mask=ts < n_tok, other=-1)
+        counts += tl.sum((e[:, None] == es[None, :]).to(tl.int32), axis=0)
+    seen = tl.cumsum(counts, axis=0) - counts  # the first sorted row of each expert
+    tl.store(offs_ptr + es, seen, mask=es < n_exp)
+    tl.store(offs_ptr + n_exp, tl.sum(counts, axis=0))
+    for t0 in range(0, n_tok, BLOCK_T):
+        ts = t0 + tl.arange(0, BLOCK_T)
+        mask = ts < n_tok
+        e = tl.load(expert_ptr + ts, mask=mask, other=-1)
+        hot = (e[:, None] == es[None, :]).to(tl.int32)
+        before = tl.cumsum(hot, axis=0) - hot  # tokens of the same expert earlier in this block
+        pos = tl.sum((before + seen[None, :]) * hot, axis=1)
+        tl.store(order_ptr + pos, ts.to(tl.int64), mask=mask)
+        tl.store(rank_ptr + ts, pos.to(tl.int64), mask=mask)
+        seen += tl.sum(hot, axis=0)
+
+
+def expert_order_triton(expert_T: Tensor, n_experts: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(order (T,) int64, offs (E+1,) int32, rank (T,) int64) in one launch: ``order`` and ``offs`` as
+    :func:`expert_offsets_ref` gives them, and ``rank``, the inverse of ``order`` (token t sits at sorted row
+    rank[t]), for un-permuting with a gather. Expert ids must lie in [0, E)."""
+    if expert_T.ndim != 1:
+        raise ValueError(f"expert_order_triton: expert ids must be (T,), got {tuple(expert_T.shape)}")
+    n_tok = expert_T.shape[0]
+    order = torch.empty(n_tok, dtype=torch.long, device=expert_T.device)
+    rank = torch.empty(n_tok, dtype=torch.long, device=expert_T.device)
+    offs = torch.empty(n_experts + 1, dtype=torch.int32, device=expert_T.device)
+    e_p2 = max(2, triton.next_power_of_2(n_experts))
+    # Tiles of at most 8K (token, expert) pairs: 32 per thread of the eight warps.
+    block = min(max(16, 8192 // e_p2), max(16, triton.next_power_of_2(n_tok))) if expert_T.is_cuda else 16
+    _expert_order_kernel[(1,)](
+        expert_T.contiguous(), order, rank, offs, n_tok, n_experts, BLOCK_T=block, E_P2=e_p2,
+        num_warps=8 if expert_T.is_cuda else 1,
+    )  # fmt: skip
+    return order, offs, rank
 
 
 def grouped_gemm_ref(
@@ -543,12 +664,14 @@ def moe_experts_grouped_mm(
     if not x_TD.is_cuda and needs_grad:
         raise NotImplementedError("moe_experts_grouped_mm: torch._grouped_mm has no CPU backward here; use CUDA")
     x_TD, w1_EFD, w2_EDF = _experts_dtype(x_TD, w1_EFD, w2_EDF)
-    order_T, offs = expert_offsets(expert_T, w1_EFD.shape[0])
+    order_T, offs, rank_T = expert_order(expert_T, w1_EFD.shape[0])
     ends = offs[1:]
     with torch.autocast(x_TD.device.type, enabled=False):
         h_TF2 = torch._grouped_mm(x_TD[order_T], w1_EFD.transpose(-2, -1), offs=ends)
         y_TD = torch._grouped_mm(gated_activation(h_TF2, activation), w2_EDF.transpose(-2, -1), offs=ends)
         y_TD = y_TD * gate_T[order_T, None].to(y_TD.dtype)
+    if not needs_grad:  # un-permuted by a gather (index_copy's kernel is slower; its backward is the gather)
+        return y_TD[rank_T]
     return y_TD.new_empty(x_TD.shape).index_copy(0, order_T, y_TD)
 
 

@@ -48,7 +48,7 @@ from .backend import resolve_backend
 from .gemv import DENSE, FP8, dequantize, split_k, split_k_arrive, split_k_counters, split_k_total
 from .moe import _check, _dot_flags, moe_experts, moe_experts_ref
 from .settings import get_settings
-from .tl_math import pdl_launch, pdl_wait, top1_sigmoid
+from .tl_math import ACTIVATIONS, gated, pdl_launch, pdl_wait, top1_sigmoid
 
 try:
     import triton
@@ -62,8 +62,8 @@ except ImportError:  # triton is an optional extra: without it the kernels are n
 
 
 MAX_TOKENS = 64  # the token block of one program: the most tokens a call may have
-ACTIVATIONS = {"gelu": 0, "silu": 1, "gelu_tanh": 2}
 ROUTER_TILE = 16384  # elements of the router's weight tile per step (E_P2 x BLOCK_D)
+ROUTER_BLOCK_MIN_TOKENS = 64  # routing calls of more tokens take the kernel over blocks of tokens
 
 
 @_jit
@@ -98,6 +98,36 @@ def _route_top1_kernel(
     tl.store(gate_ptr + t, gate)
 
 
+@_jit
+def _route_top1_block_kernel(
+    x_ptr, w_ptr, bias_ptr, expert_ptr, gate_ptr, n_tok, dim, n_experts, stride_x_t, stride_w_e, stride_w_d,
+    E_P2: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    # BLOCK_T tokens per program: logits (BLOCK_T, E_P2) = x_tile @ W^T on tl.dot, fp32 accumulation (exact
+    # products for 16-bit inputs; IEEE products for fp32 ones).
+    ts = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = ts < n_tok
+    e = tl.arange(0, E_P2)
+    e_ok = e < n_experts
+    acc = tl.zeros((BLOCK_T, E_P2), dtype=tl.float32)
+    for d0 in range(0, dim, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = d < dim
+        x = tl.load(x_ptr + ts[:, None] * stride_x_t + d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + d[:, None] * stride_w_d + e[None, :] * stride_w_e, mask=d_ok[:, None] & e_ok[None, :],
+                    other=0.0)  # fmt: skip
+        if IEEE:
+            acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, w.to(x.dtype), acc)
+    logits = acc + tl.load(bias_ptr + e, mask=e_ok, other=0.0).to(tl.float32)[None, :]
+    probs = tl.where(e_ok[None, :], tl.sigmoid(logits), -1.0)
+    best = tl.max(probs, 1)
+    expert = tl.min(tl.where(probs == best[:, None], e[None, :], E_P2), 1)  # the lowest expert on ties
+    tl.store(expert_ptr + ts, expert.to(tl.int64), mask=t_ok)
+    tl.store(gate_ptr + ts, best, mask=t_ok)
+
+
 def route_top1_triton(x_TD: Tensor, weight_ED: Tensor, bias_E: Tensor) -> tuple[Tensor, Tensor]:
     """Sigmoid top-1 routing in one launch: x (T, D) -> (expert (T,) int64, gate (T,) fp32), the same as
     ``top1_sigmoid(F.linear(x.float(), weight.float(), bias.float()))`` up to the order of the sum."""
@@ -110,7 +140,18 @@ def route_top1_triton(x_TD: Tensor, weight_ED: Tensor, bias_E: Tensor) -> tuple[
         )
     expert_T = torch.empty(n_tok, dtype=torch.long, device=x_TD.device)
     gate_T = torch.empty(n_tok, dtype=torch.float32, device=x_TD.device)
-    if n_tok:
+    if n_tok > ROUTER_BLOCK_MIN_TOKENS:  # many tokens: blocks of them on tl.dot, x read once
+        x_TD = x_TD if x_TD.stride(1) == 1 else x_TD.contiguous()
+        block_t = 64 if x_TD.is_cuda else 16
+        # 16-bit products are exact in fp32; the interpreter multiplies bf16 tiles wrongly (see moe._dot_flags).
+        exact_16bit = x_TD.dtype in (torch.bfloat16, torch.float16) and weight_ED.dtype == x_TD.dtype and x_TD.is_cuda
+        _route_top1_block_kernel[(triton.cdiv(n_tok, block_t),)](
+            x_TD, weight_ED, bias_E.contiguous(), expert_T, gate_T, n_tok, dim, n_exp,
+            x_TD.stride(0), weight_ED.stride(0), weight_ED.stride(1),
+            E_P2=max(16, triton.next_power_of_2(n_exp)), BLOCK_T=block_t, BLOCK_D=128 if x_TD.is_cuda else 32,
+            IEEE=not exact_16bit, num_warps=4 if x_TD.is_cuda else 1,
+        )  # fmt: skip
+    elif n_tok:
         x_TD = x_TD if x_TD.stride(1) == 1 else x_TD.contiguous()
         pdl = pdl_launch(x_TD, n_tok)
         # All of D in one step on the GPU (one program per token would wait on each step's loads).
@@ -129,23 +170,6 @@ def _tokens_of(expert_ptr, n_tok, expert, BT: tl.constexpr):
     """Mask (BT,) of the tokens routed to ``expert`` among the first ``n_tok``."""
     ts = tl.arange(0, BT)
     return tl.load(expert_ptr + ts, mask=ts < n_tok, other=-1) == expert
-
-
-@_jit
-def _gated(a, b, ACT: tl.constexpr, ROUND: tl.constexpr, dtype: tl.constexpr):
-    if ROUND:  # h = x W1^T is stored in the experts' dtype in the reference
-        a = a.to(dtype).to(tl.float32)
-        b = b.to(dtype).to(tl.float32)
-    if ACT == 0:
-        act = 0.5 * a * (1.0 + tl.math.erf(a * 0.7071067811865476))
-    elif ACT == 1:
-        act = a * tl.sigmoid(a)
-    else:  # tanh(u) = 2 sigmoid(2u) - 1
-        u = 0.7978845608028654 * (a + 0.044715 * a * a * a)
-        act = a * tl.sigmoid(2.0 * u)
-    if ROUND:
-        act = act.to(dtype).to(tl.float32)
-    return act * b
 
 
 @_jit
@@ -204,7 +228,7 @@ def _decode_fc1_kernel(
         s_ptrs = scale_ptr + expert.to(tl.int64) * stride_s_e + fs
         acc_a = acc_a * tl.load(s_ptrs, mask=f_ok, other=0.0)[None, :]
         acc_b = acc_b * tl.load(s_ptrs + d_ff, mask=f_ok, other=0.0)[None, :]
-    h = _gated(acc_a, acc_b, ACT, ROUND, h_ptr.dtype.element_ty)
+    h = gated(acc_a, acc_b, ACT, ROUND, h_ptr.dtype.element_ty)
     h_ptrs = h_ptr + ts[:, None].to(tl.int64) * stride_h_t + fs[None, :]
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=mine[:, None] & f_ok[None, :])
 
@@ -400,13 +424,17 @@ def moe_experts_decode_triton(
 
 
 def decode_kernels_apply(x: Tensor, *tensors: Tensor) -> bool:
-    """Whether an inference call on tokens ``x`` (..., D) takes the decode kernels: the "triton" backend, at
-    most ``min(decode_tokens setting, MAX_TOKENS)`` tokens, no autograd through ``x`` or ``tensors``, no
-    autocast."""
+    """Whether an inference call on tokens ``x`` (..., D) takes the decode kernels: at most
+    ``min(decode_tokens setting, MAX_TOKENS)`` tokens and :func:`route_kernels_apply`."""
     tokens = x.numel() // x.shape[-1] if x.ndim else 0
+    return tokens <= min(get_settings().decode_tokens, MAX_TOKENS) and route_kernels_apply(x, *tensors)
+
+
+def route_kernels_apply(x: Tensor, *tensors: Tensor) -> bool:
+    """Whether an inference call on tokens ``x`` takes the routing kernels (one program per token, so any
+    token count): the "triton" backend, no autograd through ``x`` or ``tensors``, no autocast."""
     return (
-        tokens <= min(get_settings().decode_tokens, MAX_TOKENS)
-        and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, *tensors)))
+        not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, *tensors)))
         and not torch.is_autocast_enabled(x.device.type)
         and resolve_backend(x, has_triton=True) == "triton"
     )
@@ -421,8 +449,8 @@ def route_top1_ref(x_TD: Tensor, weight_ED: Tensor, bias_E: Tensor) -> tuple[Ten
 
 
 def route_top1(x_TD: Tensor, weight_ED: Tensor, bias_E: Tensor) -> tuple[Tensor, Tensor]:
-    """Sigmoid top-1 routing of a decode step; see :func:`route_top1_ref`."""
-    if decode_kernels_apply(x_TD, weight_ED, bias_E):
+    """Sigmoid top-1 routing without autograd (a decode step, a prefill); see :func:`route_top1_ref`."""
+    if route_kernels_apply(x_TD, weight_ED, bias_E):
         return route_top1_triton(x_TD, weight_ED, bias_E)
     return route_top1_ref(x_TD, weight_ED, bias_E)
 

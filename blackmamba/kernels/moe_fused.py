@@ -50,8 +50,8 @@ from .moe import (
     expert_offsets,
     moe_experts_ref,
 )
-from .moe_decode import ACTIVATIONS
 from .settings import get_settings
+from .tl_math import ACTIVATIONS
 
 try:
     import triton

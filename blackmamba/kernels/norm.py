@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .backend import resolve_backend
-from .moe_decode import decode_kernels_apply, route_top1, route_top1_ref
+from .moe_decode import route_kernels_apply, route_top1, route_top1_ref
 from .settings import get_settings
 from .tl_math import pdl_launch
 
@@ -279,10 +279,10 @@ def add_rms_norm_route(
     x: Tensor, delta: Tensor | None, weight: Tensor, eps: float, router_weight: Tensor, router_bias: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The MoE block's decode step up to its routing: residual add, RMSNorm, top-1 router; same arguments and
-    results as `add_rms_norm_route_ref`. One launch of `add_rms_norm_route_triton` when the decode kernels
-    apply (:func:`.moe_decode.decode_kernels_apply`) and the ``fuse_router`` setting is on; else
+    results as `add_rms_norm_route_ref`. One launch of `add_rms_norm_route_triton` when the routing kernels
+    apply (:func:`.moe_decode.route_kernels_apply`, any token count) and the ``fuse_router`` setting is on; else
     :func:`add_rms_norm` then :func:`.moe_decode.route_top1`, each on its own backend."""
-    if get_settings().fuse_router and decode_kernels_apply(x, *(t for t in (delta, weight) if t is not None)):
+    if get_settings().fuse_router and route_kernels_apply(x, *(t for t in (delta, weight) if t is not None)):
         return add_rms_norm_route_triton(x, delta, weight, eps, router_weight, router_bias)
     y, r_new = add_rms_norm(x, delta, weight, eps)
     expert, gate = route_top1(y.reshape(-1, y.shape[-1]), router_weight, router_bias)

@@ -38,7 +38,8 @@ try:
 except ImportError:  # the PyTorch paths work without Triton
     triton = None
 
-_BLOCK_R = 64  # dt_proj rank per step of the fused dt GEMV
+_BLOCK_R = 64  # dt_proj rank per step of the fused dt GEMV, where the rank exceeds _ONE_TILE_R
+_ONE_TILE_R = 128  # ranks up to this take W_dt's block in one tile
 
 
 if triton is not None:
@@ -124,66 +125,99 @@ if triton is not None:
     def _ssm_update_kernel(
         state_ptr, u_ptr, delta_ptr, dt_weight_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_bias_ptr, y_ptr,
         state_indices_ptr,
-        dim, dstate, rank,
+        batch, dim, dstate, rank,
         stride_state_b, stride_state_d, stride_state_n, stride_u_b, stride_u_d, stride_delta_b, stride_delta_k,
         stride_dt_weight_d, stride_dt_weight_r, stride_A_d, stride_A_n, stride_B_b, stride_B_n, stride_C_b, stride_C_n,
         stride_z_b, stride_z_d, stride_y_b, stride_y_d,
         FUSED_DT: tl.constexpr, A_FROM_LOG: tl.constexpr, HAS_DT_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_STATE_INDICES: tl.constexpr,
-        BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, ONE_TILE: tl.constexpr,
+        ROWS: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
-        # One program: (row b, BLOCK_D channels) x all N states. stride_delta_k runs over D_in, or over R when
-        # FUSED_DT. Row b steps state row state_indices[b] (b itself without HAS_STATE_INDICES).
-        pdl_wait(PDL)
-        b = tl.program_id(0).to(tl.int64)
-        if HAS_STATE_INDICES:
-            slot = tl.load(state_indices_ptr + b).to(tl.int64)
-        else:
-            slot = b
+        # One program: (ROWS rows from program_id(0) * ROWS, BLOCK_D channels) x all N states. What does not
+        # depend on the row (A or -exp(A_log), D, the dt bias, and W_dt when the rank fits one BLOCK_R tile) is
+        # loaded once per program. stride_delta_k runs over D_in, or over R when FUSED_DT. Row b steps state row
+        # state_indices[b] (b itself without HAS_STATE_INDICES).
         d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         n = tl.arange(0, BLOCK_N)
         mask_d = d < dim
         mask_n = n < dstate
         mask = mask_d[:, None] & mask_n[None, :]
-
-        x = tl.load(u_ptr + b * stride_u_b + d * stride_u_d, mask=mask_d, other=0.0).to(tl.float32)
-        if FUSED_DT:  # dt = W_dt dt_low: the dt_proj GEMV for this block of channels
-            dt = tl.zeros([BLOCK_D], dtype=tl.float32)
-            for r0 in range(0, rank, BLOCK_R):
-                r = r0 + tl.arange(0, BLOCK_R)
-                mask_r = r < rank
-                low = tl.load(delta_ptr + b * stride_delta_b + r * stride_delta_k, mask=mask_r, other=0.0)
-                low = low.to(tl.float32)
-                w_tile = tl.load(
-                    dt_weight_ptr + d[:, None] * stride_dt_weight_d + r[None, :] * stride_dt_weight_r,
-                    mask=mask_d[:, None] & mask_r[None, :],
-                    other=0.0,
-                ).to(tl.float32)
-                dt += tl.sum(w_tile * low[None, :], axis=1)
-        else:
-            dt = tl.load(delta_ptr + b * stride_delta_b + d * stride_delta_k, mask=mask_d, other=0.0).to(tl.float32)
-        if HAS_DT_BIAS:
-            dt += tl.load(delta_bias_ptr + d, mask=mask_d, other=0.0).to(tl.float32)
-        if SOFTPLUS:
-            dt = softplus(dt)
-
+        # Parameters only before the wait: under PDL the previous kernel may still be writing the activations.
         A = tl.load(A_ptr + d[:, None] * stride_A_d + n[None, :] * stride_A_n, mask=mask, other=0.0).to(tl.float32)
         if A_FROM_LOG:  # A = -exp(A_log), which would otherwise take two launches per step
             A = -tl.exp(A)
-        B = tl.load(B_ptr + b * stride_B_b + n * stride_B_n, mask=mask_n, other=0.0).to(tl.float32)
-        C = tl.load(C_ptr + b * stride_C_b + n * stride_C_n, mask=mask_n, other=0.0).to(tl.float32)
-        h_ptrs = state_ptr + slot * stride_state_b + d[:, None] * stride_state_d + n[None, :] * stride_state_n
-        h = tl.load(h_ptrs, mask=mask, other=0.0)
-        h = h * tl.exp(dt[:, None] * A) + (dt * x)[:, None] * B[None, :]
-        tl.store(h_ptrs, h, mask=mask)
-
-        y = tl.sum(h * C[None, :], axis=1)
+        if HAS_DT_BIAS:
+            dt_bias = tl.load(delta_bias_ptr + d, mask=mask_d, other=0.0).to(tl.float32)
         if HAS_D:
-            y += x * tl.load(D_ptr + d, mask=mask_d, other=0.0).to(tl.float32)
-        if HAS_Z:
-            z = tl.load(z_ptr + b * stride_z_b + d * stride_z_d, mask=mask_d, other=0.0).to(tl.float32)
-            y *= z * tl.sigmoid(z)
-        tl.store(y_ptr + b * stride_y_b + d * stride_y_d, y.to(y_ptr.dtype.element_ty), mask=mask_d)
+            d_skip = tl.load(D_ptr + d, mask=mask_d, other=0.0).to(tl.float32)
+        if ONE_TILE:  # FUSED_DT with BLOCK_R >= rank: W_dt's block is read before the wait, once for every row
+            r = tl.arange(0, BLOCK_R)
+            mask_r = r < rank
+            w_block = tl.load(
+                dt_weight_ptr + d[:, None] * stride_dt_weight_d + r[None, :] * stride_dt_weight_r,
+                mask=mask_d[:, None] & mask_r[None, :],
+                other=0.0,
+            ).to(tl.float32)
+        pdl_wait(PDL)
+        for i in tl.static_range(ROWS):
+            b = tl.program_id(0).to(tl.int64) * ROWS + i
+            if b < batch:
+                if HAS_STATE_INDICES:
+                    slot = tl.load(state_indices_ptr + b).to(tl.int64)
+                else:
+                    slot = b
+                h_ptrs = state_ptr + slot * stride_state_b + d[:, None] * stride_state_d + n[None, :] * stride_state_n
+                h = tl.load(h_ptrs, mask=mask, other=0.0)
+                x = tl.load(u_ptr + b * stride_u_b + d * stride_u_d, mask=mask_d, other=0.0).to(tl.float32)
+                if ONE_TILE:
+                    low = tl.load(delta_ptr + b * stride_delta_b + r * stride_delta_k, mask=mask_r, other=0.0)
+                    dt = tl.sum(w_block * low.to(tl.float32)[None, :], axis=1)
+                elif FUSED_DT:  # dt = W_dt dt_low: the dt_proj GEMV for this block of channels, BLOCK_R at a time
+                    dt = tl.zeros([BLOCK_D], dtype=tl.float32)
+                    for r0 in range(0, rank, BLOCK_R):
+                        rr = r0 + tl.arange(0, BLOCK_R)
+                        mask_rr = rr < rank
+                        low = tl.load(delta_ptr + b * stride_delta_b + rr * stride_delta_k, mask=mask_rr, other=0.0)
+                        w_tile = tl.load(
+                            dt_weight_ptr + d[:, None] * stride_dt_weight_d + rr[None, :] * stride_dt_weight_r,
+                            mask=mask_d[:, None] & mask_rr[None, :],
+                            other=0.0,
+                        ).to(tl.float32)
+                        dt += tl.sum(w_tile * low.to(tl.float32)[None, :], axis=1)
+                else:
+                    dt = tl.load(delta_ptr + b * stride_delta_b + d * stride_delta_k, mask=mask_d, other=0.0)
+                    dt = dt.to(tl.float32)
+                if HAS_DT_BIAS:
+                    dt += dt_bias
+                if SOFTPLUS:
+                    dt = softplus(dt)
+                B = tl.load(B_ptr + b * stride_B_b + n * stride_B_n, mask=mask_n, other=0.0).to(tl.float32)
+                C = tl.load(C_ptr + b * stride_C_b + n * stride_C_n, mask=mask_n, other=0.0).to(tl.float32)
+                h = h * tl.exp(dt[:, None] * A) + (dt * x)[:, None] * B[None, :]
+                tl.store(h_ptrs, h, mask=mask)
+
+                y = tl.sum(h * C[None, :], axis=1)
+                if HAS_D:
+                    y += x * d_skip
+                if HAS_Z:
+                    z = tl.load(z_ptr + b * stride_z_b + d * stride_z_d, mask=mask_d, other=0.0).to(tl.float32)
+                    y *= z * tl.sigmoid(z)
+                tl.store(y_ptr + b * stride_y_b + d * stride_y_d, y.to(y_ptr.dtype.element_ty), mask=mask_d)
+
+
+def _update_config(batch: int, dim: int, block_n: int, on_gpu: bool) -> tuple[int, int, int]:
+    """(BLOCK_D, ROWS, num_warps) of a decode step over ``batch`` rows: the ``ssm_update_tiles`` entry of the
+    smallest row count >= batch (else the largest). Without entries: :func:`.tl_math.decode_launch_config`'s
+    channel block, one row per program on the GPU and two under the interpreter (so that the CPU tests run
+    the row loop)."""
+    table = get_settings().ssm_update_tiles
+    if not table:
+        block, warps = decode_launch_config(batch, dim, block_n)
+        return block, 1 if on_gpu else 2, warps
+    fits = [n for n in table if n >= batch]
+    cfg = table[min(fits) if fits else max(table)]
+    return min(cfg["BLOCK_D"], triton.next_power_of_2(dim)), cfg["ROWS"], cfg["num_warps"]
 
 
 def _rows_contiguous(t: Tensor) -> Tensor:
@@ -374,19 +408,26 @@ def ssm_update_triton(
     if batch == 0 or dim == 0:
         return out
     block_n = triton.next_power_of_2(dstate)
-    block, warps = decode_launch_config(batch, dim, block_n)
+    block, rows, warps = _update_config(batch, dim, block_n, u.is_cuda)
+    if dt_weight is not None and batch > get_settings().ssm_fused_dt_max_rows:
+        # Many rows: dt_proj as one GEMM (cuBLAS) beats a GEMV per row inside the kernel.
+        delta, dt_weight, rank = torch.nn.functional.linear(delta, dt_weight), None, 0
     w = u if dt_weight is None else dt_weight
+    # W_dt's (BLOCK_D, rank) block in one tile where the rank allows (released models: 92 and 72), else a loop.
+    block_r = triton.next_power_of_2(max(rank, 1))
+    one_tile = dt_weight is not None and block_r <= _ONE_TILE_R
+    block_r = block_r if one_tile else min(_BLOCK_R, block_r)
     pdl = pdl_launch(u, batch)
-    _ssm_update_kernel[(batch, triton.cdiv(dim, block))](
+    _ssm_update_kernel[(triton.cdiv(batch, rows), triton.cdiv(dim, block))](
         state, u, delta, w, A, B, C, u if D is None else D, u if z is None else z,
         u if delta_bias is None else delta_bias, out, u if state_indices is None else state_indices,
-        dim, dstate, rank,
+        batch, dim, dstate, rank,
         *state.stride(), *u.stride(), *delta.stride(), *(w.stride() if dt_weight is not None else (0, 0)),
         *A.stride(), *B.stride(), *C.stride(), *(z.stride() if z is not None else (0, 0)), *out.stride(),
         FUSED_DT=dt_weight is not None, A_FROM_LOG=a_from_log, HAS_DT_BIAS=delta_bias is not None,
         SOFTPLUS=delta_softplus, HAS_D=D is not None, HAS_Z=z is not None,
         HAS_STATE_INDICES=state_indices is not None,
-        BLOCK_D=block, BLOCK_N=block_n, BLOCK_R=min(_BLOCK_R, triton.next_power_of_2(max(rank, 1))),
+        BLOCK_D=block, BLOCK_N=block_n, BLOCK_R=block_r, ONE_TILE=one_tile, ROWS=rows,
         PDL=pdl, num_warps=warps, launch_pdl=pdl,
     )  # fmt: skip
     return out

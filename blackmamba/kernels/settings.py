@@ -161,6 +161,26 @@ class KernelSettings:
     # "auto" splits until about this many programs run: picks the best count at 1x2048 (4) and 8x2048 (1).
     scan_min_programs: int = 3000
 
+    # Decode step of the SSM (kernels/scan_triton.py: ssm_update_triton). Tiles by row count (the entry of the
+    # smallest count >= the step's rows, else the largest): BLOCK_D channels and ROWS rows per program, num_warps.
+    # Empty: one row per program, tl_math.decode_launch_config's block. The fastest of `python -m
+    # benchmarks.tune.ssm_update` (2.8B widths, 18 layers per CUDA graph; results/ssm_update.json, 2026-12-02), us
+    # per layer against the one-row 128-channel block before: batch 1 1.96 (3.49), 16 8.29 (23.5), 64 14.0, 256 36.0
+    # (233; floor 23.6). The 2.8B decode step (results/profile_decode.json, same run): batch 16 3,491 -> 1,990 us,
+    # 256 17,786 -> 3,520 us.
+    ssm_update_tiles: Mapping[int, Mapping[str, int]] = field(
+        hash=False,
+        default_factory=lambda: _tiles({
+            1: dict(BLOCK_D=16, ROWS=4, num_warps=1),
+            16: dict(BLOCK_D=16, ROWS=1, num_warps=1),
+            64: dict(BLOCK_D=32, ROWS=1, num_warps=1),
+            256: dict(BLOCK_D=32, ROWS=1, num_warps=1),
+        }),
+    )  # fmt: skip
+    # Steps of at most this many rows fold the dt_proj GEMV into the SSM kernel; larger ones run it as one GEMM
+    # (cuBLAS) first. Same sweep: folded in is fastest at batch 1 only.
+    ssm_fused_dt_max_rows: int = 1
+
     # Selective scan, PyTorch chunked path (kernels/scan_chunked.py), CPU.
     # Elements per channel block of the in-place inference path: 1x2048 at d_inner 2304 ~0.43 s; blocking beyond
     # 2^17 elements per buffer changes little (notes/measurements.md, "CPU").
@@ -180,6 +200,7 @@ class KernelSettings:
             "scan_min_programs",
             "gemv_max_rows",
             "pdl_max_rows",
+            "ssm_fused_dt_max_rows",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}")
@@ -199,6 +220,13 @@ class KernelSettings:
         object.__setattr__(self, "moe_fc1_tiles", _tiles(self.moe_fc1_tiles))
         object.__setattr__(self, "moe_fc2_tiles", _tiles(self.moe_fc2_tiles))
         object.__setattr__(self, "gemv_tiles", _tiles(self.gemv_tiles))
+        object.__setattr__(self, "ssm_update_tiles", _tiles(self.ssm_update_tiles))
+        for rows, cfg in self.ssm_update_tiles.items():
+            if set(cfg) != {"BLOCK_D", "ROWS", "num_warps"} or min(cfg.values()) < 1 or rows < 1:
+                raise ValueError(
+                    f"ssm_update_tiles entries must map a row count >= 1 to positive BLOCK_D, ROWS, num_warps; "
+                    f"got {rows}: {dict(cfg)}"
+                )
         object.__setattr__(self, "gemv_shape_tiles", _tiles(self.gemv_shape_tiles))
         object.__setattr__(self, "moe_fc2_splits", MappingProxyType(dict(self.moe_fc2_splits)))
         if self.gemv_programs_per_sm < 1 or min(self.moe_fc2_splits.values(), default=1) < 1:

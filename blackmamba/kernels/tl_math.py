@@ -21,6 +21,9 @@ except ImportError:  # triton is an optional extra: without it the kernels are n
         return fn
 
 
+ACTIVATIONS = {"gelu": 0, "silu": 1, "gelu_tanh": 2}  # the MoE activations, numbered for the kernels
+
+
 @_jit
 def softplus(x):
     """log(1 + exp(x)) in fp32, torch's softplus (x above 20 passes through), accurate for negative x too.
@@ -43,6 +46,25 @@ def top1_sigmoid(logits, e_ok, E_P2: tl.constexpr):
     probs = tl.where(e_ok, tl.sigmoid(logits), -1.0)
     best = tl.max(probs, 0)
     return tl.min(tl.where(probs == best, e, E_P2), 0), best
+
+
+@_jit
+def gated(a, b, ACT: tl.constexpr, ROUND: tl.constexpr, dtype: tl.constexpr):
+    """act(a) * b in fp32 for the activation numbered ACT in ACTIVATIONS; with ROUND, a, b and act(a) are
+    rounded to ``dtype`` first, as the reference stores h and act(a) in the experts' dtype."""
+    if ROUND:  # h = x W1^T is stored in the experts' dtype in the reference
+        a = a.to(dtype).to(tl.float32)
+        b = b.to(dtype).to(tl.float32)
+    if ACT == 0:
+        act = 0.5 * a * (1.0 + tl.math.erf(a * 0.7071067811865476))
+    elif ACT == 1:
+        act = a * tl.sigmoid(a)
+    else:  # tanh(u) = 2 sigmoid(2u) - 1
+        u = 0.7978845608028654 * (a + 0.044715 * a * a * a)
+        act = a * tl.sigmoid(2.0 * u)
+    if ROUND:
+        act = act.to(dtype).to(tl.float32)
+    return act * b
 
 
 @_jit

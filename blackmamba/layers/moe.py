@@ -72,26 +72,32 @@ class MoE(Mixer):
         never read)."""
         cfg = self.config
         x_TD = x.reshape(-1, x.shape[-1])
-        logits_TE = self.router_logits(x_TD)
         iters, aux = 0, None
-        if self.training and cfg.train_routing == "sinkhorn":
+        if not self.training:  # routing only: one launch on the Triton backend (see route_top1)
+            expert_T, gate_T = route_top1(x_TD, self.router.weight, self.router.bias)
+            y_TD = moe_experts(x_TD, expert_T, gate_T, *self.expert_weights(x.dtype), self.activation)
+            return y_TD.view_as(x), RouterStats(self._counts(expert_T))
+        logits_TE = self.router_logits(x_TD)
+        if cfg.train_routing == "sinkhorn":
             expert_T, gate_T, iters = sinkhorn_top1(
                 logits_TE, cfg.sinkhorn_tol, cfg.sinkhorn_max_iters, cfg.sinkhorn_init, cfg.sinkhorn_criterion
             )
         else:
             expert_T, gate_T = top1_sigmoid(logits_TE)
-        if self.training:
-            terms = []
-            if cfg.load_balance_weight > 0:
-                terms.append(cfg.load_balance_weight * load_balancing_loss(logits_TE, expert_T))
-            if cfg.z_loss_weight > 0:
-                terms.append(cfg.z_loss_weight * router_z_loss(logits_TE))
-            aux = sum(terms) if terms else None
+        terms = []
+        if cfg.load_balance_weight > 0:
+            terms.append(cfg.load_balance_weight * load_balancing_loss(logits_TE, expert_T))
+        if cfg.z_loss_weight > 0:
+            terms.append(cfg.z_loss_weight * router_z_loss(logits_TE))
+        aux = sum(terms) if terms else None
         y_TD = moe_experts(x_TD, expert_T, gate_T, *self.expert_weights(x.dtype), self.activation)
-        # Not bincount: on CUDA it reads the largest id back to the host, which a CUDA graph cannot hold.
+        return y_TD.view_as(x), RouterStats(self._counts(expert_T), aux, iters)
+
+    def _counts(self, expert_T: Tensor) -> Tensor:
+        """Tokens per expert (E,). Not bincount: on CUDA it reads the largest id back to the host, which a CUDA
+        graph cannot hold."""
         counts_E = torch.zeros(self.n_experts, dtype=torch.long, device=expert_T.device)
-        counts_E.index_add_(0, expert_T, torch.ones_like(expert_T))
-        return y_TD.view_as(x), RouterStats(counts_E, aux, iters)
+        return counts_E.index_add_(0, expert_T, torch.ones_like(expert_T))
 
     def expert_weights(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """(w1, w2) for inputs of ``dtype``: the parameters themselves here; an fp8 MoE

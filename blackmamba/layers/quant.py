@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import BlackMambaError
-from ..kernels import decode_kernels_apply, dequantize, gated_activation, linear, moe_experts_decode
+from ..kernels import decode_kernels_apply, dequantize, gated_activation_ref, linear, moe_experts_decode
 from .mamba import MambaMixer
 from .moe import MoE
 
@@ -69,7 +69,7 @@ def experts_per_token(x_TD: Tensor, expert_T: Tensor, gate_T: Tensor, fp8: Fp8Mo
     Same arithmetic as :func:`blackmamba.kernels.moe_experts_ref` on the dequantized weights."""
     dtype = x_TD.dtype
     w1_TFD = dequantize(_rows(fp8.w1, expert_T), fp8.w1_scale[expert_T], dtype)
-    h_TF = gated_activation(torch.bmm(w1_TFD, x_TD[:, :, None])[..., 0], activation)
+    h_TF = gated_activation_ref(torch.bmm(w1_TFD, x_TD[:, :, None])[..., 0], activation)
     w2_TDF = dequantize(_rows(fp8.w2, expert_T), fp8.w2_scale[expert_T], dtype)
     y_TD = torch.bmm(w2_TDF, h_TF[:, :, None])[..., 0]
     return y_TD * gate_T[:, None].to(y_TD.dtype)

@@ -21,7 +21,12 @@ from blackmamba.kernels import (
 )
 from blackmamba.kernels.moe import (
     expert_offsets,
+    expert_offsets_ref,
+    expert_order,
+    expert_order_triton,
     gated_activation,
+    gated_activation_ref,
+    gated_activation_triton,
     grouped_gemm,
     grouped_gemm_ref,
     grouped_gemm_wgrad,
@@ -117,6 +122,41 @@ def forward_and_grads(fn, x, expert, gate, w1, w2, activation="gelu"):
     y = fn(x, expert, gate, w1, w2, activation)
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.device, y.dtype)
     return y, torch.autograd.grad(y, (x, gate, w1, w2), dy)
+
+
+@pytest.mark.parametrize("tokens,experts", [(0, 8), (1, 8), (37, 8), (100, 3), (70, 1)])
+def test_expert_order_kernel_matches_the_sort(tokens, experts):
+    """The counting sort gives the stable sort's order and offsets, and ``rank`` inverts the order (several
+    token blocks: the interpreter's block is 16 tokens)."""
+    expert = torch.randint(0, experts, (tokens,), generator=torch.Generator().manual_seed(tokens)).to(DEVICE)
+    order, offs, rank = expert_order_triton(expert, experts)
+    order_ref, offs_ref = expert_offsets_ref(expert, experts)
+    assert torch.equal(order, order_ref) and torch.equal(offs, offs_ref)
+    assert offs.dtype == torch.int32 and order.dtype == rank.dtype == torch.long
+    assert torch.equal(order[rank], torch.arange(tokens, device=DEVICE))
+
+
+def test_expert_order_past_the_counting_sort(monkeypatch):
+    """Past COUNTING_SORT_MAX_TOKENS the order comes from the sort, with the same results."""
+    expert = torch.randint(0, 5, (40,), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    small = expert_order(expert, 5)
+    monkeypatch.setattr(moe, "COUNTING_SORT_MAX_TOKENS", 39)
+    for a, b in zip(small, expert_order(expert, 5), strict=True):
+        assert torch.equal(a, b)
+    assert all(torch.equal(a, b) for a, b in zip(small[:2], expert_offsets(expert, 5), strict=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("activation", ["gelu", "silu", "gelu_tanh"])
+def test_gated_activation_kernel_matches_reference(dtype, activation):
+    # F = 21: a masked column tile; h a strided view (every other row of a wider tensor).
+    g = torch.Generator().manual_seed(3)
+    h = (2 * torch.randn(2 * 9, 50, generator=g)).to(DEVICE, dtype)[::2, 4:46]
+    y = gated_activation_triton(h, activation)
+    assert y.shape == (9, 21) and y.dtype == dtype
+    assert_close("act(a) * b", gated_activation_ref(h, activation), y, dtype)
+    with pytest.raises(ValueError, match="activation"):
+        gated_activation_triton(h, "relu")
 
 
 def test_expert_offsets_group_tokens_stably():

@@ -30,7 +30,9 @@ def router_inputs(tokens, dim, experts, dtype, seed=0, device=DEVICE):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("tokens,dim,experts", [(1, 24, 4), (5, 70, 3), (17, 64, 8)])
+# 100 and 150 tokens: past ROUTER_BLOCK_MIN_TOKENS, blocks of tokens on tl.dot (a partial last block; D = 70
+# a partial last tile of the reduction).
+@pytest.mark.parametrize("tokens,dim,experts", [(1, 24, 4), (5, 70, 3), (17, 64, 8), (100, 70, 8), (150, 40, 3)])
 def test_route_top1_matches_reference(dtype, tokens, dim, experts):
     x, w, b = router_inputs(tokens, dim, experts, dtype)
     expert_ref, gate_ref = top1_sigmoid(F.linear(x.float(), w.float(), b.float()))
@@ -48,6 +50,9 @@ def test_route_top1_ties_go_to_the_lowest_expert():
     expert, gate = route_top1_triton(x, w, b)
     assert expert.tolist() == [1, 1] == top1_sigmoid(F.linear(x, w, b))[0].tolist()
     assert gate.tolist() == [1.0, 1.0]
+    many = torch.ones(70, 16, device=DEVICE)  # the kernel over blocks of tokens
+    expert, gate = route_top1_triton(many, w, b)
+    assert expert.tolist() == [1] * 70 and gate.tolist() == [1.0] * 70
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

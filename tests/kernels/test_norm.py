@@ -130,10 +130,12 @@ def test_add_rms_norm_full_size_on_gpu(width):
         assert_close(name, b, a, torch.bfloat16)
 
 
+# (3, 40, 24): 120 rows, past the decode kernels' 64 tokens (the routing kernels take any count)
+ROUTE_SHAPES = [((1, 24), 3), ((5, 100), 8), ((2, 3, 33), 5), ((3, 40, 24), 8)]
+
+
 @pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(
-    "shape,experts", [((1, 24), 3), ((5, 100), 8), ((2, 3, 33), 5)] + ([((64, 1472), 8)] if ON_GPU else [])
-)
+@pytest.mark.parametrize("shape,experts", ROUTE_SHAPES + ([((64, 1472), 8)] if ON_GPU else []))
 @pytest.mark.parametrize("with_delta", [True, False])
 def test_add_rms_norm_route_matches_reference(poisoned, weight_dtype, shape, experts, with_delta):
     x, delta, weight = (

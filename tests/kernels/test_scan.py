@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from blackmamba.kernels import (
     causal_conv1d_update,
     conv_update_triton,
+    get_settings,
     selective_scan,
     selective_scan_chunked,
     selective_scan_ref,
@@ -271,18 +272,41 @@ def ssm_inputs(batch, dim, dstate, rank, dtype, device=DEVICE, seed=0):
     )
 
 
+# Launch layouts of the decode step: the default (two rows per program under the interpreter), one row per
+# program with a 16-channel block, four rows per program (the last program partly past the batch), and the
+# dt_proj GEMV taken out of the kernel as a GEMM (ssm_fused_dt_max_rows below the rows) or kept in at any row
+# count.
+UPDATE_LAYOUTS = {
+    "default": {},
+    "rows1": dict(ssm_update_tiles={64: dict(BLOCK_D=16, ROWS=1, num_warps=1)}),
+    "rows4": dict(ssm_update_tiles={64: dict(BLOCK_D=16, ROWS=4, num_warps=1)}),
+    "gemm_dt": dict(ssm_fused_dt_max_rows=0),
+    "fused_dt": dict(ssm_fused_dt_max_rows=1 << 20),
+}
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("batch,dim,dstate,rank", [(1, 13, 16, 5), (7, 64, 4, 5), (7, 13, 16, 70), (1, 64, 4, 5)])
-@pytest.mark.parametrize("fused_dt", [False, True])
-def test_ssm_update_matches_reference(dtype, batch, dim, dstate, rank, fused_dt):
+# Rank 130: W_dt's block takes more than one tile (the fused dt's loop over the rank).
+@pytest.mark.parametrize(
+    "batch,dim,dstate,rank", [(1, 13, 16, 5), (7, 64, 4, 5), (7, 13, 16, 70), (1, 64, 4, 5), (3, 13, 4, 130)]
+)
+@pytest.mark.parametrize(
+    "fused_dt,layout",
+    [(fused, layout) for fused in (False, True) for layout in UPDATE_LAYOUTS if fused or not layout.endswith("_dt")],
+)
+def test_ssm_update_matches_reference(dtype, batch, dim, dstate, rank, fused_dt, layout):
     t = ssm_inputs(batch, dim, dstate, rank, dtype)
     state, ref_state = t["state"], t["state"].clone()
+    with use_settings(**UPDATE_LAYOUTS[layout]):
+        gemm_dt = fused_dt and batch > get_settings().ssm_fused_dt_max_rows
     for s in range(STEPS):  # consecutive steps carry the state
         dt32 = F.linear(t["dt_low"][s].float(), t["dt_weight"].float())  # the explicit dt_proj, in fp32
         dt, dt_weight = (t["dt_low"][s], t["dt_weight"]) if fused_dt else (dt32.to(dtype), None)
+        # Taken out of the kernel, dt_proj is a GEMM in the inputs' dtype: its result is rounded to it.
+        dt_ref = F.linear(t["dt_low"][s], t["dt_weight"]) if gemm_dt else dt32 if fused_dt else dt
         args = (t["A"], t["B"][s], t["C"][s], t["D"], t["z"][s], t["dt_bias"], True)
-        y_ref = selective_state_update(ref_state, t["x"][s], dt32 if fused_dt else dt, *args)
-        with use_backend("triton"):
+        y_ref = selective_state_update(ref_state, t["x"][s], dt_ref, *args)
+        with use_backend("triton"), use_settings(**UPDATE_LAYOUTS[layout]):
             y = ssm_update_triton(state, t["x"][s], dt, *args, dt_weight=dt_weight, out=nan_filled((batch, dim), dtype))
         assert_close("y", y_ref, y, dtype)
         assert_close("state", ref_state, state, torch.float32)
