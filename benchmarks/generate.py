@@ -20,6 +20,7 @@ bf16 matmul rate measured here. Max err: logits of our fast path against our ref
 
     python -m benchmarks.generate [--presets 2.8b 1.5b] [--quick]     (on the GPU machine)
     python -m benchmarks.generate --presets 2.8b --only prefill       (prefill rows only, about a minute)
+    python -m benchmarks.generate --presets 2.8b --only decode        (decode rows only, batch 1 to 256)
     python -m benchmarks.generate --presets 2.8b --only fp8           (bf16 and fp8 decode and prefill rows)
     python -m benchmarks.generate --plot benchmarks/results/generate.json  (the PNG, where matplotlib is)
 """
@@ -273,10 +274,14 @@ def dense_latency(active_params: int, d: int, vocab: int, total: int) -> list[tu
 
 
 def decode_batches(args: argparse.Namespace) -> list[int]:
-    return [1, 16] if args.quick or args.only else [1, 16, 64, 256]
+    if args.only == "prefill":
+        return []
+    return [1, 16] if args.quick or args.only == "fp8" else [1, 16, 64, 256]
 
 
 def prefill_batches(args: argparse.Namespace) -> list[int]:
+    if args.only == "decode":
+        return []
     return [1, 8] if args.quick or args.only else [1, 8, 64]
 
 
@@ -297,9 +302,8 @@ def bench_preset(preset: str, args: argparse.Namespace, bw: float, peak: float, 
     model = build_model(f"blackmamba-{short}", DEVICE, BF16)
     active = model.num_parameters(active=True)
     err_prefill, err_step = fast_path_errors(model)
-    only_prefill = args.only == "prefill"
     peer = None if args.no_peer or args.only else build_jamba(model.config, DEVICE, BF16)
-    for batch in [] if only_prefill else decode_batches(args):
+    for batch in decode_batches(args):
         for prompt_len in (16, 512):
             shape, tps, percentiles = decode_point(model, short, batch, prompt_len, args.new_tokens)
             peer_tps = None
@@ -412,13 +416,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer shapes (a smoke run)")
     parser.add_argument(
         "--only",
-        choices=["prefill", "fp8"],
-        help="only these rows (prefill: 1x2048 and 8x2048, graphs and eager; fp8: decode at batch 1 and 16 and "
-        "prefill at 1x2048 and 8x2048, bf16 then fp8)",
+        choices=["prefill", "decode", "fp8"],
+        help="only these rows (prefill: 1x2048 and 8x2048, graphs and eager; decode: batch 1, 16, 64 and 256; fp8: "
+        "decode at batch 1 and 16 and prefill at 1x2048 and 8x2048, bf16 then fp8)",
     )
     parser.add_argument("--no-fp8", dest="fp8", action="store_false", help="skip the fp8 weight-only rows")
     parser.add_argument("--no-peer", action="store_true", help="do not build or time transformers' Jamba")
-    default_out = "results/generate.json (with --only: generate_prefill.json, generate_fp8.json)"
+    default_out = "results/generate.json (with --only: generate_prefill.json, generate_decode.json, generate_fp8.json)"
     parser.add_argument("--out", help=f"results file (and .md beside it); default {default_out}")
     parser.add_argument("--plot", help="draw the latency PNG from a results file and exit")
     args = parser.parse_args(argv)

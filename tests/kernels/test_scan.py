@@ -340,6 +340,8 @@ def test_decode_kernels_full_size(dtype, batch):
         assert_close("conv x", x_ref, x, dtype)
         assert_close("conv state", ref_conv_state, conv_state, "exact")
         dt32 = F.linear(t["dt_low"][s].float(), t["dt_weight"].float())
+        if batch > get_settings().ssm_fused_dt_max_rows:  # dt_proj runs as a GEMM in dtype before the kernel
+            dt32 = F.linear(t["dt_low"][s], t["dt_weight"])
         args = (t["A"], t["B"][s], t["C"][s], t["D"], t["z"][s], t["dt_bias"], True)
         y_ref = selective_state_update(ref_state, x_ref, dt32, *args)
         out = nan_filled((batch, dim), dtype, "cuda")
