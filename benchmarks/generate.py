@@ -375,6 +375,30 @@ def fp8_rows(model: BlackMamba, short: str, args: argparse.Namespace, bw: float,
     torch.cuda.empty_cache()
 
 
+def readme_table(paths: list[Path]) -> str:
+    """The rows of results files as the README's markdown table (numbers with thousands separators, the
+    floor fraction in percent), in file order."""
+    header = ["benchmark", "shape", "ours (tokens/s)", "transformers Jamba", "speedup", "floor", "of floor",
+              "p50 ms/step", "p99 ms/step", "max err"]  # fmt: skip
+
+    def num(value: float | None) -> str:
+        return "n/a" if value is None else format(value, ",.0f" if abs(value) >= 100 else ".1f")
+
+    def ms(value: float | None) -> str:
+        return "" if value is None else f"{value:.2f}"
+
+    body = []
+    for path in paths:
+        for r in json.loads(Path(path).read_text())["results"]:
+            p50, p99 = r.get("p50_ms"), r.get("p99_ms")
+            body.append([
+                r["benchmark"], r["shape"], num(r["ours"]), num(r["peer_value"]),
+                "n/a" if r["speedup"] is None else f"{r['speedup']:.1f}x", num(r["floor"]),
+                f"{r['fraction_of_floor']:.0%}", ms(p50), ms(p99), f"{r['max_err']:.3f}",
+            ])  # fmt: skip
+    return markdown_table(header, body)
+
+
 def plot(path: Path) -> Path:
     import matplotlib
 
@@ -425,9 +449,13 @@ def main(argv: list[str] | None = None) -> None:
     default_out = "results/generate.json (with --only: generate_prefill.json, generate_decode.json, generate_fp8.json)"
     parser.add_argument("--out", help=f"results file (and .md beside it); default {default_out}")
     parser.add_argument("--plot", help="draw the latency PNG from a results file and exit")
+    parser.add_argument("--readme-table", nargs="+", metavar="FILE", help="print results files as the README table")
     args = parser.parse_args(argv)
     # A partial run must not overwrite the full results file.
     args.out = args.out or str(RESULTS_DIR / (f"generate_{args.only}.json" if args.only else "generate.json"))
+    if args.readme_table:
+        print(readme_table([Path(p) for p in args.readme_table]))
+        return
     if args.plot:
         print(plot(Path(args.plot)))
         return

@@ -13,8 +13,10 @@ lambda_t = C_t g_t + decay_{t+1} lambda_{t+1} backwards. Tile shapes and the seg
 :mod:`.settings` (``scan_*``).
 
 The decode step (:func:`ssm_update_triton`) advances the state (S, D_in, N) by one token in place, one
-program per (row, channel block), and can fold the dt_proj GEMV (dt = W_dt dt_low) in, so that needs no
-launch of its own. It is memory bound: the floor is one read and one write of the state. Row b may step
+program per (ROWS rows, channel block), which keeps A, D, the dt bias and W_dt's block across its rows. It
+can fold the dt_proj GEMV (dt = W_dt dt_low) in, so that needs no launch of its own (``ssm_fused_dt_max_rows``;
+with more rows dt_proj runs as one GEMM first). It is memory bound: the floor is one read and one write of
+the state. Row b may step
 any state row (``state_indices``), so a decode step can run over any set of slots of a state pool.
 
 Kernel arguments follow one convention in every kernel file: ``<tensor>_ptr``, ``stride_<tensor>_<dim>``

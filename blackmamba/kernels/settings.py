@@ -165,9 +165,9 @@ class KernelSettings:
     # smallest count >= the step's rows, else the largest): BLOCK_D channels and ROWS rows per program, num_warps.
     # Empty: one row per program, tl_math.decode_launch_config's block. The fastest of `python -m
     # benchmarks.tune.ssm_update` (2.8B widths, 18 layers per CUDA graph; results/ssm_update.json, 2026-12-02), us
-    # per layer against the one-row 128-channel block before: batch 1 1.96 (3.49), 16 8.29 (23.5), 64 14.0, 256 36.0
-    # (233; floor 23.6). The 2.8B decode step (results/profile_decode.json, same run): batch 16 3,491 -> 1,990 us,
-    # 256 17,786 -> 3,520 us.
+    # per layer: batch 1 1.96, 16 8.29, 64 14.0, 256 36.0 (floor 23.6). The one-row 128-channel block before took 23.5
+    # us at 16 and 233 at 256 in the profiled step (results/profile_decode_before_ssm.json). The 2.8B decode step:
+    # batch 16 2,320 -> 1,990 us, 256 8,310 -> 3,520 us (that file, then results/profile_decode.json).
     ssm_update_tiles: Mapping[int, Mapping[str, int]] = field(
         hash=False,
         default_factory=lambda: _tiles({
