@@ -167,3 +167,33 @@ def test_cpu_benchmark_quick_run_writes_the_contract_rows(tmp_path):
     for r in data["results"]:
         assert list(r)[:10] == [*CONTRACT, "max_err"] and r["ours"] > 0 and r["max_err"] < 1e-3
     assert data["results"][0]["fraction_of_floor"] > 0
+
+
+def test_generate_readme_table_prints_results_files_in_order(tmp_path, capsys):
+    from benchmarks import generate
+
+    rows = [
+        Row("decode", "2.8b/b1", "tokens/s", 1262.4, "Jamba", 21.6, 3374.0, 0.0284, extra=dict(p50_ms=0.784)),
+        Row("prefill", "2.8b/1x2048", "tokens/s", 155657.0, None, None, 622008.0, 0.0),
+    ]
+    harness.write_results(tmp_path / "a.json", {}, rows[:1])
+    harness.write_results(tmp_path / "b.json", {}, rows[1:])
+    generate.main(["--readme-table", str(tmp_path / "a.json"), str(tmp_path / "b.json")])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("| benchmark | shape | ours (tokens/s) |") and len(lines) == 4
+    assert lines[2] == "| decode | 2.8b/b1 | 1,262 | 21.6 | 58.4x | 3,374 | 37% | 0.78 |  | 0.028 |"
+    assert lines[3] == "| prefill | 2.8b/1x2048 | 155,657 | n/a | n/a | 622,008 | 25% |  |  | 0.000 |"
+
+
+ONLY_ROWS = [("decode", [1, 16, 64, 256], []), ("prefill", [], [1, 8]), ("fp8", [1, 16], [1, 8]),
+             (None, [1, 16, 64, 256], [1, 8, 64])]  # fmt: skip
+
+
+@pytest.mark.parametrize("only,decode,prefill", ONLY_ROWS)
+def test_generate_only_picks_its_rows(only, decode, prefill):
+    from types import SimpleNamespace
+
+    from benchmarks import generate
+
+    args = SimpleNamespace(only=only, quick=False)
+    assert generate.decode_batches(args) == decode and generate.prefill_batches(args) == prefill
