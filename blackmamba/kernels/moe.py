@@ -205,20 +205,22 @@ def _expert_order_kernel(
     expert_ptr, order_ptr, rank_ptr, offs_ptr, n_tok, n_exp, BLOCK_T: tl.constexpr, E_P2: tl.constexpr
 ):
     # One program. Pass 1 counts the tokens of each expert; pass 2 gives token t the position
-    # offs[e_t] + (tokens of e_t before t), block by block with a running count per expert.
+    # offs[e_t] + (tokens of e_t before t), block by block with a running count per expert. An id outside
+    # [0, E) counts as expert E: its token goes after every expert's rows, where no GEMM reads it.
     es = tl.arange(0, E_P2)
     counts = tl.zeros([E_P2], dtype=tl.int32)
     for t0 in range(0, n_tok, BLOCK_T):
         ts = t0 + tl.arange(0, BLOCK_T)
         e = tl.load(expert_ptr + ts, mask=ts < n_tok, other=-1)
+        e = tl.where((ts < n_tok) & ((e < 0) | (e >= n_exp)), n_exp, e)
         counts += tl.sum((e[:, None] == es[None, :]).to(tl.int32), axis=0)
     seen = tl.cumsum(counts, axis=0) - counts  # the first sorted row of each expert
-    tl.store(offs_ptr + es, seen, mask=es < n_exp)
-    tl.store(offs_ptr + n_exp, tl.sum(counts, axis=0))
+    tl.store(offs_ptr + es, seen, mask=es <= n_exp)
     for t0 in range(0, n_tok, BLOCK_T):
         ts = t0 + tl.arange(0, BLOCK_T)
         mask = ts < n_tok
         e = tl.load(expert_ptr + ts, mask=mask, other=-1)
+        e = tl.where(mask & ((e < 0) | (e >= n_exp)), n_exp, e)
         hot = (e[:, None] == es[None, :]).to(tl.int32)
         before = tl.cumsum(hot, axis=0) - hot  # tokens of the same expert earlier in this block
         pos = tl.sum((before + seen[None, :]) * hot, axis=1)
@@ -230,14 +232,15 @@ def _expert_order_kernel(
 def expert_order_triton(expert_T: Tensor, n_experts: int) -> tuple[Tensor, Tensor, Tensor]:
     """(order (T,) int64, offs (E+1,) int32, rank (T,) int64) in one launch: ``order`` and ``offs`` as
     :func:`expert_offsets_ref` gives them, and ``rank``, the inverse of ``order`` (token t sits at sorted row
-    rank[t]), for un-permuting with a gather. Expert ids must lie in [0, E)."""
+    rank[t]), for un-permuting with a gather. Expert ids must lie in [0, E); a token with another id is placed
+    after every expert's rows (offs[E] counts only the valid ones), so the others keep their rows."""
     if expert_T.ndim != 1:
         raise ValueError(f"expert_order_triton: expert ids must be (T,), got {tuple(expert_T.shape)}")
     n_tok = expert_T.shape[0]
     order = torch.empty(n_tok, dtype=torch.long, device=expert_T.device)
     rank = torch.empty(n_tok, dtype=torch.long, device=expert_T.device)
     offs = torch.empty(n_experts + 1, dtype=torch.int32, device=expert_T.device)
-    e_p2 = max(2, triton.next_power_of_2(n_experts))
+    e_p2 = max(2, triton.next_power_of_2(n_experts + 1))  # one more slot: ids outside [0, E)
     # Tiles of at most 8K (token, expert) pairs: 32 per thread of the eight warps.
     block = min(max(16, 8192 // e_p2), max(16, triton.next_power_of_2(n_tok))) if expert_T.is_cuda else 16
     _expert_order_kernel[(1,)](

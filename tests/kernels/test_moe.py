@@ -136,6 +136,17 @@ def test_expert_order_kernel_matches_the_sort(tokens, experts):
     assert torch.equal(order[rank], torch.arange(tokens, device=DEVICE))
 
 
+def test_expert_order_keeps_valid_tokens_in_place_of_bad_ids():
+    """Ids outside [0, E) (a caller's bug) go after every expert's rows: the valid tokens keep the order and
+    offsets they would have alone."""
+    expert = torch.tensor([2, -1, 0, 7, 2, 0, 3], device=DEVICE)
+    order, offs, rank = expert_order_triton(expert, 4)
+    valid = torch.tensor([0, 2, 4, 5, 6], device=DEVICE)
+    order_ref, offs_ref = expert_offsets_ref(expert[valid], 4)
+    assert torch.equal(offs, offs_ref) and torch.equal(order[:5], valid[order_ref])
+    assert sorted(order[5:].tolist()) == [1, 3] and torch.equal(order[rank], torch.arange(7, device=DEVICE))
+
+
 def test_expert_order_past_the_counting_sort(monkeypatch):
     """Past COUNTING_SORT_MAX_TOKENS the order comes from the sort, with the same results."""
     expert = torch.randint(0, 5, (40,), generator=torch.Generator().manual_seed(2)).to(DEVICE)
