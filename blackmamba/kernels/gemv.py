@@ -39,7 +39,7 @@ from torch import Tensor
 from ..errors import BlackMambaError
 from .backend import resolve_backend
 from .settings import get_settings
-from .tl_math import pdl_launch, pdl_wait
+from .tl_math import count_key, pdl_launch, pdl_wait
 
 try:
     import triton
@@ -224,8 +224,7 @@ def _config(
     ``tl.dot`` (BN >= 16). The tables are for 16-bit weights and x: fp32 takes twice the shared memory, so
     its reduction step is capped; float8 weights under 16-bit x take a step twice as deep, the same bytes
     per tile."""
-    fits = [n for n in table if n >= rows]
-    key = min(fits) if fits else max(table)
+    key = count_key(table, rows)
     cfg = dict(table[key])
     if shape is not None and shape_table:
         cfg = dict(shape_table.get((key, *shape), cfg))

@@ -48,7 +48,7 @@ from .backend import resolve_backend
 from .gemv import DENSE, FP8, dequantize, split_k, split_k_arrive, split_k_counters, split_k_total
 from .moe import _check, _dot_flags, moe_experts, moe_experts_ref
 from .settings import get_settings
-from .tl_math import ACTIVATIONS, gated, pdl_launch, pdl_wait, top1_sigmoid
+from .tl_math import ACTIVATIONS, count_key, gated, pdl_launch, pdl_wait, top1_sigmoid
 
 try:
     import triton
@@ -316,8 +316,7 @@ def _config(table: Mapping[int, Mapping[str, int]], tokens: int, dtype: torch.dt
     16-bit weights; fp32 tiles take twice the shared memory, so their reduction step is capped."""
     if not on_gpu:
         return _INTERPRETED
-    fits = [n for n in table if n >= tokens]
-    cfg = dict(table[min(fits) if fits else max(table)])
+    cfg = dict(table[count_key(table, tokens)])
     if dtype == torch.float32:
         cfg = {**cfg, "BK": min(cfg["BK"], 64), "num_stages": min(cfg["num_stages"], 3)}
     return cfg
@@ -356,8 +355,7 @@ def _check_scales(
 def _fc2_splits(tokens: int) -> int:
     """The ``moe_fc2_splits`` entry for the smallest token count >= ``tokens`` (else the largest one)."""
     table = get_settings().moe_fc2_splits
-    fits = [n for n in table if n >= tokens]
-    return table[min(fits) if fits else max(table)]
+    return table[count_key(table, tokens)]
 
 
 def moe_experts_decode_triton(

@@ -32,7 +32,7 @@ from torch import Tensor
 from .scan import _check_inputs, selective_scan_ref
 from .scan_bwd_triton import scan_bwd_segmented
 from .settings import get_settings
-from .tl_math import check_state_indices, decode_launch_config, expect_shape, pdl_launch
+from .tl_math import check_state_indices, count_key, decode_launch_config, expect_shape, pdl_launch
 
 try:
     import triton
@@ -217,8 +217,7 @@ def _update_config(batch: int, dim: int, block_n: int, on_gpu: bool) -> tuple[in
     if not table:
         block, warps = decode_launch_config(batch, dim, block_n)
         return block, 1 if on_gpu else 2, warps
-    fits = [n for n in table if n >= batch]
-    cfg = table[min(fits) if fits else max(table)]
+    cfg = table[count_key(table, batch)]
     return min(cfg["BLOCK_D"], triton.next_power_of_2(dim)), cfg["ROWS"], cfg["num_warps"]
 
 

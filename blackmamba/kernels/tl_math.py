@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -99,6 +101,13 @@ def _has_pdl(device_index: int) -> bool:
 # the GPU; tiles of at most DECODE_MAX_TILE elements so registers stay small for any N.
 DECODE_MIN_PROGRAMS = 128
 DECODE_MAX_TILE = 4096
+
+
+def count_key(table: Mapping[int, Any], count: int) -> int:
+    """The key of a tile table (settings keyed by a row or token count) that serves ``count``: the smallest
+    key >= count, else the largest."""
+    fits = [n for n in table if n >= count]
+    return min(fits) if fits else max(table)
 
 
 def decode_launch_config(batch: int, dim: int, row: int) -> tuple[int, int]:

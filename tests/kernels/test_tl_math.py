@@ -5,7 +5,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from blackmamba.kernels.tl_math import softplus
+from blackmamba.kernels.tl_math import count_key, softplus
 
 from ..helpers import DEVICE
 
@@ -24,3 +24,8 @@ def test_kernel_softplus_is_accurate_for_negative_inputs():
     ref = F.softplus(x.double())
     # Per element, not assert_close: a norm over the tensor would not see the tiny outputs this is about.
     assert ((y.double() - ref) / ref).abs().max() < 2e-6
+
+
+def test_count_key_takes_the_smallest_key_that_covers_the_count_else_the_largest():
+    table = {16: "b", 1: "a", 64: "c"}
+    assert [count_key(table, n) for n in (1, 2, 16, 17, 64, 65, 1000)] == [1, 16, 16, 64, 64, 64, 64]
