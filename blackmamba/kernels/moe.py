@@ -667,13 +667,16 @@ def moe_experts_grouped_mm(
     if not x_TD.is_cuda and needs_grad:
         raise NotImplementedError("moe_experts_grouped_mm: torch._grouped_mm has no CPU backward here; use CUDA")
     x_TD, w1_EFD, w2_EDF = _experts_dtype(x_TD, w1_EFD, w2_EDF)
-    order_T, offs, rank_T = expert_order(expert_T, w1_EFD.shape[0])
+    if needs_grad:  # un-permuted by index_copy, whose backward is a gather: no inverse order needed
+        order_T, offs = expert_offsets(expert_T, w1_EFD.shape[0])
+    else:  # un-permuted by a gather (index_copy's kernel is slower)
+        order_T, offs, rank_T = expert_order(expert_T, w1_EFD.shape[0])
     ends = offs[1:]
     with torch.autocast(x_TD.device.type, enabled=False):
         h_TF2 = torch._grouped_mm(x_TD[order_T], w1_EFD.transpose(-2, -1), offs=ends)
         y_TD = torch._grouped_mm(gated_activation(h_TF2, activation), w2_EDF.transpose(-2, -1), offs=ends)
         y_TD = y_TD * gate_T[order_T, None].to(y_TD.dtype)
-    if not needs_grad:  # un-permuted by a gather (index_copy's kernel is slower; its backward is the gather)
+    if not needs_grad:
         return y_TD[rank_T]
     return y_TD.new_empty(x_TD.shape).index_copy(0, order_T, y_TD)
 

@@ -429,8 +429,9 @@ def decode_kernels_apply(x: Tensor, *tensors: Tensor) -> bool:
 
 
 def route_kernels_apply(x: Tensor, *tensors: Tensor) -> bool:
-    """Whether an inference call on tokens ``x`` takes the routing kernels (one program per token, so any
-    token count): the "triton" backend, no autograd through ``x`` or ``tensors``, no autocast."""
+    """Whether an inference call on tokens ``x`` takes the routing kernels (one program per token, or per block
+    of tokens past ROUTER_BLOCK_MIN_TOKENS, so any token count): the "triton" backend, no autograd through ``x``
+    or ``tensors``, no autocast."""
     return (
         not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, *tensors)))
         and not torch.is_autocast_enabled(x.device.type)
