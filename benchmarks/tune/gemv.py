@@ -17,11 +17,13 @@ Rows (BlackMamba-2.8B widths, random weights, bf16 activations):
 A kernel timing replays a CUDA graph of calls on different copies of the weights, at least 200 MB of them, so
 that they come from HBM and not from the 60 MB L2, as in a decode step: microseconds per call, launch gaps
 included. max err is max |ours - ref| / max |ref| against the fp32 reference on the same (dequantized)
-weights; for decode_step, the logits of each variant against the first. ``--sweep`` also times candidate GEMV
-tiles on the Mamba projections of both released models, with PDL on (``--sweep-pdl`` for off or both), and
-prints the fastest per shape (the gemv_shape_tiles setting). Sections stop starting after ``--max-s``.
+weights; for decode_step, the logits of each variant against the first. ``--sweep`` (or the section "sweep")
+also times candidate GEMV tiles on the Mamba projections of both released models, with PDL on (``--sweep-pdl``
+for off or both), on bf16 weights or their fp8 quantization (``--sweep-dtype``), and prints the fastest per
+shape (the gemv_shape_tiles and gemv_fp8_shape_tiles settings). Sections stop starting after ``--max-s``.
 
-    python -m benchmarks.tune.gemv [--only gemv moe step] [--batches 1 16] [--step-variants pdl|moe] [--sweep]
+    python -m benchmarks.tune.gemv [--only gemv moe step sweep] [--batches 1 16] [--step-variants pdl|moe]
+                                   [--sweep] [--sweep-dtype bf16|fp8|both]
 """
 
 from __future__ import annotations
@@ -234,11 +236,9 @@ def sweep_shapes() -> dict[str, tuple[int, int]]:
     return shapes
 
 
-def sweep(bw: float, pdl_modes: tuple[bool, ...] = (True,)) -> list[list[str]]:
-    """Candidate GEMV tiles per row count (1 and 16), timed on the Mamba projections of both released models
-    (bf16), with PDL off and on (back-to-back calls in a graph: with PDL each call's weights stream in while
-    the one before ends). The lines of a table: per shape, the fastest entry and its time against the
-    gemv_tiles default's (the gemv_shape_tiles setting takes the fastest)."""
+def sweep_candidates(fp8: bool) -> dict[int, list[dict]]:
+    """Candidate tiles per row count (1 and 16). float8 tiles also go twice as deep on one row (the same bytes
+    as a 16-bit tile) and try ACC_K=1 there (each step's products summed at once: fewer registers)."""
     one_row = [
         dict(BN=bn, BK=bk, num_warps=w, num_stages=1)
         for bn, bk, w in itertools.product([2, 4, 8, 16, 32], [256, 512, 1024, 2048, 4096], [4, 8])
@@ -248,40 +248,88 @@ def sweep(bw: float, pdl_modes: tuple[bool, ...] = (True,)) -> list[list[str]]:
         dict(BN=bn, BK=bk, num_warps=4, num_stages=st)
         for bn, bk, st in itertools.product([16, 32, 64], [64, 128, 256], [2, 3, 4])
     ]
-    candidates = {1: one_row, 16: rows16}
+    if fp8:
+        one_row = [
+            dict(BN=bn, BK=bk, num_warps=w, num_stages=1, **({"ACC_K": 1} if acc1 else {}))
+            for bn, bk, w, acc1 in itertools.product(
+                [2, 4, 8, 16], [512, 1024, 2048, 4096, 8192], [4, 8], [False, True]
+            )  # fmt: skip
+            if 4096 <= bn * bk <= 16384
+        ]
+        rows16 = [
+            dict(BN=bn, BK=bk, num_warps=4, num_stages=st)
+            for bn, bk, st in itertools.product([16, 32, 64], [128, 256, 512], [2, 3, 4])
+            if bn * bk <= 16384
+        ]
+    return {1: one_row, 16: rows16}
+
+
+def sweep(bw: float, pdl_modes: tuple[bool, ...] = (True,), fp8: bool = False, max_s: float = 1e9) -> list[list[str]]:
+    """Candidate GEMV tiles per row count (1 and 16), timed on the Mamba projections of both released models
+    (bf16 weights, or their float8 quantization with ``fp8``), with PDL off and on (back-to-back calls in a
+    graph: with PDL each call's weights stream in while the one before ends). The lines of a table: per shape,
+    the fastest entry and its time against the current settings' choice (gemv_tiles alone for bf16, every
+    table for fp8). The gemv_shape_tiles (bf16) or gemv_fp8_shape_tiles setting takes the fastest. Candidates
+    stop starting after ``max_s`` seconds of the run."""
+    candidates = sweep_candidates(fp8)
     gen = torch.Generator(device="cuda").manual_seed(2)
     shapes = sweep_shapes()
     weights = {}
     for name, (n, k) in shapes.items():
-        copies = copies_for(n * k * 2)
-        weights[name] = [(torch.randn(n, k, device="cuda", generator=gen) / k**0.5).to(BF16) for _ in range(copies)]
+        copies = copies_for(n * k * (1 if fp8 else 2))
+        dense = [(torch.randn(n, k, device="cuda", generator=gen) / k**0.5).to(BF16) for _ in range(copies)]
+        weights[name] = [quantize_tensor(w) for w in dense] if fp8 else [(w,) for w in dense]
+        del dense
+    tag = "fp8" if fp8 else "bf16"
     lines = []
     for (m, configs), pdl in itertools.product(candidates.items(), pdl_modes):
         xs = {name: torch.randn(m, k, device="cuda", generator=gen).to(BF16) for name, (_, k) in shapes.items()}
-        default = dict(get_settings().gemv_tiles[m])
-        times: dict[str, list[tuple[float, dict]]] = {name: [] for name in shapes}
-        for cfg in [default, *configs]:
-            tiles = {**get_settings().gemv_tiles, m: cfg}
-            with use_settings(gemv_tiles=tiles, gemv_shape_tiles={}, **(PDL_ON if pdl else PDL_OFF)):
+        times: dict[str, list[tuple[float, dict | None]]] = {name: [] for name in shapes}
+        for cfg in [None, *configs]:  # None: the current settings
+            if elapsed_s() > max_s:
+                log(f"sweep {tag} M={m}: stopped after {len(times[next(iter(shapes))])} entries (--max-s)")
+                break
+            if cfg is None:
+                changes = {} if fp8 else dict(gemv_shape_tiles={})
+            elif fp8:
+                changes = dict(gemv_fp8_shape_tiles={(m, *shape): cfg for shape in shapes.values()})
+            else:
+                changes = dict(gemv_tiles={**get_settings().gemv_tiles, m: cfg}, gemv_shape_tiles={})
+            with use_settings(**changes, **(PDL_ON if pdl else PDL_OFF)):
                 for name, ws in weights.items():
                     try:
-                        times[name].append((graph_us(partial(linear_triton, xs[name]), [(w,) for w in ws]), cfg))
+                        times[name].append((graph_us(partial(linear_triton, xs[name]), ws), cfg))
                     except Exception as exc:  # a tile that does not fit (shared memory) is skipped
-                        log(f"sweep M={m} {cfg} {name}: {type(exc).__name__}")
+                        log(f"sweep {tag} M={m} {cfg} {name}: {type(exc).__name__}")
         for name, (n, k) in shapes.items():
+            if not times[name]:
+                continue
             best_us, best = min(times[name], key=lambda t: t[0])
-            lines.append([f"{m}{' PDL' if pdl else ''}", name, f"({m}, {n}, {k})", str(best), fmt(best_us),
-                          fmt(times[name][0][0])])  # fmt: skip
-            log(f"sweep M={m} pdl={pdl} {name}: {best} {best_us:.2f} us (default {times[name][0][0]:.2f})")
+            current_us = times[name][0][0] if times[name][0][1] is None else float("nan")
+            lines.append([tag, f"{m}{' PDL' if pdl else ''}", name, f"({m}, {n}, {k})",
+                          "current" if best is None else str(best), fmt(best_us), fmt(current_us)])  # fmt: skip
+            log(f"sweep {tag} M={m} pdl={pdl} {name}: {best} {best_us:.2f} us (current {current_us:.2f})")
     return lines
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argument_parser(__spec__, __doc__)
-    parser.add_argument("--only", nargs="*", default=None, help="sections to run: gemv moe step (default all)")
+    parser.add_argument(
+        "--only",
+        nargs="*",
+        default=None,
+        choices=["gemv", "moe", "step", "sweep"],
+        help="sections to run: gemv moe step sweep (default: the first three)",
+    )
     parser.add_argument("--sweep", action="store_true", help="also time candidate GEMV tiles (a few minutes more)")
     parser.add_argument("--sweep-pdl", choices=["on", "off", "both"], default="on",
                         help="sweep with PDL on (default), off, or both")  # fmt: skip
+    parser.add_argument(
+        "--sweep-dtype",
+        choices=["bf16", "fp8", "both"],
+        default="bf16",
+        help="weights of the sweep: bf16 (gemv_shape_tiles), fp8 (gemv_fp8_shape_tiles), or both",
+    )
     parser.add_argument("--batches", type=int, nargs="+", default=list(STEP_BATCHES), help="decode step batches")
     parser.add_argument("--step-variants", choices=sorted(STEP_VARIANT_SETS), default="pdl",
                         help="pdl: GEMV and PDL on/off; moe: MoE decode kernels vs grouped GEMM")  # fmt: skip
@@ -291,13 +339,14 @@ def main(argv: list[str] | None = None) -> None:
     if min(args.batches) < 1:
         parser.error(f"--batches must be >= 1, got {args.batches}")
     want = args.only or ["gemv", "moe", "step"]
+    run_sweep = args.sweep or "sweep" in want
     bw, _ = gpu_ceilings()
     log(f"copy bandwidth {bw / 1e12:.2f} TB/s")
     rows: list[Row] = []
     skipped = []
     step = partial(step_rows, batches=tuple(args.batches), variants=STEP_VARIANT_SETS[args.step_variants])
     sections = {"gemv": gemv_rows, "moe": moe_rows, "step": step}
-    for name in want:
+    for name in [w for w in want if w != "sweep"]:
         if elapsed_s() > args.max_s:
             skipped.append(name)
             continue
@@ -305,19 +354,23 @@ def main(argv: list[str] | None = None) -> None:
             rows += sections[name](bw)
         torch.cuda.empty_cache()
     pdl_modes = {"on": (True,), "off": (False,), "both": (False, True)}[args.sweep_pdl]
-    sweep_lines = sweep(bw, pdl_modes) if args.sweep and elapsed_s() <= args.max_s + 60 else []
+    sweep_lines = []
+    for fp8 in {"bf16": (False,), "fp8": (True,), "both": (False, True)}[args.sweep_dtype] if run_sweep else ():
+        sweep_lines += sweep(bw, pdl_modes, fp8=fp8, max_s=args.max_s + 120)
     settings = get_settings()
     meta = run_meta("cuda", copy_bandwidth_TBps=bw / 1e12, skipped=skipped, wall_s=elapsed_s(),
                     gemv_tiles={str(k): dict(v) for k, v in settings.gemv_tiles.items()},
+                    gemv_shape_tiles={str(k): dict(v) for k, v in settings.gemv_shape_tiles.items()},
+                    gemv_fp8_shape_tiles={str(k): dict(v) for k, v in settings.gemv_fp8_shape_tiles.items()},
                     gemv_programs_per_sm=settings.gemv_programs_per_sm)  # fmt: skip
     header = ["benchmark", "shape", "ours us", "peer", "peer us", "speedup", "floor us", "of floor", "max err"]
     body = [[r.benchmark, r.shape, fmt(r.ours), r.peer or "n/a", fmt(r.peer_value), fmt(r.speedup), fmt(r.floor),
              "n/a" if r.fraction_of_floor is None else f"{r.fraction_of_floor:.0%}", fmt(r.max_err)]
             for r in rows]  # fmt: skip
-    sweep_header = ["rows", "projection", "gemv_shape_tiles key", "fastest entry", "us", "default entry us"]
+    sweep_header = ["weights", "rows", "projection", "table key", "fastest entry", "us", "current settings us"]
     markdown = f"{meta_line(meta)}\n\n{markdown_table(header, body)}\n"
     if sweep_lines:
-        markdown += f"\nGEMV tile sweep (bf16, fastest per shape):\n\n{markdown_table(sweep_header, sweep_lines)}\n"
+        markdown += f"\nGEMV tile sweep (fastest per shape):\n\n{markdown_table(sweep_header, sweep_lines)}\n"
     write_results(Path(args.out), meta, rows, markdown, sweep=sweep_lines)
     if sweep_lines:
         print(text_table(sweep_header, sweep_lines) + "\n")

@@ -1,11 +1,12 @@
 """Where the time of one CUDA-graph decode step goes: launches per step, kernel time, top kernels.
 
-Random bf16 weights of a preset shape; the step is replayed from its graph back to back (no host read
-per step, unlike benchmarks/generate.py, which times what a caller sees). For each batch and each
-variant (``--variants``: kernel settings such as the MoE layer's decode_tokens, 0 = the general sorted
-path; see blackmamba.kernels.KernelSettings) it prints the replay time per step, tokens/s, the kernels
-per step and their summed GPU time, and the kernels that take the most time; then the same for one B x N
-prefill (``--prefill``, ``--prefill-batch``), with its wall time against its kernel time. Results go to
+Random bf16 weights of a preset shape (``--fp8``: quantized to fp8 weight-only); the step is replayed from
+its graph back to back (no host read per step, unlike benchmarks/generate.py, which times what a caller
+sees). For each batch and each variant (``--variants``: kernel settings such as the MoE layer's
+decode_tokens, 0 = the general sorted path; see blackmamba.kernels.KernelSettings) it prints the replay
+time per step, tokens/s, the kernels per step and their summed GPU time, and the kernels that take the
+most time; then the same for one B x N prefill (``--prefill``, ``--prefill-batch``), with its wall time
+against its kernel time. Results go to
 benchmarks/results/profile_decode.json.
 
     python -m benchmarks.tune.profile_decode [--preset 2.8b] [--batches 1 16]
@@ -26,6 +27,7 @@ from blackmamba import BlackMamba
 from blackmamba.generation.decoder import Decoder, SamplingOptions
 from blackmamba.kernels import get_settings, use_settings
 from blackmamba.kernels.settings import FIELDS
+from blackmamba.layers.quant import quantize_fp8
 
 from ..harness import (
     BF16,
@@ -121,9 +123,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=200, help="graph replays timed per batch")
     parser.add_argument("--prefill", type=int, default=2048, help="also profile a B x N prefill (0: skip)")
     parser.add_argument("--prefill-batch", type=int, default=1, help="B, the prompts in that prefill")
+    parser.add_argument("--fp8", action="store_true", help="quantize the model to fp8 weights first (layers/quant.py)")
     parser.add_argument("--out", default=str(RESULTS_DIR / "profile_decode.json"), help="results file")
     args = parser.parse_args(argv)
     model = build_model(f"blackmamba-{args.preset}", "cuda", BF16)
+    if args.fp8:
+        quantize_fp8(model)
     if args.prefill_batch < 1:
         parser.error(f"--prefill-batch must be at least 1, got {args.prefill_batch}")
     rows, top = [], None
@@ -144,8 +149,8 @@ def main(argv: list[str] | None = None) -> None:
             busy = sum(t for _, t in kernels.values())
             batch_top = sorted(kernels.items(), key=lambda kv: -kv[1][1])[:20]
             rows.append(
-                dict(preset=args.preset, batch=batch, variant=variant, us_per_step=us,
-                     tokens_per_s=batch * 1e6 / us, launches_per_step=launches, kernel_us_per_step=busy,
+                dict(preset=args.preset, weights="fp8" if args.fp8 else "bf16", batch=batch, variant=variant,
+                     us_per_step=us, tokens_per_s=batch * 1e6 / us, launches_per_step=launches, kernel_us_per_step=busy,
                      top_kernels=batch_top)
             )  # fmt: skip
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "top_kernels"}), flush=True)
@@ -155,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
             if top is None:
                 top = batch_top
     print()
-    cols = ["preset", "batch", "variant", "us_per_step", "tokens_per_s", "launches_per_step",
+    cols = ["preset", "weights", "batch", "variant", "us_per_step", "tokens_per_s", "launches_per_step",
             "kernel_us_per_step"]  # fmt: skip
     print(text_table(cols, [[r[c] if isinstance(r[c], str) else fmt(r[c]) for c in cols] for r in rows]))
     prefill = prefill_top = None

@@ -106,6 +106,7 @@ def _gemv_kernel(
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
+    ACC_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -122,15 +123,19 @@ def _gemv_kernel(
     if BM == 1:  # one row: products on the CUDA cores, one reduction over K at the end
         # The weight tile of the next step is loaded one step ahead, the first before the PDL wait (weights
         # are parameters): with a BK that covers the program's K range, all its weight bytes are in flight
-        # while the kernel before finishes.
+        # while the kernel before finishes. The fp32 accumulator is (BN, ACC_K): ACC_K = BK sums over K once, at
+        # the end; ACC_K = 1 sums each step's products at once (fewer registers for deep tiles, more reductions).
         w = tl.load(w_ptrs, mask=n_ok[:, None] & (ks < k_hi - k_lo)[None, :], other=0.0)
         pdl_wait(PDL)
-        acc_k = tl.zeros((BN, BK), dtype=tl.float32)
+        acc_k = tl.zeros((BN, ACC_K), dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BK):
             x = tl.load(x_ptrs, mask=(ks < k_hi - k0)[None, :], other=0.0)
             w_ptrs += BK * stride_w_k
             w_next = tl.load(w_ptrs, mask=n_ok[:, None] & (ks < k_hi - k0 - BK)[None, :], other=0.0)
-            acc_k += w.to(tl.float32) * x.to(tl.float32)
+            if ACC_K == 1:
+                acc_k += tl.sum(w.to(tl.float32) * x.to(tl.float32), 1, keep_dims=True)
+            else:
+                acc_k += w.to(tl.float32) * x.to(tl.float32)
             w = w_next
             x_ptrs += BK
         acc = tl.sum(acc_k, 1)[None, :]
@@ -217,26 +222,33 @@ def _config(
     on_gpu: bool,
     shape: tuple[int, int] | None = None,
     shape_table: Mapping[tuple[int, int, int], Mapping[str, int]] | None = None,
+    fp8_table: Mapping[tuple[int, int, int], Mapping[str, int]] | None = None,
 ) -> dict:
     """Tiles for ``rows``: the ``gemv_tiles`` entry of the smallest row count >= rows (else the largest),
     or the ``gemv_shape_tiles`` entry of that row count and the weight's ``shape`` (N, K) where there is
-    one, with ``DOT`` set: one row takes the CUDA-core path (any BN) unless its entry has DOT=1, more rows
-    ``tl.dot`` (BN >= 16). The tables are for 16-bit weights and x: fp32 takes twice the shared memory, so
-    its reduction step is capped; float8 weights under 16-bit x take a step twice as deep, the same bytes
-    per tile."""
+    one (for float8 weights, first the ``gemv_fp8_shape_tiles`` entry, taken as it is), with ``DOT`` set:
+    one row takes the CUDA-core path (any BN) unless its entry has DOT=1, more rows ``tl.dot`` (BN >= 16).
+    The 16-bit tables are for 16-bit weights and x: fp32 takes twice the shared memory, so its reduction
+    step is capped; float8 weights on tl.dot take a step twice as deep, the same bytes per tile (on the CUDA
+    cores the step stays: the fp32 accumulator, not the tile, sets the registers there)."""
     key = count_key(table, rows)
     cfg = dict(table[key])
-    if shape is not None and shape_table:
-        cfg = dict(shape_table.get((key, *shape), cfg))
+    fp8_entry = None
+    if shape is not None:
+        if dtype in FP8 and fp8_table:
+            fp8_entry = fp8_table.get((key, *shape))
+        if shape_table:
+            cfg = dict(shape_table.get((key, *shape), cfg))
+    cfg = dict(fp8_entry or cfg)
     dot = int(rows > 1 or bool(cfg.get("DOT", 0)))
     if not on_gpu:  # tiny tiles: the interpreter runs every program on the CPU
-        return dict(_INTERPRETED[16 if dot else 1], DOT=dot)
+        return dict(_INTERPRETED[16 if dot else 1], DOT=dot, ACC_K=cfg.get("ACC_K", 0))
     cfg["DOT"] = dot
     if cfg["DOT"]:
         cfg["BN"] = max(cfg["BN"], 16)
     if torch.float32 in (dtype, x_dtype):
         cfg = {**cfg, "BK": min(cfg["BK"], 128), "num_stages": min(cfg["num_stages"], 3)}
-    elif dtype in FP8:
+    elif dtype in FP8 and fp8_entry is None and dot:
         cfg["BK"] *= 2
     return cfg
 
@@ -292,9 +304,8 @@ def launch_plan(x_MK: Tensor, weight: Tensor, splits: int | None = None) -> dict
     BM (rows per program), SPLIT, k_per_split, tiles_n, tiles_m and programs."""
     (m, k), n = x_MK.shape, weight.shape[0]
     settings = get_settings()
-    cfg = _config(
-        settings.gemv_tiles, m, weight.dtype, x_MK.dtype, x_MK.is_cuda, tuple(weight.shape), settings.gemv_shape_tiles
-    )
+    cfg = _config(settings.gemv_tiles, m, weight.dtype, x_MK.dtype, x_MK.is_cuda, tuple(weight.shape),
+                  settings.gemv_shape_tiles, settings.gemv_fp8_shape_tiles)  # fmt: skip
     bm = min(MAX_ROW_BLOCK, max(16, triton.next_power_of_2(m))) if cfg["DOT"] else 1
     tiles = triton.cdiv(n, cfg["BN"]) * triton.cdiv(m, bm)
     target = _programs_target(x_MK) if splits is None else splits * tiles
@@ -329,10 +340,18 @@ def linear_triton(x: Tensor, weight: Tensor, scale: Tensor | None = None, splits
         x_MK, weight, y if scale is None else scale, y, part, counters, m, n, k, per,
         x_MK.stride(0), weight.stride(0), weight.stride(1),
         HAS_SCALE=scale is not None, SPLIT=n_split, DOT_F32=interpreted and x.dtype != torch.float32,
-        PRECISION="tf32" if tf32 else "ieee", PDL=pdl, BM=bm, BN=cfg["BN"], BK=cfg["BK"],
+        PRECISION="tf32" if tf32 else "ieee", PDL=pdl, BM=bm, BN=cfg["BN"], BK=cfg["BK"], ACC_K=_acc_k(cfg, bm),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=pdl,
     )  # fmt: skip
     return y.to(x.dtype).view(*x.shape[:-1], n)
+
+
+def _acc_k(cfg: Mapping[str, int], bm: int) -> int:
+    """The one-row accumulator's width (the kernel's ACC_K): 1 where the entry says ACC_K=1, else BK; 0 on
+    tl.dot, which has none."""
+    if bm > 1:
+        return 0
+    return 1 if cfg.get("ACC_K", 0) == 1 else cfg["BK"]
 
 
 def gemv_applies(x: Tensor, weight: Tensor, scale: Tensor | None = None) -> bool:

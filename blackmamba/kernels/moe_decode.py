@@ -16,7 +16,11 @@ cost more than the reads. Here nothing is permuted:
   gated activation in its epilogue; fc2 scales by the gate and writes each token's row from the one
   program set that owns it, so no scatter or zero-fill is needed. With one token, fc2's column tiles of
   one expert are few (46 at the 2.8B widths), so fc2 can split F over several programs per tile (the
-  ``moe_fc2_splits`` setting), summed deterministically in the same launch as :mod:`.gemv` does.
+  ``moe_fc2_splits`` setting), summed deterministically in the same launch as :mod:`.gemv` does. A single
+  token takes tl.dot padded to 16 rows, or, where its tile entry says DOT=0, the CUDA cores as the GEMV's
+  one row does (fp32 products of a (BF, BK) weight tile and x, summed over K at the end; fc2 reads its first
+  weight tile before the PDL wait). The tiles are per token count and weight dtype (the ``moe_fc1_tiles``,
+  ``moe_fc2_tiles`` settings and their float8 twins).
 * float8 (e4m3) experts with fp32 scales per (expert, output channel), ``w1_scale`` (E, 2F) and
   ``w2_scale`` (E, D): tiles are converted to x's dtype in registers (exact) and each accumulator column
   is scaled before the activation (fc1) or the gate (fc2), as :func:`moe_experts_decode_ref` computes on
@@ -197,6 +201,7 @@ def _decode_fc1_kernel(
     BF: tl.constexpr,
     BK: tl.constexpr,
     PDL: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     pdl_wait(PDL)  # the expert ids come from the kernel before
     expert = tl.program_id(0)
@@ -208,22 +213,39 @@ def _decode_fc1_kernel(
     f_ok = fs < d_ff
     ks = tl.arange(0, BK)
     x_ptrs = x_ptr + ts[:, None].to(tl.int64) * stride_x_t + ks[None, :]
-    w_ptrs = w_ptr + expert.to(tl.int64) * stride_w_e + fs[None, :] * stride_w_f + ks[:, None] * stride_w_d
-    acc_a = tl.zeros((BT, BF), dtype=tl.float32)
-    acc_b = tl.zeros((BT, BF), dtype=tl.float32)
-    for k0 in range(0, dim, BK):
-        k_ok = ks < dim - k0
-        x = tl.load(x_ptrs, mask=mine[:, None] & k_ok[None, :], other=0.0)
-        wa = tl.load(w_ptrs, mask=k_ok[:, None] & f_ok[None, :], other=0.0)
-        wb = tl.load(w_ptrs + d_ff * stride_w_f, mask=k_ok[:, None] & f_ok[None, :], other=0.0)
-        if DOT_F32:
-            x, wa, wb = x.to(tl.float32), wa.to(tl.float32), wb.to(tl.float32)
-        else:  # fp8 -> x's dtype is exact; a no-op for x's own dtype
-            wa, wb = wa.to(x.dtype), wb.to(x.dtype)
-        acc_a = tl.dot(x, wa, acc_a, input_precision=PRECISION)
-        acc_b = tl.dot(x, wb, acc_b, input_precision=PRECISION)
-        x_ptrs += BK
-        w_ptrs += BK * stride_w_d
+    w_base = w_ptr + expert.to(tl.int64) * stride_w_e
+    if DOT:  # the tokens padded to BT rows on tl.dot
+        w_ptrs = w_base + fs[None, :] * stride_w_f + ks[:, None] * stride_w_d
+        acc_a = tl.zeros((BT, BF), dtype=tl.float32)
+        acc_b = tl.zeros((BT, BF), dtype=tl.float32)
+        for k0 in range(0, dim, BK):
+            k_ok = ks < dim - k0
+            x = tl.load(x_ptrs, mask=mine[:, None] & k_ok[None, :], other=0.0)
+            wa = tl.load(w_ptrs, mask=k_ok[:, None] & f_ok[None, :], other=0.0)
+            wb = tl.load(w_ptrs + d_ff * stride_w_f, mask=k_ok[:, None] & f_ok[None, :], other=0.0)
+            if DOT_F32:
+                x, wa, wb = x.to(tl.float32), wa.to(tl.float32), wb.to(tl.float32)
+            else:  # fp8 -> x's dtype is exact; a no-op for x's own dtype
+                wa, wb = wa.to(x.dtype), wb.to(x.dtype)
+            acc_a = tl.dot(x, wa, acc_a, input_precision=PRECISION)
+            acc_b = tl.dot(x, wb, acc_b, input_precision=PRECISION)
+            x_ptrs += BK
+            w_ptrs += BK * stride_w_d
+    else:  # one token (BT = 1) on the CUDA cores, as the GEMV's one row: (BF, BK) fp32 products, summed at the end
+        w_ptrs = w_base + fs[:, None] * stride_w_f + ks[None, :] * stride_w_d
+        prod_a = tl.zeros((BF, BK), dtype=tl.float32)
+        prod_b = tl.zeros((BF, BK), dtype=tl.float32)
+        for k0 in range(0, dim, BK):
+            k_ok = ks < dim - k0
+            x = tl.load(x_ptrs, mask=mine[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            wa = tl.load(w_ptrs, mask=f_ok[:, None] & k_ok[None, :], other=0.0)
+            wb = tl.load(w_ptrs + d_ff * stride_w_f, mask=f_ok[:, None] & k_ok[None, :], other=0.0)
+            prod_a += wa.to(tl.float32) * x
+            prod_b += wb.to(tl.float32) * x
+            x_ptrs += BK
+            w_ptrs += BK * stride_w_d
+        acc_a = tl.sum(prod_a, 1)[None, :]
+        acc_b = tl.sum(prod_b, 1)[None, :]
     if HAS_SCALE:  # per output channel: sum_k x_k (s W8_k) = s sum_k x_k W8_k
         s_ptrs = scale_ptr + expert.to(tl.int64) * stride_s_e + fs
         acc_a = acc_a * tl.load(s_ptrs, mask=f_ok, other=0.0)[None, :]
@@ -261,6 +283,7 @@ def _decode_fc2_kernel(
     BN: tl.constexpr,
     BK: tl.constexpr,
     PDL: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     # With PDL, the expert ids are read before the wait: they were written before fc1 ran, and fc1 released
     # this kernel only after its own wait (see tl_math.pdl_wait). Only h, fc1's output, waits.
@@ -276,20 +299,36 @@ def _decode_fc2_kernel(
     f_hi = tl.minimum(d_ff, f_lo + f_per_split)
     ks = tl.arange(0, BK)
     h_ptrs = h_ptr + ts[:, None].to(tl.int64) * stride_h_t + (f_lo + ks)[None, :]
-    w_ptrs = w_ptr + expert.to(tl.int64) * stride_w_e + ns[None, :] * stride_w_d + (f_lo + ks)[:, None] * stride_w_f
-    acc = tl.zeros((BT, BN), dtype=tl.float32)
-    pdl_wait(PDL)
-    for k0 in range(f_lo, f_hi, BK):
-        k_ok = ks < f_hi - k0
-        h = tl.load(h_ptrs, mask=mine[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        if DOT_F32:
-            h, w = h.to(tl.float32), w.to(tl.float32)
-        else:
-            w = w.to(h.dtype)
-        acc = tl.dot(h, w, acc, input_precision=PRECISION)
-        h_ptrs += BK
-        w_ptrs += BK * stride_w_f
+    w_base = w_ptr + expert.to(tl.int64) * stride_w_e
+    if DOT:  # the tokens padded to BT rows on tl.dot
+        w_ptrs = w_base + ns[None, :] * stride_w_d + (f_lo + ks)[:, None] * stride_w_f
+        acc = tl.zeros((BT, BN), dtype=tl.float32)
+        pdl_wait(PDL)
+        for k0 in range(f_lo, f_hi, BK):
+            k_ok = ks < f_hi - k0
+            h = tl.load(h_ptrs, mask=mine[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if DOT_F32:
+                h, w = h.to(tl.float32), w.to(tl.float32)
+            else:
+                w = w.to(h.dtype)
+            acc = tl.dot(h, w, acc, input_precision=PRECISION)
+            h_ptrs += BK
+            w_ptrs += BK * stride_w_f
+    else:  # one token (BT = 1) on the CUDA cores, as the GEMV's one row; the first weight tile is read before
+        # the PDL wait (the expert is known), each next one a step ahead
+        w_ptrs = w_base + ns[:, None] * stride_w_d + (f_lo + ks)[None, :] * stride_w_f
+        w = tl.load(w_ptrs, mask=n_ok[:, None] & (ks < f_hi - f_lo)[None, :], other=0.0)
+        pdl_wait(PDL)
+        prod = tl.zeros((BN, BK), dtype=tl.float32)
+        for k0 in range(f_lo, f_hi, BK):
+            h = tl.load(h_ptrs, mask=mine[:, None] & (ks < f_hi - k0)[None, :], other=0.0).to(tl.float32)
+            w_ptrs += BK * stride_w_f
+            w_next = tl.load(w_ptrs, mask=n_ok[:, None] & (ks < f_hi - k0 - BK)[None, :], other=0.0)
+            prod += w.to(tl.float32) * h
+            w = w_next
+            h_ptrs += BK
+        acc = tl.sum(prod, 1)[None, :]
     offs = ts[:, None].to(tl.int64) * stride_y_t + ns[None, :]
     mask = mine[:, None] & n_ok[None, :]
     if SPLIT > 1:  # the last of the tile's SPLIT programs adds the partials in split order (kernels/gemv.py)
@@ -313,13 +352,25 @@ _INTERPRETED = dict(BF=16, BN=16, BK=32, num_warps=4, num_stages=1)  # tiny tile
 
 def _config(table: Mapping[int, Mapping[str, int]], tokens: int, dtype: torch.dtype, on_gpu: bool) -> dict:
     """The entry for the smallest token count >= ``tokens`` (else the largest one). The tables are for
-    16-bit weights; fp32 tiles take twice the shared memory, so their reduction step is capped."""
-    if not on_gpu:
-        return _INTERPRETED
+    16-bit weights; fp32 tiles take twice the shared memory, so their reduction step is capped. An entry's
+    DOT=0 runs a single token on the CUDA cores (as the GEMV's one row) instead of tl.dot on 16 padded rows;
+    more tokens always take tl.dot."""
     cfg = dict(table[count_key(table, tokens)])
+    if not on_gpu:
+        return dict(_INTERPRETED, DOT=cfg.get("DOT", 1))
     if dtype == torch.float32:
         cfg = {**cfg, "BK": min(cfg["BK"], 64), "num_stages": min(cfg["num_stages"], 3)}
     return cfg
+
+
+def decode_tiles(tokens: int, dtype: torch.dtype, fp8: bool, on_gpu: bool) -> tuple[dict, dict]:
+    """fc1's and fc2's tiles for ``tokens`` tokens in ``dtype``: from the ``moe_fp8_fc1_tiles`` /
+    ``moe_fp8_fc2_tiles`` settings for float8 experts (``fp8``) where they are set, else from
+    ``moe_fc1_tiles`` / ``moe_fc2_tiles``."""
+    s = get_settings()
+    fc1 = s.moe_fp8_fc1_tiles if fp8 and s.moe_fp8_fc1_tiles else s.moe_fc1_tiles
+    fc2 = s.moe_fp8_fc2_tiles if fp8 and s.moe_fp8_fc2_tiles else s.moe_fc2_tiles
+    return _config(fc1, tokens, dtype, on_gpu), _config(fc2, tokens, dtype, on_gpu)
 
 
 def _scaled(w1_EFD: Tensor, w2_EDF: Tensor, w1_scale: Tensor | None, w2_scale: Tensor | None) -> bool:
@@ -390,10 +441,9 @@ def moe_experts_decode_triton(
     expert_T = expert_T.contiguous()
     h_TF = torch.empty(n_tok, d_ff, dtype=work, device=x_TD.device)
     y_TD = torch.empty(n_tok, dim, dtype=work, device=x_TD.device)
-    bt = max(16, triton.next_power_of_2(n_tok))
-    settings = get_settings()
-    c1 = _config(settings.moe_fc1_tiles, n_tok, dtype, x_TD.is_cuda)
-    c2 = _config(settings.moe_fc2_tiles, n_tok, dtype, x_TD.is_cuda)
+    c1, c2 = decode_tiles(n_tok, dtype, w1_EFD.dtype in FP8, x_TD.is_cuda)
+    dot1, dot2 = (n_tok > 1 or bool(c.get("DOT", 1)) for c in (c1, c2))  # one token may take the CUDA cores
+    bt1, bt2 = (max(16, triton.next_power_of_2(n_tok)) if dot else 1 for dot in (dot1, dot2))
     s1 = h_TF if w1_scale is None else w1_scale.contiguous()  # placeholders when unscaled: never read
     s2 = y_TD if w2_scale is None else w2_scale.contiguous()
     pdl = pdl_launch(x_TD, n_tok)
@@ -402,8 +452,8 @@ def moe_experts_decode_triton(
         x_TD.stride(0), *w1_EFD.stride(), s1.stride(0), h_TF.stride(0),
         ACT=ACTIVATIONS[activation], ROUND=not flags["DOT_F32"] and dtype != torch.float32,
         HAS_SCALE=w1_scale is not None,
-        BT=bt, BF=c1["BF"], BK=c1["BK"], num_warps=c1["num_warps"], num_stages=c1["num_stages"], **flags,
-        PDL=pdl, launch_pdl=pdl,
+        BT=bt1, BF=c1["BF"], BK=c1["BK"], num_warps=c1["num_warps"], num_stages=c1["num_stages"], **flags,
+        PDL=pdl, DOT=dot1, launch_pdl=pdl,
     )  # fmt: skip
     tiles_n = triton.cdiv(dim, c2["BN"])
     n_split, per = split_k(n_exp * tiles_n, d_ff, c2["BK"], _fc2_splits(n_tok) * n_exp * tiles_n)
@@ -415,8 +465,8 @@ def moe_experts_decode_triton(
         h_TF, w2_EDF, s2, expert_T, gate_T.contiguous(), y_TD, part, counters, n_tok, dim, d_ff, per,
         h_TF.stride(0), *w2_EDF.stride(), s2.stride(0), y_TD.stride(0),
         HAS_SCALE=w2_scale is not None, SPLIT=n_split,
-        BT=bt, BN=c2["BN"], BK=c2["BK"], num_warps=c2["num_warps"], num_stages=c2["num_stages"], **flags,
-        PDL=pdl, launch_pdl=pdl,
+        BT=bt2, BN=c2["BN"], BK=c2["BK"], num_warps=c2["num_warps"], num_stages=c2["num_stages"], **flags,
+        PDL=pdl, DOT=dot2, launch_pdl=pdl,
     )  # fmt: skip
     return y_TD if work == dtype else y_TD.to(dtype)
 

@@ -63,7 +63,9 @@ class KernelSettings:
     # b16 2.37 vs 2.40 ms per step without.
     fuse_router: bool = True
     # Tiles of the decode fc1 / fc2 kernels by token count: benchmarks/tune_moe_decode.py (2.8B widths, bf16),
-    # T=1 fc1+fc2 19.6 us per layer, T=16 65 us, T=64 89 us (notes/measurements.md, "Decode step profiled").
+    # T=1 fc1+fc2 19.6 us per layer, T=16 65 us, T=64 89 us (notes/measurements.md, "Decode step profiled"). An
+    # entry's DOT=0 runs one token on the CUDA cores: `tune_moe_decode --tokens 1` (results/tune_moe_decode.log,
+    # 2026-12-02, PDL) gave fc2 on the CUDA cores, fc1+fc2 14.0 us per layer against 17.4 with both on tl.dot.
     moe_fc1_tiles: Mapping[int, Mapping[str, int]] = field(
         hash=False,
         default_factory=lambda: _tiles({
@@ -75,7 +77,7 @@ class KernelSettings:
     moe_fc2_tiles: Mapping[int, Mapping[str, int]] = field(
         hash=False,
         default_factory=lambda: _tiles({
-            1: dict(BN=32, BK=512, num_warps=4, num_stages=4),
+            1: dict(BN=4, BK=1024, num_warps=8, num_stages=1, DOT=0),
             16: dict(BN=32, BK=256, num_warps=4, num_stages=3),
             64: dict(BN=32, BK=256, num_warps=4, num_stages=4),
         }),
@@ -85,6 +87,27 @@ class KernelSettings:
     moe_fc2_splits: Mapping[int, int] = field(
         hash=False, default_factory=lambda: MappingProxyType({1: 1, 16: 1, 64: 1})
     )
+    # The same tables for float8 experts (layers/quant.py), by token count; empty: the 16-bit tables. A float8
+    # weight tile is converted to the activations' dtype in registers before tl.dot, so its best tiles differ.
+    # `tune_moe_decode --fp8 --tokens 1 16` (results/tune_moe_decode.log, 2026-12-02, PDL), fc1+fc2 us per layer
+    # against the 16-bit tables: T=1 12.5 / 32.2 (both on the CUDA cores), T=16 54.6 / 63.0. The 64 entries are
+    # the 16-bit ones, not measured on float8.
+    moe_fp8_fc1_tiles: Mapping[int, Mapping[str, int]] = field(
+        hash=False,
+        default_factory=lambda: _tiles({
+            1: dict(BF=16, BK=256, num_warps=8, num_stages=1, DOT=0),
+            16: dict(BF=32, BK=128, num_warps=4, num_stages=3),
+            64: dict(BF=64, BK=128, num_warps=4, num_stages=4),
+        }),
+    )  # fmt: skip
+    moe_fp8_fc2_tiles: Mapping[int, Mapping[str, int]] = field(
+        hash=False,
+        default_factory=lambda: _tiles({
+            1: dict(BN=4, BK=1024, num_warps=4, num_stages=1, DOT=0),
+            16: dict(BN=32, BK=256, num_warps=4, num_stages=3),
+            64: dict(BN=32, BK=256, num_warps=4, num_stages=4),
+        }),
+    )  # fmt: skip
 
     # Launches of the decode kernels (GEMV, decode MoE, conv and SSM steps, norms) of at most this many rows (tokens)
     # use programmatic dependent launch on sm_90+ (tl_math.pdl_wait): a kernel starts, and reads its weights, while
@@ -131,6 +154,30 @@ class KernelSettings:
             (16, 5888, 1472): dict(BN=16, BK=128, num_warps=4, num_stages=4),
             (16, 1472, 2944): dict(BN=32, BK=128, num_warps=4, num_stages=3),
             (16, 4608, 1152): dict(BN=16, BK=128, num_warps=4, num_stages=4),
+            (16, 1152, 2304): dict(BN=32, BK=128, num_warps=4, num_stages=3),
+        }),
+    )  # fmt: skip
+    # gemv_shape_tiles for float8 weights (same keys), used before the 16-bit tables. Without an entry a float8
+    # weight takes the 16-bit one, with BK doubled on tl.dot (the same bytes per tile); on the CUDA cores BK stays,
+    # since the (BN, BK) fp32 accumulator, not the tile's bytes, sets the registers (sm_90 compile: the 2.8B in_proj
+    # entry with BK doubled spills about 1,800 words to local memory). An entry's ACC_K=1 sums each step's
+    # products at once (kernels/gemv.py). `python -m benchmarks.tune.gemv --only sweep --sweep-dtype fp8`
+    # (results/gemv_fp8_sweep.json, 2026-12-02, PDL on), us against the rule of that run (BK doubled everywhere):
+    # 2.8B one row x_proj 1.58 / 1.68, out_proj 3.73 / 4.65; 16 rows in_proj 7.16 / 8.99, x_proj 3.58 / 4.10,
+    # out_proj 5.52 / 6.02; 1.5B one row x_proj 1.56 / 1.65, out_proj 3.11 / 5.21; 16 rows in_proj 6.06 / 7.81,
+    # x_proj 3.43 / 4.01, out_proj 4.67 / 5.11. Both in_proj at one row: the 16-bit entry won (4.68 us for 2.8B).
+    gemv_fp8_shape_tiles: Mapping[tuple[int, int, int], Mapping[str, int]] = field(
+        hash=False,
+        default_factory=lambda: _tiles({
+            (1, 124, 2944): dict(BN=2, BK=4096, num_warps=4, num_stages=1, ACC_K=1),
+            (1, 1472, 2944): dict(BN=4, BK=2048, num_warps=8, num_stages=1),
+            (1, 104, 2304): dict(BN=2, BK=4096, num_warps=4, num_stages=1, ACC_K=1),
+            (1, 1152, 2304): dict(BN=4, BK=1024, num_warps=4, num_stages=1),
+            (16, 5888, 1472): dict(BN=32, BK=128, num_warps=4, num_stages=3),
+            (16, 124, 2944): dict(BN=16, BK=256, num_warps=4, num_stages=2),
+            (16, 1472, 2944): dict(BN=32, BK=128, num_warps=4, num_stages=3),
+            (16, 4608, 1152): dict(BN=64, BK=128, num_warps=4, num_stages=3),
+            (16, 104, 2304): dict(BN=16, BK=128, num_warps=4, num_stages=4),
             (16, 1152, 2304): dict(BN=32, BK=128, num_warps=4, num_stages=3),
         }),
     )  # fmt: skip
@@ -227,7 +274,8 @@ class KernelSettings:
                     f"ssm_update_tiles entries must map a row count >= 1 to positive BLOCK_D, ROWS, num_warps; "
                     f"got {rows}: {dict(cfg)}"
                 )
-        object.__setattr__(self, "gemv_shape_tiles", _tiles(self.gemv_shape_tiles))
+        for name in ("gemv_shape_tiles", "gemv_fp8_shape_tiles", "moe_fp8_fc1_tiles", "moe_fp8_fc2_tiles"):
+            object.__setattr__(self, name, _tiles(getattr(self, name)))
         object.__setattr__(self, "moe_fc2_splits", MappingProxyType(dict(self.moe_fc2_splits)))
         if self.gemv_programs_per_sm < 1 or min(self.moe_fc2_splits.values(), default=1) < 1:
             raise ValueError(

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from blackmamba.errors import BlackMambaError
-from blackmamba.kernels import gemv, use_backend, use_settings
+from blackmamba.kernels import gemv, get_settings, use_backend, use_settings
 from blackmamba.kernels.gemv import (
     COUNTERS,
     GemvError,
@@ -97,9 +97,10 @@ def test_tile_choice_on_the_gpu():
     table = {1: dict(BN=8, BK=512, num_warps=4, num_stages=3), 16: dict(BN=8, BK=256, num_warps=4, num_stages=4)}
     one = gemv._config(table, 1, bf16, bf16, True)
     assert one["DOT"] == 0 and one["BN"] == 8
-    assert gemv._config(table, 1, FP8, bf16, True)["BK"] == 2 * one["BK"]  # the same bytes per step
+    assert gemv._config(table, 1, FP8, bf16, True)["BK"] == one["BK"]  # CUDA cores: the accumulator's registers
     few = gemv._config(table, 3, bf16, bf16, True)  # the entry for 16 rows, on tl.dot: BN raised to 16
     assert few["DOT"] == 1 and few["BN"] == 16 and few["BK"] == 256
+    assert gemv._config(table, 3, FP8, bf16, True)["BK"] == 2 * few["BK"]  # tl.dot: the same bytes per step
     assert gemv._config(table, 40, bf16, bf16, True)["BK"] == 256  # more rows than any entry: the largest
     for w_dtype in (fp32, FP8):
         wide = gemv._config(table, 16, w_dtype, fp32, True)
@@ -115,6 +116,29 @@ def test_shape_tiles_take_precedence_for_their_shape_only():
     assert gemv._config(table, 1, bf16, bf16, True, (124, 2048), shapes)["BK"] == 512  # another shape: the rows'
     few = gemv._config(table, 3, bf16, bf16, True, (124, 2944), shapes)  # 3 rows use the 16-row entries
     assert few["BN"] == 32 and few["BK"] == 128 and few["DOT"] == 1
+    fp8_shapes = {(1, 124, 2944): dict(BN=4, BK=2048, num_warps=8, num_stages=1, ACC_K=1),
+                  (16, 124, 2944): dict(BN=16, BK=256, num_warps=4, num_stages=2)}  # fmt: skip
+    one8 = gemv._config(table, 1, FP8, bf16, True, (124, 2944), shapes, fp8_shapes)  # taken as it is
+    assert (one8["BN"], one8["BK"], one8["ACC_K"], one8["DOT"]) == (4, 2048, 1, 0)
+    assert gemv._config(table, 16, FP8, bf16, True, (124, 2944), shapes, fp8_shapes)["BK"] == 256  # not doubled
+    assert gemv._config(table, 1, bf16, bf16, True, (124, 2944), shapes, fp8_shapes)["BK"] == 4096  # 16-bit: its own
+    assert gemv._config(table, 16, FP8, bf16, True, (124, 2048), shapes, fp8_shapes)["BK"] == 512  # no entry: rule
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_one_row_summed_each_step(poisoned, dtype, n, k):
+    """ACC_K=1 (each step's products summed at once) on dense and fp8 weights, from the fp8 table and from
+    gemv_tiles, against the reference; the plan carries it."""
+    x, w, w8, scale = gemv_inputs(1, n, k, dtype, seed=n)
+    tiles = {**get_settings().gemv_tiles, 1: dict(BN=8, BK=512, num_warps=4, num_stages=1, ACC_K=1)}
+    with use_settings(gemv_tiles=tiles, gemv_shape_tiles={}):
+        assert gemv._acc_k(gemv.launch_plan(x, w), 1) == 1
+        assert_close("dense", linear_reference(x, w), linear_triton(x, w), dtype)
+    fp8_tiles = {(1, n, k): dict(BN=8, BK=512, num_warps=4, num_stages=1, ACC_K=1)}
+    with use_settings(gemv_fp8_shape_tiles=fp8_tiles):
+        assert gemv.launch_plan(x, w8)["ACC_K"] == 1 and gemv.launch_plan(x, w).get("ACC_K", 0) != 1
+        assert_close("fp8", linear_reference(x, w8, scale), linear_triton(x, w8, scale), TOL_FP8[dtype])
 
 
 @pytest.fixture

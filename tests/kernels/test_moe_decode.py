@@ -7,9 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from blackmamba.kernels import moe_experts_ref, use_backend, use_settings
+from blackmamba.kernels import get_settings, moe_experts_ref, use_backend, use_settings
 from blackmamba.kernels.moe_decode import (
     MAX_TOKENS,
+    decode_tiles,
     moe_experts_decode,
     moe_experts_decode_ref,
     moe_experts_decode_triton,
@@ -109,6 +110,39 @@ def test_experts_decode_fp8_matches_reference(poisoned, dtype, tokens, splits):
     assert_close("y", y_ref, y, dtype)
 
 
+ONE_TOKEN_CUDA_CORES = dict(  # both decode kernels' single-token path (DOT=0) in the interpreter's tiles
+    moe_fc1_tiles={1: dict(BF=16, BK=32, num_warps=4, num_stages=1, DOT=0), 64: dict(BF=16, BK=32, num_warps=4,
+                                                                                     num_stages=1)},
+    moe_fc2_tiles={1: dict(BN=16, BK=32, num_warps=4, num_stages=1, DOT=0), 64: dict(BN=16, BK=32, num_warps=4,
+                                                                                     num_stages=1)},
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("activation", ["gelu", "silu"])
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("fp8", [False, True])
+def test_one_token_on_the_cuda_cores(poisoned, dtype, activation, splits, fp8):
+    """A single token with DOT=0 entries (D = 40, F = 100: partial tiles of BK 32 and BF/BN 16), fc2 in one
+    or three splits, 16-bit/fp32 and float8 experts, against the reference; two tokens keep tl.dot."""
+    x, expert, gate, w1, w2 = (t.detach() for t in moe_inputs(1, 40, 100, 4, dtype, False, seed=splits))
+    scales = {}
+    if fp8:
+        w1, w2, s1, s2 = fp8_experts(40, 100, 4, seed=splits)
+        scales = dict(w1_scale=s1, w2_scale=s2)
+    y_ref = moe_experts_decode_ref(x, expert, gate, w1, w2, activation, **scales)
+    tables = ONE_TOKEN_CUDA_CORES
+    if fp8:
+        tables = {"moe_fp8_fc1_tiles": tables["moe_fc1_tiles"], "moe_fp8_fc2_tiles": tables["moe_fc2_tiles"]}
+    with use_settings(moe_fc2_splits={64: splits}, **tables):
+        assert decode_tiles(1, dtype, fp8, False)[0]["DOT"] == 0 and decode_tiles(1, dtype, fp8, False)[1]["DOT"] == 0
+        y = moe_experts_decode_triton(x, expert, gate, w1, w2, activation, **scales)
+        assert_close("y", y_ref, y, dtype)
+        x2, expert2, gate2 = x.expand(2, -1).contiguous(), expert.expand(2).contiguous(), gate.expand(2).contiguous()
+        y2 = moe_experts_decode_triton(x2, expert2, gate2, w1, w2, activation, **scales)  # tl.dot
+        assert_close("two tokens", moe_experts_decode_ref(x2, expert2, gate2, w1, w2, activation, **scales), y2, dtype)
+
+
 @pytest.mark.parametrize("splits", [2, 4])
 def test_fc2_split_k_matches_one_split(poisoned, splits):
     """F = 100 in reduction steps of 32: fc2 runs 2 or 4 programs per column tile, the same result."""
@@ -131,6 +165,17 @@ def test_experts_decode_dispatches_fp8(poisoned):
         with use_backend(backend):
             y = moe_experts_decode(x, expert, gate, w1, w2, w1_scale=s1, w2_scale=s2)
         assert_close(backend, y_ref, y, torch.bfloat16)
+
+
+def test_fp8_experts_take_their_own_tiles_where_set():
+    bf16 = torch.bfloat16
+    fc1_8, fc2_8 = dict(BF=16, BK=512, num_warps=8, num_stages=2), dict(BN=16, BK=1024, num_warps=8, num_stages=2)
+    with use_settings(moe_fp8_fc1_tiles={}, moe_fp8_fc2_tiles={}):  # unset: the 16-bit tables
+        assert decode_tiles(1, bf16, True, True) == decode_tiles(1, bf16, False, True)
+    with use_settings(moe_fp8_fc1_tiles={1: fc1_8, 16: fc1_8}, moe_fp8_fc2_tiles={64: fc2_8}):
+        fp8_tiles, dense_tiles = decode_tiles(3, bf16, True, True), decode_tiles(3, bf16, False, True)
+        assert fp8_tiles == (fc1_8, fc2_8)
+        assert dense_tiles == (dict(get_settings().moe_fc1_tiles[16]), dict(get_settings().moe_fc2_tiles[16]))
 
 
 def test_experts_decode_rejects_bad_scales():

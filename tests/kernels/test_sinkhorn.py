@@ -41,9 +41,11 @@ def test_kernel_matches_reference(tokens, experts, init, criterion, tol, max_ite
     cost, d0_ref, d1_ref, iters_ref = sinkhorn_scaling(logits, tol, max_iters, init, 1e-8, criterion)
     d1, iters = sinkhorn_scaling_triton(logits, tol, max_iters, init, 1e-8, criterion)
     assert iters.dtype == torch.int32 and iters.device == logits.device
-    # The GPU's exp is approximate (2 ulp): when the stopping test sits within rounding of tol (the 1e-6 case),
-    # it may pass one iteration earlier or later there. The scaling is then compared after the reference's count.
-    assert abs(int(iters) - iters_ref) <= (1 if ON_GPU else 0)
+    # The GPU's exp is approximate (2 ulp), and the CPU's vectorised exp differs between processors (torch's
+    # against NumPy's under the interpreter; an AMD EPYC differed where an Intel Xeon did not): when the stopping
+    # test sits within rounding of tol (the 1e-6 case), it may pass one iteration earlier or later. The scaling
+    # is then compared after the reference's count.
+    assert abs(int(iters) - iters_ref) <= (1 if ON_GPU or tol <= 1e-6 else 0)
     if int(iters) != iters_ref:
         d1, _ = sinkhorn_scaling_triton(logits, 0.0, iters_ref, init, 1e-8, criterion)
     assert_close("sinkhorn d1", d1_ref, d1, "fp32_gpu_exp2" if ON_GPU else torch.float32)
