@@ -185,7 +185,7 @@ def test_generate_readme_table_prints_results_files_in_order(tmp_path, capsys):
     assert lines[3] == "| prefill | 2.8b/1x2048 | 155,657 | n/a | n/a | 622,008 | 25% |  |  | 0.000 |"
 
 
-ONLY_ROWS = [("decode", [1, 16, 64, 256], []), ("prefill", [], [1, 8]), ("fp8", [1, 16], [1, 8]),
+ONLY_ROWS = [("decode", [1, 16, 64, 256], []), ("prefill", [], [1, 8]), ("fp8", [1, 16, 64, 256], [1, 8]),
              (None, [1, 16, 64, 256], [1, 8, 64])]  # fmt: skip
 
 

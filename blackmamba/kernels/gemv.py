@@ -356,13 +356,13 @@ def _acc_k(cfg: Mapping[str, int], bm: int) -> int:
 
 def gemv_applies(x: Tensor, weight: Tensor, scale: Tensor | None = None) -> bool:
     """Whether :func:`linear` takes the Triton kernel: the "triton" backend, at most ``gemv_max_rows``
-    rows, unquantised weights only with ``gemv_dense`` and in x's dtype, no autograd through the inputs, no
-    autocast."""
+    rows (``gemv_fp8_max_rows`` for float8 weights), unquantised weights only with ``gemv_dense`` and in
+    x's dtype, no autograd through the inputs, no autocast."""
     settings = get_settings()
     rows = x.numel() // max(x.shape[-1], 1) if x.ndim else 0
     quantised = weight.dtype in FP8 or scale is not None
     return (
-        0 < rows <= settings.gemv_max_rows
+        0 < rows <= (settings.gemv_fp8_max_rows if weight.dtype in FP8 else settings.gemv_max_rows)
         and (quantised or (settings.gemv_dense and weight.dtype == x.dtype))
         and x.dtype in DENSE
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .backend import resolve_backend, triton_interpreted
+from .gemv import dequantize
 from .settings import get_settings
 from .tl_math import ACTIVATIONS, gated
 
@@ -258,13 +259,18 @@ def grouped_gemm_ref(
     a_rows: Tensor | None = None,
     c_rows: Tensor | None = None,
     c_scale: Tensor | None = None,
+    b_scale: Tensor | None = None,
 ) -> Tensor:
     """Loop over experts of :func:`grouped_gemm`: sorted row r of expert e is A[a_rows[r]] @ op(B[e]),
-    written to row c_rows[r] and scaled by c_scale[c_rows[r]]; op(B) = B^T when trans_b."""
+    written to row c_rows[r] and scaled by c_scale[c_rows[r]]; op(B) = B^T when trans_b. ``b_scale`` (E, N)
+    scales B's output columns (B dequantized in fp32)."""
     a = a_MK if a_rows is None else a_MK[a_rows]
+    b = b_ENK.float()
+    if b_scale is not None:
+        b = b * (b_scale.float()[:, :, None] if trans_b else b_scale.float()[:, None, :])
     out = torch.cat(
         [
-            a[lo:hi].float() @ (b_ENK[e].float().t() if trans_b else b_ENK[e].float())
+            a[lo:hi].float() @ (b[e].t() if trans_b else b[e])
             for e, (lo, hi) in enumerate(zip(offs[:-1].tolist(), offs[1:].tolist(), strict=True))
         ]
     )
@@ -342,6 +348,8 @@ def _gathered_tile_dot(
         b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         if DOT_F32:
             a, b = a.to(tl.float32), b.to(tl.float32)
+        else:  # float8 B -> A's dtype is exact; a no-op for A's own dtype
+            b = b.to(a.dtype)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
         a_ptrs += BK * stride_a_k
         b_ptrs += BK * stride_b_k
@@ -357,6 +365,7 @@ def _grouped_gemm_kernel(
     a_rows_ptr,
     c_rows_ptr,
     scale_ptr,
+    b_scale_ptr,
     n_experts,
     n_out,
     k_red,
@@ -368,9 +377,11 @@ def _grouped_gemm_kernel(
     stride_b_n,
     stride_c_m,
     stride_c_n,
+    stride_bs_e,
     A_GATHER: tl.constexpr,
     C_SCATTER: tl.constexpr,
     C_SCALE: tl.constexpr,
+    B_SCALE: tl.constexpr,
     PRECISION: tl.constexpr,
     DOT_F32: tl.constexpr,
     BM: tl.constexpr,
@@ -396,6 +407,8 @@ def _grouped_gemm_kernel(
         a_ptr, src, row_ok, stride_a_m, stride_a_k, b_ptr, expert, stride_b_e, stride_b_k, stride_b_n, cols, col_ok,
         k_red, PRECISION, DOT_F32, BM, BN, BK,
     )  # fmt: skip
+    if B_SCALE:  # float8 B: one scale per (expert, output column)
+        acc = acc * tl.load(b_scale_ptr + expert.to(tl.int64) * stride_bs_e + cols, mask=col_ok, other=0.0)[None, :]
     if C_SCATTER:
         dst = tl.load(c_rows_ptr + rows, mask=row_ok, other=0).to(tl.int64)
     else:
@@ -519,6 +532,7 @@ def grouped_gemm(
     c_rows: Tensor | None = None,
     c_scale: Tensor | None = None,
     out: Tensor | None = None,
+    b_scale: Tensor | None = None,
 ) -> Tensor:
     """Triton grouped GEMM over rows grouped by expert, in one launch and without host reads.
 
@@ -526,7 +540,9 @@ def grouped_gemm(
     (E, N, K) when ``trans_b``, else times B[e] with B (E, K, N) (the dX of a backward). The result goes
     to row c_rows[r] (or r), scaled by c_scale at that row. Returns (R, N) in A's dtype, R the number of
     sorted rows (a_rows' length, else A's rows), in ``out`` when given; a row no expert owns is left
-    unwritten.
+    unwritten. B may be float8 (e4m3) with ``b_scale`` (E, N) fp32, one scale per expert and output column
+    (weight-only quantization, :mod:`blackmamba.layers.quant`): its tiles are converted to A's dtype in
+    registers (exact) and each column of the fp32 product is scaled before c_scale and the rounding.
     """
     n_rows = a_rows.shape[0] if a_rows is not None else a_MK.shape[0]
     n_exp, n_out, k_red = b_ENK.shape if trans_b else (b_ENK.shape[0], b_ENK.shape[2], b_ENK.shape[1])
@@ -536,10 +552,18 @@ def grouped_gemm(
             f"(trans_b={trans_b}); got A {tuple(a_MK.shape)}, offsets {tuple(offs.shape)} {offs.dtype}"
         )
     c = torch.empty(n_rows, n_out, dtype=a_MK.dtype, device=a_MK.device) if out is None else out
-    if a_MK.dtype != b_ENK.dtype or c.shape != (n_rows, n_out):
+    fp8_b = b_ENK.dtype == torch.float8_e4m3fn
+    if (a_MK.dtype != b_ENK.dtype and not fp8_b) or c.shape != (n_rows, n_out):
         raise ValueError(
-            f"grouped_gemm: want A and B of one dtype and out ({n_rows}, {n_out}); got {a_MK.dtype}, "
-            f"{b_ENK.dtype}, out {tuple(c.shape)}"
+            f"grouped_gemm: want A and B of one dtype (or a float8 B) and out ({n_rows}, {n_out}); got "
+            f"{a_MK.dtype}, {b_ENK.dtype}, out {tuple(c.shape)}"
+        )
+    if fp8_b != (b_scale is not None) or (
+        b_scale is not None and (b_scale.shape != (n_exp, n_out) or b_scale.dtype != torch.float32)
+    ):
+        raise ValueError(
+            f"grouped_gemm: a float8 B takes b_scale ({n_exp}, {n_out}) float32, and only it; got B {b_ENK.dtype}, "
+            f"b_scale {None if b_scale is None else (tuple(b_scale.shape), b_scale.dtype)}"
         )
     if n_rows == 0:
         return c
@@ -550,12 +574,14 @@ def grouped_gemm(
     grid = (m_tiles * triton.cdiv(n_out, cfg["BN"]),)
     flags = _dot_flags(a_MK)
     c_k = c.float() if flags["DOT_F32"] else c
+    b_scale = offs if b_scale is None else b_scale.contiguous()  # a placeholder when unscaled: never read
     _grouped_gemm_kernel[grid](
         a_MK, b_ENK, c_k, offs,
-        _vector_or(a_rows, offs), _vector_or(c_rows, offs), _vector_or(c_scale, offs),
+        _vector_or(a_rows, offs), _vector_or(c_rows, offs), _vector_or(c_scale, offs), b_scale,
         n_exp, n_out, k_red, m_tiles,
         a_MK.stride(0), a_MK.stride(1), stride_be, stride_bk, stride_bn, c_k.stride(0), c_k.stride(1),
-        A_GATHER=a_rows is not None, C_SCATTER=c_rows is not None, C_SCALE=c_scale is not None,
+        b_scale.stride(0) if fp8_b else 0,
+        A_GATHER=a_rows is not None, C_SCATTER=c_rows is not None, C_SCALE=c_scale is not None, B_SCALE=fp8_b,
         E_P2=max(2, triton.next_power_of_2(n_exp)), **flags, **cfg,
     )  # fmt: skip
     return c.copy_(c_k) if c_k is not c else c
@@ -679,6 +705,37 @@ def moe_experts_grouped_mm(
     if not needs_grad:
         return y_TD[rank_T]
     return y_TD.new_empty(x_TD.shape).index_copy(0, order_T, y_TD)
+
+
+def moe_experts_fp8(
+    x_TD: Tensor,
+    expert_T: Tensor,
+    gate_T: Tensor,
+    w1_EFD: Tensor,
+    w2_EDF: Tensor,
+    w1_scale: Tensor,
+    w2_scale: Tensor,
+    activation: str = "gelu",
+) -> Tensor:
+    """Inference on float8 (e4m3) experts with per-(expert, output channel) fp32 scales, ``w1_scale`` (E, 2F)
+    and ``w2_scale`` (E, D): on the "triton" backend and at most the ``fp8_grouped_max_tokens`` setting's
+    tokens, the grouped GEMMs read the float8 weights in place (:func:`grouped_gemm` with ``b_scale``);
+    otherwise the experts are dequantized to x's dtype and :func:`moe_experts` runs on them. Same result,
+    up to rounding order, as :func:`moe_experts_ref` on the dequantized weights. No autograd."""
+    _check(x_TD, expert_T, gate_T, w1_EFD, w2_EDF)
+    tokens = x_TD.shape[0]
+    if (
+        0 < tokens <= get_settings().fp8_grouped_max_tokens
+        and not (torch.is_grad_enabled() and (x_TD.requires_grad or gate_T.requires_grad))
+        and not torch.is_autocast_enabled(x_TD.device.type)
+        and resolve_backend(x_TD, has_triton=True) == "triton"
+    ):
+        order_T, offs = expert_offsets(expert_T, w1_EFD.shape[0])
+        h_TF2 = grouped_gemm(x_TD, w1_EFD, offs, a_rows=order_T, b_scale=w1_scale.float())  # sorted rows
+        act_TF = gated_activation(h_TF2, activation)
+        return grouped_gemm(act_TF, w2_EDF, offs, c_rows=order_T, c_scale=gate_T, b_scale=w2_scale.float())
+    w1, w2 = dequantize(w1_EFD, w1_scale, x_TD.dtype), dequantize(w2_EDF, w2_scale, x_TD.dtype)
+    return moe_experts(x_TD, expert_T, gate_T, w1, w2, activation)
 
 
 def _grouped_gemm_choice(x_TD: Tensor, w1_EFD: Tensor) -> str:

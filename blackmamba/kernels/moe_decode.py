@@ -50,7 +50,7 @@ from torch import Tensor
 
 from .backend import resolve_backend
 from .gemv import DENSE, FP8, dequantize, split_k, split_k_arrive, split_k_counters, split_k_total
-from .moe import _check, _dot_flags, moe_experts, moe_experts_ref
+from .moe import _check, _dot_flags, moe_experts, moe_experts_fp8, moe_experts_ref
 from .settings import get_settings
 from .tl_math import ACTIVATIONS, count_key, gated, pdl_launch, pdl_wait, top1_sigmoid
 
@@ -536,7 +536,7 @@ def moe_experts_decode(
     w2_scale: Tensor | None = None,
 ) -> Tensor:
     """The experts of a decode step: :func:`moe_experts_decode_triton` when the decode kernels apply, else
-    :func:`.moe.moe_experts` (scaled float8 experts dequantized to x's dtype first). See
+    :func:`.moe.moe_experts` (scaled float8 experts: :func:`.moe.moe_experts_fp8`). See
     :func:`moe_experts_decode_ref`."""
     if not _scaled(w1_EFD, w2_EDF, w1_scale, w2_scale):
         if x_TD.dtype == w1_EFD.dtype == w2_EDF.dtype and decode_kernels_apply(x_TD, gate_T, w1_EFD, w2_EDF):
@@ -547,5 +547,4 @@ def moe_experts_decode(
         return moe_experts_decode_triton(
             x_TD, expert_T, gate_T, w1_EFD, w2_EDF, activation, w1_scale=w1_scale, w2_scale=w2_scale
         )
-    w1, w2 = dequantize(w1_EFD, w1_scale, x_TD.dtype), dequantize(w2_EDF, w2_scale, x_TD.dtype)
-    return moe_experts(x_TD, expert_T, gate_T, w1, w2, activation)
+    return moe_experts_fp8(x_TD, expert_T, gate_T, w1_EFD, w2_EDF, w1_scale, w2_scale, activation)

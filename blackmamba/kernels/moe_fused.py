@@ -351,10 +351,10 @@ def gemm_scatter(
     c = _out(n_rows, n_out, a_MK.dtype, a_MK, flags)
     m_tiles = _m_tiles(n_rows, n_exp, cfg["BM"])
     _grouped_gemm_kernel[(m_tiles * triton.cdiv(n_out, cfg["BN"]),)](
-        a_MK, b_E, c, offs, offs, order_T, order_T if scale is None else scale,
+        a_MK, b_E, c, offs, offs, order_T, order_T if scale is None else scale, offs,
         n_exp, n_out, k_red, m_tiles,
-        a_MK.stride(0), a_MK.stride(1), stride_be, stride_bk, stride_bn, c.stride(0), c.stride(1),
-        A_GATHER=False, C_SCATTER=True, C_SCALE=scale is not None,
+        a_MK.stride(0), a_MK.stride(1), stride_be, stride_bk, stride_bn, c.stride(0), c.stride(1), 0,
+        A_GATHER=False, C_SCATTER=True, C_SCALE=scale is not None, B_SCALE=False,
         E_P2=max(2, triton.next_power_of_2(n_exp)), **flags, **cfg,
     )  # fmt: skip
     return c.to(a_MK.dtype)

@@ -109,6 +109,11 @@ class KernelSettings:
         }),
     )  # fmt: skip
 
+    # float8 experts (layers/quant.py) outside the decode kernels run the Triton grouped GEMMs on the float8 weights
+    # in place up to this many tokens (kernels/moe.py: moe_experts_fp8); above, they are dequantized to the
+    # activations' dtype for the usual path. Not yet measured.
+    fp8_grouped_max_tokens: int = 4096
+
     # Launches of the decode kernels (GEMV, decode MoE, conv and SSM steps, norms) of at most this many rows (tokens)
     # use programmatic dependent launch on sm_90+ (tl_math.pdl_wait): a kernel starts, and reads its weights, while
     # the one before it finishes (0: never). benchmarks.tune.gemv, 2.8B decode step with GEMV projections, us with
@@ -124,6 +129,9 @@ class KernelSettings:
     # (results/gemv.json, 2026-12-02, no PDL): 2.8B decode step at batch 1 960 us with it against 1,078 on cuBLAS,
     # batch 16 2,325 against 2,366 us.
     gemv_dense: bool = True
+    # float8 weights take the GEMV kernel up to this many rows (it reads them in place, rows in blocks of 64; above,
+    # they are dequantized for F.linear). Not yet measured.
+    gemv_fp8_max_rows: int = 256
     # Split-K until a launch has about this many programs per SM. Not yet measured.
     gemv_programs_per_sm: int = 2
     # Tiles by row count: BN output columns and BK reduction step per program; one row multiplies on the CUDA
@@ -246,6 +254,8 @@ class KernelSettings:
             "decode_tokens",
             "scan_min_programs",
             "gemv_max_rows",
+            "gemv_fp8_max_rows",
+            "fp8_grouped_max_tokens",
             "pdl_max_rows",
             "ssm_fused_dt_max_rows",
         ):

@@ -75,8 +75,7 @@ class MoE(Mixer):
         iters, aux = 0, None
         if not self.training:  # routing only: one launch on the Triton backend (see route_top1)
             expert_T, gate_T = route_top1(x_TD, self.router.weight, self.router.bias)
-            y_TD = moe_experts(x_TD, expert_T, gate_T, *self.expert_weights(x.dtype), self.activation)
-            return y_TD.view_as(x), RouterStats(self._counts(expert_T))
+            return self.experts_eval(x_TD, expert_T, gate_T).view_as(x), RouterStats(self._counts(expert_T))
         logits_TE = self.router_logits(x_TD)
         if cfg.train_routing == "sinkhorn":
             expert_T, gate_T, iters = sinkhorn_top1(
@@ -103,6 +102,10 @@ class MoE(Mixer):
         """(w1, w2) for inputs of ``dtype``: the parameters themselves here; an fp8 MoE
         (:mod:`.quant`) dequantizes its weights to ``dtype``."""
         return self.w1, self.w2
+
+    def experts_eval(self, x_TD: Tensor, expert_T: Tensor, gate_T: Tensor) -> Tensor:
+        """The experts of an inference forward (any token count); an fp8 MoE reads its weights in place."""
+        return moe_experts(x_TD, expert_T, gate_T, *self.expert_weights(x_TD.dtype), self.activation)
 
     def step(self, x_t: Tensor, cache: None = None, slots: Tensor | None = None) -> Tensor:
         """One token per row: x_t (B, D) -> (B, D), with no statistics (on the Triton backend: the decode

@@ -30,7 +30,14 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import BlackMambaError
-from ..kernels import decode_kernels_apply, dequantize, gated_activation_ref, linear, moe_experts_decode
+from ..kernels import (
+    decode_kernels_apply,
+    dequantize,
+    gated_activation_ref,
+    linear,
+    moe_experts_decode,
+    moe_experts_fp8,
+)
 from .mamba import MambaMixer
 from .moe import MoE
 
@@ -137,6 +144,11 @@ class Fp8MoE(MoE):
 
     def expert_weights(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         return dequantize(self.w1, self.w1_scale, dtype), dequantize(self.w2, self.w2_scale, dtype)
+
+    def experts_eval(self, x_TD: Tensor, expert_T: Tensor, gate_T: Tensor) -> Tensor:
+        """An inference forward's experts: the Triton grouped GEMMs on the fp8 weights in place where they apply,
+        else dequantized (:func:`blackmamba.kernels.moe_experts_fp8`)."""
+        return moe_experts_fp8(x_TD, expert_T, gate_T, self.w1, self.w2, self.w1_scale, self.w2_scale, self.activation)
 
     def experts_step(self, x_TD: Tensor, expert_T: Tensor, gate_T: Tensor) -> Tensor:
         """A decode step's experts: the fp8 decode kernels where they apply (W8 read in place); without them

@@ -167,15 +167,21 @@ def test_linear_dispatch(kernel_calls):
             assert_close("dense", linear_reference(x, w), linear(x, w), torch.float32)
             assert len(kernel_calls) == 2
             with use_settings(gemv_max_rows=2):
-                linear(x, w8, scale)  # 3 rows > 2
+                linear(x, w, scale)  # 3 rows > 2 (a scaled 16-bit weight)
+                assert len(kernel_calls) == 2
+                linear(x, w8, scale)  # float8: gemv_fp8_max_rows
+                assert len(kernel_calls) == 3
+            with use_settings(gemv_fp8_max_rows=2):
+                assert_close("fp8 3 rows > 2", linear_reference(x, w8, scale), linear(x, w8, scale), torch.float32)
+            assert len(kernel_calls) == 3
             x_grad = x.detach().requires_grad_()
             y = linear(x_grad, w)  # autograd: F.linear
-            assert len(kernel_calls) == 2
+            assert len(kernel_calls) == 3
             (g,) = torch.autograd.grad(y.sum(), x_grad)
             assert_close("grad", w.sum(0).expand_as(x), g, torch.float32)
     with use_backend("ref"), use_settings(gemv_dense=True):
         assert torch.equal(linear(x, w8, scale), linear_reference(x, w8, scale))
-    assert len(kernel_calls) == 2
+    assert len(kernel_calls) == 3
 
 
 def test_torch_fallback_dequantizes_to_the_input_dtype():
@@ -246,7 +252,7 @@ PROJECTIONS = {"in_proj": (5888, 1472), "x_proj": (124, 2944), "out_proj": (1472
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("proj", list(PROJECTIONS))
-@pytest.mark.parametrize("rows", [1, 4, 16])
+@pytest.mark.parametrize("rows", [1, 4, 16, 64, 256])
 def test_full_size_projections(poisoned, proj, rows):
     n, k = PROJECTIONS[proj]
     x, w, w8, scale = gemv_inputs(rows, n, k, torch.bfloat16, device="cuda")

@@ -217,6 +217,25 @@ def test_grouped_gemm_wgrad_matches_loop(dtype, tokens, gather_a, gather_b):
     assert_close("empty experts", expected[1:3], out[1:3], "exact")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 33])
+@pytest.mark.parametrize("trans_b,gather,scatter,scale", GEMM_VARIANTS)
+def test_grouped_gemm_fp8_b_matches_loop(dtype, tokens, trans_b, gather, scatter, scale):
+    """B in e4m3 with a scale per (expert, output column) against the loop on B dequantized in fp32."""
+    g = torch.Generator().manual_seed(tokens + 7)
+    k_red, n_out = 24, 40
+    order, offs = expert_offsets(routing(tokens, N_EXPERTS, skew=True, g=g), N_EXPERTS)
+    a = torch.randn(tokens, k_red, generator=g).to(DEVICE, dtype)
+    b_shape = (N_EXPERTS, n_out, k_red) if trans_b else (N_EXPERTS, k_red, n_out)
+    b8 = (4 * torch.randn(b_shape, generator=g)).to(torch.float8_e4m3fn).to(DEVICE)
+    b_scale = ((torch.rand(N_EXPERTS, n_out, generator=g) + 0.5) / 16).to(DEVICE)
+    s = torch.rand(tokens, generator=g).to(DEVICE) if scale else None
+    kw = dict(trans_b=trans_b, a_rows=order if gather else None, c_rows=order if scatter else None, c_scale=s,
+              b_scale=b_scale)  # fmt: skip
+    out = grouped_gemm(a, b8, offs, **kw, out=nan_filled((tokens, n_out), dtype))
+    assert_close("out", grouped_gemm_ref(a, b8, offs, **kw), out, dtype)
+
+
 def test_grouped_gemm_rejects_bad_shapes():
     offs = torch.zeros(N_EXPERTS + 1, dtype=torch.int32, device=DEVICE)
     b = torch.randn(N_EXPERTS, 8, 6, device=DEVICE)
@@ -226,6 +245,13 @@ def test_grouped_gemm_rejects_bad_shapes():
         grouped_gemm(torch.randn(3, 6, device=DEVICE), b, offs.long())
     with pytest.raises(ValueError, match="grouped_gemm_wgrad"):
         grouped_gemm_wgrad(torch.randn(3, 8, device=DEVICE), torch.randn(3, 5, device=DEVICE), offs, out=b)
+    b8, a = b.to(torch.float8_e4m3fn), torch.randn(3, 6, device=DEVICE)
+    with pytest.raises(ValueError, match="b_scale"):
+        grouped_gemm(a, b8, offs)  # float8 B without its scales
+    with pytest.raises(ValueError, match="b_scale"):
+        grouped_gemm(a, b, offs, b_scale=torch.ones(N_EXPERTS, 8, device=DEVICE))  # scales for a 16/32-bit B
+    with pytest.raises(ValueError, match="b_scale"):
+        grouped_gemm(a, b8, offs, b_scale=torch.ones(N_EXPERTS, 6, device=DEVICE))  # (E, K), not (E, N)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from blackmamba.kernels import get_settings, moe_experts_ref, use_backend, use_settings
+import blackmamba.kernels.moe as moe
+from blackmamba.kernels import get_settings, moe_experts_fp8, moe_experts_ref, use_backend, use_settings
 from blackmamba.kernels.moe_decode import (
     MAX_TOKENS,
     decode_tiles,
@@ -143,6 +144,29 @@ def test_one_token_on_the_cuda_cores(poisoned, dtype, activation, splits, fp8):
         assert_close("two tokens", moe_experts_decode_ref(x2, expert2, gate2, w1, w2, activation, **scales), y2, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [70, 150])
+def test_fp8_experts_past_the_decode_kernels(poisoned, monkeypatch, dtype, tokens):
+    """More tokens than the decode kernels take: the grouped GEMMs read the float8 experts in place up to
+    fp8_grouped_max_tokens, above it the experts are dequantized; both against the reference."""
+    x, expert, gate = (t.detach() for t in moe_inputs(tokens, 40, 100, 4, dtype, True, seed=tokens)[:3])
+    w1, w2, s1, s2 = fp8_experts(40, 100, 4, seed=tokens)
+    y_ref = moe_experts_decode_ref(x, expert, gate, w1, w2, "gelu", w1_scale=s1, w2_scale=s2)
+    weights = []
+    launch = moe.grouped_gemm
+    monkeypatch.setattr(
+        moe, "grouped_gemm", lambda a, b, *args, **kw: weights.append(b.dtype) or launch(a, b, *args, **kw)
+    )
+    with use_backend("triton"):
+        y = moe_experts_decode(x, expert, gate, w1, w2, "gelu", w1_scale=s1, w2_scale=s2)
+        assert weights == [torch.float8_e4m3fn] * 2  # fc1 and fc2 on the float8 weights
+        assert_close("grouped fp8", y_ref, y, dtype)
+        with use_settings(fp8_grouped_max_tokens=tokens - 1):
+            y_deq = moe_experts_fp8(x, expert, gate, w1, w2, s1, s2, "gelu")
+        assert weights[2:] == [dtype] * 2  # the Triton grouped GEMMs (on the CPU) on dequantized experts
+        assert_close("dequantized", y_ref, y_deq, dtype)
+
+
 @pytest.mark.parametrize("splits", [2, 4])
 def test_fc2_split_k_matches_one_split(poisoned, splits):
     """F = 100 in reduction steps of 32: fc2 runs 2 or 4 programs per column tile, the same result."""
@@ -203,6 +227,22 @@ def test_decode_moe_fp8_and_split_full_size(poisoned, tokens, splits):
     assert_close("fp8", y8_ref, y8, torch.bfloat16, same_dtype=False)
     y_ref = moe_experts_ref(x.double(), expert, gate.double(), w1_bf.double(), w2_bf.double(), "gelu")
     assert_close("bf16", y_ref, y, torch.bfloat16, same_dtype=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [256, 2048])
+def test_fp8_experts_grouped_full_size(poisoned, tokens):
+    """The 2.8B experts in float8 at a decode batch of 256 and a 2,048-token prefill (grouped GEMMs on the
+    float8 weights), against the reference on the dequantized weights."""
+    dim, ff, experts = 1472, 3872, 8
+    x, expert, gate = (
+        t.detach() for t in moe_inputs(tokens, dim, ff, experts, torch.bfloat16, True, device="cuda")[:3]
+    )
+    w1, w2, s1, s2 = fp8_experts(dim, ff, experts, device="cuda")
+    with use_settings(fp8_grouped_max_tokens=4096):
+        y8 = moe_experts_fp8(x, expert, gate, w1, w2, s1, s2, "gelu")
+    y8_ref = moe_experts_decode_ref(x.float(), expert, gate, w1, w2, w1_scale=s1, w2_scale=s2)
+    assert_close("fp8 grouped", y8_ref, y8, torch.bfloat16, same_dtype=False)
 
 
 @pytest.mark.gpu

@@ -196,10 +196,10 @@ def test_fp8_linear_checks_its_parts():
 
 
 def test_fp8_model_on_the_triton_backend_equals_the_reference_backend(monkeypatch):
-    """Decode steps read the fp8 weights in the kernels (Triton's interpreter on the CPU) and agree with the
-    reference backend, which dequantizes."""
+    """The prefill and the decode steps read the fp8 weights in the kernels (Triton's interpreter on the CPU)
+    and agree with the reference backend, which dequantizes."""
     pytest.importorskip("triton")
-    from blackmamba.kernels import gemv, moe_decode, use_backend
+    from blackmamba.kernels import gemv, moe, moe_decode, use_backend
 
     launches = []  # (kernel, dtype of the weight it read)
 
@@ -214,6 +214,7 @@ def test_fp8_model_on_the_triton_backend_equals_the_reference_backend(monkeypatc
 
     counting(gemv, "linear_triton", 1)
     counting(moe_decode, "moe_experts_decode_triton", 3)
+    counting(moe, "grouped_gemm", 1)  # the prefill's experts: the grouped GEMMs on the fp8 weights
     model = quantize_fp8(tiny_model(seed=8)).to(DEVICE)
     ids = torch.randint(1, 256, (2, 6), generator=torch.Generator().manual_seed(8)).to(DEVICE)
     logits = {}
@@ -222,5 +223,5 @@ def test_fp8_model_on_the_triton_backend_equals_the_reference_backend(monkeypatc
             cache = model.allocate_cache(2)
             model(ids[:, :4], cache=cache)
             logits[backend] = torch.stack([model.step(ids[:, t], cache) for t in (4, 5)], 1)
-    assert set(launches) == {("linear_triton", FP8), ("moe_experts_decode_triton", FP8)}
+    assert set(launches) == {("linear_triton", FP8), ("moe_experts_decode_triton", FP8), ("grouped_gemm", FP8)}
     assert_close("decode logits, triton vs ref", logits["ref"], logits["triton"], "fp32_model")
