@@ -375,9 +375,9 @@ def fp8_rows(model: BlackMamba, short: str, args: argparse.Namespace, bw: float,
     torch.cuda.empty_cache()
 
 
-def readme_table(paths: list[Path]) -> str:
+def readme_table(paths: list[Path], benchmarks: list[str] | None = None) -> str:
     """The rows of results files as the README's markdown table (numbers with thousands separators, the
-    floor fraction in percent), in file order."""
+    floor fraction in percent), in file order; only the rows of ``benchmarks`` when given."""
     header = ["benchmark", "shape", "ours (tokens/s)", "transformers Jamba", "speedup", "floor", "of floor",
               "p50 ms/step", "p99 ms/step", "max err"]  # fmt: skip
 
@@ -390,6 +390,8 @@ def readme_table(paths: list[Path]) -> str:
     body = []
     for path in paths:
         for r in json.loads(Path(path).read_text())["results"]:
+            if benchmarks and r["benchmark"] not in benchmarks:
+                continue
             p50, p99 = r.get("p50_ms"), r.get("p99_ms")
             body.append([
                 r["benchmark"], r["shape"], num(r["ours"]), num(r["peer_value"]),
@@ -450,11 +452,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", help=f"results file (and .md beside it); default {default_out}")
     parser.add_argument("--plot", help="draw the latency PNG from a results file and exit")
     parser.add_argument("--readme-table", nargs="+", metavar="FILE", help="print results files as the README table")
+    parser.add_argument(
+        "--benchmarks", nargs="+", metavar="NAME", help="with --readme-table: only these rows' benchmarks"
+    )
     args = parser.parse_args(argv)
     # A partial run must not overwrite the full results file.
     args.out = args.out or str(RESULTS_DIR / (f"generate_{args.only}.json" if args.only else "generate.json"))
     if args.readme_table:
-        print(readme_table([Path(p) for p in args.readme_table]))
+        print(readme_table([Path(p) for p in args.readme_table], args.benchmarks))
         return
     if args.plot:
         print(plot(Path(args.plot)))

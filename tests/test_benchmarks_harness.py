@@ -183,6 +183,9 @@ def test_generate_readme_table_prints_results_files_in_order(tmp_path, capsys):
     assert lines[0].startswith("| benchmark | shape | ours (tokens/s) |") and len(lines) == 4
     assert lines[2] == "| decode | 2.8b/b1 | 1,262 | 21.6 | 58.4x | 3,374 | 37% | 0.78 |  | 0.028 |"
     assert lines[3] == "| prefill | 2.8b/1x2048 | 155,657 | n/a | n/a | 622,008 | 25% |  |  | 0.000 |"
+    generate.main(["--readme-table", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--benchmarks", "prefill"])
+    only = capsys.readouterr().out.strip().splitlines()
+    assert len(only) == 3 and only[2] == lines[3]
 
 
 ONLY_ROWS = [("decode", [1, 16, 64, 256], []), ("prefill", [], [1, 8]), ("fp8", [1, 16, 64, 256], [1, 8]),

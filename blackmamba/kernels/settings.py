@@ -90,14 +90,14 @@ class KernelSettings:
     # The same tables for float8 experts (layers/quant.py), by token count; empty: the 16-bit tables. A float8
     # weight tile is converted to the activations' dtype in registers before tl.dot, so its best tiles differ.
     # `tune_moe_decode --fp8 --tokens 1 16` (results/tune_moe_decode.log, 2026-12-02, PDL), fc1+fc2 us per layer
-    # against the 16-bit tables: T=1 12.5 / 32.2 (both on the CUDA cores), T=16 54.6 / 63.0. The 64 entries are
-    # the 16-bit ones, not measured on float8.
+    # against the 16-bit tables: T=1 12.5 / 32.2 (both on the CUDA cores), T=16 54.6 / 63.0, T=64 118 / 148
+    # (`--tokens 64`; the 2.8B fp8 step at batch 64 3,424 us against 3,991, results/profile_decode_fp8_b64.json).
     moe_fp8_fc1_tiles: Mapping[int, Mapping[str, int]] = field(
         hash=False,
         default_factory=lambda: _tiles({
             1: dict(BF=16, BK=256, num_warps=8, num_stages=1, DOT=0),
             16: dict(BF=32, BK=128, num_warps=4, num_stages=3),
-            64: dict(BF=64, BK=128, num_warps=4, num_stages=4),
+            64: dict(BF=64, BK=128, num_warps=4, num_stages=3),
         }),
     )  # fmt: skip
     moe_fp8_fc2_tiles: Mapping[int, Mapping[str, int]] = field(
@@ -105,7 +105,7 @@ class KernelSettings:
         default_factory=lambda: _tiles({
             1: dict(BN=4, BK=1024, num_warps=4, num_stages=1, DOT=0),
             16: dict(BN=32, BK=256, num_warps=4, num_stages=3),
-            64: dict(BN=32, BK=256, num_warps=4, num_stages=4),
+            64: dict(BN=32, BK=256, num_warps=8, num_stages=3),
         }),
     )  # fmt: skip
 
