@@ -16,15 +16,7 @@ from .causal_conv1d import (
     conv_update,
     conv_update_triton,
 )
-from .gemv import (
-    add_rms_norm_linear,
-    add_rms_norm_linear_ref,
-    dequantize,
-    linear,
-    linear_reference,
-    linear_triton,
-    norm_linear_applies,
-)
+from .gemv import dequantize, linear, linear_reference, linear_triton
 from .linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
 from .moe import (
     gated_activation,
@@ -60,9 +52,6 @@ from .scan_triton import selective_scan_triton, ssm_update_triton
 from .settings import KernelSettings, get_settings, use_settings
 
 __all__ = [
-    "add_rms_norm_linear",
-    "add_rms_norm_linear_ref",
-    "norm_linear_applies",
     "BACKENDS",
     "KernelSettings",
     "add_rms_norm",

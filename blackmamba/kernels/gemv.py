@@ -107,13 +107,6 @@ def _gemv_kernel(
     BN: tl.constexpr,
     BK: tl.constexpr,
     ACC_K: tl.constexpr,
-    NORM: tl.constexpr = False,
-    delta_ptr=None,
-    norm_w_ptr=None,
-    r_ptr=None,
-    eps=0.0,
-    HAS_DELTA: tl.constexpr = False,
-    K_P2: tl.constexpr = 1,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -134,29 +127,9 @@ def _gemv_kernel(
         # the end; ACC_K = 1 sums each step's products at once (fewer registers for deep tiles, more reductions).
         w = tl.load(w_ptrs, mask=n_ok[:, None] & (ks < k_hi - k_lo)[None, :], other=0.0)
         pdl_wait(PDL)
-        if NORM:  # x is the fp32 residual row: r = x + delta, stored once; the row's rstd from all of r
-            kk = tl.arange(0, K_P2)
-            r = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
-            if HAS_DELTA:
-                r += tl.load(delta_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
-            if (pid_n == 0) & (pid_k == 0):
-                tl.store(r_ptr + kk, r, mask=kk < K)
-            rr = r.to(norm_w_ptr.dtype.element_ty).to(tl.float32)
-            rstd = 1.0 / tl.sqrt(tl.sum(rr * rr, 0) / K + eps)
-            d_ptrs = delta_ptr + k_lo + ks[None, :]
-            nw_ptrs = norm_w_ptr + k_lo + ks[None, :]
         acc_k = tl.zeros((BN, ACC_K), dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BK):
             x = tl.load(x_ptrs, mask=(ks < k_hi - k0)[None, :], other=0.0)
-            if NORM:  # y = RMSNorm(x + delta) of this step's columns, rounded as the norm kernel stores it
-                k_in = (ks < k_hi - k0)[None, :]
-                x = x.to(tl.float32)
-                if HAS_DELTA:
-                    x += tl.load(d_ptrs, mask=k_in, other=0.0).to(tl.float32)
-                    d_ptrs += BK
-                x = x.to(norm_w_ptr.dtype.element_ty).to(tl.float32) * rstd
-                x = (x * tl.load(nw_ptrs, mask=k_in, other=0.0).to(tl.float32)).to(norm_w_ptr.dtype.element_ty)
-                nw_ptrs += BK
             w_ptrs += BK * stride_w_k
             w_next = tl.load(w_ptrs, mask=n_ok[:, None] & (ks < k_hi - k0 - BK)[None, :], other=0.0)
             if ACC_K == 1:
@@ -371,76 +344,6 @@ def linear_triton(x: Tensor, weight: Tensor, scale: Tensor | None = None, splits
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=pdl,
     )  # fmt: skip
     return y.to(x.dtype).view(*x.shape[:-1], n)
-
-
-def add_rms_norm_linear_ref(
-    x: Tensor, delta: Tensor | None, norm_weight: Tensor, eps: float, weight: Tensor, scale: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
-    """(RMSNorm(x + delta) (scale * W)^T, x + delta): :func:`.norm.add_rms_norm_ref`, then
-    :func:`linear_reference` on its output (in the norm weight's dtype)."""
-    from .norm import add_rms_norm_ref
-
-    y, r_new = add_rms_norm_ref(x, delta, norm_weight, eps)
-    return linear_reference(y, weight, scale), r_new
-
-
-def add_rms_norm_linear_triton(
-    x: Tensor, delta: Tensor | None, norm_weight: Tensor, eps: float, weight: Tensor, scale: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
-    """:func:`add_rms_norm_linear_ref` for one row in one launch of the GEMV's one-row path: each program
-    adds the residual row, takes its RMS and normalizes the columns it multiplies (the row is D values, read
-    from L2 by every program); the first program stores x + delta (fp32). x (1, K) fp32, delta (1, K) or None,
-    norm_weight (K,), weight (N, K) in norm_weight's dtype or float8 with ``scale``."""
-    n, k = weight.shape
-    if x.shape != (1, k) or (delta is not None and delta.shape != x.shape) or norm_weight.shape != (k,):
-        raise GemvError(f"add_rms_norm_linear: want x (1, {k}), delta like x, norm weight ({k},); got "
-                        f"{tuple(x.shape)}, {None if delta is None else tuple(delta.shape)}, "
-                        f"{tuple(norm_weight.shape)}")  # fmt: skip
-    y_like = x.new_empty(1, k, dtype=norm_weight.dtype)
-    _check(y_like, weight, scale)
-    x = x.float().contiguous()
-    delta_c = x if delta is None else delta.contiguous()
-    interpreted = not x.is_cuda
-    work = torch.float32 if interpreted else norm_weight.dtype
-    r_new = torch.empty_like(x)
-    y = torch.empty(1, n, dtype=work, device=x.device)
-    cfg = launch_plan(y_like, weight, 1)
-    pdl = pdl_launch(x, 1)
-    _gemv_kernel[(cfg["tiles_n"], 1, 1)](
-        x, weight, y if scale is None else scale, y, y, y, 1, n, k, k,
-        k, weight.stride(0), weight.stride(1),
-        HAS_SCALE=scale is not None, SPLIT=1, DOT_F32=False, PRECISION="ieee", PDL=pdl, BM=1, BN=cfg["BN"],
-        BK=cfg["BK"], ACC_K=_acc_k(cfg, 1), NORM=True, delta_ptr=delta_c, norm_w_ptr=norm_weight, r_ptr=r_new,
-        eps=eps, HAS_DELTA=delta is not None, K_P2=triton.next_power_of_2(k),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=pdl,
-    )  # fmt: skip
-    return y.to(norm_weight.dtype), r_new
-
-
-def norm_linear_applies(x: Tensor, norm_weight: Tensor, weight: Tensor, scale: Tensor | None = None) -> bool:
-    """Whether :func:`add_rms_norm_linear` takes the fused kernel: the ``fuse_norm_gemv`` setting, one row,
-    and the GEMV applying to the norm's output and this weight (:func:`gemv_applies`)."""
-    rows = x.numel() // max(x.shape[-1], 1) if x.ndim else 0
-    y_like = x.new_empty(1, x.shape[-1], dtype=norm_weight.dtype) if x.ndim else x
-    return get_settings().fuse_norm_gemv and rows == 1 and gemv_applies(y_like, weight, scale)
-
-
-def add_rms_norm_linear(
-    x: Tensor, delta: Tensor | None, norm_weight: Tensor, eps: float, weight: Tensor, scale: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
-    """(RMSNorm(x + delta) (scale * W)^T, x + delta), a decode step's residual add, norm and first projection:
-    one launch of :func:`add_rms_norm_linear_triton` where :func:`norm_linear_applies`, else
-    :func:`.norm.add_rms_norm` then :func:`linear`. Same results as :func:`add_rms_norm_linear_ref`."""
-    if norm_linear_applies(x, norm_weight, weight, scale):
-        shape = x.shape
-        y, r_new = add_rms_norm_linear_triton(
-            x.reshape(1, -1), None if delta is None else delta.reshape(1, -1), norm_weight, eps, weight, scale
-        )
-        return y.view(*shape[:-1], -1), r_new.view(shape)
-    from .norm import add_rms_norm
-
-    h, r_new = add_rms_norm(x, delta, norm_weight, eps)
-    return linear(h, weight, scale), r_new
 
 
 def _acc_k(cfg: Mapping[str, int], bm: int) -> int:

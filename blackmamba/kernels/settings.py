@@ -129,9 +129,6 @@ class KernelSettings:
     # (results/gemv.json, 2026-12-02, no PDL): 2.8B decode step at batch 1 960 us with it against 1,078 on cuBLAS,
     # batch 16 2,325 against 2,366 us.
     gemv_dense: bool = True
-    # A one-row decode step's residual add + RMSNorm runs inside the in_proj GEMV (kernels/gemv.py:
-    # add_rms_norm_linear): one launch fewer per Mamba block. Not yet measured, so off.
-    fuse_norm_gemv: bool = False
     # float8 weights take the GEMV kernel up to this many rows (it reads them in place, rows in blocks of 64; above,
     # they are dequantized for F.linear). Not yet measured.
     gemv_fp8_max_rows: int = 256

@@ -22,15 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import BlackMambaConfig
-from ..kernels import (
-    add_rms_norm_linear,
-    causal_conv1d,
-    conv_update,
-    linear,
-    norm_linear_applies,
-    selective_scan,
-    ssm_update,
-)
+from ..kernels import causal_conv1d, conv_update, linear, selective_scan, ssm_update
 from .mixer import Mixer
 
 
@@ -124,21 +116,7 @@ class MambaMixer(Mixer):
         """One token: u_t (B, D) -> (B, D); advances the state of ``slots`` (rows 0..B-1 without) in place. On
         the Triton backend the conv and the SSM step are one kernel each, the second with the dt_proj GEMV
         and A = -exp(A_log) inside it; the projections may run on the few-row GEMV (:func:`_project`)."""
-        return self._step_from_xz(_project(self.in_proj, u_t), cache, slots)
-
-    def norm_step(
-        self, norm: nn.Module, residual: Tensor, delta: Tensor | None, cache: MambaCache, slots: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """The block's decode step; for one row, with the ``fuse_norm_gemv`` setting, the residual add and the
-        norm run inside in_proj's GEMV (:func:`blackmamba.kernels.add_rms_norm_linear`)."""
-        parts = _linear_parts(self.in_proj)
-        if self.training or parts is None or not norm_linear_applies(residual, norm.weight, *parts):
-            return super().norm_step(norm, residual, delta, cache, slots)
-        xz, residual = add_rms_norm_linear(residual, delta, norm.weight, norm.eps, *parts)
-        return residual, self._step_from_xz(xz, cache, slots)
-
-    def _step_from_xz(self, xz: Tensor, cache: MambaCache, slots: Tensor | None) -> Tensor:
-        x, z = xz.chunk(2, dim=-1)
+        x, z = _project(self.in_proj, u_t).chunk(2, dim=-1)
         x = conv_update(x, cache.conv_state, self.conv1d.weight[:, 0, :], self.conv1d.bias, "silu", slots)
         dt_low, B, C = _project(self.x_proj, x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         y = ssm_update(
@@ -146,15 +124,6 @@ class MambaMixer(Mixer):
             dt_weight=self.dt_proj.weight, a_from_log=True, state_indices=slots,
         )  # fmt: skip
         return _project(self.out_proj, y)
-
-
-def _linear_parts(proj: nn.Module) -> tuple[Tensor, Tensor | None] | None:
-    """(weight, per-output-channel scale or None) of a projection that is a plain linear map: a bias-free
-    ``nn.Linear``, or a module that names its parts (``linear_parts()``, as the fp8 projections do); else None."""
-    if type(proj) is nn.Linear:
-        return None if proj.bias is not None else (proj.weight, None)
-    linear_parts = getattr(proj, "linear_parts", None)
-    return linear_parts() if callable(linear_parts) else None
 
 
 def _project(proj: nn.Module, x: Tensor) -> Tensor:

@@ -117,10 +117,6 @@ class Fp8Linear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3 per-channel scales"
 
-    def linear_parts(self) -> tuple[Tensor, Tensor]:
-        """(e4m3 weight, fp32 scales): what a fused kernel needs to apply this layer."""
-        return self.weight, self.scale
-
     def forward(self, x: Tensor) -> Tensor:
         return linear(x, self.weight, self.scale)
 

@@ -141,49 +141,6 @@ def test_one_row_summed_each_step(poisoned, dtype, n, k):
         assert_close("fp8", linear_reference(x, w8, scale), linear_triton(x, w8, scale), TOL_FP8[dtype])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("n,k", SHAPES)
-@pytest.mark.parametrize("has_delta", [True, False])
-@pytest.mark.parametrize("fp8", [False, True])
-def test_add_rms_norm_linear_matches_reference(poisoned, dtype, n, k, has_delta, fp8):
-    """The residual add + RMSNorm inside the one-row GEMV (dense or fp8 weights, with and without a delta,
-    widths off the tiles) against the norm then the product: the projection and the fp32 residual."""
-    g = torch.Generator().manual_seed(n + k)
-    x = (3 * torch.randn(1, k, generator=g)).to(DEVICE)  # the fp32 residual
-    delta = torch.randn(1, k, generator=g).to(DEVICE, dtype) if has_delta else None
-    norm_w = (1 + 0.1 * torch.randn(k, generator=g)).to(DEVICE, dtype)
-    _, w, w8, scale = gemv_inputs(1, n, k, dtype, seed=k)
-    weight, scale = (w8, scale) if fp8 else (w, None)
-    y_ref, r_ref = gemv.add_rms_norm_linear_ref(x, delta, norm_w, 1e-5, weight, scale)
-    y, r_new = gemv.add_rms_norm_linear_triton(x, delta, norm_w, 1e-5, weight, scale)
-    assert y.dtype == dtype and r_new.dtype == torch.float32
-    assert_close("residual", r_ref, r_new, "exact")
-    assert_close("y", y_ref, y, dtype)
-
-
-def test_add_rms_norm_linear_dispatch(monkeypatch):
-    """The fused kernel for one row with fuse_norm_gemv on; two rows, or the setting off, take the norm then
-    the GEMV; both give the reference's result. Bad shapes are named."""
-    calls = []
-    launch = gemv.add_rms_norm_linear_triton
-    monkeypatch.setattr(gemv, "add_rms_norm_linear_triton", lambda *a, **kw: calls.append(1) or launch(*a, **kw))
-    g = torch.Generator().manual_seed(3)
-    x, delta = torch.randn(2, 1, 40, generator=g).to(DEVICE), torch.randn(2, 1, 40, generator=g).to(DEVICE)
-    norm_w, w = torch.rand(40, generator=g).to(DEVICE) + 0.5, torch.randn(24, 40, generator=g).to(DEVICE)
-    with use_backend("triton"), use_settings(gemv_dense=True):
-        for rows, fuse, fused in [(1, True, True), (2, True, False), (1, False, False)]:
-            with use_settings(fuse_norm_gemv=fuse):
-                y, r_new = gemv.add_rms_norm_linear(x[:rows], delta[:rows], norm_w, 1e-5, w)
-            y_ref, r_ref = gemv.add_rms_norm_linear_ref(x[:rows], delta[:rows], norm_w, 1e-5, w)
-            assert y.shape == (rows, 1, 24) and r_new.shape == (rows, 1, 40)
-            assert_close("y", y_ref, y, torch.float32)
-            assert_close("r", r_ref, r_new, "exact")
-            assert calls == ([1] if fused else []), (rows, fuse)
-            calls.clear()
-    with pytest.raises(GemvError, match="add_rms_norm_linear"):
-        gemv.add_rms_norm_linear_triton(x[0], None, norm_w[:8], 1e-5, w)
-
-
 @pytest.fixture
 def kernel_calls(monkeypatch):
     """The number of calls :func:`linear` made to the kernel's launcher."""

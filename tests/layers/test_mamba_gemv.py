@@ -47,31 +47,6 @@ def test_step_on_the_gemv_equals_the_step_off(kernel_calls, dtype, batch):
     assert_close("conv state", cache_off.conv_state, cache_on.conv_state, dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("fp8", [False, True])
-def test_model_step_with_the_norm_in_the_gemv(monkeypatch, dtype, fp8):
-    """A tiny model's batch-1 decode steps with fuse_norm_gemv on (the residual add and the norm inside
-    in_proj's GEMV, once per Mamba block and step) equal the steps with it off."""
-    from blackmamba.layers.quant import quantize_fp8
-
-    calls = []
-    launch = gemv.add_rms_norm_linear_triton
-    monkeypatch.setattr(gemv, "add_rms_norm_linear_triton", lambda *a, **kw: calls.append(1) or launch(*a, **kw))
-    model = tiny_model(seed=4).to(DEVICE, dtype).eval()
-    if fp8:
-        quantize_fp8(model)
-    ids = torch.randint(1, 200, (1, 5), generator=torch.Generator().manual_seed(4)).to(DEVICE)
-    logits = {}
-    for fuse in (False, True):
-        with torch.no_grad(), use_backend("triton"), use_settings(fuse_norm_gemv=fuse):
-            cache = model.allocate_cache(1)
-            model(ids[:, :3], cache=cache)
-            logits[fuse] = torch.stack([model.step(ids[:, t], cache) for t in (3, 4)])
-    n_mamba = sum(type(layer.mixer).__name__ == "MambaMixer" for layer in model.layers)
-    assert n_mamba > 0 and len(calls) == 2 * n_mamba
-    assert_close("logits, fused vs not", logits[False], logits[True], "fp32_model" if dtype == torch.float32 else dtype)
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("batch", [1, 16])
 def test_full_size_step_in_a_cuda_graph(batch):
