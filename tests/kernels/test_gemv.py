@@ -226,15 +226,19 @@ def compile_for_sm90(kernel, pointers, consts, dims=()):
     assert "atom" in ptx or not consts.get("SPLIT", 1) > 1, "no split-K counter"
 
 flags = dict(DOT_F32=False, PRECISION="ieee")
-for weight, rows in (("bf16", 1), ("fp8e4nv", 16)):
+for weight, rows, acc_k in (("bf16", 1, 256), ("fp8e4nv", 1, 1), ("fp8e4nv", 16, 0)):
     compile_for_sm90(gemv._gemv_kernel, dict(x_ptr="*bf16", w_ptr=f"*{weight}", scale_ptr="*fp32", y_ptr="*bf16",
                      part_ptr="*fp32", count_ptr="*i32"),
-                     dict(HAS_SCALE=weight != "bf16", SPLIT=3, BM=rows, BN=16, BK=256, stride_w_k=1, **flags))
+                     dict(HAS_SCALE=weight != "bf16", SPLIT=3, BM=rows, BN=16, BK=256, ACC_K=acc_k, PDL=True,
+                          stride_w_k=1, **flags))
 common = dict(w_ptr="*fp8e4nv", scale_ptr="*fp32", expert_ptr="*i64", h_ptr="*bf16", x_ptr="*bf16")
-compile_for_sm90(moe_decode._decode_fc1_kernel, common,
-                 dict(ACT=0, ROUND=True, HAS_SCALE=True, BT=16, BF=32, BK=256, stride_w_d=1, **flags))
-compile_for_sm90(moe_decode._decode_fc2_kernel, dict(common, gate_ptr="*fp32", y_ptr="*bf16", part_ptr="*fp32",
-                 count_ptr="*i32"), dict(HAS_SCALE=True, SPLIT=4, BT=16, BN=32, BK=256, stride_w_f=1, **flags))
+for dot, bt in ((True, 16), (False, 1)):  # tokens on tl.dot, and one token on the CUDA cores
+    compile_for_sm90(moe_decode._decode_fc1_kernel, common,
+                     dict(ACT=0, ROUND=True, HAS_SCALE=True, BT=bt, BF=32, BK=256, PDL=True, DOT=dot, stride_w_d=1,
+                          **flags))
+    compile_for_sm90(moe_decode._decode_fc2_kernel, dict(common, gate_ptr="*fp32", y_ptr="*bf16", part_ptr="*fp32",
+                     count_ptr="*i32"), dict(HAS_SCALE=True, SPLIT=4, BT=bt, BN=32, BK=256, PDL=True, DOT=dot,
+                                             stride_w_f=1, **flags))
 """
 
 
