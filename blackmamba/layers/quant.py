@@ -11,13 +11,15 @@ embedding and tied head, the norms, the router (its fp32 logits pick the expert)
 (D_in x R, small, read inside the fused SSM step with its fp32 bias), A_log and D. The attention and dense
 MLP blocks of the paper's baselines are not quantized.
 
-Activations are never quantized. In a decode step on the Triton backend the fp8 weights are read in place
-by the few-row kernels (:func:`blackmamba.kernels.linear` for the projections, the decode experts of
-:mod:`blackmamba.kernels.moe_decode`), which scale each output channel's fp32 sum. Elsewhere (prefill,
-training-mode forwards, the CPU) a weight is dequantized to the input's dtype and the layer's usual path
-runs on it: one matmul for a projection, the grouped experts for the MoE (in a decode step without the
-kernels, only the experts the tokens use: :func:`experts_per_token`). So an fp8 model computes, up to
-rounding order, what a model holding ``W8 * s`` in that dtype computes. The fp8 weights are frozen
+Activations are never quantized. On the Triton backend the fp8 weights are read in place, each output
+channel's fp32 sum scaled: by the GEMV for the projections up to the ``gemv_fp8_max_rows`` setting's rows
+(:func:`blackmamba.kernels.linear`), by the decode experts of :mod:`blackmamba.kernels.moe_decode`, and by
+the grouped GEMMs for the experts of a forward or a larger step up to ``fp8_grouped_max_tokens`` tokens
+(:func:`blackmamba.kernels.moe_experts_fp8`). Elsewhere (longer prefills, the other backends, the CPU
+without Triton) a weight is dequantized to the input's dtype and the layer's usual path runs on it: one
+matmul for a projection, the grouped experts for the MoE (in a decode step without the kernels, only the
+experts the tokens use: :func:`experts_per_token`). So an fp8 model computes, up to rounding order, what a
+model holding ``W8 * s`` in that dtype computes. The fp8 weights are frozen
 parameters (inference only; the trainer refuses such a model). Parameter names stay; the scales are buffers
 beside them (``in_proj.scale``, ``w1_scale``), so a checkpoint holds both.
 """
