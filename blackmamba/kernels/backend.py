@@ -78,3 +78,13 @@ def resolve_backend(x: torch.Tensor, has_triton: bool = False) -> str:
                 "kernels on the CPU in Triton's interpreter (slow, for tests)"
             )
     return name
+
+
+def inference_kernels_apply(x: torch.Tensor, *tensors: torch.Tensor) -> bool:
+    """Whether an inference-only Triton kernel (no backward) may take a call on ``x``: the "triton" backend
+    for ``x``, no autograd through ``x`` or ``tensors``, no autocast on ``x``'s device."""
+    return (
+        not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, *tensors)))
+        and not torch.is_autocast_enabled(x.device.type)
+        and resolve_backend(x, has_triton=True) == "triton"
+    )

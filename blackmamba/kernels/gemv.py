@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import BlackMambaError
-from .backend import resolve_backend
+from .backend import inference_kernels_apply, resolve_backend
 from .settings import get_settings
 from .tl_math import count_key, pdl_launch, pdl_wait
 
@@ -365,9 +365,7 @@ def gemv_applies(x: Tensor, weight: Tensor, scale: Tensor | None = None) -> bool
         0 < rows <= (settings.gemv_fp8_max_rows if weight.dtype in FP8 else settings.gemv_max_rows)
         and (quantised or (settings.gemv_dense and weight.dtype == x.dtype))
         and x.dtype in DENSE
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-        and not torch.is_autocast_enabled(x.device.type)
-        and resolve_backend(x, has_triton=True) == "triton"
+        and inference_kernels_apply(x, weight)
     )
 
 

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import resolve_backend, triton_interpreted
+from .backend import inference_kernels_apply, resolve_backend, triton_interpreted
 from .gemv import dequantize
 from .settings import get_settings
 from .tl_math import ACTIVATIONS, gated
@@ -724,12 +724,7 @@ def moe_experts_fp8(
     up to rounding order, as :func:`moe_experts_ref` on the dequantized weights. No autograd."""
     _check(x_TD, expert_T, gate_T, w1_EFD, w2_EDF)
     tokens = x_TD.shape[0]
-    if (
-        0 < tokens <= get_settings().fp8_grouped_max_tokens
-        and not (torch.is_grad_enabled() and (x_TD.requires_grad or gate_T.requires_grad))
-        and not torch.is_autocast_enabled(x_TD.device.type)
-        and resolve_backend(x_TD, has_triton=True) == "triton"
-    ):
+    if 0 < tokens <= get_settings().fp8_grouped_max_tokens and inference_kernels_apply(x_TD, gate_T):
         order_T, offs = expert_offsets(expert_T, w1_EFD.shape[0])
         h_TF2 = grouped_gemm(x_TD, w1_EFD, offs, a_rows=order_T, b_scale=w1_scale.float())  # sorted rows
         act_TF = gated_activation(h_TF2, activation)

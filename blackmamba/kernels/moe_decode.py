@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import resolve_backend
+from .backend import inference_kernels_apply
 from .gemv import DENSE, FP8, dequantize, split_k, split_k_arrive, split_k_counters, split_k_total
 from .moe import _check, _dot_flags, moe_experts, moe_experts_fp8, moe_experts_ref
 from .settings import get_settings
@@ -481,12 +481,8 @@ def decode_kernels_apply(x: Tensor, *tensors: Tensor) -> bool:
 def route_kernels_apply(x: Tensor, *tensors: Tensor) -> bool:
     """Whether an inference call on tokens ``x`` takes the routing kernels (one program per token, or per block
     of tokens past ROUTER_BLOCK_MIN_TOKENS, so any token count): the "triton" backend, no autograd through ``x``
-    or ``tensors``, no autocast."""
-    return (
-        not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, *tensors)))
-        and not torch.is_autocast_enabled(x.device.type)
-        and resolve_backend(x, has_triton=True) == "triton"
-    )
+    or ``tensors``, no autocast (:func:`.backend.inference_kernels_apply`)."""
+    return inference_kernels_apply(x, *tensors)
 
 
 def route_top1_ref(x_TD: Tensor, weight_ED: Tensor, bias_E: Tensor) -> tuple[Tensor, Tensor]:
