@@ -56,6 +56,7 @@ from .harness import (
     max_err,
     meta_line,
     random_ids,
+    require_cuda,
     run_meta,
     sync_time,
     text_table,
@@ -464,6 +465,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.plot:
         print(plot(Path(args.plot)))
         return
+    require_cuda(parser)
     bw, peak = gpu_ceilings(DEVICE)
     rows: list[Row] = []
     extras: dict = {}

@@ -61,6 +61,13 @@ def argument_parser(spec: ModuleSpec | None, doc: str | None) -> argparse.Argume
     return argparse.ArgumentParser(prog=prog, description=(doc or "").strip().split("\n\n")[0])
 
 
+def require_cuda(parser: argparse.ArgumentParser) -> None:
+    """Stop with the parser's one-line usage error (exit 2, no traceback) when torch sees no CUDA GPU: for the
+    scripts that time GPU kernels."""
+    if not torch.cuda.is_available():
+        parser.error("this benchmark times GPU kernels and needs a CUDA GPU; torch sees none on this machine")
+
+
 def command_line() -> str:
     """How this process was started, as it could be typed again (``python -m benchmarks.cpu --only small``)."""
     main = sys.modules.get("__main__")

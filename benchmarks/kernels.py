@@ -55,6 +55,7 @@ from .harness import (
     markdown_table,
     max_err,
     meta_line,
+    require_cuda,
     run_meta,
     text_table,
     write_results,
@@ -309,6 +310,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scan-fwd", help="forward scan tiles BLOCK_D,WARPS,T_SUB (default: the module's)")
     parser.add_argument("--scan-bwd", help="backward scan tiles BLOCK_D,WARPS (default: the module's)")
     args = parser.parse_args(argv)
+    require_cuda(parser)
     scan_settings = {}
     if args.scan_fwd:
         block_d, warps, t_sub = (int(v) for v in args.scan_fwd.split(","))

@@ -50,6 +50,7 @@ from .harness import (
     markdown_table,
     meta_line,
     random_ids,
+    require_cuda,
     run_meta,
     text_table,
     write_results,
@@ -344,6 +345,7 @@ def main(argv: list[str] | None = None) -> None:
         help="rewrite a results file written before named ranges were left out of the kernel sums, and exit",
     )
     args = parser.parse_args(argv)
+    require_cuda(parser)
     if args.correct:
         saved = json.loads(Path(args.correct).read_text())
         if "ranges_removed" in saved["profile"]:

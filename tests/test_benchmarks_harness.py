@@ -137,6 +137,24 @@ def test_every_script_has_help_under_its_module_name(name, capsys):
     assert capsys.readouterr().out.startswith(f"usage: python -m {name} ")
 
 
+GPU_SCRIPTS = ["benchmarks.kernels", "benchmarks.train_profile", "benchmarks.generate", "benchmarks.tune.gemv",
+               "benchmarks.tune.moe_layer", "benchmarks.tune.profile_decode", "benchmarks.tune.ssm_update",
+               "benchmarks.tune.tune_moe_decode", "benchmarks.tune.tune_scan"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", GPU_SCRIPTS)
+def test_gpu_scripts_stop_with_a_usage_error_without_a_gpu(name, capsys, monkeypatch):
+    """On a machine without CUDA a GPU benchmark exits 2 with one line naming what is missing, no traceback."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(name).main([])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"python -m {name}: error: this benchmark times GPU kernels and needs a CUDA GPU; torch sees none on this "
+        "machine"
+    )
+
+
 def test_a_study_runs_end_to_end_into_a_chosen_folder(tmp_path, capsys):
     from benchmarks.studies import sinkhorn
 

@@ -57,6 +57,7 @@ from ..harness import (
     markdown_table,
     max_err,
     meta_line,
+    require_cuda,
     run_meta,
     text_table,
     write_results,
@@ -336,6 +337,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-s", type=float, default=100.0, help="start no section after this many seconds")
     parser.add_argument("--out", default=str(RESULTS_DIR / "gemv.json"), help="results file (and .md beside it)")
     args = parser.parse_args(argv)
+    require_cuda(parser)
     if min(args.batches) < 1:
         parser.error(f"--batches must be >= 1, got {args.batches}")
     want = args.only or ["gemv", "moe", "step"]

@@ -44,6 +44,7 @@ from ..harness import (
     markdown_table,
     max_err,
     meta_line,
+    require_cuda,
     run_meta,
     text_table,
     write_results,
@@ -213,6 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budget-s", type=float, default=110.0, help="stop the sweep after this many seconds")
     parser.add_argument("--out", default=str(RESULTS_DIR / "moe_layer.json"), help="results file (and .md beside it)")
     args = parser.parse_args(argv)
+    require_cuda(parser)
     bw, peak = gpu_ceilings()
     log(f"measured: copy {bw / 1e12:.2f} TB/s, bf16 matmul {peak / 1e12:.0f} TFLOP/s")
     rows: list[Row] = []

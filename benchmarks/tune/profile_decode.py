@@ -36,6 +36,7 @@ from ..harness import (
     build_model,
     cuda_event_us,
     fmt,
+    require_cuda,
     run_meta,
     text_table,
     write_json,
@@ -126,6 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fp8", action="store_true", help="quantize the model to fp8 weights first (layers/quant.py)")
     parser.add_argument("--out", default=str(RESULTS_DIR / "profile_decode.json"), help="results file")
     args = parser.parse_args(argv)
+    require_cuda(parser)
     model = build_model(f"blackmamba-{args.preset}", "cuda", BF16)
     if args.fp8:
         quantize_fp8(model)

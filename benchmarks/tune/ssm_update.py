@@ -35,6 +35,7 @@ from ..harness import (
     markdown_table,
     max_err,
     meta_line,
+    require_cuda,
     run_meta,
     text_table,
     write_results,
@@ -94,6 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warps", type=int, nargs="+", default=[1, 2, 4], help="num_warps candidates")
     parser.add_argument("--out", default=str(RESULTS_DIR / "ssm_update.json"), help="results file (and .md)")
     args = parser.parse_args(argv)
+    require_cuda(parser)
     if min(args.batches + args.block_d + args.rows + args.warps) < 1:
         parser.error("--batches, --block-d, --rows and --warps must be >= 1")
     dim, rank = SHAPES[args.preset]

@@ -24,7 +24,7 @@ from blackmamba.kernels import get_settings, use_settings
 from blackmamba.kernels.moe_decode import decode_tiles, moe_experts_decode_triton, route_top1_triton
 from blackmamba.layers.quant import quantize_tensor
 
-from ..harness import argument_parser, cuda_event_us, cuda_graph, elapsed_s, fmt, text_table
+from ..harness import argument_parser, cuda_event_us, cuda_graph, elapsed_s, fmt, require_cuda, text_table
 from ..kernel_inputs import D_MODEL as D
 from ..kernel_inputs import F_FF as F
 from ..kernel_inputs import E
@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-s", type=float, default=1e9, help="start no candidate after this many seconds")
     parser.add_argument("--best-out", help="write the tuned tables here as a profile_decode --variants string")
     args = parser.parse_args(argv)
+    require_cuda(parser)
     weights = [layer_weights(i) for i in range(LAYERS)]
     if args.fp8:  # (w1, w2, s1, s2) per layer
         weights = [

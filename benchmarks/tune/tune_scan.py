@@ -17,7 +17,7 @@ from triton.testing import do_bench
 
 from blackmamba.kernels import selective_scan_chunked, use_settings
 
-from ..harness import argument_parser
+from ..harness import argument_parser, require_cuda
 from ..kernel_inputs import D_IN, scan_inputs
 
 scan = importlib.import_module("blackmamba.kernels.scan_triton")  # the launchers and their segment rule
@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--conv", nargs="*", default=[], help="conv forward variants BLOCK_L,BLOCK_D,WARPS")
     parser.add_argument("--segments", nargs="*", default=[], help="forward sequence segments to time (or auto)")
     args = parser.parse_args(argv)
+    require_cuda(parser)
     fwd_variants = [tuple(int(v) for v in a.split(",")) for a in args.fwd] if args.fwd else FWD
     bwd_variants = [tuple(int(v) for v in a.split(",")) for a in args.bwd] if args.bwd else BWD
     for variant, width in [(v, 3) for v in fwd_variants] + [(v, 2) for v in bwd_variants]:
