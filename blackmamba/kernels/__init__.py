@@ -16,7 +16,7 @@ from .causal_conv1d import (
     conv_update,
     conv_update_triton,
 )
-from .gemv import dequantize, linear, linear_reference, linear_triton
+from .gemv import dequantize, linear, linear_conv, linear_conv_triton, linear_reference, linear_triton
 from .linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
 from .moe import (
     gated_activation,
@@ -72,6 +72,8 @@ __all__ = [
     "get_backend",
     "get_settings",
     "linear",
+    "linear_conv",
+    "linear_conv_triton",
     "linear_cross_entropy",
     "linear_cross_entropy_ref",
     "linear_reference",

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .backend import resolve_backend
-from .tl_math import check_state_indices, decode_launch_config, expect_shape, pdl_launch, pdl_wait
+from .tl_math import check_state_indices, decode_launch_config, expect_shape, pdl_launch, pdl_wait, round_to_bf16
 
 try:
     import triton
@@ -153,27 +153,15 @@ if triton is not None:
             tl.store(out, dx.to(dinit_ptr.dtype.element_ty), mask=in_s)
 
     @triton.jit
-    def _conv_update_kernel(
-        x_ptr, state_ptr, w_ptr, bias_ptr, y_ptr, state_indices_ptr,
-        dim,
-        stride_x_b, stride_x_d, stride_state_b, stride_state_k, stride_state_d, stride_w_d, stride_w_k,
-        stride_y_b, stride_y_d,
-        K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HAS_STATE_INDICES: tl.constexpr,
-        BLOCK_D: tl.constexpr, PDL: tl.constexpr,
+    def conv_window_step(
+        x_new, state, w, bias, mask, stride_state_k, stride_w_k,
+        K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
     ):  # fmt: skip
-        # One program: (row b, BLOCK_D channels); row b shifts window state_indices[b] (b without indices).
-        pdl_wait(PDL)
-        b = tl.program_id(0).to(tl.int64)
-        if HAS_STATE_INDICES:
-            slot = tl.load(state_indices_ptr + b).to(tl.int64)
-        else:
-            slot = b
-        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        mask = d < dim
-        state = state_ptr + slot * stride_state_b + d * stride_state_d
-        w = w_ptr + d * stride_w_d
-        # The new input enters the window in the window's dtype, as in the reference.
-        x_new = tl.load(x_ptr + b * stride_x_b + d * stride_x_d, mask=mask, other=0.0).to(state_ptr.dtype.element_ty)
+        """One decode step of the conv for a tile of channels: ``state`` and ``w`` point at window slot 0 and
+        tap 0 of each channel (any tile shape), ``bias`` at its bias, ``x_new`` is the new input already in the
+        window's dtype. Shifts the window in place (the oldest input leaves, x_new enters) and returns
+        act(conv) in fp32, summed in the reference's order: the newest tap first, then the window, then the
+        bias. Shared by the conv step kernel and the GEMV's conv epilogue (:mod:`.gemv`)."""
         acc = tl.load(w + (K - 1) * stride_w_k, mask=mask, other=0.0).to(tl.float32) * x_new.to(tl.float32)
         for k in tl.static_range(K - 1):
             s = tl.load(state + k * stride_state_k, mask=mask, other=0.0)
@@ -183,9 +171,38 @@ if triton is not None:
         if K > 1:
             tl.store(state + (K - 2) * stride_state_k, x_new, mask=mask)
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + d, mask=mask, other=0.0).to(tl.float32)
+            acc += tl.load(bias, mask=mask, other=0.0).to(tl.float32)
         if SILU:
             acc = acc * tl.sigmoid(acc)
+        return acc
+
+    @triton.jit
+    def _conv_update_kernel(
+        x_ptr, state_ptr, w_ptr, bias_ptr, y_ptr, state_indices_ptr,
+        dim,
+        stride_x_b, stride_x_d, stride_state_b, stride_state_k, stride_state_d, stride_w_d, stride_w_k,
+        stride_y_b, stride_y_d,
+        K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HAS_STATE_INDICES: tl.constexpr,
+        BLOCK_D: tl.constexpr, PDL: tl.constexpr, RNE: tl.constexpr,
+    ):  # fmt: skip
+        # One program: (row b, BLOCK_D channels); row b shifts window state_indices[b] (b without indices). RNE:
+        # a bf16 output rounded by hand (Triton's interpreter, whose casts truncate).
+        pdl_wait(PDL)
+        b = tl.program_id(0).to(tl.int64)
+        if HAS_STATE_INDICES:
+            slot = tl.load(state_indices_ptr + b).to(tl.int64)
+        else:
+            slot = b
+        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask = d < dim
+        # The new input enters the window in the window's dtype, as in the reference.
+        x_new = tl.load(x_ptr + b * stride_x_b + d * stride_x_d, mask=mask, other=0.0).to(state_ptr.dtype.element_ty)
+        acc = conv_window_step(
+            x_new, state_ptr + slot * stride_state_b + d * stride_state_d, w_ptr + d * stride_w_d, bias_ptr + d, mask,
+            stride_state_k, stride_w_k, K, HAS_BIAS, SILU,
+        )  # fmt: skip
+        if RNE:
+            acc = round_to_bf16(acc)
         tl.store(y_ptr + b * stride_y_b + d * stride_y_d, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -517,7 +534,7 @@ def conv_update_triton(
         dim,
         *x.stride(), *state.stride(), *weight.stride(), *out.stride(),
         K=width, HAS_BIAS=bias is not None, SILU=activation == "silu", HAS_STATE_INDICES=state_indices is not None,
-        BLOCK_D=block, PDL=pdl, num_warps=warps, launch_pdl=pdl,
+        BLOCK_D=block, PDL=pdl, RNE=not x.is_cuda and out.dtype == torch.bfloat16, num_warps=warps, launch_pdl=pdl,
     )  # fmt: skip
     return out
 

@@ -38,12 +38,15 @@ from torch import Tensor
 
 from ..errors import BlackMambaError
 from .backend import inference_kernels_apply, resolve_backend
+from .causal_conv1d import conv_update
 from .settings import get_settings
-from .tl_math import count_key, pdl_launch, pdl_wait
+from .tl_math import check_state_indices, count_key, expect_shape, pdl_launch, pdl_wait, round_to_bf16
 
 try:
     import triton
     import triton.language as tl
+
+    from .causal_conv1d import conv_window_step
 
     _jit = triton.jit
 except ImportError:  # triton is an optional extra: without it the kernels are never launched
@@ -91,6 +94,10 @@ def _gemv_kernel(
     y_ptr,
     part_ptr,
     count_ptr,
+    conv_state_ptr,
+    conv_w_ptr,
+    conv_b_ptr,
+    slots_ptr,
     M,
     N,
     K,
@@ -98,6 +105,12 @@ def _gemv_kernel(
     stride_x_m,
     stride_w_n,
     stride_w_k,
+    d_conv,
+    stride_cs_b,
+    stride_cs_k,
+    stride_cs_d,
+    stride_cw_d,
+    stride_cw_k,
     HAS_SCALE: tl.constexpr,
     SPLIT: tl.constexpr,
     DOT_F32: tl.constexpr,
@@ -107,6 +120,12 @@ def _gemv_kernel(
     BN: tl.constexpr,
     BK: tl.constexpr,
     ACC_K: tl.constexpr,
+    CONV: tl.constexpr,
+    CONV_K: tl.constexpr,
+    CONV_BIAS: tl.constexpr,
+    CONV_SILU: tl.constexpr,
+    CONV_SLOTS: tl.constexpr,
+    CONV_RNE: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -162,7 +181,38 @@ def _gemv_kernel(
         acc = split_k_total(part_ptr, offs, mask, M * N, count_ptr, SPLIT)
     if HAS_SCALE:
         acc = acc * tl.load(scale_ptr + ns, mask=n_ok, other=0.0)[None, :]
+    if CONV:
+        if pid_n * BN < d_conv:  # a tile with conv channels (the x half of in_proj)
+            acc = _conv_epilogue(acc, ms, ns, m_ok, n_ok, y_ptr, conv_state_ptr, conv_w_ptr, conv_b_ptr, slots_ptr,
+                                 d_conv, stride_cs_b, stride_cs_k, stride_cs_d, stride_cw_d, stride_cw_k, BM, BN,
+                                 CONV_K, CONV_BIAS, CONV_SILU, CONV_SLOTS, CONV_RNE)  # fmt: skip
     tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@_jit
+def _conv_epilogue(acc, ms, ns, m_ok, n_ok, y_ptr, state_ptr, w_ptr, bias_ptr, slots_ptr, d_conv,
+                   stride_s_b, stride_s_k, stride_s_d, stride_w_d, stride_w_k,
+                   BM: tl.constexpr, BN: tl.constexpr, K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   SILU: tl.constexpr, HAS_SLOTS: tl.constexpr, RNE: tl.constexpr):  # fmt: skip
+    """The decode conv step on the GEMV's output columns below ``d_conv``: each is rounded to y's dtype as the
+    unfused step stores it, enters its row's conv window (row m's window is slots[m], or m), and is replaced by
+    act(conv); the other columns pass through. :func:`.causal_conv1d.conv_window_step` does the step. RNE: y
+    is fp32 here (Triton's interpreter) for bf16 inputs: rounded to bf16 by hand, as the interpreter's cast
+    would truncate."""
+    if HAS_SLOTS:
+        slot = tl.load(slots_ptr + ms, mask=m_ok, other=0).to(tl.int64)
+    else:
+        slot = ms.to(tl.int64)
+    cols = ns[None, :] + tl.zeros((BM, BN), tl.int32)  # every pointer a full (BM, BN) tile, as the mask is
+    conv_col = cols < d_conv
+    cmask = m_ok[:, None] & n_ok[None, :] & conv_col
+    x_new = round_to_bf16(acc) if RNE else acc
+    x_new = x_new.to(y_ptr.dtype.element_ty).to(state_ptr.dtype.element_ty)
+    out = conv_window_step(
+        x_new, state_ptr + slot[:, None] * stride_s_b + cols * stride_s_d, w_ptr + cols * stride_w_d,
+        bias_ptr + cols, cmask, stride_s_k, stride_w_k, K, HAS_BIAS, SILU,
+    )  # fmt: skip
+    return tl.where(conv_col, out, acc)
 
 
 _counters: dict[torch.device, Tensor] = {}
@@ -320,30 +370,90 @@ def linear_triton(x: Tensor, weight: Tensor, scale: Tensor | None = None, splits
     _check(x, weight, scale)
     n, k = weight.shape
     x_MK = x.reshape(-1, k)
+    return _launch(x_MK, weight, scale, splits).view(*x.shape[:-1], n)
+
+
+def linear_conv_triton(
+    x: Tensor,
+    weight: Tensor,
+    conv_state: Tensor,
+    conv_weight: Tensor,
+    conv_bias: Tensor | None = None,
+    scale: Tensor | None = None,
+    activation: str | None = "silu",
+    state_indices: Tensor | None = None,
+    splits: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """y = x (scale * W)^T for x (B, K), then the decode conv step on y's first D columns, in the same
+    launch: (act(conv(y[:, :D])) (B, D), y[:, D:]), the windows ``conv_state`` (S, W-1, D) shifted in place,
+    as :func:`linear_triton` followed by :func:`.causal_conv1d.conv_update_triton` on y[:, :D] give them
+    (conv_weight (D, W), conv_bias (D,), row b on window ``state_indices[b]``). The Mamba decode step's
+    in_proj and conv: one launch less per layer."""
+    op = "linear_conv"
+    _check(x, weight, scale)
+    if x.ndim != 2 or conv_weight.ndim != 2:
+        raise GemvError(f"{op}: x must be (B, K) and conv_weight (D, W); got {tuple(x.shape)}, "
+                        f"{tuple(conv_weight.shape)}")  # fmt: skip
+    if activation not in (None, "silu"):
+        raise GemvError(f"{op}: unknown activation {activation!r}")
+    batch, (n, _), (dim, width) = x.shape[0], weight.shape, conv_weight.shape
+    if not 0 < dim <= n:
+        raise GemvError(f"{op}: the conv's {dim} channels must be among the weight's {n} outputs")
+    pool = batch if state_indices is None else conv_state.shape[0]
+    expect_shape(op, "conv_state", conv_state, (pool, width - 1, dim))
+    check_state_indices(op, state_indices, batch, x.device)
+    if conv_bias is not None:
+        expect_shape(op, "conv_bias", conv_bias, (dim,))
+    conv = (conv_state, conv_weight, conv_bias, state_indices, activation == "silu")
+    y = _launch(x, weight, scale, splits, conv)
+    return y[:, :dim], y[:, dim:]
+
+
+def _launch(
+    x_MK: Tensor,
+    weight: Tensor,
+    scale: Tensor | None,
+    splits: int | None,
+    conv: tuple[Tensor, Tensor, Tensor | None, Tensor | None, bool] | None = None,
+) -> Tensor:
+    """The GEMV launch of :func:`linear_triton` for x (M, K) (checked), with the conv epilogue of
+    :func:`linear_conv_triton` when ``conv`` = (state, weight, bias, state indices, silu) is given."""
+    n, k = weight.shape
     if x_MK.stride(-1) != 1:
         x_MK = x_MK.contiguous()
     m = x_MK.shape[0]
-    interpreted = not x.is_cuda
-    work = torch.float32 if interpreted else x.dtype  # the interpreter's casts truncate: torch rounds
+    interpreted = not x_MK.is_cuda
+    work = torch.float32 if interpreted else x_MK.dtype  # the interpreter's casts truncate: torch rounds
     if m == 0 or n == 0:
-        return x.new_zeros(*x.shape[:-1], n)
+        return x_MK.new_zeros(m, n)
     cfg = launch_plan(x_MK, weight, splits)
     bm, n_split, per, tiles_n, tiles_m = cfg["BM"], cfg["SPLIT"], cfg["k_per_split"], cfg["tiles_n"], cfg["tiles_m"]
-    y = torch.empty(m, n, dtype=work, device=x.device)
+    y = torch.empty(m, n, dtype=work, device=x_MK.device)
     part = counters = y  # placeholders: only read with SPLIT > 1
     if n_split > 1:
-        part = torch.empty(n_split, m, n, dtype=torch.float32, device=x.device)
-        counters = split_k_counters(x.device, tiles_n * tiles_m)
-    tf32 = x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not interpreted
-    pdl = pdl_launch(x, m)
+        part = torch.empty(n_split, m, n, dtype=torch.float32, device=x_MK.device)
+        counters = split_k_counters(x_MK.device, tiles_n * tiles_m)
+    if conv is None:
+        c_state = c_weight = c_bias = c_slots = y  # placeholders: only read with CONV
+        c_strides, d_conv, width, c_flags = (0,) * 5, 0, 1, (False, False, False, False)
+    else:
+        c_state, c_weight, c_bias, c_slots, silu = conv
+        c_strides, d_conv, width = (*c_state.stride(), *c_weight.stride()), c_weight.shape[0], c_weight.shape[1]
+        c_flags = (c_bias is not None, silu, c_slots is not None, interpreted and x_MK.dtype == torch.bfloat16)
+        c_bias = y if c_bias is None else c_bias.contiguous()
+        c_slots = y if c_slots is None else c_slots
+    tf32 = x_MK.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not interpreted
+    pdl = pdl_launch(x_MK, m)
     _gemv_kernel[(tiles_n, n_split, tiles_m)](
-        x_MK, weight, y if scale is None else scale, y, part, counters, m, n, k, per,
-        x_MK.stride(0), weight.stride(0), weight.stride(1),
-        HAS_SCALE=scale is not None, SPLIT=n_split, DOT_F32=interpreted and x.dtype != torch.float32,
+        x_MK, weight, y if scale is None else scale, y, part, counters, c_state, c_weight, c_bias, c_slots,
+        m, n, k, per, x_MK.stride(0), weight.stride(0), weight.stride(1), d_conv, *c_strides,
+        HAS_SCALE=scale is not None, SPLIT=n_split, DOT_F32=interpreted and x_MK.dtype != torch.float32,
         PRECISION="tf32" if tf32 else "ieee", PDL=pdl, BM=bm, BN=cfg["BN"], BK=cfg["BK"], ACC_K=_acc_k(cfg, bm),
+        CONV=conv is not None, CONV_K=width, CONV_BIAS=c_flags[0], CONV_SILU=c_flags[1], CONV_SLOTS=c_flags[2],
+        CONV_RNE=c_flags[3],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=pdl,
     )  # fmt: skip
-    return y.to(x.dtype).view(*x.shape[:-1], n)
+    return y.to(x_MK.dtype)
 
 
 def _acc_k(cfg: Mapping[str, int], bm: int) -> int:
@@ -378,3 +488,24 @@ def linear(x: Tensor, weight: Tensor, scale: Tensor | None = None) -> Tensor:
     if resolve_backend(x, has_triton=True) == "ref":
         return linear_reference(x, weight, scale)
     return _linear_torch(x, weight, scale)
+
+
+def linear_conv(
+    x: Tensor,
+    weight: Tensor,
+    conv_state: Tensor,
+    conv_weight: Tensor,
+    conv_bias: Tensor | None = None,
+    scale: Tensor | None = None,
+    activation: str | None = "silu",
+    state_indices: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The decode step's in_proj and conv: y = :func:`linear` (x, weight, scale) for x (B, K), then
+    (act(conv(y[:, :D])), y[:, D:]) with the conv windows (S, W-1, D) shifted in place. One Triton launch
+    (:func:`linear_conv_triton`) where :func:`gemv_applies` and the ``gemv_conv`` setting is on; else
+    :func:`linear` and :func:`.causal_conv1d.conv_update`."""
+    if get_settings().gemv_conv and x.ndim == 2 and gemv_applies(x, weight, scale):
+        return linear_conv_triton(x, weight, conv_state, conv_weight, conv_bias, scale, activation, state_indices)
+    y = linear(x, weight, scale)
+    dim = conv_weight.shape[0]
+    return conv_update(y[..., :dim], conv_state, conv_weight, conv_bias, activation, state_indices), y[..., dim:]

@@ -131,6 +131,11 @@ class KernelSettings:
     # (results/gemv.json, 2026-12-02, no PDL): 2.8B decode step at batch 1 960 us with it against 1,078 on cuBLAS,
     # batch 16 2,325 against 2,366 us.
     gemv_dense: bool = True
+    # The decode step's conv runs in the epilogue of in_proj's GEMV (kernels/gemv.py: linear_conv): one launch less
+    # per Mamba layer. `profile_decode --batches 1 16 --variants default gemv_conv=0` (results/profile_decode_conv.json
+    # and _conv_fp8.json, 2.8B, us per step, on / off): bf16 batch 1 681 / 701, 16 1,984 / 1,995; fp8 batch 1
+    # 636 / 661, 16 1,729 / 1,726.
+    gemv_conv: bool = True
     # float8 weights take the GEMV kernel up to this many rows (it reads them in place, rows in blocks of 64; above,
     # they are dequantized for F.linear). results/profile_decode_fp8_batches.json: the 2.8B fp8 step at batch 64
     # 4.00 ms with 256 against 5.57 with 16, at batch 256 4.96 against 5.85. Bounds above 256 were not tried.

@@ -41,6 +41,15 @@ def softplus(x):
 
 
 @_jit
+def round_to_bf16(x):
+    """fp32 ``x`` rounded to the nearest bf16 value (ties to even), still fp32: what the GPU's cast to bf16
+    gives. For Triton's interpreter, whose float casts truncate; finite inputs only."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@_jit
 def top1_sigmoid(logits, e_ok, E_P2: tl.constexpr):
     """(expert, gate) of one token from its router logits (E_P2,) fp32, ``e_ok`` masking the padded
     experts: gate = the largest sigmoid, expert = its lowest index on ties (as ``torch.max`` picks)."""

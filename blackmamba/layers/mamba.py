@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import BlackMambaConfig
-from ..kernels import causal_conv1d, conv_update, linear, selective_scan, ssm_update
+from ..kernels import causal_conv1d, conv_update, linear, linear_conv, selective_scan, ssm_update
 from .mixer import Mixer
 
 
@@ -114,16 +114,32 @@ class MambaMixer(Mixer):
 
     def step(self, u_t: Tensor, cache: MambaCache, slots: Tensor | None = None) -> Tensor:
         """One token: u_t (B, D) -> (B, D); advances the state of ``slots`` (rows 0..B-1 without) in place. On
-        the Triton backend the conv and the SSM step are one kernel each, the second with the dt_proj GEMV
-        and A = -exp(A_log) inside it; the projections may run on the few-row GEMV (:func:`_project`)."""
-        x, z = _project(self.in_proj, u_t).chunk(2, dim=-1)
-        x = conv_update(x, cache.conv_state, self.conv1d.weight[:, 0, :], self.conv1d.bias, "silu", slots)
+        the Triton backend the SSM step is one kernel, with the dt_proj GEMV and A = -exp(A_log) inside it;
+        the projections may run on the few-row GEMV (:func:`_project`), in_proj's with the conv step in its
+        epilogue (:func:`blackmamba.kernels.linear_conv`)."""
+        conv_weight = self.conv1d.weight[:, 0, :]
+        weights = _gemv_weights(self.in_proj)
+        if weights is not None:
+            x, z = linear_conv(u_t, weights[0], cache.conv_state, conv_weight, self.conv1d.bias, weights[1], "silu",
+                               slots)  # fmt: skip
+        else:
+            x, z = self.in_proj(u_t).chunk(2, dim=-1)
+            x = conv_update(x, cache.conv_state, conv_weight, self.conv1d.bias, "silu", slots)
         dt_low, B, C = _project(self.x_proj, x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         y = ssm_update(
             cache.ssm_state, x, dt_low, self.A_log, B, C, self.D, z, self.dt_proj.bias, True,
             dt_weight=self.dt_proj.weight, a_from_log=True, state_indices=slots,
         )  # fmt: skip
         return _project(self.out_proj, y)
+
+
+def _gemv_weights(proj: nn.Module) -> tuple[Tensor, Tensor | None] | None:
+    """(weight, fp8 scale or None) of a projection the few-row GEMV can run: a bias-free ``nn.Linear``, or a
+    module that offers ``gemv_weights()`` (the fp8 projections of :mod:`.quant`); None for any other."""
+    if type(proj) is nn.Linear and proj.bias is None:
+        return proj.weight, None
+    offer = getattr(proj, "gemv_weights", None)
+    return offer() if callable(offer) else None
 
 
 def _project(proj: nn.Module, x: Tensor) -> Tensor:

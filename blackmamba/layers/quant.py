@@ -122,6 +122,10 @@ class Fp8Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return linear(x, self.weight, self.scale)
 
+    def gemv_weights(self) -> tuple[Tensor, Tensor]:
+        """(float8 weight, per-output-channel scale): what the decode step's fused in_proj and conv read."""
+        return self.weight, self.scale
+
 
 class Fp8MoE(MoE):
     """The MoE with e4m3 experts: ``w1`` (E, 2F, D) with ``w1_scale`` (E, 2F), ``w2`` (E, D, F) with

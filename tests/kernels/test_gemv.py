@@ -13,11 +13,14 @@ import torch
 
 from blackmamba.errors import BlackMambaError
 from blackmamba.kernels import gemv, get_settings, use_backend, use_settings
+from blackmamba.kernels.causal_conv1d import causal_conv1d_update, conv_update_triton
 from blackmamba.kernels.gemv import (
     COUNTERS,
     GemvError,
     dequantize,
     linear,
+    linear_conv,
+    linear_conv_triton,
     linear_reference,
     linear_triton,
     split_k,
@@ -212,6 +215,95 @@ def test_bad_input_is_named():
         linear_reference(x, w8)
 
 
+def conv_inputs(rows, dim, width, state_dtype, slots=None, seed=0, device=DEVICE):
+    """Conv windows (S, W-1, D) in ``state_dtype`` (S = rows, or 2 rows more for a pool with ``slots``),
+    taps (D, W) and a bias (D,), fp32."""
+    g = torch.Generator().manual_seed(seed)
+    pool = rows if slots is None else rows + 2
+    state = torch.randn(pool, width - 1, dim, generator=g).to(device, state_dtype)
+    return state, (torch.randn(dim, width, generator=g) / 2).to(device), torch.randn(dim, generator=g).to(device)
+
+
+def unfused_conv(x, w, scale, state, cw, cb, slots):
+    """The reference of linear_conv: the projection, then the conv step on its first D columns."""
+    y = linear_reference(x, w, scale)
+    dim = cw.shape[0]
+    return causal_conv1d_update(y[:, :dim], state, cw, cb, "silu", slots), y[:, dim:]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("weights", ["dense", "fp8"])
+@pytest.mark.parametrize("pool", [False, True])
+def test_linear_conv_matches_reference(poisoned, dtype, rows, weights, pool):
+    """The conv in the GEMV's epilogue against the projection and the reference conv step: the conv outputs,
+    the passed-through columns and the shifted windows. D = 9 of N = 18 outputs: the conv's last tile also
+    holds columns past it (BN 4 on one row, 16 on tl.dot); K = 33 is no multiple of the steps."""
+    n, k, dim, width = 18, 33, 9, 4
+    x, w, w8, scale = gemv_inputs(rows, n, k, dtype, seed=rows)
+    w, scale = (w, None) if weights == "dense" else (w8, scale)
+    slots = torch.tensor([2, 0, 4][:rows], device=DEVICE) if pool else None
+    state, cw, cb = conv_inputs(rows, dim, width, dtype, slots, seed=rows + 1)
+    ref_state = state.clone()
+    ref_x, ref_z = unfused_conv(x, w, scale, ref_state, cw, cb, slots)
+    out_x, out_z = linear_conv_triton(x, w, state, cw, cb, scale, "silu", slots)
+    tol = dtype if weights == "dense" else TOL_FP8[dtype]
+    assert_close("conv output", ref_x, out_x, tol)
+    assert_close("passed-through columns", ref_z, out_z, tol)
+    assert_close("windows", ref_state, state, tol)
+    if pool:  # windows no row uses are left as they were
+        untouched = [s for s in range(state.shape[0]) if s not in slots.tolist()]
+        assert torch.equal(state[untouched], ref_state[untouched])
+
+
+@pytest.mark.parametrize("splits", [2, 3])
+def test_linear_conv_split_k_and_no_bias(poisoned, splits):
+    """Split-K: the last program of a tile runs the epilogue; without a bias and with a window of 2."""
+    x, w, _, _ = gemv_inputs(1, 14, 100, torch.float32, seed=splits)
+    state, cw, _ = conv_inputs(1, 14, 2, torch.float32, seed=splits)
+    ref_state = state.clone()
+    ref_x, ref_z = unfused_conv(x, w, None, ref_state, cw, None, None)
+    out_x, out_z = linear_conv_triton(x, w, state, cw, None, splits=splits)
+    assert out_z.shape == (1, 0)  # every output column is a conv channel here
+    assert_close("conv output", ref_x, out_x, torch.float32)
+    assert_close("windows", ref_state, state, torch.float32)
+
+
+def test_linear_conv_dispatch(monkeypatch):
+    """linear_conv takes the fused launch where the GEMV applies and gemv_conv is on; else the projection and
+    the conv step: the same results either way."""
+    fused = []
+    launch = gemv.linear_conv_triton
+    monkeypatch.setattr(gemv, "linear_conv_triton", lambda *a, **kw: fused.append(1) or launch(*a, **kw))
+    x, w, _, _ = gemv_inputs(2, 12, 20, torch.float32)
+    state, cw, cb = conv_inputs(2, 6, 4, torch.float32)
+    results = []
+    for backend, conv_on in (("triton", True), ("triton", False), ("ref", True)):
+        s = state.clone()
+        with use_backend(backend), use_settings(gemv_dense=True, gemv_conv=conv_on):
+            results.append((*linear_conv(x, w, s, cw, cb), s))
+    assert len(fused) == 1
+    for other in results[1:]:
+        for name, a, b in zip(("conv output", "other columns", "windows"), results[0], other, strict=True):
+            assert_close(name, b, a, torch.float32)
+
+
+def test_linear_conv_bad_input_is_named():
+    x, w, _, _ = gemv_inputs(2, 12, 20, torch.float32)
+    state, cw, cb = conv_inputs(2, 6, 4, torch.float32)
+    cases = [
+        ((x, w, state[:, :2], cw, cb), "conv_state"),
+        ((x, w, state, cw, cb[:3]), "conv_bias"),
+        ((x, w, torch.randn(2, 3, 13), torch.randn(13, 4), None), "13 channels must be among the weight's 12"),
+        ((x[None], w, state, cw, cb), r"x must be \(B, K\)"),
+    ]
+    for args, match in cases:
+        with pytest.raises(ValueError, match=match):
+            linear_conv_triton(*args)
+    with pytest.raises(GemvError, match="unknown activation"):
+        linear_conv_triton(x, w, state, cw, cb, activation="relu")
+
+
 # Lowers the kernels to cubins for an H200 (Triton's interpreter accepts more than its compiler). It runs in a
 # fresh process: the compiler cannot run where TRITON_INTERPRET has set Triton up for the interpreter.
 COMPILE_SM90 = """
@@ -226,11 +318,15 @@ def compile_for_sm90(kernel, pointers, consts, dims=()):
     assert "atom" in ptx or not consts.get("SPLIT", 1) > 1, "no split-K counter"
 
 flags = dict(DOT_F32=False, PRECISION="ieee")
-for weight, rows, acc_k in (("bf16", 1, 256), ("fp8e4nv", 1, 1), ("fp8e4nv", 16, 0)):
+no_conv = dict(CONV=False, CONV_K=1, CONV_BIAS=False, CONV_SILU=False, CONV_SLOTS=False, CONV_RNE=False)
+conv = dict(CONV=True, CONV_K=4, CONV_BIAS=True, CONV_SILU=True, CONV_SLOTS=True, CONV_RNE=False)
+conv_ptrs = dict(conv_state_ptr="*bf16", conv_w_ptr="*fp32", conv_b_ptr="*fp32", slots_ptr="*i64")
+for weight, rows, acc_k, epilogue in (("bf16", 1, 256, no_conv), ("fp8e4nv", 1, 1, no_conv),
+                                      ("fp8e4nv", 16, 0, no_conv), ("bf16", 1, 256, conv), ("bf16", 16, 0, conv)):
     compile_for_sm90(gemv._gemv_kernel, dict(x_ptr="*bf16", w_ptr=f"*{weight}", scale_ptr="*fp32", y_ptr="*bf16",
-                     part_ptr="*fp32", count_ptr="*i32"),
+                     part_ptr="*fp32", count_ptr="*i32", **conv_ptrs),
                      dict(HAS_SCALE=weight != "bf16", SPLIT=3, BM=rows, BN=16, BK=256, ACC_K=acc_k, PDL=True,
-                          stride_w_k=1, **flags))
+                          stride_w_k=1, **flags, **epilogue))
 common = dict(w_ptr="*fp8e4nv", scale_ptr="*fp32", expert_ptr="*i64", h_ptr="*bf16", x_ptr="*bf16")
 for dot, bt in ((True, 16), (False, 1)):  # tokens on tl.dot, and one token on the CUDA cores
     compile_for_sm90(moe_decode._decode_fc1_kernel, common,
@@ -287,3 +383,25 @@ def test_split_k_in_a_cuda_graph():
             graph.replay()
             for name, out, eager in zip(("fp8", "bf16", "in_proj"), outs, run(), strict=True):
                 assert_close(name, eager, out, "exact")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 4, 16])
+@pytest.mark.parametrize("weights", ["bf16", "fp8"])
+def test_full_size_linear_conv_equals_the_two_launches(poisoned, rows, weights):
+    """The 2.8B in_proj with its conv (D = 2944, W = 4) in one launch against the GEMV and the conv step kernel
+    run one after the other, on a pool of windows: the projection and the windows bit for bit; the conv output
+    the same fp32 arithmetic, which the compiler may contract into multiply-adds differently in the two kernels
+    (16 rows: one bf16 rounding of a value near 0 differed on the H200)."""
+    n, k = PROJECTIONS["in_proj"]
+    x, w, w8, scale = gemv_inputs(rows, n, k, torch.bfloat16, device="cuda")
+    w, scale = (w, None) if weights == "bf16" else (w8, scale)
+    slots = torch.randperm(rows + 2, device="cuda")[:rows]
+    state, cw, cb = conv_inputs(rows, n // 2, 4, torch.bfloat16, slots, device="cuda")
+    ref_state = state.clone()
+    y = linear_triton(x, w, scale)
+    ref_x = conv_update_triton(y[:, : n // 2], ref_state, cw, cb, "silu", slots)
+    out_x, out_z = linear_conv_triton(x, w, state, cw, cb, scale, "silu", slots)
+    assert_close("in_proj z", y[:, n // 2 :], out_z, "exact")
+    assert_close("conv output", ref_x, out_x, "fp32_same_math")
+    assert_close("windows", ref_state, state, "exact")

@@ -1,5 +1,6 @@
-"""The Mamba decode step with its projections on the few-row GEMV (the ``gemv_dense`` setting) equals the step
-on F.linear, and the fp8-capable ``linear`` is what the step calls."""
+"""The Mamba decode step with its projections on the few-row GEMV (the ``gemv_dense`` setting), in_proj with
+the conv step in its epilogue or not (``gemv_conv``), equals the step on F.linear, and the fp8-capable
+``linear`` and ``linear_conv`` are what the step calls."""
 
 import pytest
 import torch
@@ -13,35 +14,43 @@ STEPS = 2
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """The shapes of x in each call :func:`blackmamba.kernels.linear` made to the GEMV kernel."""
+    """(launcher, shape of x) of each call :func:`blackmamba.kernels.linear` and ``linear_conv`` made to the
+    GEMV kernel's launchers: "linear" or "linear+conv"."""
     calls = []
-    launch = gemv.linear_triton
 
-    def counted(*args, **kwargs):
-        calls.append(tuple(args[0].shape))
-        return launch(*args, **kwargs)
+    def count(name, label):
+        launch = getattr(gemv, name)
 
-    monkeypatch.setattr(gemv, "linear_triton", counted)
+        def counted(*args, **kwargs):
+            calls.append((label, tuple(args[0].shape)))
+            return launch(*args, **kwargs)
+
+        monkeypatch.setattr(gemv, name, counted)
+
+    count("linear_triton", "linear")
+    count("linear_conv_triton", "linear+conv")
     return calls
 
 
-def run_steps(mixer, u, gemv_dense):
+def run_steps(mixer, u, gemv_dense, gemv_conv=True):
     cache = mixer.allocate_cache(u.shape[1])
-    with torch.no_grad(), use_backend("triton"), use_settings(gemv_dense=gemv_dense):
+    with torch.no_grad(), use_backend("triton"), use_settings(gemv_dense=gemv_dense, gemv_conv=gemv_conv):
         ys = [mixer.step(u_t, cache) for u_t in u]
     return torch.stack(ys), cache
 
 
+@pytest.mark.parametrize("gemv_conv", [True, False])
 @pytest.mark.parametrize("dtype,batch", [(torch.float32, 3), (torch.bfloat16, 1)])
-def test_step_on_the_gemv_equals_the_step_off(kernel_calls, dtype, batch):
+def test_step_on_the_gemv_equals_the_step_off(kernel_calls, dtype, batch, gemv_conv):
     mixer = tiny_model().layers[0].mixer.to(DEVICE, dtype)
     u = torch.randn(STEPS, batch, mixer.in_proj.in_features, generator=torch.Generator().manual_seed(batch))
     u = u.to(DEVICE, dtype)
     y_off, cache_off = run_steps(mixer, u, gemv_dense=False)
     assert kernel_calls == []
-    y_on, cache_on = run_steps(mixer, u, gemv_dense=True)
+    y_on, cache_on = run_steps(mixer, u, gemv_dense=True, gemv_conv=gemv_conv)
     d_in = mixer.d_inner
-    assert kernel_calls == [(batch, mixer.in_proj.in_features), (batch, d_in), (batch, d_in)] * STEPS
+    in_proj = ("linear+conv" if gemv_conv else "linear", (batch, mixer.in_proj.in_features))
+    assert kernel_calls == [in_proj, ("linear", (batch, d_in)), ("linear", (batch, d_in))] * STEPS
     assert_close("y", y_off, y_on, dtype)
     assert_close("ssm state", cache_off.ssm_state, cache_on.ssm_state, dtype)
     assert_close("conv state", cache_off.conv_state, cache_on.conv_state, dtype)
