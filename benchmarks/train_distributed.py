@@ -13,6 +13,11 @@ weights. Layouts:
   its forward (and gather them again for the backward) or to keep them (by default it reshards only when
   the parameters are sharded over more than one rank); ``:uN`` wraps N consecutive blocks per FSDP unit.
 
+``--rounds R`` runs all layouts R times in turn (the host's speed drifts from minute to minute, and a layout whose
+step the host paces drifts with it): a row is the median of its rounds, against the median plain step, with
+every round's tokens/s and ratio to the plain step of its round. ``--host-profile`` adds the host's top functions
+by own time over two more steps (cProfile).
+
 Each row also gives the host's time to issue a step's work (``host_issue_s``: forward + backward, optimizer),
 measured before anything waits for the GPU: where it nears the step time, the host sets the pace.
 
@@ -23,7 +28,8 @@ per-step losses from the plain run's (bf16 compute parameters against autocast o
 equal).
 
     torchrun --standalone --nproc-per-node 1 -m benchmarks.train_distributed [--presets blackmamba-2.8b]
-             [--layouts plain fsdp] [--batch 4] [--seq-len 2048] [--steps 5] [--profile] [--device cpu]
+             [--layouts plain fsdp] [--batch 4] [--seq-len 2048] [--steps 5] [--rounds 1] [--profile]
+             [--host-profile] [--device cpu]
 
 ``--device cpu`` runs the same on gloo (a check of the script on tiny presets; rows named ``Nproc``).
 :mod:`benchmarks.scaling` launches this script on 1, 2, ... GPUs and adds the scaling rows.
@@ -31,12 +37,16 @@ equal).
 
 from __future__ import annotations
 
+import cProfile
+import functools
 import json
+import pstats
 import re
 import statistics
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -111,6 +121,28 @@ def train_step(
     return loss.item(), t1 - t0, t2 - t1
 
 
+def host_functions(step: Callable[[], object], device: torch.device, steps: int = 2, top: int = 25) -> list[dict]:
+    """cProfile of ``steps`` more steps (each synchronised): the ``top`` functions by their own host time, in ms
+    per step, with calls per step: where the host's time to issue a step goes."""
+    prof = cProfile.Profile()
+    for _ in range(steps):
+        prof.enable()
+        step()
+        prof.disable()
+        sync(device)
+    stats = pstats.Stats(prof).stats  # {(file, line, name): (calls, primitive calls, own s, cumulative s, callers)}
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+    return [
+        {
+            "function": f"{Path(file).name}:{line}({name})",
+            "calls": round(calls / steps, 1),
+            "own_ms": round(own * 1e3 / steps, 3),
+            "cumulative_ms": round(cum * 1e3 / steps, 3),
+        }
+        for (file, line, name), (_, calls, own, cum, _) in rows
+    ]
+
+
 COMM_ALL_TO_ALL = re.compile(r"sendrecv|all_?to_?all", re.IGNORECASE)
 
 
@@ -123,6 +155,7 @@ def bench(
     world: int,
     profile: bool = False,
     device: str = "cuda",
+    host_profile: bool = False,
 ) -> tuple[float, dict]:
     """Tokens/s per GPU (per process on CPU) of ``layout`` and the run's details (every step's loss, peak
     memory, step time, host issue time; with ``profile``, this rank's kernel time per step by part over two
@@ -154,6 +187,8 @@ def bench(
             times.append(time.perf_counter() - t0)
             host.append((host_fwd_bwd, host_opt))
     profiled = {}
+    if host_profile:
+        profiled["host_profile_top"] = host_functions(functools.partial(train_step, model, optimizer, ids), dev)
     if profile:
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as profiler
@@ -216,8 +251,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps (after two warm-up steps)")
     parser.add_argument("--profile", action="store_true", help="also each layout's kernel time by part (rank 0)")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: gloo, to check the script")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run all layouts this many times in turn; a row gives the median round, and every round's "
+        "tokens/s and ratio to the plain step of its round (the host's speed drifts between runs)",
+    )
+    parser.add_argument(
+        "--host-profile", action="store_true", help="also cProfile two more steps: the host's top functions"
+    )
     parser.add_argument("--out", default=str(RESULTS_DIR / "distributed.json"), help="results file")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     if not launched_by_torchrun():
         raise SystemExit("run under torchrun: torchrun --standalone --nproc-per-node N -m benchmarks.train_distributed")
     for layout in args.layouts:
@@ -230,29 +277,61 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for preset in args.presets:
         size = preset.removeprefix("blackmamba-")
-        plain: tuple[float, dict] | None = None
+        # Rounds run the layouts in turn, so a drift of the host's speed meets every layout alike.
+        runs: dict[str, list[tuple[float, dict]]] = {layout: [] for layout in args.layouts}
+        for _ in range(args.rounds):
+            for layout in args.layouts:
+                runs[layout].append(
+                    bench(
+                        preset,
+                        layout,
+                        args.batch,
+                        args.seq_len,
+                        args.steps,
+                        world,
+                        args.profile,
+                        args.device,
+                        args.host_profile,
+                    )  # fmt: skip
+                )
+        plain = runs.get("plain")
         for layout in args.layouts:
-            tps, info = bench(preset, layout, args.batch, args.seq_len, args.steps, world, args.profile, args.device)
-            if layout == "plain":
-                plain = (tps, info)
-            err = (
-                None
-                if plain is None
-                else max(abs(a - b) for a, b in zip(info["losses"], plain[1]["losses"], strict=True))
-            )
+            tps_rounds = [tps for tps, _ in runs[layout]]
+            tps = statistics.median(tps_rounds)
+            info = dict(sorted(runs[layout], key=lambda run: run[0])[len(tps_rounds) // 2][1])  # the median round
+            compared = plain is not None and layout != "plain"
+            err = None
+            if compared:
+                err = max(abs(a - b) for a, b in zip(info["losses"], plain[0][1]["losses"], strict=True))
             floor = info.pop("floor")
+            if args.rounds > 1:
+                info["rounds_tokens_per_s"] = tps_rounds
+                if compared:
+                    info["rounds_vs_plain"] = [t / p for t, (p, _) in zip(tps_rounds, plain, strict=True)]
             rows.append(
                 Row(
                     "train_step",
                     f"{size}/{layout}/{world}{'gpu' if args.device == 'cuda' else 'proc'}",
                     "tokens/s",
                     tps,
-                    peer=None if plain is None or layout == "plain" else "plain trainer step, same run",
-                    peer_value=None if plain is None or layout == "plain" else plain[0],
+                    peer=(
+                        f"plain trainer step, same run (median of {args.rounds} rounds)"
+                        if args.rounds > 1
+                        else "plain trainer step, same run"
+                    )
+                    if compared
+                    else None,
+                    peer_value=statistics.median(p for p, _ in plain) if compared else None,
                     floor=floor,
-                    max_err=None if layout == "plain" else err,
-                    extra={**info, "gpus": world, "batch_per_gpu": args.batch, "seq_len": args.seq_len},
-                )
+                    max_err=err,
+                    extra={
+                        **info,
+                        "gpus": world,
+                        "batch_per_gpu": args.batch,
+                        "seq_len": args.seq_len,
+                        "rounds": args.rounds,
+                    },
+                )  # fmt: skip
             )
             if is_main_process():
                 print(json.dumps(rows[-1].to_json()), file=sys.stderr, flush=True)
@@ -275,6 +354,12 @@ def main(argv: list[str] | None = None) -> None:
                 f"{r.shape:<26} {r.ours:>12,.0f} {vs:>9} {e['mfu']:>7.1%} {e['step_s'] * 1e3:>8.1f} {host:>12} "
                 f"{peak:>9} {err:>11}"
             )
+        for r in rows:
+            if "rounds_vs_plain" in r.extra:
+                ratios = ", ".join(f"{v:.3f}" for v in r.extra["rounds_vs_plain"])
+                print(f"{r.shape}: vs plain by round: {ratios}")
+            for f in r.extra.get("host_profile_top", [])[:15]:
+                print(f"{r.shape}: host {f['own_ms']:8.2f} ms own, {f['calls']:7.0f} calls  {f['function']}")
         for r in rows:
             if "kernel_ms_by_part" in r.extra:
                 parts = ", ".join(f"{k} {v:.1f}" for k, v in r.extra["kernel_ms_by_part"].items() if v)
