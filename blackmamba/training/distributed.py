@@ -528,19 +528,30 @@ def _replication(t: Tensor) -> int:
     return world_size()
 
 
+def _local_grads(parameters: list[Tensor]) -> dict[tuple[torch.device, int], list[Tensor]]:
+    """The local pieces of the parameters' gradients, grouped by device and by how many ranks hold each piece
+    (:func:`_replication`): one multi-tensor launch per group, not a few per parameter."""
+    groups: dict[tuple[torch.device, int], list[Tensor]] = {}
+    for p in parameters:
+        if p.grad is not None:
+            local = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+            groups.setdefault((local.device, _replication(p.grad)), []).append(local)
+    return groups
+
+
 @torch.no_grad()
 def grad_norm(parameters: list[Tensor]) -> Tensor:
     """The 2-norm of all gradients together, whatever mesh each lives on (sharded, replicated, plain):
-    each rank sums the squares of its local pieces, counting a piece held by k ranks 1/k times, and one
-    all-reduce adds the ranks up."""
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
+    each rank sums the squares of its local pieces (fp32 norms per piece, summed in fp64), counting a piece
+    held by k ranks 1/k times, and one all-reduce adds the ranks up."""
+    groups = _local_grads(list(parameters))
+    if not groups:
         return torch.zeros((), dtype=torch.float32)
-    device = (grads[0].to_local() if isinstance(grads[0], DTensor) else grads[0]).device
+    device = next(iter(groups))[0]
     total = torch.zeros((), dtype=torch.float64, device=device)
-    for g in grads:
-        local = g.to_local() if isinstance(g, DTensor) else g
-        total += local.double().pow(2).sum().to(device) / _replication(g)
+    for (_, copies), grads in groups.items():
+        norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))
+        total += norms.double().pow(2).sum().to(device) / copies
     if world_size() > 1:
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
     return total.sqrt().float()
@@ -555,8 +566,7 @@ def clip_grad_norm_(parameters: list[Tensor], max_norm: float) -> Tensor:
     norm = grad_norm(parameters)
     if max_norm > 0:
         coef = (max_norm / (norm.double() + 1e-6)).clamp(max=1.0)
-        for p in parameters:
-            if p.grad is not None:
-                local = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
-                local.mul_(coef.to(local.device, local.dtype))
+        for (device, _), grads in _local_grads(parameters).items():
+            for dtype in {g.dtype for g in grads}:
+                torch._foreach_mul_([g for g in grads if g.dtype == dtype], coef.to(device, dtype))
     return norm

@@ -66,10 +66,10 @@ def test_the_script_on_gloo_processes(tmp_path):
 def test_train_distributed_layout_names():
     from benchmarks.train_distributed import parse_layout
 
-    assert parse_layout("plain") == (False, 1, None, 1)
-    assert parse_layout("fsdp") == (True, 1, None, 1)
-    assert parse_layout("fsdp+ep4:keep") == (True, 4, False, 1)
-    assert parse_layout("fsdp:reshard:u2") == (True, 1, True, 2)
-    for bad in ("plain:keep", "fsdp:u0", "fsdp:sometimes", "fsdp+ep0", "ddp"):
+    assert parse_layout("plain") == (False, 1, None, 1, False)
+    assert parse_layout("fsdp") == (True, 1, None, 1, False)
+    assert parse_layout("fsdp+ep4:keep") == (True, 4, False, 1, False)
+    assert parse_layout("fsdp:reshard:u2:rbf16") == (True, 1, True, 2, True)
+    for bad in ("plain:keep", "plain:rbf16", "fsdp:u0", "fsdp:sometimes", "fsdp+ep0", "ddp"):
         with pytest.raises(SystemExit, match="unknown layout"):
             parse_layout(bad)
