@@ -12,7 +12,8 @@ weights. Layouts:
 - options after colons: ``:reshard`` or ``:keep`` forces FSDP to free each block's gathered parameters after
   its forward (and gather them again for the backward) or to keep them (by default it reshards only when
   the parameters are sharded over more than one rank); ``:uN`` wraps N consecutive blocks per FSDP unit;
-  ``:rbf16`` reduces the gradients in bf16 (on one rank the same values: nothing is summed).
+  ``:rfp32`` reduces the gradients in fp32 on one rank too (by default one rank keeps them in bf16, the compute
+  dtype: the same values, nothing is summed; :func:`blackmamba.training.distributed.one_rank_policy`).
 
 ``--rounds R`` runs all layouts R times in turn (the host's speed drifts from minute to minute, and a layout whose
 step the host paces drifts with it): a row is the median of its rounds, against the median plain step, with
@@ -39,7 +40,6 @@ equal).
 from __future__ import annotations
 
 import cProfile
-import dataclasses
 import functools
 import json
 import pstats
@@ -85,19 +85,19 @@ class Layout(NamedTuple):
     ep: int  # the expert-parallel degree
     reshard: bool | None  # reshard after forward (None: FSDP's default here, on when sharded over > 1 rank)
     per_unit: int  # blocks per FSDP unit
-    reduce_bf16: bool  # reduce gradients in bf16 instead of fp32
+    fp32_reduce: bool  # reduce gradients in fp32 on one rank too
 
 
 def parse_layout(name: str) -> Layout:
     """A layout name -> :class:`Layout`: ``plain`` -> (False, 1, None, 1, False), ``fsdp`` -> (True, 1, None, 1,
     False), ``fsdp+ep4`` -> (True, 4, None, 1, False); options follow after colons: ``:reshard`` or ``:keep``
     (reshard after forward on or off; default: on when sharded over more than one rank), ``:uN`` (N consecutive
-    blocks per FSDP unit) and ``:rbf16`` (gradients reduced in bf16, the compute dtype, not fp32), e.g.
-    ``fsdp:keep:u2``."""
+    blocks per FSDP unit) and ``:rfp32`` (gradients reduced in fp32 on one rank too, not in the compute dtype),
+    e.g. ``fsdp:keep:u2``."""
     base, *options = name.split(":")
     bad = SystemExit(
         f"--layouts: unknown layout {name!r} (plain, fsdp or fsdp+epE, then optionally :reshard or :keep, :uN "
-        f"and :rbf16)"
+        f"and :rfp32)"
     )
     if base == "plain":
         fsdp, ep = False, 1
@@ -107,17 +107,17 @@ def parse_layout(name: str) -> Layout:
         fsdp, ep = True, int(base[7:])
     else:
         raise bad
-    reshard, per_unit, reduce_bf16 = None, 1, False
+    reshard, per_unit, fp32_reduce = None, 1, False
     for option in options:
         if option in ("reshard", "keep") and fsdp:
             reshard = option == "reshard"
         elif option.startswith("u") and option[1:].isdigit() and int(option[1:]) >= 1 and fsdp:
             per_unit = int(option[1:])
-        elif option == "rbf16" and fsdp:
-            reduce_bf16 = True
+        elif option == "rfp32" and fsdp:
+            fp32_reduce = True
         else:
             raise bad
-    return Layout(fsdp, ep, reshard, per_unit, reduce_bf16)
+    return Layout(fsdp, ep, reshard, per_unit, fp32_reduce)
 
 
 def train_step(
@@ -176,16 +176,14 @@ def bench(
     memory, step time, host issue time; with ``profile``, this rank's kernel time per step by part over two
     more steps, the communication split into all-to-all (expert parallelism) and the rest (FSDP's
     all-gathers and reduce-scatters, all-reduces))."""
-    fsdp, ep, reshard, per_unit, reduce_bf16 = parse_layout(layout)
+    fsdp, ep, reshard, per_unit, fp32_reduce = parse_layout(layout)
     dev = torch.device(device, torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
     model = build_model(preset, dev, train=True, seed=0)
     if fsdp:
         dims = ParallelDims(world, ep, fsdp=True)
         meshes = dims.build_meshes(dev.type)
-        policy = mixed_precision(dev.type)
-        if reduce_bf16:
-            policy = dataclasses.replace(policy, reduce_dtype=torch.bfloat16)
-        parallelize(model, meshes, policy, reshard_after_forward=reshard, blocks_per_unit=per_unit)
+        parallelize(model, meshes, mixed_precision(dev.type), reshard_after_forward=reshard, blocks_per_unit=per_unit,
+                    fp32_reduce_on_one_rank=fp32_reduce)  # fmt: skip
     optimizer = build_optimizer(model, 1e-4, 0.1, fused=dev.type == "cuda")
     config = model.config
     vocab = config.tokenizer_vocab_size or config.vocab_size

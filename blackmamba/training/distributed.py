@@ -40,7 +40,7 @@ import sys
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
 
@@ -72,6 +72,8 @@ __all__ = [
     "init_distributed",
     "is_main_process",
     "launched_by_torchrun",
+    "mixed_precision",
+    "one_rank_policy",
     "parallelize",
     "rank",
     "rank_eval_batches",
@@ -380,6 +382,19 @@ def mixed_precision(device_type: str) -> MixedPrecisionPolicy:
     return MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32, cast_forward_inputs=False)
 
 
+def one_rank_policy(policy: MixedPrecisionPolicy, world: int) -> MixedPrecisionPolicy:
+    """``policy``, except that on one rank gradients are "reduced" in the compute dtype: nothing is summed
+    there, so an fp32 reduction only copies the bf16 gradients to fp32 on their way to the fp32 sharded
+    gradients, which end up with the same values either way. The copy is not free: FSDP2's reduce-scatter
+    copy-in (``torch._chunk_cat``) builds host-side metadata per 2 KB of its output and sends it to the
+    GPU, 33 ms of host time per 2.8B step in bf16 against 89 ms in fp32 (``benchmarks.train_distributed
+    --host-profile``, results/distributed_rounds2.json), and the one-rank step is paced by the host."""
+    lower = policy.param_dtype not in (None, torch.float32)
+    if world == 1 and lower and policy.reduce_dtype == torch.float32:
+        return replace(policy, reduce_dtype=policy.param_dtype)
+    return policy
+
+
 def _fp32_params(model: nn.Module) -> list[nn.Parameter]:
     return [p for name, p in model.named_parameters() if name.endswith(FP32_PARAMS)]
 
@@ -397,10 +412,13 @@ def apply_fsdp(
     reshard_root: bool = False,
     reshard_after_forward: bool | None = None,
     blocks_per_unit: int = 1,
+    fp32_reduce_on_one_rank: bool = False,
 ) -> BlackMamba:
     """FSDP2 per block, or per ``blocks_per_unit`` consecutive blocks (one all-gather, one reduce-scatter and
     one set of hooks for them all: less host work per step, more memory held at once), bottom-up; then the
-    root (embedding, final norm); explicit prefetching in block order.
+    root (embedding, final norm); explicit prefetching in block order. On one rank the gradients go through
+    FSDP's reduction in the compute dtype (:func:`one_rank_policy`; the same values) unless
+    ``fp32_reduce_on_one_rank``.
 
     ``reshard_after_forward``: free each block's gathered parameters after its forward and gather them again
     for its backward (less memory, one more all-gather per block and step). ``None`` does so only when the
@@ -416,6 +434,8 @@ def apply_fsdp(
     device_type = meshes.dense.device_type
     mp_policy = mp_policy or mixed_precision(device_type)
     dims = meshes.dims
+    if not fp32_reduce_on_one_rank:
+        mp_policy = one_rank_policy(mp_policy, dims.world_size)
     ignored: set[nn.Parameter] = set()
     if mp_policy.param_dtype not in (None, torch.float32):
         ignored = set(_fp32_params(model))
@@ -498,10 +518,11 @@ def parallelize(
     mp_policy: MixedPrecisionPolicy | None = None,
     reshard_after_forward: bool | None = None,
     blocks_per_unit: int = 1,
+    fp32_reduce_on_one_rank: bool = False,
 ) -> BlackMamba:
     """Apply the layout of ``meshes`` to a built model, in place: expert parallelism and global routing
-    (when there is more than one rank), then FSDP2 (``reshard_after_forward`` and ``blocks_per_unit`` as in
-    :func:`apply_fsdp`).
+    (when there is more than one rank), then FSDP2 (``reshard_after_forward``, ``blocks_per_unit`` and
+    ``fp32_reduce_on_one_rank`` as in :func:`apply_fsdp`).
     The model must already be on its device."""
     from .expert_parallel import apply_expert_parallel
 
@@ -509,8 +530,9 @@ def parallelize(
     if meshes.dims.world_size > 1:
         apply_expert_parallel(model, meshes)
     return apply_fsdp(
-        model, meshes, mp_policy, reshard_after_forward=reshard_after_forward, blocks_per_unit=blocks_per_unit
-    )
+        model, meshes, mp_policy, reshard_after_forward=reshard_after_forward, blocks_per_unit=blocks_per_unit,
+        fp32_reduce_on_one_rank=fp32_reduce_on_one_rank,
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ gradients

@@ -69,7 +69,7 @@ def test_train_distributed_layout_names():
     assert parse_layout("plain") == (False, 1, None, 1, False)
     assert parse_layout("fsdp") == (True, 1, None, 1, False)
     assert parse_layout("fsdp+ep4:keep") == (True, 4, False, 1, False)
-    assert parse_layout("fsdp:reshard:u2:rbf16") == (True, 1, True, 2, True)
-    for bad in ("plain:keep", "plain:rbf16", "fsdp:u0", "fsdp:sometimes", "fsdp+ep0", "ddp"):
+    assert parse_layout("fsdp:reshard:u2:rfp32") == (True, 1, True, 2, True)
+    for bad in ("plain:keep", "plain:rfp32", "fsdp:u0", "fsdp:sometimes", "fsdp+ep0", "ddp"):
         with pytest.raises(SystemExit, match="unknown layout"):
             parse_layout(bad)

@@ -228,6 +228,30 @@ def test_fused_adamw_steps_a_model_with_sharded_and_plain_parameters(one_rank_gr
     assert all(not torch.equal(a, b) for a, b in zip(after, before, strict=True))
 
 
+def test_one_rank_reduces_in_the_compute_dtype_with_the_same_gradients(one_rank_group):
+    """On one rank FSDP's reduction keeps the bf16 gradients in bf16 (nothing is summed); the fp32 sharded
+    gradients equal those of the fp32 reduction bit for bit. More ranks, or fp32 compute, keep the policy."""
+    from torch.distributed.tensor import DTensor
+
+    from blackmamba.training.distributed import Meshes, apply_fsdp, mixed_precision, one_rank_policy
+
+    bf16 = type(mixed_precision("cpu"))(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                        cast_forward_inputs=False)  # fmt: skip
+    assert one_rank_policy(bf16, 1).reduce_dtype == torch.bfloat16
+    assert one_rank_policy(bf16, 2) == bf16 and one_rank_policy(mixed_precision("cpu"), 1) == mixed_precision("cpu")
+    ids = torch.randint(1, 256, (2, 12), generator=torch.Generator().manual_seed(3))
+    grads = {}
+    for fp32_reduce in (False, True):
+        model = h.build_model()
+        meshes = ParallelDims(1, 1, fsdp=True).build_meshes("cpu")
+        apply_fsdp(model, Meshes(meshes.dims, meshes.dense, None), bf16, fp32_reduce_on_one_rank=fp32_reduce)
+        model(ids).logits.float().square().mean().backward()
+        grads[fp32_reduce] = [p.grad.to_local() for p in model.parameters() if isinstance(p, DTensor)]
+    assert grads[False] and all(g.dtype == torch.float32 for g in grads[False])
+    for a, b in zip(grads[False], grads[True], strict=True):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("blocks_per_unit", [2, 3])
 def test_fsdp_units_of_several_blocks_train_like_the_plain_model(one_rank_group, blocks_per_unit):
     """Blocks grouped into FSDP units (one all-gather and one set of hooks per group; a last, shorter group
