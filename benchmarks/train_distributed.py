@@ -32,6 +32,7 @@ equal).
     torchrun --standalone --nproc-per-node 1 -m benchmarks.train_distributed [--presets blackmamba-2.8b]
              [--layouts plain fsdp] [--batch 4] [--seq-len 2048] [--steps 5] [--rounds 1] [--profile]
              [--host-profile] [--device cpu]
+    python -m benchmarks.train_distributed --readme-table benchmarks/results/distributed.json
 
 ``--device cpu`` runs the same on gloo (a check of the script on tiny presets; rows named ``Nproc``).
 :mod:`benchmarks.scaling` launches this script on 1, 2, ... GPUs and adds the scaling rows.
@@ -41,6 +42,7 @@ from __future__ import annotations
 
 import cProfile
 import functools
+import gc
 import json
 import pstats
 import re
@@ -178,6 +180,9 @@ def bench(
     all-gathers and reduce-scatters, all-reduces))."""
     fsdp, ep, reshard, per_unit, fp32_reduce = parse_layout(layout)
     dev = torch.device(device, torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
+    gc.collect()  # an FSDP model of an earlier layout lives in reference cycles: free it before measuring memory
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
     model = build_model(preset, dev, train=True, seed=0)
     if fsdp:
         dims = ParallelDims(world, ep, fsdp=True)
@@ -240,6 +245,7 @@ def bench(
         dist.all_reduce(peak_t, op=dist.ReduceOp.MAX)
         peak = peak_t.item()
     del model, optimizer
+    gc.collect()
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     tps = batch * seq_len / step.item()
@@ -256,6 +262,28 @@ def bench(
         "floor": H200_BF16_TFLOPS * 1e12 / fpt,
         **profiled,
     }
+
+
+def readme_table(path: Path) -> str:
+    """A results file of this script as the README's table: every layout's median round, its ratio to the
+    plain step, each round's ratio, step and host time and FSDP's reduce-scatter copy-in host time (with
+    ``--host-profile``)."""
+    results = json.loads(path.read_text())["results"]
+    lines = [
+        "| layout | tokens/s | vs plain | by round | step ms | host ms | copy-in host ms |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        host = r["host_issue_s"]
+        rounds = ", ".join(f"{v:.3f}" for v in r.get("rounds_vs_plain", [])) or "-"
+        copy_in = [f["own_ms"] for f in r.get("host_profile_top", []) if "_chunk_cat" in f["function"]]
+        lines.append(
+            f"| {r['shape'].split('/')[1]} | {r['ours']:,.0f} | "
+            f"{'-' if r.get('speedup') is None else format(r['speedup'], '.3f')} | {rounds} | "
+            f"{r['step_s'] * 1e3:.0f} | {host['forward_backward'] * 1e3:.0f} + {host['optimizer'] * 1e3:.0f} | "
+            f"{format(copy_in[0], '.1f') if copy_in else '-'} |"
+        )
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -278,7 +306,11 @@ def main(argv: list[str] | None = None) -> None:
         "--host-profile", action="store_true", help="also cProfile two more steps: the host's top functions"
     )
     parser.add_argument("--out", default=str(RESULTS_DIR / "distributed.json"), help="results file")
+    parser.add_argument("--readme-table", metavar="FILE", help="print a results file as the README table and stop")
     args = parser.parse_args(argv)
+    if args.readme_table:
+        print(readme_table(Path(args.readme_table)))
+        return
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1, got {args.rounds}")
     if not launched_by_torchrun():
