@@ -566,7 +566,11 @@ def grad_norm(parameters: list[Tensor]) -> Tensor:
     """The 2-norm of all gradients together, whatever mesh each lives on (sharded, replicated, plain):
     each rank sums the squares of its local pieces (fp32 norms per piece, summed in fp64), counting a piece
     held by k ranks 1/k times, and one all-reduce adds the ranks up."""
-    groups = _local_grads(list(parameters))
+    return _norm(_local_grads(list(parameters)))
+
+
+def _norm(groups: dict[tuple[torch.device, int], list[Tensor]]) -> Tensor:
+    """:func:`grad_norm` of gradients already grouped by :func:`_local_grads`."""
     if not groups:
         return torch.zeros((), dtype=torch.float32)
     device = next(iter(groups))[0]
@@ -584,11 +588,11 @@ def clip_grad_norm_(parameters: list[Tensor], max_norm: float) -> Tensor:
     """:func:`torch.nn.utils.clip_grad_norm_` for a model whose parameters live on several meshes (dense,
     experts, replicated fp32 ones): returns the total norm before clipping, and scales every gradient by
     ``max_norm / (norm + 1e-6)`` when that is below 1. ``max_norm <= 0`` only measures."""
-    parameters = list(parameters)
-    norm = grad_norm(parameters)
+    groups = _local_grads(list(parameters))  # once: grouping walks every parameter's DTensor
+    norm = _norm(groups)
     if max_norm > 0:
         coef = (max_norm / (norm.double() + 1e-6)).clamp(max=1.0)
-        for (device, _), grads in _local_grads(parameters).items():
+        for (device, _), grads in groups.items():
             for dtype in {g.dtype for g in grads}:
                 torch._foreach_mul_([g for g in grads if g.dtype == dtype], coef.to(device, dtype))
     return norm
