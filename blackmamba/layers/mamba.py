@@ -145,7 +145,7 @@ def _gemv_weights(proj: nn.Module) -> tuple[Tensor, Tensor | None] | None:
 def _project(proj: nn.Module, x: Tensor) -> Tensor:
     """A projection of the decode step: a bias-free ``nn.Linear`` runs :func:`blackmamba.kernels.linear`
     (the few-row GEMV where the kernel settings enable it, ``gemv_dense``; else ``F.linear``); other modules,
-    such as the fp8 projections of :mod:`.quant`, run their own forward."""
-    if type(proj) is nn.Linear and proj.bias is None:
-        return linear(x, proj.weight)
-    return proj(x)
+    such as the fp8 projections of :mod:`.quant`, take ``linear`` with their scales where they offer their
+    weights (:func:`_gemv_weights`), else run their own forward."""
+    weights = _gemv_weights(proj)
+    return proj(x) if weights is None else linear(x, *weights)
