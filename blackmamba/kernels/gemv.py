@@ -87,6 +87,29 @@ def split_k_total(part_ptr, offs, mask, stride_split, count_ptr, SPLIT: tl.const
 
 
 @_jit
+def one_row_products(w, w_ptrs, x_ptrs, x_ok, n_ok, k_lo, k_hi, stride_w_k,
+                     BN: tl.constexpr, BK: tl.constexpr, ACC_K: tl.constexpr):  # fmt: skip
+    """One row x times BN weight rows on the CUDA cores: the (1, BN) fp32 sums over K in [k_lo, k_hi). ``w`` is
+    the first (BN, BK) weight tile, already loaded (callers read it before their PDL wait); each next tile is
+    loaded a step ahead. ``x_ok`` (1, 1) masks the row. The accumulator is (BN, ACC_K): ACC_K = BK sums over
+    K once, at the end; ACC_K = 1 sums each step's products at once. The GEMV's one row and the decode MoE's
+    one-token fc2 (:mod:`.moe_decode`)."""
+    ks = tl.arange(0, BK)
+    acc_k = tl.zeros((BN, ACC_K), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BK):
+        x = tl.load(x_ptrs, mask=x_ok & (ks < k_hi - k0)[None, :], other=0.0)
+        w_ptrs += BK * stride_w_k
+        w_next = tl.load(w_ptrs, mask=n_ok[:, None] & (ks < k_hi - k0 - BK)[None, :], other=0.0)
+        if ACC_K == 1:
+            acc_k += tl.sum(w.to(tl.float32) * x.to(tl.float32), 1, keep_dims=True)
+        else:
+            acc_k += w.to(tl.float32) * x.to(tl.float32)
+        w = w_next
+        x_ptrs += BK
+    return tl.sum(acc_k, 1)[None, :]
+
+
+@_jit
 def _gemv_kernel(
     x_ptr,
     w_ptr,
@@ -146,18 +169,8 @@ def _gemv_kernel(
         # the end; ACC_K = 1 sums each step's products at once (fewer registers for deep tiles, more reductions).
         w = tl.load(w_ptrs, mask=n_ok[:, None] & (ks < k_hi - k_lo)[None, :], other=0.0)
         pdl_wait(PDL)
-        acc_k = tl.zeros((BN, ACC_K), dtype=tl.float32)
-        for k0 in range(k_lo, k_hi, BK):
-            x = tl.load(x_ptrs, mask=(ks < k_hi - k0)[None, :], other=0.0)
-            w_ptrs += BK * stride_w_k
-            w_next = tl.load(w_ptrs, mask=n_ok[:, None] & (ks < k_hi - k0 - BK)[None, :], other=0.0)
-            if ACC_K == 1:
-                acc_k += tl.sum(w.to(tl.float32) * x.to(tl.float32), 1, keep_dims=True)
-            else:
-                acc_k += w.to(tl.float32) * x.to(tl.float32)
-            w = w_next
-            x_ptrs += BK
-        acc = tl.sum(acc_k, 1)[None, :]
+        row_ok = tl.full((1, 1), 1, tl.int1)  # a one-row program's row always exists
+        acc = one_row_products(w, w_ptrs, x_ptrs, row_ok, n_ok, k_lo, k_hi, stride_w_k, BN, BK, ACC_K)
     else:
         pdl_wait(PDL)
         acc = tl.zeros((BM, BN), dtype=tl.float32)

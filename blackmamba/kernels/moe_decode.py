@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .backend import inference_kernels_apply
-from .gemv import DENSE, FP8, dequantize, split_k, split_k_arrive, split_k_counters, split_k_total
+from .gemv import DENSE, FP8, dequantize, one_row_products, split_k, split_k_arrive, split_k_counters, split_k_total
 from .moe import _check, _dot_flags, moe_experts, moe_experts_fp8, moe_experts_ref
 from .settings import get_settings
 from .tl_math import ACTIVATIONS, count_key, gated, pdl_launch, pdl_wait, top1_sigmoid
@@ -320,15 +320,7 @@ def _decode_fc2_kernel(
         w_ptrs = w_base + ns[:, None] * stride_w_d + (f_lo + ks)[None, :] * stride_w_f
         w = tl.load(w_ptrs, mask=n_ok[:, None] & (ks < f_hi - f_lo)[None, :], other=0.0)
         pdl_wait(PDL)
-        prod = tl.zeros((BN, BK), dtype=tl.float32)
-        for k0 in range(f_lo, f_hi, BK):
-            h = tl.load(h_ptrs, mask=mine[:, None] & (ks < f_hi - k0)[None, :], other=0.0).to(tl.float32)
-            w_ptrs += BK * stride_w_f
-            w_next = tl.load(w_ptrs, mask=n_ok[:, None] & (ks < f_hi - k0 - BK)[None, :], other=0.0)
-            prod += w.to(tl.float32) * h
-            w = w_next
-            h_ptrs += BK
-        acc = tl.sum(prod, 1)[None, :]
+        acc = one_row_products(w, w_ptrs, h_ptrs, mine[:, None], n_ok, f_lo, f_hi, stride_w_f, BN, BK, BK)
     offs = ts[:, None].to(tl.int64) * stride_y_t + ns[None, :]
     mask = mine[:, None] & n_ok[None, :]
     if SPLIT > 1:  # the last of the tile's SPLIT programs adds the partials in split order (kernels/gemv.py)
