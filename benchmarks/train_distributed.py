@@ -75,6 +75,7 @@ from .harness import (
     argument_parser,
     build_model,
     meta_line,
+    require_cuda,
     run_meta,
     sync,
     write_results,
@@ -313,6 +314,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1, got {args.rounds}")
+    if args.device == "cuda":
+        require_cuda(parser)
     if not launched_by_torchrun():
         raise SystemExit("run under torchrun: torchrun --standalone --nproc-per-node N -m benchmarks.train_distributed")
     for layout in args.layouts:

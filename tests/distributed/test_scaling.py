@@ -73,3 +73,62 @@ def test_train_distributed_layout_names():
     for bad in ("plain:keep", "plain:rfp32", "fsdp:u0", "fsdp:sometimes", "fsdp+ep0", "ddp"):
         with pytest.raises(SystemExit, match="unknown layout"):
             parse_layout(bad)
+
+
+@pytest.mark.torchrun
+def test_train_distributed_rounds_host_profile_and_readme_table(tmp_path, capsys):
+    """Two rounds of plain and FSDP on one gloo process: each row is its median round against the plain step's
+    median, with every round's tokens/s and its ratio to the plain step of that round; --host-profile adds the
+    top host functions; --readme-table prints the file as the README's table."""
+    import subprocess
+    import sys
+
+    from benchmarks import train_distributed
+
+    out = tmp_path / "distributed.json"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "1",
+        "-m",
+        "benchmarks.train_distributed",
+        "--device",
+        "cpu",
+        "--presets",
+        "tiny",
+        "--layouts",
+        "plain",
+        "fsdp:u2",
+        "--rounds",
+        "2",
+        "--host-profile",
+        "--steps",
+        "1",
+        "--batch",
+        "2",
+        "--seq-len",
+        "32",
+        "--out",
+        str(out),
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    plain, fsdp = json.loads(out.read_text())["results"]
+    assert plain["rounds"] == fsdp["rounds"] == 2 and len(plain["rounds_tokens_per_s"]) == 2
+    assert fsdp["ours"] == pytest.approx(
+        sorted(fsdp["rounds_tokens_per_s"])[1] / 2 + sorted(fsdp["rounds_tokens_per_s"])[0] / 2
+    )
+    assert fsdp["peer_value"] == pytest.approx(sum(plain["rounds_tokens_per_s"]) / 2)
+    for ratio, ours, peer in zip(fsdp["rounds_vs_plain"], fsdp["rounds_tokens_per_s"], plain["rounds_tokens_per_s"],
+                                 strict=True):  # fmt: skip
+        assert ratio == pytest.approx(ours / peer)
+    top = fsdp["host_profile_top"]
+    assert top and {"function", "calls", "own_ms", "cumulative_ms"} <= set(top[0])
+    assert top == sorted(top, key=lambda f: -f["own_ms"])
+    train_distributed.main(["--readme-table", str(out)])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("| layout | tokens/s | vs plain | by round |") and len(lines) == 4
+    assert lines[3].startswith(f"| fsdp:u2 | {fsdp['ours']:,.0f} | {fsdp['speedup']:.3f} | ")
