@@ -6,14 +6,16 @@ what ``blackmamba train`` runs: bf16 autocast forward, cross-entropy, backward, 
 weights. Layouts:
 
 - ``plain``: the model as the one-GPU trainer runs it (one process only);
-- ``fsdp``: FSDP2 per block with bf16 compute parameters, fp32 reduction and fp32 master weights
-  (:func:`blackmamba.training.distributed.parallelize`, what ``--fsdp`` applies);
+- ``fsdp``: FSDP2 with bf16 compute parameters, fp32 reduction and fp32 master weights, one block per unit
+  on several ranks and four on one (:func:`blackmamba.training.distributed.parallelize`, what ``--fsdp``
+  applies);
 - ``fsdp+epE``: FSDP2 and expert parallelism over E ranks (``--expert-parallel E``);
 - options after colons: ``:reshard`` or ``:keep`` forces FSDP to free each block's gathered parameters after
   its forward (and gather them again for the backward) or to keep them (by default it reshards only when
   the parameters are sharded over more than one rank); ``:uN`` wraps N consecutive blocks per FSDP unit;
-  ``:rfp32`` reduces the gradients in fp32 on one rank too (by default one rank keeps them in bf16, the compute
-  dtype: the same values, nothing is summed; :func:`blackmamba.training.distributed.one_rank_policy`).
+  ``:chunkcat`` leaves FSDP's reduce-scatter copy-in to PyTorch's ``torch._chunk_cat`` (by default it runs as
+  ordinary copies: :func:`blackmamba.training.distributed.reduce_scatter_copy_in`); ``:rcopy`` makes FSDP copy
+  the reduction's input into a separate output on one rank (by default they are one buffer there).
 
 ``--rounds R`` runs all layouts R times in turn (the host's speed drifts from minute to minute, and a layout whose
 step the host paces drifts with it): a row is the median of its rounds, against the median plain step, with
@@ -87,20 +89,23 @@ class Layout(NamedTuple):
     fsdp: bool
     ep: int  # the expert-parallel degree
     reshard: bool | None  # reshard after forward (None: FSDP's default here, on when sharded over > 1 rank)
-    per_unit: int  # blocks per FSDP unit
-    fp32_reduce: bool  # reduce gradients in fp32 on one rank too
+    per_unit: int | None  # blocks per FSDP unit (None: apply_fsdp's default, 4 on one rank, 1 on several)
+    torch_copy_in: bool  # FSDP's reduce-scatter copy-in by torch._chunk_cat, not reduce_scatter_copy_in
+    reduce_copy: bool  # on one rank, FSDP copies the reduction's input to its output (not the same buffer)
 
 
 def parse_layout(name: str) -> Layout:
-    """A layout name -> :class:`Layout`: ``plain`` -> (False, 1, None, 1, False), ``fsdp`` -> (True, 1, None, 1,
-    False), ``fsdp+ep4`` -> (True, 4, None, 1, False); options follow after colons: ``:reshard`` or ``:keep``
-    (reshard after forward on or off; default: on when sharded over more than one rank), ``:uN`` (N consecutive
-    blocks per FSDP unit) and ``:rfp32`` (gradients reduced in fp32 on one rank too, not in the compute dtype),
-    e.g. ``fsdp:keep:u2``."""
+    """A layout name -> :class:`Layout`: ``plain`` -> (False, 1, None, None, False, False), ``fsdp`` ->
+    (True, 1, None, None, False, False), ``fsdp+ep4`` -> (True, 4, None, None, False, False); options follow
+    after colons:
+    ``:reshard`` or ``:keep`` (reshard after forward on or off; default: on when sharded over more than one
+    rank), ``:uN`` (N consecutive blocks per FSDP unit), ``:chunkcat`` (the reduce-scatter copy-in by PyTorch's own
+    ``torch._chunk_cat``) and ``:rcopy`` (on one rank, the reduction's output a copy of its input), e.g.
+    ``fsdp:keep:u2``."""
     base, *options = name.split(":")
     bad = SystemExit(
         f"--layouts: unknown layout {name!r} (plain, fsdp or fsdp+epE, then optionally :reshard or :keep, :uN "
-        f"and :rfp32)"
+        f", :chunkcat and :rcopy)"
     )
     if base == "plain":
         fsdp, ep = False, 1
@@ -110,17 +115,19 @@ def parse_layout(name: str) -> Layout:
         fsdp, ep = True, int(base[7:])
     else:
         raise bad
-    reshard, per_unit, fp32_reduce = None, 1, False
+    reshard, per_unit, torch_copy_in, reduce_copy = None, None, False, False
     for option in options:
         if option in ("reshard", "keep") and fsdp:
             reshard = option == "reshard"
         elif option.startswith("u") and option[1:].isdigit() and int(option[1:]) >= 1 and fsdp:
             per_unit = int(option[1:])
-        elif option == "rfp32" and fsdp:
-            fp32_reduce = True
+        elif option == "chunkcat" and fsdp:
+            torch_copy_in = True
+        elif option == "rcopy" and fsdp:
+            reduce_copy = True
         else:
             raise bad
-    return Layout(fsdp, ep, reshard, per_unit, fp32_reduce)
+    return Layout(fsdp, ep, reshard, per_unit, torch_copy_in, reduce_copy)
 
 
 def train_step(
@@ -179,7 +186,7 @@ def bench(
     memory, step time, host issue time; with ``profile``, this rank's kernel time per step by part over two
     more steps, the communication split into all-to-all (expert parallelism) and the rest (FSDP's
     all-gathers and reduce-scatters, all-reduces))."""
-    fsdp, ep, reshard, per_unit, fp32_reduce = parse_layout(layout)
+    fsdp, ep, reshard, per_unit, torch_copy_in, reduce_copy = parse_layout(layout)
     dev = torch.device(device, torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
     gc.collect()  # an FSDP model of an earlier layout lives in reference cycles: free it before measuring memory
     if dev.type == "cuda":
@@ -189,7 +196,7 @@ def bench(
         dims = ParallelDims(world, ep, fsdp=True)
         meshes = dims.build_meshes(dev.type)
         parallelize(model, meshes, mixed_precision(dev.type), reshard_after_forward=reshard, blocks_per_unit=per_unit,
-                    fp32_reduce_on_one_rank=fp32_reduce)  # fmt: skip
+                    fast_copy_in=not torch_copy_in, one_rank_in_place=not reduce_copy)  # fmt: skip
     optimizer = build_optimizer(model, 1e-4, 0.1, fused=dev.type == "cuda")
     config = model.config
     vocab = config.tokenizer_vocab_size or config.vocab_size
@@ -267,12 +274,13 @@ def bench(
 
 def readme_table(path: Path) -> str:
     """A results file of this script as the README's table: every layout's median round, its ratio to the
-    plain step, each round's ratio, step and host time and FSDP's reduce-scatter copy-in host time (with
-    ``--host-profile``)."""
+    plain step, each round's ratio, step and host time, the host time cProfile gives ``torch._chunk_cat`` (with
+    ``--host-profile``; "-" where it is not in the top functions, as with our copy-in) and, with ``--profile``,
+    the GPU's kernel time per step."""
     results = json.loads(path.read_text())["results"]
     lines = [
-        "| layout | tokens/s | vs plain | by round | step ms | host ms | copy-in host ms |",
-        "|---|---|---|---|---|---|---|",
+        "| layout | tokens/s | vs plain | by round | step ms | host ms | `_chunk_cat` host ms | kernel ms |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         host = r["host_issue_s"]
@@ -282,7 +290,8 @@ def readme_table(path: Path) -> str:
             f"| {r['shape'].split('/')[1]} | {r['ours']:,.0f} | "
             f"{'-' if r.get('speedup') is None else format(r['speedup'], '.3f')} | {rounds} | "
             f"{r['step_s'] * 1e3:.0f} | {host['forward_backward'] * 1e3:.0f} + {host['optimizer'] * 1e3:.0f} | "
-            f"{format(copy_in[0], '.1f') if copy_in else '-'} |"
+            f"{format(copy_in[0], '.1f') if copy_in else '-'} | "
+            f"{format(r['kernel_ms_by_part']['all'], '.1f') if 'kernel_ms_by_part' in r else '-'} |"
         )
     return "\n".join(lines)
 

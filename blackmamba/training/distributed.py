@@ -40,7 +40,7 @@ import sys
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -58,6 +58,7 @@ from ..model import FP32_PARAMS, BlackMamba
 __all__ = [
     "DistEnv",
     "DistributedError",
+    "ONE_RANK_BLOCKS_PER_UNIT",
     "Meshes",
     "ParallelDims",
     "all_reduce_mean",
@@ -73,15 +74,20 @@ __all__ = [
     "is_main_process",
     "launched_by_torchrun",
     "mixed_precision",
-    "one_rank_policy",
     "parallelize",
+    "reduce_scatter_copy_in",
     "rank",
     "rank_eval_batches",
     "rank_window_starts",
+    "set_fast_copy_in",
     "world_size",
 ]
 
 DEFAULT_TIMEOUT_S = 600.0
+# Blocks per FSDP unit on one rank by default: FSDP2's hooks cost the host about 1.3 ms per unit and step
+# (2.8B on an H200: 4 blocks per unit 0.87-0.99x the plain step, one block 0.77-0.96x; benchmarks/results/
+# distributed*.json), and one rank holds every unit's gathered parameters whatever their size.
+ONE_RANK_BLOCKS_PER_UNIT = 4
 
 
 class DistributedError(BlackMambaError, ValueError):
@@ -382,17 +388,93 @@ def mixed_precision(device_type: str) -> MixedPrecisionPolicy:
     return MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32, cast_forward_inputs=False)
 
 
-def one_rank_policy(policy: MixedPrecisionPolicy, world: int) -> MixedPrecisionPolicy:
-    """``policy``, except that on one rank gradients are "reduced" in the compute dtype: nothing is summed
-    there, so an fp32 reduction only copies the bf16 gradients to fp32 on their way to the fp32 sharded
-    gradients, which end up with the same values either way. The copy is not free: FSDP2's reduce-scatter
-    copy-in (``torch._chunk_cat``) builds host-side metadata per 2 KB of its output and sends it to the
-    GPU, 33 ms of host time per 2.8B step in bf16 against 89 ms in fp32 (``benchmarks.train_distributed
-    --host-profile``, results/distributed_rounds2.json), and the one-rank step is paced by the host."""
-    lower = policy.param_dtype not in (None, torch.float32)
-    if world == 1 and lower and policy.reduce_dtype == torch.float32:
-        return replace(policy, reduce_dtype=policy.param_dtype)
-    return policy
+def reduce_scatter_copy_in(tensors: list[Tensor], dim: int, num_chunks: int, out: Tensor) -> None:
+    """What ``torch._chunk_cat`` writes, FSDP2's reduce-scatter copy-in: each gradient is cut along ``dim``
+    into ``num_chunks`` equal chunks (zero-padded: chunk k holds rows ``[k*c, (k+1)*c)``, c = ceil(rows /
+    num_chunks)), and row k of ``out`` (viewed as ``(num_chunks, -1)``) holds every gradient's chunk k in turn,
+    cast to ``out``'s dtype.
+
+    Written with ordinary copies: one ``torch.cat`` on one rank, one strided copy per gradient otherwise.
+    ``torch._chunk_cat``'s CUDA path builds a host-side table with one entry per 2 KB of its output and
+    uploads it every call, whatever the world size: 12 to 49 ms of host time per 2.8B step in bf16 on one H200,
+    the more the larger the FSDP units (``benchmarks.train_distributed --host-profile``,
+    results/distributed_units.json), against about 120 ms for the plain step's whole forward + backward.
+    Tensors this does not cover (another ``dim``, 0-d or empty ones) go to ``torch._chunk_cat``."""
+    if dim != 0 or not tensors or any(t.dim() == 0 or t.size(0) == 0 for t in tensors):
+        torch._chunk_cat(tensors, dim, num_chunks, out=out)
+        return
+    rows = out.view(num_chunks, -1)
+    if num_chunks == 1:
+        torch.cat([t.reshape(-1) for t in tensors], out=rows[0])
+        return
+    chunk_rows = [-(-t.size(0) // num_chunks) for t in tensors]
+    widths = [c * (t.numel() // t.size(0)) for c, t in zip(chunk_rows, tensors, strict=True)]
+    if sum(widths) != rows.size(1):
+        torch._chunk_cat(tensors, dim, num_chunks, out=out)  # torch's handling of an output of another size
+        return
+    for t, c, chunks in zip(tensors, chunk_rows, rows.split(widths, dim=1), strict=True):
+        if t.size(0) == c * num_chunks:
+            chunks.copy_(t.reshape(num_chunks, -1))
+            continue
+        flat, by_chunk = t.reshape(t.size(0), -1), chunks.view(num_chunks, c, -1)
+        full, rest = divmod(t.size(0), c)
+        chunks.zero_()
+        by_chunk[:full].copy_(flat[: full * c].view(full, c, -1))
+        if rest:
+            by_chunk[full, :rest].copy_(flat[full * c :])
+
+
+def _fsdp_copy_in(unsharded_grads: list[Tensor], reduce_scatter_input: Tensor, world_size: int) -> None:
+    reduce_scatter_copy_in(unsharded_grads, 0, world_size, reduce_scatter_input.view(world_size, -1))
+
+
+def set_fast_copy_in(enabled: bool = True) -> bool:
+    """Make FSDP2's reduce-scatter copy-in (``foreach_reduce_scatter_copy_in`` in PyTorch's FSDP2
+    collectives) run :func:`reduce_scatter_copy_in` (``enabled``), or PyTorch's own ``torch._chunk_cat``
+    again. It holds for the whole process; :func:`apply_fsdp` turns it on. Returns whether the copy-in is now
+    ours: a PyTorch without that function keeps its own."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_collectives as collectives
+
+    torch_copy_in = getattr(collectives, "_torch_copy_in", None) or getattr(
+        collectives, "foreach_reduce_scatter_copy_in", None
+    )
+    if torch_copy_in is None:
+        return False
+    collectives._torch_copy_in = torch_copy_in
+    collectives.foreach_reduce_scatter_copy_in = _fsdp_copy_in if enabled else torch_copy_in
+    return enabled
+
+
+class _OneRankReduce:
+    """FSDP2's reduce-scatter on one rank, where nothing is summed: the buffer FSDP allocates for the
+    reduction's output is the one it just allocated for its input, so FSDP's copy of one into the other is a
+    copy of a tensor onto itself, which PyTorch skips, and the sharded gradients are views of the input."""
+
+    def __init__(self) -> None:
+        self._input: Tensor | None = None
+
+    def allocate(self, size: Any, *, dtype: torch.dtype, device: torch.device) -> Tensor:
+        last, self._input = self._input, None
+        if last is not None and tuple(last.shape) == tuple(size) and last.dtype == dtype:
+            return last  # the output of the reduction whose input ``last`` is (one unit: one device)
+        self._input = torch.empty(*size, dtype=dtype, device=device)
+        return self._input
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        raise DistributedError("a one-rank FSDP unit was asked to reduce over several ranks")
+
+
+def _reduce_in_place_on_one_rank(units: list[nn.Module]) -> None:
+    """Give every FSDP unit of a one-rank layout :class:`_OneRankReduce` (a PyTorch without custom
+    reduce-scatters keeps its own)."""
+    try:
+        from torch.distributed.fsdp._fully_shard._fsdp_collectives import ReduceScatter
+    except ImportError:
+        return
+    comm_type = type("OneRankReduceScatter", (_OneRankReduce, ReduceScatter), {})
+    for unit in units:
+        if isinstance(unit, FSDPModule) and hasattr(unit, "set_custom_reduce_scatter"):
+            unit.set_custom_reduce_scatter(comm_type())
 
 
 def _fp32_params(model: nn.Module) -> list[nn.Parameter]:
@@ -411,14 +493,18 @@ def apply_fsdp(
     mp_policy: MixedPrecisionPolicy | None = None,
     reshard_root: bool = False,
     reshard_after_forward: bool | None = None,
-    blocks_per_unit: int = 1,
-    fp32_reduce_on_one_rank: bool = False,
+    blocks_per_unit: int | None = None,
+    fast_copy_in: bool = True,
+    one_rank_in_place: bool = True,
 ) -> BlackMamba:
     """FSDP2 per block, or per ``blocks_per_unit`` consecutive blocks (one all-gather, one reduce-scatter and
     one set of hooks for them all: less host work per step, more memory held at once), bottom-up; then the
-    root (embedding, final norm); explicit prefetching in block order. On one rank the gradients go through
-    FSDP's reduction in the compute dtype (:func:`one_rank_policy`; the same values) unless
-    ``fp32_reduce_on_one_rank``.
+    root (embedding, final norm); explicit prefetching in block order. ``blocks_per_unit=None`` is one block
+    per unit on several ranks and :data:`ONE_RANK_BLOCKS_PER_UNIT` on one, where every unit stays gathered
+    from the forward to the backward anyway, so fewer units cost no memory and save host time. The
+    reduce-scatter copy-in runs as ordinary copies (:func:`set_fast_copy_in`, the same values) unless
+    ``fast_copy_in`` is false. On one rank the reduction's output is its input (:class:`_OneRankReduce`: one
+    copy of every gradient less) unless ``one_rank_in_place`` is false.
 
     ``reshard_after_forward``: free each block's gathered parameters after its forward and gather them again
     for its backward (less memory, one more all-gather per block and step). ``None`` does so only when the
@@ -434,8 +520,9 @@ def apply_fsdp(
     device_type = meshes.dense.device_type
     mp_policy = mp_policy or mixed_precision(device_type)
     dims = meshes.dims
-    if not fp32_reduce_on_one_rank:
-        mp_policy = one_rank_policy(mp_policy, dims.world_size)
+    set_fast_copy_in(fast_copy_in)
+    if blocks_per_unit is None:
+        blocks_per_unit = ONE_RANK_BLOCKS_PER_UNIT if dims.world_size == 1 else 1
     ignored: set[nn.Parameter] = set()
     if mp_policy.param_dtype not in (None, torch.float32):
         ignored = set(_fp32_params(model))
@@ -481,6 +568,8 @@ def apply_fsdp(
     close_group()
     fully_shard(model, mesh=meshes.dense, **{**common, "reshard_after_forward": reshard_root})
     _set_prefetch(model, units)
+    if dims.world_size == 1 and one_rank_in_place:
+        _reduce_in_place_on_one_rank([model, *(m for unit in units for m in unit)])
     return model
 
 
@@ -517,12 +606,13 @@ def parallelize(
     meshes: Meshes,
     mp_policy: MixedPrecisionPolicy | None = None,
     reshard_after_forward: bool | None = None,
-    blocks_per_unit: int = 1,
-    fp32_reduce_on_one_rank: bool = False,
+    blocks_per_unit: int | None = None,
+    fast_copy_in: bool = True,
+    one_rank_in_place: bool = True,
 ) -> BlackMamba:
     """Apply the layout of ``meshes`` to a built model, in place: expert parallelism and global routing
-    (when there is more than one rank), then FSDP2 (``reshard_after_forward``, ``blocks_per_unit`` and
-    ``fp32_reduce_on_one_rank`` as in :func:`apply_fsdp`).
+    (when there is more than one rank), then FSDP2 (``reshard_after_forward``, ``blocks_per_unit``,
+    ``fast_copy_in`` and ``one_rank_in_place`` as in :func:`apply_fsdp`).
     The model must already be on its device."""
     from .expert_parallel import apply_expert_parallel
 
@@ -531,7 +621,7 @@ def parallelize(
         apply_expert_parallel(model, meshes)
     return apply_fsdp(
         model, meshes, mp_policy, reshard_after_forward=reshard_after_forward, blocks_per_unit=blocks_per_unit,
-        fp32_reduce_on_one_rank=fp32_reduce_on_one_rank,
+        fast_copy_in=fast_copy_in, one_rank_in_place=one_rank_in_place,
     )  # fmt: skip
 
 

@@ -140,7 +140,9 @@ class TrainArgs:
         False, "under torchrun: shard weights, gradients and optimizer state over the ranks (FSDP2, per block)"
     )
     fsdp_unit_blocks: int = option(
-        1, "with --fsdp: consecutive blocks per FSDP unit (fewer units: less host work per step, more memory)"
+        0,
+        "with --fsdp: consecutive blocks per FSDP unit (fewer units: less host work per step, more memory); "
+        "0: 4 on one rank, 1 on several",
     )
     expert_parallel: int = option(
         1, "under torchrun: ranks that share out each MoE layer's experts (divides the ranks and the experts)"
@@ -183,7 +185,7 @@ class TrainArgs:
                 raise TrainingError(f"{_flag(name)} must be a non-empty string, got {value!r}")
         at_least = {"batch_size": 1, "seq_len": 1, "grad_accum": 1, "eval_every": 1, "eval_tokens": 1}
         at_least |= {"save_every": 1, "keep_last": 1, "log_every": 1, "warmup": 0, "seed": 0, "expert_parallel": 1}
-        at_least["fsdp_unit_blocks"] = 1
+        at_least["fsdp_unit_blocks"] = 0
         for name, low in at_least.items():
             _check_int(name, getattr(self, name), low)
         if self.seed >= 2**63:
@@ -905,7 +907,7 @@ def _train_loop(
             model,
             ranks.dims.build_meshes(device.type),
             mixed_precision("cuda" if use_bf16 else "cpu"),
-            blocks_per_unit=args.fsdp_unit_blocks,
+            blocks_per_unit=args.fsdp_unit_blocks or None,
         )
     optimizer = build_optimizer(model, args.lr, args.weight_decay, fused=device.type == "cuda")
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else nullcontext

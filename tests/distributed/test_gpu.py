@@ -68,3 +68,22 @@ def test_trainer_under_torchrun_on_gpus(tmp_path):
     assert (tmp_path / "dist" / "checkpoints" / "step-00000008" / "dcp_state.json").is_file()
     model = load_pretrained(tmp_path / "dist" / "model", dtype=torch.float32)
     assert model.layers[1].mixer.w1.shape[0] == 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("world", [1, 2, 3, 8])
+def test_reduce_scatter_copy_in_on_cuda_writes_what_torch_chunk_cat_writes(world):
+    """The copy-in that replaces ``torch._chunk_cat``'s CUDA kernel under FSDP, at a 2.8B block's gradient
+    shapes (bf16 into fp32 and into bf16), ragged chunks included."""
+    from blackmamba.training.distributed import reduce_scatter_copy_in
+
+    gen = torch.Generator(device="cuda").manual_seed(world)
+    shapes = [(5888, 2560), (2560, 5888), (192, 2944), (2944, 160), (2944, 4), (2560,), (8, 2560), (8, 13, 2560)]
+    grads = [torch.randn(s, generator=gen, device="cuda", dtype=torch.bfloat16) for s in shapes]
+    numel = world * sum(-(-g.size(0) // world) * (g.numel() // g.size(0)) for g in grads)
+    for out_dtype in (torch.float32, torch.bfloat16):
+        junk = torch.randn(numel, generator=gen, device="cuda").to(out_dtype)
+        want, got = junk.clone(), junk.clone()
+        torch._chunk_cat(grads, 0, world, out=want.view(world, -1))
+        reduce_scatter_copy_in(grads, 0, world, got.view(world, -1))
+        assert torch.equal(got, want)

@@ -66,11 +66,12 @@ def test_the_script_on_gloo_processes(tmp_path):
 def test_train_distributed_layout_names():
     from benchmarks.train_distributed import parse_layout
 
-    assert parse_layout("plain") == (False, 1, None, 1, False)
-    assert parse_layout("fsdp") == (True, 1, None, 1, False)
-    assert parse_layout("fsdp+ep4:keep") == (True, 4, False, 1, False)
-    assert parse_layout("fsdp:reshard:u2:rfp32") == (True, 1, True, 2, True)
-    for bad in ("plain:keep", "plain:rfp32", "fsdp:u0", "fsdp:sometimes", "fsdp+ep0", "ddp"):
+    assert parse_layout("plain") == (False, 1, None, None, False, False)
+    assert parse_layout("fsdp") == (True, 1, None, None, False, False)
+    assert parse_layout("fsdp+ep4:keep") == (True, 4, False, None, False, False)
+    assert parse_layout("fsdp:reshard:u2") == (True, 1, True, 2, False, False)
+    assert parse_layout("fsdp:u4:chunkcat:rcopy") == (True, 1, None, 4, True, True)
+    for bad in ("plain:keep", "fsdp:rfp32", "plain:rcopy", "fsdp:u0", "fsdp:sometimes", "fsdp+ep0", "ddp"):
         with pytest.raises(SystemExit, match="unknown layout"):
             parse_layout(bad)
 

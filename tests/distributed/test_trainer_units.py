@@ -49,7 +49,7 @@ def one_process(monkeypatch):
         ({"dist_timeout": 0.0}, "--dist-timeout must be above 0"),
         ({"dist_timeout": math.nan}, "--dist-timeout must be a finite number"),
         ({"fsdp": "yes"}, "fsdp must be True or False"),
-        ({"fsdp_unit_blocks": 0}, "--fsdp-unit-blocks must be"),
+        ({"fsdp_unit_blocks": -1}, "--fsdp-unit-blocks must be"),
     ],
 )
 def test_bad_distributed_options_are_refused_naming_them(tmp_path, change, message):
@@ -67,7 +67,7 @@ def test_flags_come_from_train_args(tmp_path):
         False,
         1,
         600.0,
-        1,
+        0,
     )
 
 

@@ -228,28 +228,21 @@ def test_fused_adamw_steps_a_model_with_sharded_and_plain_parameters(one_rank_gr
     assert all(not torch.equal(a, b) for a, b in zip(after, before, strict=True))
 
 
-def test_one_rank_reduces_in_the_compute_dtype_with_the_same_gradients(one_rank_group):
-    """On one rank FSDP's reduction keeps the bf16 gradients in bf16 (nothing is summed); the fp32 sharded
-    gradients equal those of the fp32 reduction bit for bit. More ranks, or fp32 compute, keep the policy."""
-    from torch.distributed.tensor import DTensor
+def test_default_units_are_four_blocks_on_one_rank(one_rank_group):
+    """Without ``blocks_per_unit``, one rank groups ``ONE_RANK_BLOCKS_PER_UNIT`` consecutive blocks per FSDP
+    unit (the last group shorter); each group shares one FSDP state."""
+    from dataclasses import replace
 
-    from blackmamba.training.distributed import Meshes, apply_fsdp, mixed_precision, one_rank_policy
+    from blackmamba.model import BlackMamba
+    from blackmamba.training.distributed import ONE_RANK_BLOCKS_PER_UNIT, apply_fsdp
 
-    bf16 = type(mixed_precision("cpu"))(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
-                                        cast_forward_inputs=False)  # fmt: skip
-    assert one_rank_policy(bf16, 1).reduce_dtype == torch.bfloat16
-    assert one_rank_policy(bf16, 2) == bf16 and one_rank_policy(mixed_precision("cpu"), 1) == mixed_precision("cpu")
-    ids = torch.randint(1, 256, (2, 12), generator=torch.Generator().manual_seed(3))
-    grads = {}
-    for fp32_reduce in (False, True):
-        model = h.build_model()
-        meshes = ParallelDims(1, 1, fsdp=True).build_meshes("cpu")
-        apply_fsdp(model, Meshes(meshes.dims, meshes.dense, None), bf16, fp32_reduce_on_one_rank=fp32_reduce)
-        model(ids).logits.float().square().mean().backward()
-        grads[fp32_reduce] = [p.grad.to_local() for p in model.parameters() if isinstance(p, DTensor)]
-    assert grads[False] and all(g.dtype == torch.float32 for g in grads[False])
-    for a, b in zip(grads[False], grads[True], strict=True):
-        assert torch.equal(a, b)
+    model = BlackMamba(replace(h.config(), layer_pattern=["mamba", "moe"] * 5))
+    apply_fsdp(model, ParallelDims(1, 1, fsdp=True).build_meshes("cpu"))
+    states = [id(b._get_fsdp_state()) for b in model.layers]
+    sizes = [states.count(s) for s in dict.fromkeys(states)]
+    n = len(model.layers)
+    assert n > ONE_RANK_BLOCKS_PER_UNIT == 4
+    assert sizes == [4] * (n // 4) + ([n % 4] if n % 4 else [])
 
 
 @pytest.mark.parametrize("blocks_per_unit", [2, 3])
@@ -277,3 +270,124 @@ def test_fsdp_units_of_several_blocks_train_like_the_plain_model(one_rank_group,
     assert losses["grouped"] == pytest.approx(losses["plain"], rel=1e-5, abs=1e-6)
     with pytest.raises(DistributedError, match="blocks per FSDP unit"):
         apply_fsdp(h.build_model(), ParallelDims(1, 1, fsdp=True).build_meshes("cpu"), blocks_per_unit=0)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                    (torch.bfloat16, torch.bfloat16)])  # fmt: skip
+def test_reduce_scatter_copy_in_writes_what_torch_chunk_cat_writes(world, dtypes):
+    """FSDP's copy-in by ordinary copies against ``torch._chunk_cat``: gradients whose first dimension the
+    world size does not divide (zero-padded chunks, some of them empty), one row, several dimensions, a cast
+    to the reduction dtype; the output starts out holding other values."""
+    from blackmamba.training.distributed import reduce_scatter_copy_in
+
+    grad_dtype, out_dtype = dtypes
+    gen = torch.Generator().manual_seed(world)
+    shapes = [(5, 3), (8,), (7, 2, 3), (1, 4), (12, 5), (3,)]
+    grads = [torch.randn(s, generator=gen).to(grad_dtype) for s in shapes]
+    numel = world * sum(-(-g.size(0) // world) * (g.numel() // g.size(0)) for g in grads)
+    junk = torch.randn(numel, generator=gen).to(out_dtype)
+    want, got = junk.clone(), junk.clone()
+    torch._chunk_cat(grads, 0, world, out=want.view(world, -1))
+    reduce_scatter_copy_in(grads, 0, world, got.view(world, -1))
+    assert torch.equal(got, want)
+
+
+def test_reduce_scatter_copy_in_leaves_other_cases_to_torch():
+    """Another dimension goes to ``torch._chunk_cat`` (the same result); a 0-d or an empty gradient gets
+    torch's error, not a partial copy."""
+    from blackmamba.training.distributed import reduce_scatter_copy_in
+
+    gen = torch.Generator().manual_seed(9)
+    grads = [torch.randn(4, 6, generator=gen), torch.randn(4, 2, generator=gen)]
+    want = torch.empty(0)
+    torch._chunk_cat(grads, 1, 2, out=want)
+    got = torch.full_like(want, 5.0)
+    reduce_scatter_copy_in(grads, 1, 2, got)
+    assert torch.equal(got, want)
+    bad = [([torch.randn(4, generator=gen), torch.randn((), generator=gen)], "dim < ndim"),
+           ([torch.randn(0, 3, generator=gen), torch.randn(4, 3, generator=gen)], "non-empty")]  # fmt: skip
+    for grads, message in bad:
+        with pytest.raises(RuntimeError, match=message):
+            reduce_scatter_copy_in(grads, 0, 2, torch.empty(2, 5))
+
+
+def test_fast_copy_in_under_fsdp_gives_the_same_gradients(one_rank_group, monkeypatch):
+    """``apply_fsdp`` routes FSDP's copy-in through :func:`reduce_scatter_copy_in`: FSDP calls it, and the
+    sharded gradients equal those of PyTorch's own copy-in (``fast_copy_in=False``) bit for bit."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_collectives
+    from torch.distributed.tensor import DTensor
+
+    from blackmamba.training import distributed as d
+
+    calls = []
+    original = d.reduce_scatter_copy_in
+    monkeypatch.setattr(d, "reduce_scatter_copy_in", lambda *a: calls.append(1) or original(*a))
+    bf16 = type(d.mixed_precision("cpu"))(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                          cast_forward_inputs=False)  # fmt: skip
+    ids = torch.randint(1, 256, (2, 12), generator=torch.Generator().manual_seed(4))
+    grads = {}
+    try:
+        for fast in (True, False):
+            calls.clear()
+            model = h.build_model()
+            meshes = d.ParallelDims(1, 1, fsdp=True).build_meshes("cpu")
+            d.apply_fsdp(model, meshes, bf16, blocks_per_unit=2, fast_copy_in=fast)
+            model(ids).logits.float().square().mean().backward()
+            grads[fast] = [p.grad.to_local() for p in model.parameters() if isinstance(p, DTensor)]
+            assert bool(calls) == fast
+    finally:
+        d.set_fast_copy_in(True)
+    assert grads[True]
+    for a, b in zip(grads[True], grads[False], strict=True):
+        assert torch.equal(a, b)
+    assert _fsdp_collectives.foreach_reduce_scatter_copy_in is d._fsdp_copy_in
+    assert d.set_fast_copy_in(False) is False
+    assert _fsdp_collectives.foreach_reduce_scatter_copy_in is not d._fsdp_copy_in
+    assert d.set_fast_copy_in(True) is True
+
+
+def test_one_rank_reduction_output_is_its_input():
+    """The one-rank reduce-scatter's allocator hands back the input buffer for the output allocated right
+    after it (same size, dtype, device) and a fresh buffer otherwise; it refuses to reduce over ranks."""
+    from blackmamba.training.distributed import _OneRankReduce
+
+    comm = _OneRankReduce()
+    cpu = torch.device("cpu")
+    first = comm.allocate((6,), dtype=torch.float32, device=cpu)
+    assert comm.allocate((6,), dtype=torch.float32, device=cpu) is first
+    second = comm.allocate((6,), dtype=torch.float32, device=cpu)
+    assert second is not first
+    assert comm.allocate((6,), dtype=torch.bfloat16, device=cpu) is not second  # another dtype: a new buffer
+    assert comm.allocate((3,), dtype=torch.float32, device=cpu).shape == (3,)
+    with pytest.raises(DistributedError, match="one-rank FSDP unit"):
+        comm(output_tensor=first, input_tensor=first, group=None, op=None)
+
+
+@pytest.mark.parametrize("reduce_dtype", [torch.float32, torch.bfloat16])
+def test_one_rank_in_place_reduction_gives_the_same_gradients(one_rank_group, reduce_dtype):
+    """Every FSDP unit of a one-rank layout reduces in place; over two accumulated micro-batches the sharded
+    gradients equal those of FSDP's own copy (``one_rank_in_place=False``) bit for bit, with fp32 or bf16
+    reduction of bf16 gradients."""
+    from torch.distributed.tensor import DTensor
+
+    from blackmamba.training import distributed as d
+
+    bf16 = type(d.mixed_precision("cpu"))(param_dtype=torch.bfloat16, reduce_dtype=reduce_dtype,
+                                          cast_forward_inputs=False)  # fmt: skip
+    gen = torch.Generator().manual_seed(6)
+    batches = [torch.randint(1, 256, (2, 12), generator=gen) for _ in range(2)]
+    grads = {}
+    for in_place in (True, False):
+        model = h.build_model()
+        meshes = d.ParallelDims(1, 1, fsdp=True).build_meshes("cpu")
+        d.apply_fsdp(model, meshes, bf16, blocks_per_unit=2, one_rank_in_place=in_place)
+        units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        comms = [g._reduce_scatter_comm for m in units for g in m._get_fsdp_state()._fsdp_param_groups]
+        assert comms and all(isinstance(c, d._OneRankReduce) == in_place for c in comms)
+        for ids in batches:
+            model(ids).logits.float().square().mean().backward()
+        grads[in_place] = [p.grad.to_local() for p in model.parameters() if isinstance(p, DTensor)]
+    assert grads[True] and all(g.dtype == torch.float32 for g in grads[True])
+    for a, b in zip(grads[True], grads[False], strict=True):
+        assert torch.equal(a, b)
