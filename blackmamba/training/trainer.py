@@ -1080,31 +1080,22 @@ def _train_loop(
             lr = lr_at(step, max_steps or fit_at or 1, args.lr, args.final_lr, args.warmup)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            total_loss, aux_total = 0.0, 0.0
-            iters = []
+            # The micro-batches' losses stay on the device and the host reads them once per step, with the
+            # gradient norm, before the optimizer step: a read per micro-batch would leave the GPU idle while
+            # the host issues each backward. A non-finite loss or norm still stops the run before any weight
+            # changes.
+            losses, auxes, objectives, iters = [], [], [], []
             for micro in range(args.grad_accum):
                 if ranks.distributed and args.grad_accum > 1:
                     model.set_requires_gradient_sync(micro == args.grad_accum - 1)  # reduce once per step
                 out, loss, objective = forward(step, micro)
-                if ranks.distributed:
-                    aux = out.aux_loss.detach() if out.aux_loss is not None else 0.0
-                    loss_value, aux_value, objective_value = all_reduce_means([loss.detach(), aux, objective.detach()])
-                else:
-                    objective_value = objective.item()
-                if not math.isfinite(objective_value):
-                    raise TrainingError(
-                        f"non-finite loss ({objective_value}) at step {step + 1}: training diverged; {_where(run)} "
-                        "(resume from it with a lower --lr or with --clip)"
-                    )
                 (objective / args.grad_accum).backward()
-                if not ranks.distributed:
-                    loss_value = loss.item()
-                    aux_value = out.aux_loss.item() if out.aux_loss is not None else 0.0
-                total_loss += loss_value / args.grad_accum
+                losses.append(loss.detach())
+                objectives.append(objective.detach())
                 if out.aux_loss is not None:
-                    aux_total += aux_value / args.grad_accum
+                    auxes.append(out.aux_loss.detach())
                 if out.expert_counts is not None:
-                    counts = out.expert_counts.detach().double().cpu()
+                    counts = out.expert_counts.detach().double()
                     load_acc = counts if load_acc is None else load_acc + counts
                 iters.extend(out.sinkhorn_iters)
             if ranks.distributed:
@@ -1115,7 +1106,19 @@ def _train_loop(
                     grad_norm = torch.nn.utils.clip_grad_norm_(grads, args.clip)
                 else:
                     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in grads])
-            if not torch.isfinite(grad_norm):
+            no_aux = [torch.zeros_like(losses[0])]
+            means = [torch.stack(v).double().mean() for v in (losses, auxes or no_aux, objectives)]
+            if ranks.distributed:
+                total_loss, aux_total, objective_value = all_reduce_means(means)
+                norm_value = float(grad_norm)
+            else:
+                total_loss, aux_total, objective_value, norm_value = torch.stack([*means, grad_norm.double()]).tolist()
+            if not math.isfinite(objective_value):
+                raise TrainingError(
+                    f"non-finite loss ({objective_value}) at step {step + 1}: training diverged; {_where(run)} "
+                    "(resume from it with a lower --lr or with --clip)"
+                )
+            if not math.isfinite(norm_value):
                 raise TrainingError(
                     f"non-finite gradient norm at step {step + 1}: training diverged; {_where(run)} "
                     "(resume from it with a lower --lr)"
@@ -1139,7 +1142,7 @@ def _train_loop(
                     "tokens_per_s": tps,
                     "tokens": step * tokens_per_step,
                 }
-                row["grad_norm"] = float(grad_norm)
+                row["grad_norm"] = norm_value
                 if aux_total:
                     row["aux_loss"] = aux_total
                 if iters:
