@@ -96,12 +96,11 @@ class Layout(NamedTuple):
 
 def parse_layout(name: str) -> Layout:
     """A layout name -> :class:`Layout`: ``plain`` -> (False, 1, None, None, False, False), ``fsdp`` ->
-    (True, 1, None, None, False, False), ``fsdp+ep4`` -> (True, 4, None, None, False, False); options follow
-    after colons:
-    ``:reshard`` or ``:keep`` (reshard after forward on or off; default: on when sharded over more than one
-    rank), ``:uN`` (N consecutive blocks per FSDP unit), ``:chunkcat`` (the reduce-scatter copy-in by PyTorch's own
-    ``torch._chunk_cat``) and ``:rcopy`` (on one rank, the reduction's output a copy of its input), e.g.
-    ``fsdp:keep:u2``."""
+    (True, 1, None, None, False, False), ``fsdp+ep4`` -> (True, 4, None, None, False, False). Options follow
+    after colons: ``:reshard`` or ``:keep`` (reshard after forward on or off; default: on when sharded over
+    more than one rank), ``:uN`` (N consecutive blocks per FSDP unit), ``:chunkcat`` (the reduce-scatter
+    copy-in by PyTorch's own ``torch._chunk_cat``) and ``:rcopy`` (on one rank, the reduction's output a copy
+    of its input), e.g. ``fsdp:keep:u2``."""
     base, *options = name.split(":")
     bad = SystemExit(
         f"--layouts: unknown layout {name!r} (plain, fsdp or fsdp+epE, then optionally :reshard or :keep, :uN "

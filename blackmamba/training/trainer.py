@@ -1106,8 +1106,8 @@ def _train_loop(
                     grad_norm = torch.nn.utils.clip_grad_norm_(grads, args.clip)
                 else:
                     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in grads])
-            no_aux = [torch.zeros_like(losses[0])]
-            means = [torch.stack(v).double().mean() for v in (losses, auxes or no_aux, objectives)]
+            auxes = auxes or [torch.zeros_like(losses[0])]  # a model without router losses
+            means = [torch.stack(v).double().mean() for v in (losses, auxes, objectives)]
             if ranks.distributed:
                 total_loss, aux_total, objective_value = all_reduce_means(means)
                 norm_value = float(grad_norm)
