@@ -63,7 +63,6 @@ __all__ = [
     "Meshes",
     "ParallelDims",
     "all_reduce_mean",
-    "all_reduce_means",
     "all_reduce_sum",
     "any_rank",
     "apply_fsdp",
@@ -328,16 +327,6 @@ def all_reduce_mean(value: Tensor | float, device: torch.device | None = None) -
     t = torch.as_tensor(value, dtype=torch.float64, device=device or _collective_device()).detach().clone()
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return float(t) / world_size()
-
-
-def all_reduce_means(values: list[Tensor | float]) -> list[float]:
-    """:func:`all_reduce_mean` of several values in one collective (the loss and aux loss of a step)."""
-    if world_size() == 1:
-        return [float(v) for v in values]
-    t = torch.stack([torch.as_tensor(v, dtype=torch.float64).detach().cpu() for v in values])
-    t = t.to(_collective_device())
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return (t / world_size()).tolist()
 
 
 def all_reduce_sum(t: Tensor) -> Tensor:

@@ -56,6 +56,7 @@ from ..options import option
 from ..tokenizer import NEOX_SIZE
 from .data import TokenData
 from .flops import flops_per_token
+from .guard import FiniteGuard, StepValues
 from .optim import build_optimizer, lr_at
 from .precision import CastOnce
 from .rundir import (
@@ -884,7 +885,7 @@ def _train_loop(
     if ranks.distributed:
         from . import dcp
         from .distributed import (
-            all_reduce_means,
+            all_reduce_sum,
             any_rank,
             broadcast_int,
             clip_grad_norm_,
@@ -989,6 +990,24 @@ def _train_loop(
     tps = 0.0
     loop_started = time.monotonic()
     pending: list[Any] = []  # the distributed checkpoint being written in the background
+    last: StepValues | None = None  # the newest step the host has read
+
+    def diverged(what: str, values: StepValues) -> TrainingError:
+        if what == "loss":
+            return TrainingError(
+                f"non-finite loss ({values.objective}) at step {values.step}: training diverged; {_where(run)} "
+                "(resume from it with a lower --lr or with --clip)"
+            )
+        return TrainingError(
+            f"non-finite gradient norm at step {values.step}: training diverged; {_where(run)} "
+            "(resume from it with a lower --lr)"
+        )
+
+    guard = FiniteGuard(optimizer, diverged)
+
+    def show_progress(values: StepValues) -> None:
+        rate = (values.step - start_step) * tokens_per_step / max(time.monotonic() - loop_started, 1e-9)
+        progress.update(values.step, values.loss, lr, rate, final=values.step == max_steps)
 
     def record(row: dict[str, Any]) -> None:
         if metrics is None:
@@ -1080,10 +1099,9 @@ def _train_loop(
             lr = lr_at(step, max_steps or fit_at or 1, args.lr, args.final_lr, args.warmup)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            # The micro-batches' losses stay on the device and the host reads them once per step, with the
-            # gradient norm, before the optimizer step: a read per micro-batch would leave the GPU idle while
-            # the host issues each backward. A non-finite loss or norm still stops the run before any weight
-            # changes.
+            # The micro-batches' losses stay on the device. The guard reads them with the gradient norm one
+            # step late where the optimizer can skip a non-finite update on the device (fused AdamW, on GPU),
+            # so the host issues the next step while the GPU runs this one; otherwise before the update.
             losses, auxes, objectives, iters = [], [], [], []
             for micro in range(args.grad_accum):
                 if ranks.distributed and args.grad_accum > 1:
@@ -1107,26 +1125,26 @@ def _train_loop(
                 else:
                     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in grads])
             auxes = auxes or [torch.zeros_like(losses[0])]  # a model without router losses
-            means = [torch.stack(v).double().mean() for v in (losses, auxes, objectives)]
+            means = torch.stack([torch.stack(v).double().mean() for v in (losses, auxes, objectives)])
             if ranks.distributed:
-                total_loss, aux_total, objective_value = all_reduce_means(means)
-                norm_value = float(grad_norm)
-            else:
-                total_loss, aux_total, objective_value, norm_value = torch.stack([*means, grad_norm.double()]).tolist()
-            if not math.isfinite(objective_value):
-                raise TrainingError(
-                    f"non-finite loss ({objective_value}) at step {step + 1}: training diverged; {_where(run)} "
-                    "(resume from it with a lower --lr or with --clip)"
-                )
-            if not math.isfinite(norm_value):
-                raise TrainingError(
-                    f"non-finite gradient norm at step {step + 1}: training diverged; {_where(run)} "
-                    "(resume from it with a lower --lr)"
-                )
+                means = all_reduce_sum(means) / ranks.world  # on the device: no host read
+            read = guard.check(step + 1, torch.cat([means, grad_norm.double().reshape(1).to(means.device)]))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             window_tokens += tokens_per_step
+            eval_now = val_data is not None and (step % args.eval_every == 0 or step == max_steps)
+            if (
+                step % args.log_every == 0
+                or step == max_steps
+                or eval_now
+                or step % args.save_every == 0
+                or step == fit_at
+            ):
+                read += guard.flush()  # this step's values are needed now, and a bad step must not be saved
+            else:
+                read += guard.settle()
+            last = read[-1] if read else last
             step_times.append(time.monotonic() - t_step)
             budget.record_step(step_times[-1])
             if step == fit_at:
@@ -1137,14 +1155,14 @@ def _train_loop(
                 tps = window_tokens / max(elapsed, 1e-9)
                 row = {
                     "step": step,
-                    "loss": total_loss,
+                    "loss": last.loss,
                     "lr": lr,
                     "tokens_per_s": tps,
                     "tokens": step * tokens_per_step,
                 }
-                row["grad_norm"] = norm_value
-                if aux_total:
-                    row["aux_loss"] = aux_total
+                row["grad_norm"] = last.grad_norm
+                if last.aux_loss:
+                    row["aux_loss"] = last.aux_loss
                 if iters:
                     row["sinkhorn_iters"] = sum(int(i) for i in iters) / len(iters)  # device counts read here
                 if load_acc is not None:
@@ -1153,8 +1171,8 @@ def _train_loop(
                 if peak:
                     row["mfu"] = tps * fpt / (peak * 1e12 * ranks.world)
                 record(row)
-            rate = (step - start_step) * tokens_per_step / max(time.monotonic() - loop_started, 1e-9)
-            progress.update(step, total_loss, lr, rate, final=step == max_steps)
+            for values in read:
+                show_progress(values)
             if val_data is not None and (step % args.eval_every == 0 or step == max_steps):
                 t0 = time.monotonic()
                 last_eval, last_eval_step = _evaluate(model, val_data, args, device, autocast, ranks), step
@@ -1167,6 +1185,8 @@ def _train_loop(
             if step % args.log_every == 0 or step % args.eval_every == 0 or step % args.save_every == 0:
                 # Throughput counts training time only: restart the window after logging, evaluation or saving.
                 window_tokens, window_time = 0, time.monotonic()
+        for values in guard.flush():  # the loop stopped for time after a step nothing read yet
+            show_progress(values)
         if val_data is not None and last_eval_step != step:
             last_eval = _evaluate(model, val_data, args, device, autocast, ranks)
             record({"step": step, **last_eval})
