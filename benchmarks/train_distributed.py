@@ -1,9 +1,18 @@
 """The distributed trainer's step against the plain one (run under torchrun on the device machine).
 
 Each layout trains the same random model on the same random tokens, ``--batch`` sequences of ``--seq-len``
-per GPU, for two warm-up and ``--steps`` timed steps (CUDA-synchronised wall time, median), the step being
-what ``blackmamba train`` runs: bf16 autocast forward, cross-entropy, backward, fused AdamW over fp32 master
-weights. Layouts:
+per GPU, for two warm-up and ``--steps`` timed steps, the step being what ``blackmamba train`` runs: bf16
+autocast forward, cross-entropy, backward, gradient clipping, fused AdamW over fp32 master weights. Timing
+(``--timing``):
+
+- ``pipelined`` (the default): the timed steps run back to back, as the trainer runs them; the host reads a
+  step's losses and gradient norm one step late (:class:`blackmamba.training.guard.FiniteGuard`), so it issues
+  the next step while the GPU runs this one. Step time = the wall time of all timed steps over their number;
+- ``synced``: each step alone, from an idle GPU to the read of its loss (median), without clipping: how the
+  trainer ran before the guard; a step then also pays the host's time to issue its first kernels and the
+  GPU's to finish its last.
+
+Layouts:
 
 - ``plain``: the model as the one-GPU trainer runs it (one process only);
 - ``fsdp``: FSDP2 with bf16 compute parameters, fp32 reduction and fp32 master weights, one block per unit
@@ -45,6 +54,7 @@ from __future__ import annotations
 import cProfile
 import functools
 import gc
+import itertools
 import json
 import pstats
 import re
@@ -52,7 +62,7 @@ import statistics
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -61,6 +71,8 @@ import torch.distributed as dist
 
 from blackmamba.training.distributed import (
     ParallelDims,
+    all_reduce_sum,
+    clip_grad_norm_,
     init_distributed,
     is_main_process,
     launched_by_torchrun,
@@ -68,6 +80,7 @@ from blackmamba.training.distributed import (
     parallelize,
 )
 from blackmamba.training.flops import flops_per_token
+from blackmamba.training.guard import FiniteGuard, StepValues
 from blackmamba.training.optim import build_optimizer
 
 from .harness import (
@@ -145,6 +158,38 @@ def train_step(
     return loss.item(), t1 - t0, t2 - t1
 
 
+def trainer_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ids: torch.Tensor,
+    guard: FiniteGuard,
+    steps: Iterator[int],
+    fsdp: bool,
+) -> tuple[list[StepValues], float, float]:
+    """One optimizer step as ``blackmamba train`` takes it now: :func:`train_step`'s forward and backward, then
+    the gradient norm clipped to 1, the losses averaged over the ranks on the device, the non-finite guard
+    (:class:`blackmamba.training.guard.FiniteGuard`: with fused AdamW the host reads a step's values one step
+    late) and the optimizer step, numbered by ``steps``. Returns the steps the guard read and the host's issue
+    seconds as :func:`train_step` does."""
+    t0 = time.perf_counter()
+    loss = micro_batch(model, ids, "plain", 1.0).double()
+    t1 = time.perf_counter()
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = clip_grad_norm_(params, 1.0) if fsdp else torch.nn.utils.clip_grad_norm_(params, 1.0)
+    means = torch.stack([loss, torch.zeros_like(loss), loss])  # micro_batch gives the cross-entropy alone
+    if dist.get_world_size() > 1:
+        means = all_reduce_sum(means) / dist.get_world_size()
+    read = guard.check(next(steps), torch.cat([means, norm.double().reshape(1).to(means.device)]))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    t2 = time.perf_counter()
+    return read + guard.settle(), t1 - t0, t2 - t1
+
+
+def _diverged(what: str, values: StepValues) -> Exception:
+    return RuntimeError(f"non-finite {what} at step {values.step}")
+
+
 def host_functions(step: Callable[[], object], device: torch.device, steps: int = 2, top: int = 25) -> list[dict]:
     """cProfile of ``steps`` more steps (each synchronised): the ``top`` functions by their own host time, in ms
     per step, with calls per step: where the host's time to issue a step goes."""
@@ -180,6 +225,7 @@ def bench(
     profile: bool = False,
     device: str = "cuda",
     host_profile: bool = False,
+    timing: str = "pipelined",
 ) -> tuple[float, dict]:
     """Tokens/s per GPU (per process on CPU) of ``layout`` and the run's details (every step's loss, peak
     memory, step time, host issue time; with ``profile``, this rank's kernel time per step by part over two
@@ -206,17 +252,34 @@ def bench(
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times, losses, host = [], [], []
-    for i in range(steps + 2):
+    if timing == "synced":
+        for i in range(steps + 2):
+            sync(dev)
+            t0 = time.perf_counter()
+            loss, host_fwd_bwd, host_opt = train_step(model, optimizer, ids)
+            losses.append(loss)
+            if i >= 2:
+                times.append(time.perf_counter() - t0)
+                host.append((host_fwd_bwd, host_opt))
+        one_step = functools.partial(train_step, model, optimizer, ids)
+    else:
+        guard = FiniteGuard(optimizer, _diverged)
+        one_step = functools.partial(trainer_step, model, optimizer, ids, guard, itertools.count(1), fsdp)
+        for _ in range(2):  # warm-up
+            losses.extend(v.loss for v in one_step()[0])
+        losses.extend(v.loss for v in guard.flush())
         sync(dev)
         t0 = time.perf_counter()
-        loss, host_fwd_bwd, host_opt = train_step(model, optimizer, ids)
-        losses.append(loss)
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
+        for _ in range(steps):  # back to back: only the guard's late reads wait for the GPU
+            read, host_fwd_bwd, host_opt = one_step()
+            losses.extend(v.loss for v in read)
             host.append((host_fwd_bwd, host_opt))
+        losses.extend(v.loss for v in guard.flush())
+        sync(dev)
+        times.append((time.perf_counter() - t0) / steps)
     profiled = {}
     if host_profile:
-        profiled["host_profile_top"] = host_functions(functools.partial(train_step, model, optimizer, ids), dev)
+        profiled["host_profile_top"] = host_functions(one_step, dev)
     if profile:
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as profiler
@@ -226,12 +289,14 @@ def bench(
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
         with profiler(activities=activities) as prof:
             for _ in range(2):
-                train_step(model, optimizer, ids)
+                one_step()
+            if timing != "synced":
+                guard.flush()
         kernels = kernels_of(prof)
         report = breakdown(kernels, 2, top=12)
         comm = [k for k in kernels if categorize(k.name) == "communication"]
         a2a = sum(k.dur_us for k in comm if COMM_ALL_TO_ALL.search(k.name)) / 2e3
-        profiled = {
+        profiled |= {
             "kernel_ms_by_part": {p: round(f["ms"], 3) for p, f in report["parts"].items()}
             | {"all": round(report["kernel_ms"], 3)},
             "communication_ms": {
@@ -251,7 +316,7 @@ def bench(
         peak_t = torch.tensor(torch.cuda.max_memory_allocated() / 2**30, device=collective)
         dist.all_reduce(peak_t, op=dist.ReduceOp.MAX)
         peak = peak_t.item()
-    del model, optimizer
+    del model, optimizer, one_step  # the step's partial holds the model too
     gc.collect()
     if dev.type == "cuda":
         torch.cuda.empty_cache()
@@ -314,6 +379,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--host-profile", action="store_true", help="also cProfile two more steps: the host's top functions"
     )
+    parser.add_argument(
+        "--timing",
+        default="pipelined",
+        choices=["pipelined", "synced"],
+        help="pipelined: steps back to back as the trainer takes them (gradient clipping, the non-finite guard "
+        "reading each step one step late); synced: each step timed alone, from an idle GPU to its loss read",
+    )
     parser.add_argument("--out", default=str(RESULTS_DIR / "distributed.json"), help="results file")
     parser.add_argument("--readme-table", metavar="FILE", help="print a results file as the README table and stop")
     args = parser.parse_args(argv)
@@ -351,6 +423,7 @@ def main(argv: list[str] | None = None) -> None:
                         args.profile,
                         args.device,
                         args.host_profile,
+                        args.timing,
                     )  # fmt: skip
                 )
         plain = runs.get("plain")
@@ -389,13 +462,19 @@ def main(argv: list[str] | None = None) -> None:
                         "batch_per_gpu": args.batch,
                         "seq_len": args.seq_len,
                         "rounds": args.rounds,
+                        "timing": args.timing,
                     },
                 )  # fmt: skip
             )
             if is_main_process():
                 print(json.dumps(rows[-1].to_json()), file=sys.stderr, flush=True)
     if is_main_process():
-        meta = run_meta(env.device, peak_tflops_assumed=H200_BF16_TFLOPS, gpus=world if args.device == "cuda" else 0)
+        meta = run_meta(
+            env.device,
+            peak_tflops_assumed=H200_BF16_TFLOPS,
+            gpus=world if args.device == "cuda" else 0,
+            timing=args.timing,
+        )
         write_results(Path(args.out), meta, rows)
         print(f"\n{meta_line(meta)}")
         print(

@@ -2,6 +2,7 @@
 gloo processes (tiny preset), resumption across world sizes included."""
 
 import json
+import math
 
 import pytest
 
@@ -117,7 +118,10 @@ def test_train_distributed_rounds_host_profile_and_readme_table(tmp_path, capsys
     ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    plain, fsdp = json.loads(out.read_text())["results"]
+    result = json.loads(out.read_text())
+    plain, fsdp = result["results"]
+    assert result["meta"]["timing"] == plain["timing"] == "pipelined"
+    assert len(plain["losses"]) == len(fsdp["losses"]) == 3  # two warm-up steps and the timed one, all read
     assert plain["rounds"] == fsdp["rounds"] == 2 and len(plain["rounds_tokens_per_s"]) == 2
     assert fsdp["ours"] == pytest.approx(
         sorted(fsdp["rounds_tokens_per_s"])[1] / 2 + sorted(fsdp["rounds_tokens_per_s"])[0] / 2
@@ -133,3 +137,21 @@ def test_train_distributed_rounds_host_profile_and_readme_table(tmp_path, capsys
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("| layout | tokens/s | vs plain | by round |") and len(lines) == 4
     assert lines[3].startswith(f"| fsdp:u2 | {fsdp['ours']:,.0f} | {fsdp['speedup']:.3f} | ")
+
+
+@pytest.mark.torchrun
+def test_train_distributed_synced_timing(tmp_path):
+    """``--timing synced`` times each step alone, as the trainer ran before its non-finite guard read late."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "distributed.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
+           "-m", "benchmarks.train_distributed", "--device", "cpu", "--presets", "tiny", "--layouts", "fsdp:u2",
+           "--timing", "synced", "--steps", "2", "--batch", "2", "--seq-len", "32", "--out", str(out)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    (row,) = result["results"]
+    assert result["meta"]["timing"] == row["timing"] == "synced"
+    assert len(row["losses"]) == 4 and all(math.isfinite(v) for v in row["losses"])
