@@ -57,7 +57,7 @@ from ..tokenizer import NEOX_SIZE
 from .data import TokenData
 from .flops import flops_per_token
 from .guard import FiniteGuard, StepValues
-from .optim import build_optimizer, lr_at
+from .optim import build_optimizer, clip_gradients, lr_at
 from .precision import CastOnce
 from .rundir import (
     CHECKPOINTS,
@@ -888,7 +888,6 @@ def _train_loop(
             all_reduce_sum,
             any_rank,
             broadcast_int,
-            clip_grad_norm_,
             mixed_precision,
             parallelize,
             rank_window_starts,
@@ -1116,14 +1115,8 @@ def _train_loop(
                     counts = out.expert_counts.detach().double()
                     load_acc = counts if load_acc is None else load_acc + counts
                 iters.extend(out.sinkhorn_iters)
-            if ranks.distributed:
-                grad_norm = clip_grad_norm_(list(model.parameters()), args.clip)  # the norm over all ranks
-            else:
-                grads = [p for p in model.parameters() if p.grad is not None]
-                if args.clip > 0:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(grads, args.clip)
-                else:
-                    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in grads])
+            params = [p for p in model.parameters() if p.grad is not None]
+            grad_norm = clip_gradients(optimizer, params, args.clip, distributed=ranks.distributed)
             auxes = auxes or [torch.zeros_like(losses[0])]  # a model without router losses
             means = torch.stack([torch.stack(v).double().mean() for v in (losses, auxes, objectives)])
             if ranks.distributed:

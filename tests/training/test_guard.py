@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import blackmamba.training.trainer as trainer
 from blackmamba.training.guard import FiniteGuard, StepValues
-from blackmamba.training.optim import build_optimizer
+from blackmamba.training.optim import build_optimizer, clip_gradients
 from blackmamba.training.trainer import TrainingError, train
 
 from .helpers import checkpoint_names, metric_rows, prepare_tiny_data, tiny_args
@@ -169,3 +169,44 @@ def test_trainer_reading_late_stops_at_the_same_step_and_saves_nothing_bad(data_
         assert f"the last good checkpoint is {run / 'checkpoints' / before[-1]}" in str(info.value)
         messages[deferred] = str(info.value).replace(str(run), "RUN")
     assert messages[True] == messages[False]  # the same step, the same message
+
+
+# ------------------------------------------------------------------------------------ clipping in the step
+
+
+@pytest.mark.parametrize("max_norm", [0.05, 1e6, 0.0])  # clipping active, inactive, off
+def test_clipping_by_the_fused_step_matches_clip_grad_norm(max_norm):
+    """The fused optimizer's ``grad_scale`` clips as torch.nn.utils.clip_grad_norm_ + a plain step do."""
+    gen = torch.Generator().manual_seed(7)
+    shapes = [(33, 5), (7,), (2, 3, 4)]
+    start = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [[torch.randn(s, generator=gen) * 3 for s in shapes] for _ in range(3)]
+    results = {}
+    for fused in (True, False):
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        opt = torch.optim.AdamW(params, lr=0.01, weight_decay=0.1, fused=fused)
+        norms = []
+        for step_grads in grads:
+            for p, g in zip(params, step_grads, strict=True):
+                p.grad = g.clone()
+            norms.append(clip_gradients(opt, params, max_norm))
+            opt.step()
+            if max_norm > 0:  # the gradients the step used (the fused kernel writes them back): the clipped ones
+                coef = min(1.0, max_norm / (float(norms[-1]) + 1e-6))
+                torch.testing.assert_close(params[0].grad, step_grads[0] * coef)
+        results[fused] = (params, norms)
+        if fused:
+            assert (opt.grad_scale is None) == (max_norm <= 0)
+    for a, b in zip(*(results[f][0] for f in (True, False)), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    expected = [torch.linalg.vector_norm(torch.cat([g.flatten() for g in step])) for step in grads]
+    for norms in (results[True][1], results[False][1]):
+        torch.testing.assert_close(torch.stack(norms), torch.stack(expected))
+    if max_norm == 0.05:  # the clip really bites: an unclipped run ends elsewhere
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        opt = torch.optim.AdamW(params, lr=0.01, weight_decay=0.1)
+        for step_grads in grads:
+            for p, g in zip(params, step_grads, strict=True):
+                p.grad = g.clone()
+            opt.step()
+        assert not torch.allclose(params[0], results[True][0][0], rtol=1e-4, atol=1e-5)

@@ -1,9 +1,10 @@
 """The trainer's step on a GPU issues no host sync (run on the device machine; CI has no GPU).
 
-A step as ``blackmamba train`` takes it (bf16 autocast forward with the fused loss, backward, gradient
-clipping, the non-finite guard, fused AdamW) runs under ``torch.cuda.set_sync_debug_mode("error")``: any
-``.item()``, ``.tolist()``, a synchronising copy or a stream sync inside it raises. Only the guard's late
-read waits, on an event recorded behind the step it reads, outside the checked region."""
+A step as ``blackmamba train`` takes it (bf16 autocast forward with the fused loss, backward, the gradient
+norm with clipping left to the optimizer's step, the non-finite guard, fused AdamW) runs under
+``torch.cuda.set_sync_debug_mode("error")``: any ``.item()``, ``.tolist()``, a synchronising copy or a stream
+sync inside it raises. Only the guard's late read waits, on an event recorded behind the step it reads,
+outside the checked region."""
 
 import math
 
@@ -12,7 +13,7 @@ import torch
 
 from blackmamba import BlackMamba, BlackMambaConfig
 from blackmamba.training.guard import FiniteGuard, StepValues
-from blackmamba.training.optim import build_optimizer
+from blackmamba.training.optim import build_optimizer, clip_gradients
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -26,8 +27,7 @@ def one_step(model, optimizer, guard, x, y, step: int) -> None:
         out = model(x, targets=y)
         objective = out.loss if out.aux_loss is None else out.loss + out.aux_loss
     objective.backward()
-    grads = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(grads, 1.0)
+    norm = clip_gradients(optimizer, [p for p in model.parameters() if p.grad is not None], 1.0)
     aux = out.aux_loss.detach() if out.aux_loss is not None else torch.zeros_like(out.loss)
     values = torch.stack([out.loss.detach(), aux, objective.detach()]).double()
     guard.check(step, torch.cat([values, norm.double().reshape(1)]))
