@@ -71,8 +71,6 @@ import torch.distributed as dist
 
 from blackmamba.training.distributed import (
     ParallelDims,
-    all_reduce_sum,
-    clip_grad_norm_,
     init_distributed,
     is_main_process,
     launched_by_torchrun,
@@ -95,7 +93,7 @@ from .harness import (
     sync,
     write_results,
 )
-from .train_gpu import micro_batch
+from .train_gpu import diverged, end_step, micro_batch
 
 
 class Layout(NamedTuple):
@@ -167,27 +165,15 @@ def trainer_step(
     fsdp: bool,
 ) -> tuple[list[StepValues], float, float]:
     """One optimizer step as ``blackmamba train`` takes it now: :func:`train_step`'s forward and backward, then
-    the gradient norm clipped to 1, the losses averaged over the ranks on the device, the non-finite guard
-    (:class:`blackmamba.training.guard.FiniteGuard`: with fused AdamW the host reads a step's values one step
-    late) and the optimizer step, numbered by ``steps``. Returns the steps the guard read and the host's issue
-    seconds as :func:`train_step` does."""
+    :func:`benchmarks.train_gpu.end_step` (clipping by the fused optimizer's step, the losses averaged over the
+    ranks on the device, the non-finite guard reading one step late, the optimizer step), numbered by
+    ``steps``. Returns the steps the guard read and the host's issue seconds as :func:`train_step` does."""
     t0 = time.perf_counter()
-    loss = micro_batch(model, ids, "plain", 1.0).double()
+    loss = micro_batch(model, ids, "plain", 1.0)
     t1 = time.perf_counter()
-    params = [p for p in model.parameters() if p.grad is not None]
-    norm = clip_grad_norm_(params, 1.0) if fsdp else torch.nn.utils.clip_grad_norm_(params, 1.0)
-    means = torch.stack([loss, torch.zeros_like(loss), loss])  # micro_batch gives the cross-entropy alone
-    if dist.get_world_size() > 1:
-        means = all_reduce_sum(means) / dist.get_world_size()
-    read = guard.check(next(steps), torch.cat([means, norm.double().reshape(1).to(means.device)]))
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    read = end_step(model, optimizer, guard, next(steps), [loss], distributed=fsdp)
     t2 = time.perf_counter()
-    return read + guard.settle(), t1 - t0, t2 - t1
-
-
-def _diverged(what: str, values: StepValues) -> Exception:
-    return RuntimeError(f"non-finite {what} at step {values.step}")
+    return read, t1 - t0, t2 - t1
 
 
 def host_functions(step: Callable[[], object], device: torch.device, steps: int = 2, top: int = 25) -> list[dict]:
@@ -263,7 +249,7 @@ def bench(
                 host.append((host_fwd_bwd, host_opt))
         one_step = functools.partial(train_step, model, optimizer, ids)
     else:
-        guard = FiniteGuard(optimizer, _diverged)
+        guard = FiniteGuard(optimizer, diverged)
         one_step = functools.partial(trainer_step, model, optimizer, ids, guard, itertools.count(1), fsdp)
         for _ in range(2):  # warm-up
             losses.extend(v.loss for v in one_step()[0])

@@ -17,7 +17,13 @@ and ``F.cross_entropy`` on them in fp32, as the trainer did; ``fused`` the chunk
 the model through ``torch.compile`` (``blackmamba train --compile``; the compilation happens in the
 warm-up steps, which are not timed).
 
-Reported: tokens/s (median of the timed steps, device-synchronised), MFU = tokens/s x training FLOPs per
+Timing (``--timing``): ``pipelined`` (the default) runs the timed steps back to back as ``blackmamba train``
+does, each ending as the trainer's (gradient clipping to norm 1 by the fused optimizer's step, the non-finite
+guard that reads a step's losses one step late: :func:`end_step`); a step's time is their wall time over
+their number. ``synced`` times each step alone, from an idle GPU to its end, without clipping (the median):
+how this script timed before the trainer stopped waiting for the GPU at every step.
+
+Reported: tokens/s, MFU = tokens/s x training FLOPs per
 token (``blackmamba.training.flops``) / peak (784 TFLOP/s, the bf16 matmul rate measured on the H200), peak
 memory, and the loss of the first micro-batch (the same ids and weights in every row: the optimizer's
 learning rate is zero, so the variants' losses can be compared). The default backend ("auto") runs the Triton kernels;
@@ -42,8 +48,10 @@ from torch.profiler import record_function
 
 from blackmamba import BlackMamba
 from blackmamba.kernels import use_backend
+from blackmamba.training.distributed import all_reduce_sum, world_size
 from blackmamba.training.flops import flops_per_token
-from blackmamba.training.optim import build_optimizer
+from blackmamba.training.guard import FiniteGuard, StepValues
+from blackmamba.training.optim import build_optimizer, clip_gradients
 from blackmamba.training.precision import CastOnce
 
 from .harness import (
@@ -82,10 +90,45 @@ def micro_batch(call: Callable, ids: torch.Tensor, loss_kind: str, scale: float)
     return loss.detach()
 
 
+def end_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    guard: FiniteGuard,
+    step: int,
+    losses: list[torch.Tensor],
+    distributed: bool = False,
+) -> list[StepValues]:
+    """The end of optimizer step ``step`` as ``blackmamba train`` takes it: the gradients clipped to norm 1
+    (:func:`blackmamba.training.optim.clip_gradients`: by the fused optimizer's step), the micro-batches' mean
+    loss averaged over the ranks on the device, the non-finite guard (:class:`FiniteGuard`: with fused AdamW
+    the host reads a step's values one step late), the optimizer step. Returns the steps the guard read."""
+    norm = clip_gradients(optimizer, [p for p in model.parameters() if p.grad is not None], 1.0, distributed)
+    loss = torch.stack(losses).double().mean()
+    means = torch.stack([loss, torch.zeros_like(loss), loss])  # micro_batch gives the cross-entropy alone
+    if world_size() > 1:
+        means = all_reduce_sum(means) / world_size()
+    read = guard.check(step, torch.cat([means, norm.double().reshape(1).to(means.device)]))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return read + guard.settle()
+
+
+def diverged(what: str, values: StepValues) -> Exception:
+    return RuntimeError(f"non-finite {what} at step {values.step}")
+
+
 def measure(
-    model: BlackMamba, variant: str, batches: list[torch.Tensor], accum: int, steps: int, warmup: int
+    model: BlackMamba,
+    variant: str,
+    batches: list[torch.Tensor],
+    accum: int,
+    steps: int,
+    warmup: int,
+    timing: str = "pipelined",
 ) -> dict[str, float | None]:
-    """Median seconds of an optimizer step of ``accum`` micro-batches, peak memory and the first loss."""
+    """Seconds of an optimizer step of ``accum`` micro-batches, peak memory and the first loss. ``synced``:
+    the median of ``steps`` steps, each from an idle GPU to its end, without clipping; ``pipelined``: ``steps``
+    steps back to back as the trainer runs them (:func:`end_step`), their wall time over their number."""
     device = batches[0].device
     # A zero learning rate leaves the weights as they were (the fused step's work is the same), so every
     # variant and row starts from the same model and their first losses are comparable.
@@ -99,22 +142,42 @@ def measure(
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+    guard = FiniteGuard(opt, diverged)
+
+    def step(i: int) -> None:
+        nonlocal first
+        losses = []
+        for m in range(accum):
+            losses.append(micro_batch(call, batches[(i * accum + m) % len(batches)], loss_kind, 1.0 / accum))
+            first = losses[0] if first is None else first
+        if timing == "synced":
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        else:
+            end_step(model, opt, guard, i + 1, losses)
+
     times, first = [], None
-    for i in range(warmup + steps):
+    for i in range(warmup):
+        step(i)
+    guard.flush()
+    if timing == "synced":
+        for i in range(warmup, warmup + steps):
+            sync(device)
+            t0 = time.perf_counter()
+            step(i)
+            sync(device)
+            times.append(time.perf_counter() - t0)
+    else:
         sync(device)
         t0 = time.perf_counter()
-        for m in range(accum):
-            loss = micro_batch(call, batches[(i * accum + m) % len(batches)], loss_kind, 1.0 / accum)
-            first = loss if first is None else first
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        for i in range(warmup, warmup + steps):
+            step(i)
+        guard.flush()
         sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
+        times.append((time.perf_counter() - t0) / steps)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     if isinstance(call, CastOnce):
         call.remove()
-    del opt
     return {"step_s": statistics.median(times), "peak_memory_gib": peak, "first_loss": float(first)}
 
 
@@ -131,12 +194,12 @@ def bench(preset: str, args) -> list[Row]:
     for variant in args.variants:
         for accum, steps, warmup in plans:
             log(f"{preset} {variant} {args.batch}x{args.seq_len} x{accum}")
-            m = measure(model, variant, batches, accum, steps, warmup)
+            m = measure(model, variant, batches, accum, steps, warmup, args.timing)
             tokens = args.batch * args.seq_len * accum
             tps = tokens / m["step_s"]
             shape = f"{name}/{args.batch}x{args.seq_len}"
             benchmark = "train_step" if accum == 1 else f"train_step_accum{accum}"
-            extra = {"variant": variant, "micro_batches": accum, "tokens_per_step": tokens, **m}
+            extra = {"variant": variant, "micro_batches": accum, "tokens_per_step": tokens, "timing": args.timing, **m}
             extra["mfu"] = tps * fpt / (PEAK_TFLOPS * 1e12)
             rows.append(Row(benchmark, shape, "tokens/s", tps, floor=PEAK_TFLOPS * 1e12 / fpt, extra=extra))
             print(json.dumps(rows[-1].to_json()), file=sys.stderr, flush=True)
@@ -155,6 +218,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step of the extra rows")
     parser.add_argument("--accum-steps", type=int, default=3, help="timed accumulated steps (after one warm-up)")
     parser.add_argument("--variants", nargs="+", default=["fused"], choices=VARIANTS, help="loss and cast variants")
+    parser.add_argument(
+        "--timing",
+        default="pipelined",
+        choices=["pipelined", "synced"],
+        help="pipelined: timed steps back to back as the trainer runs them (clipping, the late-reading "
+        "non-finite guard); synced: each step alone from an idle GPU, without clipping (the timing before)",
+    )
     parser.add_argument("--device", default="cuda", help="cuda, or cpu to check the script on a tiny preset")
     parser.add_argument("--out", default=str(RESULTS_DIR / "train_gpu.json"), help="results file")
     parser.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"], help="kernel backend")
@@ -165,7 +235,9 @@ def main(argv: list[str] | None = None) -> None:
     for preset in args.presets:
         with use_backend(args.backend):
             rows.extend(bench(preset, args))
-    meta = run_meta(args.device, peak_tflops_assumed=PEAK_TFLOPS, backend=args.backend, variants=args.variants)
+    meta = run_meta(
+        args.device, peak_tflops_assumed=PEAK_TFLOPS, backend=args.backend, variants=args.variants, timing=args.timing
+    )
     write_results(Path(args.out), meta, rows)
     print(f"\n{meta_line(meta)}")
     print(
