@@ -139,7 +139,7 @@ def test_every_script_has_help_under_its_module_name(name, capsys):
 
 GPU_SCRIPTS = ["benchmarks.kernels", "benchmarks.train_profile", "benchmarks.generate", "benchmarks.tune.gemv",
                "benchmarks.tune.moe_layer", "benchmarks.tune.profile_decode", "benchmarks.tune.ssm_update",
-               "benchmarks.tune.tune_moe_decode", "benchmarks.tune.tune_scan",
+               "benchmarks.tune.tune_moe_decode", "benchmarks.tune.tune_scan", "benchmarks.tune.sinkhorn_tiles",
                "benchmarks.train_distributed"]  # fmt: skip
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from blackmamba.kernels import use_backend
-from blackmamba.kernels.sinkhorn import sinkhorn_experts, sinkhorn_scaling_triton
+from blackmamba.kernels.sinkhorn import Tiles, sinkhorn_experts, sinkhorn_scaling_triton
 from blackmamba.routing import sinkhorn_top1
 from blackmamba.routing.sinkhorn import sinkhorn_scaling
 
@@ -52,6 +52,20 @@ def test_kernel_matches_reference(tokens, experts, init, criterion, tol, max_ite
     expert_ref = (d0_ref[:, None] * cost * d1_ref[None, :]).argmax(-1)
     # The same expert for every token but exact near-ties of two experts' balanced probabilities.
     assert (sinkhorn_experts(logits, d1) == expert_ref).float().mean() >= 0.995
+
+
+@pytest.mark.parametrize("tiles", [Tiles(64, 2, 2, False), Tiles(128, 4, 3, True), Tiles(512, 8, 1, True)])
+@pytest.mark.parametrize(("tokens", "experts", "init", "criterion", "tol", "max_iters"), [CASES[0], CASES[3]])
+def test_other_tiles_and_the_cost_computed_first_match_the_reference(tokens, experts, init, criterion, tol, max_iters,
+                                                                     tiles):  # fmt: skip
+    """The tuning script's settings: row tiles, warps, pipelined row loops, C computed by a parallel kernel."""
+    logits = router_logits(tokens, experts)
+    _, _, d1_ref, iters_ref = sinkhorn_scaling(logits, tol, max_iters, init, 1e-8, criterion)
+    d1, iters = sinkhorn_scaling_triton(logits, tol, max_iters, init, 1e-8, criterion, tiles)
+    assert abs(int(iters) - iters_ref) <= (1 if ON_GPU else 0)
+    if int(iters) != iters_ref:
+        d1, _ = sinkhorn_scaling_triton(logits, 0.0, iters_ref, init, 1e-8, criterion, tiles)
+    assert_close("sinkhorn d1", d1_ref, d1, "fp32_gpu_exp2" if ON_GPU else torch.float32)
 
 
 def test_strided_logits_and_bad_shapes():
