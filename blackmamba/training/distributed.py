@@ -338,13 +338,16 @@ def all_reduce_sum(t: Tensor) -> Tensor:
     return out.to(t.device)
 
 
-def any_rank(flag: bool) -> bool:
+def any_rank(flag: bool, group: dist.ProcessGroup | None = None) -> bool:
     """True on every rank when ``flag`` is True on at least one: a decision that every rank must take alike
-    (stop for time, stop on an error), or collectives would wait for ranks that went another way."""
+    (stop for time, stop on an error), or collectives would wait for ranks that went another way. On a gloo
+    ``group`` the vote travels between the hosts only: with NCCL as the default group it would go through
+    the GPU's stream and wait for all the work queued there."""
     if world_size() == 1:
         return bool(flag)
-    t = torch.tensor([int(bool(flag))], dtype=torch.int32, device=_collective_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    device = torch.device("cpu") if group is not None and dist.get_backend(group) == "gloo" else _collective_device()
+    t = torch.tensor([int(bool(flag))], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return bool(t.item())
 
 

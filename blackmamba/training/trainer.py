@@ -702,12 +702,14 @@ def _io_failure(what: Path, e: OSError, run: Path) -> TrainingError:
 @dataclass
 class _Ranks:
     """This process's part in a run: the one plain process (``env`` None), or a rank of a torchrun job
-    with its layout (``dims``) and the gloo group its asynchronous checkpoint writes talk on."""
+    with its layout (``dims``), the gloo group its asynchronous checkpoint writes talk on, and a gloo group
+    for the per-step vote to stop for time (host to host: no wait for the GPU's queued work)."""
 
     env: Any = None  # distributed.DistEnv
     dims: Any = None  # distributed.ParallelDims
     saver: Any = None  # torch.distributed.ProcessGroup
     owns_group: bool = False
+    control: Any = None  # torch.distributed.ProcessGroup
 
     @property
     def distributed(self) -> bool:
@@ -776,7 +778,8 @@ def _join(args: TrainArgs) -> _Ranks:
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     dims = ParallelDims(env.world_size, args.expert_parallel, args.fsdp)
     dims.check_batch(args.batch_size)
-    return _Ranks(env, dims, dist.new_group(backend="gloo"), owns)
+    saver = dist.new_group(backend="gloo")
+    return _Ranks(env, dims, saver, owns, control=dist.new_group(backend="gloo"))
 
 
 def train(args: TrainArgs) -> dict:
@@ -1090,7 +1093,7 @@ def _train_loop(
             if max_steps is not None:
                 stop = budget.out_of_time(step, start_step, args.eval_every, args.save_every, val_data is not None)
                 if ranks.distributed and budget.deadline is not None:
-                    stop = any_rank(stop)  # ranks' clocks differ; all stop at the same step
+                    stop = any_rank(stop, ranks.control)  # ranks' clocks differ; all stop at the same step
                 if stop:
                     progress.line(f"time budget reached: stopping at step {step} of {max_steps}")
                     break
