@@ -307,14 +307,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer shapes (a smoke run)")
     parser.add_argument("--only", nargs="*", default=None, help="benchmarks to run: scan conv norm decode moe (all)")
     parser.add_argument("--out", default=str(RESULTS_DIR / "kernels.json"), help="results file (and .md beside it)")
-    parser.add_argument("--scan-fwd", help="forward scan tiles BLOCK_D,WARPS,T_SUB (default: the module's)")
+    parser.add_argument("--scan-fwd", help="forward scan tiles BLOCK_D,WARPS (default: the module's)")
     parser.add_argument("--scan-bwd", help="backward scan tiles BLOCK_D,WARPS (default: the module's)")
     args = parser.parse_args(argv)
     require_cuda(parser)
     scan_settings = {}
     if args.scan_fwd:
-        block_d, warps, t_sub = (int(v) for v in args.scan_fwd.split(","))
-        scan_settings.update(scan_fwd_config=(block_d, warps), scan_t_sub=t_sub)
+        scan_settings["scan_fwd_config"] = tuple(int(v) for v in args.scan_fwd.split(","))
     if args.scan_bwd:
         scan_settings["scan_bwd_seg_config"] = tuple(int(v) for v in args.scan_bwd.split(","))
     with use_settings(**scan_settings) as settings:
@@ -352,7 +351,6 @@ def run(args: argparse.Namespace, settings: KernelSettings) -> None:
                 torch.cuda.empty_cache()
     scan_config = {
         "fwd": settings.scan_fwd_config,
-        "t_sub": settings.scan_t_sub,
         "bwd_segmented": settings.scan_bwd_seg_config,
     }
     meta = run_meta("cuda", copy_bandwidth_TBps=bw / 1e12, bf16_matmul_TFLOPs=peak / 1e12, scan_config=scan_config)

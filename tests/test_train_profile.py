@@ -11,7 +11,7 @@ from benchmarks.train_profile import PARTS, SCOPES, Kernel, breakdown, categoriz
 NAMED = {
     "_scan_bwd_seg_kernel": "scan_bwd",
     "_scan_bwd_carry_kernel": "scan_bwd",
-    "_scan_fwd_seq_kernel": "scan_fwd",
+    "_scan_fwd_lane_kernel": "scan_fwd",
     "_grouped_gemm_kernel": "grouped_gemm",
     "_grouped_wgrad_kernel": "grouped_gemm",
     "void cutlass::device_kernel<at::cuda::detail::enable_3x_kernel_for_sm9x<cutlass::gemm::kernel::GemmUniversal"
@@ -96,11 +96,11 @@ def test_kernels_and_scopes_are_read_from_the_profilers_events():
         _event(SCOPES["forward"], cpu, device_total=3000.0),
         _event(SCOPES["forward"], cpu, device_total=1000.0),
         _event(SCOPES["optimizer"], cpu, device_total=500.0),
-        _event("_scan_fwd_seq_kernel", cuda, start=4.0, dur=2.5),
+        _event("_scan_fwd_lane_kernel", cuda, start=4.0, dur=2.5),
         _event("Memset (Device)", cuda, start=9.0, dur=1.0),
     ]
     prof = SimpleNamespace(events=lambda: events)
-    assert kernels_of(prof) == [Kernel("_scan_fwd_seq_kernel", 4.0, 2.5), Kernel("Memset (Device)", 9.0, 1.0)]
+    assert kernels_of(prof) == [Kernel("_scan_fwd_lane_kernel", 4.0, 2.5), Kernel("Memset (Device)", 9.0, 1.0)]
     scopes = scopes_of(prof, steps=2)
     assert scopes == {"forward": 2.0, "fused_loss": 0.0, "plain_loss": 0.0, "optimizer": 0.25}
 

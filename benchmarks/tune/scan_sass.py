@@ -29,7 +29,8 @@ FWD = dict(FLAGS, CHUNK=64, HAS_D=True, HAS_H0=False, SAVE_CKPT=True, STORE_Y=Tr
 BWD = dict(FLAGS, CHUNK=64, HAS_D=True, HAS_DHT=False)
 # name -> (kernel, compile-time arguments, num_warps)
 KERNELS = {
-    "fwd sequential b8 t4": (scan_triton._scan_fwd_seq_kernel, dict(FWD, BLOCK_D=8, T_SUB=4), 1),
+    "fwd b32": (scan_triton._scan_fwd_lane_kernel, dict(FWD, BLOCK_D=32, PACK=2), 1),
+    "fwd b32 carry pass": (scan_triton._scan_fwd_lane_kernel, dict(FWD, BLOCK_D=32, PACK=2, STORE_Y=False), 1),
     "bwd segmented b8": (scan_bwd_triton._scan_bwd_seg_kernel, dict(BWD, BLOCK_D=8, PREFETCH_BC=True), 1),
     "bwd segmented b16": (scan_bwd_triton._scan_bwd_seg_kernel, dict(BWD, BLOCK_D=16, PREFETCH_BC=False), 1),
     "bwd segmented b16 B/C prefetched": (

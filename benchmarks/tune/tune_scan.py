@@ -2,7 +2,7 @@
 8x2048, 2.8B shape) and of the causal conv forward, on the GPU; print the fastest scan tiles as the
 arguments of ``python -m benchmarks.kernels``.
 
-    python -m benchmarks.tune.tune_scan [--fwd 16,1,8 8,1,8 ...] [--bwd 16,1 8,1 ...] [--conv 64,128,8 ...]
+    python -m benchmarks.tune.tune_scan [--fwd 32,1 16,1 ...] [--bwd 16,1 8,1 ...] [--conv 64,128,8 ...]
                                         [--best-out FILE]
 """
 
@@ -22,7 +22,7 @@ from ..kernel_inputs import D_IN, scan_inputs
 
 scan = importlib.import_module("blackmamba.kernels.scan_triton")  # the launchers and their segment rule
 conv = importlib.import_module("blackmamba.kernels.causal_conv1d")
-FWD = [(8, 1, 4), (16, 1, 8)]  # BLOCK_D, num_warps, T_SUB
+FWD = [(32, 1), (16, 1), (64, 2)]  # BLOCK_D, num_warps
 BWD = [(8, 1), (16, 1), (16, 2), (32, 2)]  # BLOCK_D, num_warps of the backward (kernels/scan_bwd_triton.py)
 
 
@@ -52,16 +52,15 @@ def segment_sweep(values: list[str]) -> None:
                 print(f"fwd {batch}x{length} segments {value:>4} ({used}) | {t:.3f} ms | vs unsplit {err:.1e}")
 
 
-def fwd_settings(variant: tuple[int, int, int]) -> dict:
-    """The kernel settings of a forward variant (BLOCK_D, num_warps, T_SUB)."""
-    block, warps, t_sub = variant
-    return dict(scan_fwd_config=(block, warps), scan_t_sub=t_sub)
+def fwd_settings(variant: tuple[int, int]) -> dict:
+    """The kernel settings of a forward variant (BLOCK_D, num_warps)."""
+    return dict(scan_fwd_config=variant)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argument_parser(__spec__, __doc__)
     parser.add_argument("--best-out", help="write '--scan-fwd B,W,T --scan-bwd B,W' for the fastest here")
-    parser.add_argument("--fwd", nargs="*", help="forward variants BLOCK_D,WARPS,T_SUB")
+    parser.add_argument("--fwd", nargs="*", help="forward variants BLOCK_D,WARPS")
     parser.add_argument("--bwd", nargs="*", help="backward variants BLOCK_D,WARPS")
     parser.add_argument("--conv", nargs="*", default=[], help="conv forward variants BLOCK_L,BLOCK_D,WARPS")
     parser.add_argument("--segments", nargs="*", default=[], help="forward sequence segments to time (or auto)")
@@ -69,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     require_cuda(parser)
     fwd_variants = [tuple(int(v) for v in a.split(",")) for a in args.fwd] if args.fwd else FWD
     bwd_variants = [tuple(int(v) for v in a.split(",")) for a in args.bwd] if args.bwd else BWD
-    for variant, width in [(v, 3) for v in fwd_variants] + [(v, 2) for v in bwd_variants]:
+    for variant, width in [(v, 2) for v in fwd_variants] + [(v, 2) for v in bwd_variants]:
         if len(variant) != width:
             parser.error(f"a variant needs {width} numbers; got {','.join(map(str, variant))}")
     x = scan_inputs(8, 2048)
@@ -77,11 +76,11 @@ def main(argv: list[str] | None = None) -> None:
         ref = selective_scan_chunked(**{k: (v.float() if v.dtype == torch.bfloat16 else v) for k, v in x.items()})
     fwd = {}
     for variant in fwd_variants:
-        block, warps, t_sub = variant
+        block, warps = variant
         with torch.no_grad(), use_settings(**fwd_settings(variant)):
             err = ((scan.selective_scan_triton(**x).float() - ref).abs().max() / ref.abs().max()).item()
             fwd[variant] = do_bench(lambda: scan.selective_scan_triton(**x), rep=50, return_mode="median")
-        name = f"BLOCK_D {block:3} warps {warps} T_SUB {t_sub}"
+        name = f"BLOCK_D {block:3} warps {warps}"
         print(f"fwd     {name} | {fwd[variant]:.3f} ms | err {err:.1e}", flush=True)
     best_fwd = min(fwd, key=fwd.get)
     leaves = {k: v.detach().clone().requires_grad_(v.is_floating_point()) for k, v in x.items()}

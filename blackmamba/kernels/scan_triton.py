@@ -1,14 +1,17 @@
 """The selective scan and its decode step as Triton kernels; same arguments and results as the references
 in :mod:`.scan` (:func:`.scan.selective_scan_ref`, :func:`.scan.selective_state_update`).
 
-The scan: one program (one warp by default) owns (batch row b, BLOCK_D channels); each thread holds one
-channel's N states and walks the sequence, T_SUB positions per loop step: the step's inputs are loaded as
-(BLOCK_D, T_SUB) tiles first and y is stored once at the end, so the loads of a step are in flight
-together. With few programs the forward also splits the sequence into segments: a pass from zero states
-gives each segment's end state and sum of dt, a carry over the segments gives their true start states,
-and the real pass runs from those. The forward keeps the state at every CHUNK-th position
-(B, n_chunks, D_in, N fp32) for the backward (:mod:`.scan_bwd_triton`), which splits the sequence into
-segments, recomputes each chunk forward from its kept state and runs the adjoint recurrence
+The scan: one program (one warp by default) owns (batch row b, BLOCK_D channels); at BLOCK_D = 32 each lane
+owns one channel and all its N states and walks the sequence, four positions per loop step. The tiles are
+(BLOCK_D, N_P2) with every address multiplied by a runtime 1 (``unit``), so no load gets a vectorised layout
+of its own and no value goes through shared memory; B_t and C_t, the same for every channel, come as scalar
+loads at constant offsets (two bf16 values per 32-bit load where aligned). A step computes its four
+positions' softplus, dt * u and gate together (independent of the state, so their chains overlap), issues
+the next four positions' loads, then advances the states. With few programs the forward also splits the
+sequence into segments: a pass from zero states gives each segment's end state and sum of dt, a carry over
+the segments gives their true start states, and the real pass runs from those. The forward keeps the state at
+every CHUNK-th position (B, n_chunks, D_in, N fp32) for the backward (:mod:`.scan_bwd_triton`), which splits
+the sequence into segments, recomputes each chunk forward from its kept state and runs the adjoint recurrence
 lambda_t = C_t g_t + decay_{t+1} lambda_{t+1} backwards. Tile shapes and the segment split come from
 :mod:`.settings` (``scan_*``).
 
@@ -48,28 +51,112 @@ if triton is not None:
     from .tl_math import pdl_wait, softplus
 
     @triton.jit
-    def _scan_fwd_seq_kernel(
+    def _lane_row(ptr, t, stride_l, n_idx, row, N: tl.constexpr, PACK: tl.constexpr):
+        """Row t of B or C (N values, the same for every channel) in every lane, as fp32 in the (BLOCK_D, N_P2)
+        tile ``row`` (zeros): scalar loads from one base at constant offsets, no mask (the caller clamps t to a
+        valid position). With PACK = 2 (bf16 rows, 4-byte aligned) two values per 32-bit load, widened by a
+        shift and a mask. Each thread holds all N_P2 columns, so the selects fold away."""
+        if PACK == 2:
+            words = (ptr + t * stride_l).to(tl.pointer_type(tl.uint32))
+            for k in tl.static_range(N // 2):
+                v = tl.load(words + k)
+                row = tl.where(n_idx == 2 * k, (v << 16).to(tl.float32, bitcast=True), row)
+                row = tl.where(n_idx == 2 * k + 1, (v & 0xFFFF0000).to(tl.float32, bitcast=True), row)
+        else:
+            for k in tl.static_range(N):
+                row = tl.where(n_idx == k, tl.load(ptr + t * stride_l + k).to(tl.float32), row)
+        return row
+
+    @triton.jit
+    def _lane_loads(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, t, end, offs_d, mask_d, n_idx, row,
+                    stride_u_l, stride_delta_l, stride_B_l, stride_C_l, stride_z_l, N: tl.constexpr,
+                    PACK: tl.constexpr, HAS_Z: tl.constexpr, STORE_Y: tl.constexpr):  # fmt: skip
+        """Position t's raw u, delta, z (BLOCK_D, 1) and B_t, C_t (BLOCK_D, N_P2), zeros from ``end`` on.
+        Without STORE_Y (the carry pass) C_t and z are not loaded."""
+        m = mask_d & (t < end)
+        raw = tl.load(delta_ptr + t * stride_delta_l + offs_d, mask=m, other=0.0)
+        u = tl.load(u_ptr + t * stride_u_l + offs_d, mask=m, other=0.0)
+        t_row = tl.minimum(t, end - 1)  # past the end: a valid row, multiplied by u = 0 and dt = 0
+        b_t = _lane_row(B_ptr, t_row, stride_B_l, n_idx, row, N, PACK)
+        c_t = b_t
+        zv = raw
+        if STORE_Y:
+            c_t = _lane_row(C_ptr, t_row, stride_C_l, n_idx, row, N, PACK)
+            if HAS_Z:
+                zv = tl.load(z_ptr + t * stride_z_l + offs_d, mask=m, other=0.0)
+        return u, raw, b_t, c_t, zv
+
+    @triton.jit
+    def _lane_group(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, t0, end, offs_d, mask_d, n_idx, row,
+                    stride_u_l, stride_delta_l, stride_B_l, stride_C_l, stride_z_l, N: tl.constexpr,
+                    PACK: tl.constexpr, HAS_Z: tl.constexpr, STORE_Y: tl.constexpr):  # fmt: skip
+        """Positions t0 .. t0 + 3."""
+        return (
+            _lane_loads(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, t0, end, offs_d, mask_d, n_idx, row,
+                        stride_u_l, stride_delta_l, stride_B_l, stride_C_l, stride_z_l, N, PACK, HAS_Z, STORE_Y),
+            _lane_loads(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, t0 + 1, end, offs_d, mask_d, n_idx, row,
+                        stride_u_l, stride_delta_l, stride_B_l, stride_C_l, stride_z_l, N, PACK, HAS_Z, STORE_Y),
+            _lane_loads(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, t0 + 2, end, offs_d, mask_d, n_idx, row,
+                        stride_u_l, stride_delta_l, stride_B_l, stride_C_l, stride_z_l, N, PACK, HAS_Z, STORE_Y),
+            _lane_loads(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, t0 + 3, end, offs_d, mask_d, n_idx, row,
+                        stride_u_l, stride_delta_l, stride_B_l, stride_C_l, stride_z_l, N, PACK, HAS_Z, STORE_Y),
+        )  # fmt: skip
+
+    @triton.jit
+    def _lane_prep_one(u, raw, zv, t, end, mask_d, bias, d_skip, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                       HAS_D: tl.constexpr, HAS_Z: tl.constexpr):  # fmt: skip
+        """What position t needs besides the state: dt, dt * u, the skip term D * u and the gate silu(z)."""
+        raw = raw.to(tl.float32)
+        if HAS_BIAS:
+            raw += bias
+        dt = tl.where(mask_d & (t < end), softplus(raw) if SOFTPLUS else raw, 0.0)
+        u = u.to(tl.float32)
+        skip = d_skip * u if HAS_D else 0.0
+        gate = 1.0
+        if HAS_Z:
+            zf = zv.to(tl.float32)
+            gate = zf * tl.sigmoid(zf)
+        return dt, dt * u, skip, gate
+
+    @triton.jit
+    def _lane_prep(group, t0, end, mask_d, bias, d_skip, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                   HAS_D: tl.constexpr, HAS_Z: tl.constexpr):  # fmt: skip
+        u0, raw0, _, _, z0 = group[0]
+        u1, raw1, _, _, z1 = group[1]
+        u2, raw2, _, _, z2 = group[2]
+        u3, raw3, _, _, z3 = group[3]
+        return (
+            _lane_prep_one(u0, raw0, z0, t0, end, mask_d, bias, d_skip, HAS_BIAS, SOFTPLUS, HAS_D, HAS_Z),
+            _lane_prep_one(u1, raw1, z1, t0 + 1, end, mask_d, bias, d_skip, HAS_BIAS, SOFTPLUS, HAS_D, HAS_Z),
+            _lane_prep_one(u2, raw2, z2, t0 + 2, end, mask_d, bias, d_skip, HAS_BIAS, SOFTPLUS, HAS_D, HAS_Z),
+            _lane_prep_one(u3, raw3, z3, t0 + 3, end, mask_d, bias, d_skip, HAS_BIAS, SOFTPLUS, HAS_D, HAS_Z),
+        )
+
+    @triton.jit(do_not_specialize=["unit"])
+    def _scan_fwd_lane_kernel(
         u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_bias_ptr, h0_ptr,
         y_ptr, hT_ptr, ckpt_ptr, dtsum_ptr,
-        seqlen, dim, seg_len,
+        seqlen, dim, seg_len, unit,
         stride_u_b, stride_u_l, stride_delta_b, stride_delta_l, stride_B_b, stride_B_l, stride_C_b, stride_C_l,
         stride_z_b, stride_z_l,
-        N: tl.constexpr, N_P2: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, T_SUB: tl.constexpr,
+        N: tl.constexpr, N_P2: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, PACK: tl.constexpr,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
         SOFTPLUS: tl.constexpr, SAVE_CKPT: tl.constexpr, STORE_Y: tl.constexpr,
     ):  # fmt: skip
         # Program (b, channel block, g) runs positions [g * seg_len, (g + 1) * seg_len) from the start state
-        # h0[b, g] (zero without HAS_H0) and leaves its end state in hT[b, g]. Without STORE_Y it only
-        # sums dt per channel (the segment's total decay is exp(A * sum dt)) for the carry across segments.
-        b = tl.program_id(0).to(tl.int64)  # 64-bit: b * seqlen * dim and the state offsets outgrow int32
+        # h0[b, g] (zero without HAS_H0) and leaves its end state in hT[b, g]. Without STORE_Y it only sums dt
+        # per channel (the segment's total decay is exp(A * sum dt)) for the carry across segments.
+        b = tl.program_id(0).to(tl.int64)
         g = tl.program_id(2)
         n_seg = tl.num_programs(2)
-        offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)[:, None]
-        mask_d = offs_d < dim
-        offs_n = tl.arange(0, N_P2)[None, :]
-        mask_n = offs_n < N
+        d_idx = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)[:, None]
+        n_idx = tl.arange(0, N_P2)[None, :]
+        mask_d = d_idx < dim
+        mask_n = n_idx < N
         state_mask = mask_d & mask_n
-        state_offs = offs_d * N + offs_n
+        offs_d = d_idx * unit
+        row = tl.zeros((BLOCK_D, N_P2), tl.float32)
+        state_offs = (d_idx * N + n_idx) * unit
         A2 = tl.load(A_ptr + state_offs, mask=state_mask, other=0.0) * 1.4426950408889634
         seg_state = (b * n_seg + g) * dim * N + state_offs
         if HAS_H0:
@@ -86,39 +173,32 @@ if triton is not None:
         z_ptr += b * stride_z_b
         y_ptr += b * seqlen * dim
         n_chunks = (seqlen + CHUNK - 1) // CHUNK
-        cols = tl.arange(0, T_SUB)[None, :]
-        for t0 in range(g * seg_len, tl.minimum((g + 1) * seg_len, seqlen), T_SUB):
+        start = g * seg_len
+        end = tl.minimum(start + seg_len, seqlen)
+        nxt = _lane_group(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, start, end, offs_d, mask_d, n_idx, row,
+                          stride_u_l, stride_delta_l, stride_B_l, stride_C_l, stride_z_l, N, PACK, HAS_Z,
+                          STORE_Y)  # fmt: skip
+        for t0 in range(start, end, 4):
             if SAVE_CKPT:
                 if t0 % CHUNK == 0:
                     tl.store(ckpt_ptr + (b * n_chunks + t0 // CHUNK) * dim * N + state_offs, h, mask=state_mask)
-            # All loads of the group first, as (BLOCK_D, T_SUB) tiles, and one store of y at the end: a store
-            # between two steps would keep the next step's loads from being issued early (possible aliasing).
-            t_cols = t0 + cols
-            m = mask_d & (t_cols < seqlen)
-            u_tile = tl.load(u_ptr + t_cols * stride_u_l + offs_d, mask=m, other=0.0).to(tl.float32)
-            raw_tile = tl.load(delta_ptr + t_cols * stride_delta_l + offs_d, mask=m, other=0.0).to(tl.float32)
-            if HAS_BIAS:
-                raw_tile += bias
-            dt_tile = tl.where(m, softplus(raw_tile) if SOFTPLUS else raw_tile, 0.0)
-            if not STORE_Y:
-                dt_sum += tl.sum(dt_tile, 1, keep_dims=True)
-            y_tile = tl.zeros((BLOCK_D, T_SUB), tl.float32)
-            for j in tl.static_range(T_SUB):
+            cur = nxt
+            # The group's per-channel math first, all four positions together (independent of the state: their
+            # chains overlap), then the next group's loads, then the states.
+            prep = _lane_prep(cur, t0, end, mask_d, bias, d_skip, HAS_BIAS, SOFTPLUS, HAS_D, HAS_Z)
+            nxt = _lane_group(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, t0 + 4, end, offs_d, mask_d, n_idx, row,
+                              stride_u_l, stride_delta_l, stride_B_l, stride_C_l, stride_z_l, N, PACK,
+                              HAS_Z, STORE_Y)  # fmt: skip
+            for j in tl.static_range(4):
+                _, _, b_t, c_t, _ = cur[j]
+                dt, x, skip, gate = prep[j]
                 t = t0 + j
-                u = tl.sum(tl.where(cols == j, u_tile, 0.0), 1, keep_dims=True)
-                dt = tl.sum(tl.where(cols == j, dt_tile, 0.0), 1, keep_dims=True)
-                b_t = tl.load(B_ptr + t * stride_B_l + offs_n, mask=mask_n & (t < seqlen), other=0.0).to(tl.float32)
-                c_t = tl.load(C_ptr + t * stride_C_l + offs_n, mask=mask_n & (t < seqlen), other=0.0).to(tl.float32)
-                h = tl.exp2(dt * A2) * h + (dt * u) * b_t
+                h = tl.exp2(dt * A2) * h + x * b_t
                 if STORE_Y:
-                    y_tile = tl.where(cols == j, tl.sum(h * c_t, 1, keep_dims=True), y_tile)
-            if STORE_Y:
-                if HAS_D:
-                    y_tile += d_skip * u_tile
-                if HAS_Z:
-                    zv = tl.load(z_ptr + t_cols * stride_z_l + offs_d, mask=m, other=0.0).to(tl.float32)
-                    y_tile = y_tile * zv * tl.sigmoid(zv)
-                tl.store(y_ptr + t_cols * dim + offs_d, y_tile.to(y_ptr.dtype.element_ty), mask=m)
+                    y = (tl.sum(h * c_t, 1, keep_dims=True) + skip) * gate
+                    tl.store(y_ptr + t * dim + offs_d, y.to(y_ptr.dtype.element_ty), mask=mask_d & (t < end))
+                else:
+                    dt_sum += dt
         tl.store(hT_ptr + seg_state, h, mask=state_mask)
         if not STORE_Y:
             tl.store(dtsum_ptr + (b * n_seg + g) * dim + offs_d, dt_sum, mask=mask_d)
@@ -226,15 +306,19 @@ def _rows_contiguous(t: Tensor) -> Tensor:
 
 
 def _segments(batch: int, length: int, d_in: int, block_d: int) -> int:
-    """Sequence segments for the forward: enough programs to fill the GPU even at batch 1. Splitting costs
-    a second pass over the sequence, so it stops once about ``scan_min_programs`` programs exist."""
+    """Sequence segments for the forward. A split costs a first pass over the sequence (every state, no
+    output), which pays only where it more than doubles the programs in flight: below
+    ``scan_fwd_min_programs`` programs the sequence splits until twice that many run (or segments would be
+    shorter than 8 chunks); from there on it does not split."""
     settings = get_settings()
     chunk = settings.scan_chunk
     if settings.scan_segments != "auto":
         return max(1, min(int(settings.scan_segments), triton.cdiv(length, chunk)))
     programs = batch * triton.cdiv(d_in, block_d)
     segments = 1
-    while programs * segments * 2 <= settings.scan_min_programs and length // (segments * 2) >= 8 * chunk:
+    if programs >= settings.scan_fwd_min_programs:
+        return 1
+    while programs * segments < 2 * settings.scan_fwd_min_programs and length // (segments * 2) >= 8 * chunk:
         segments *= 2
     return segments
 
@@ -275,21 +359,31 @@ def _scan_fwd_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, sa
     return y, hT[:, -1], (ckpt if save_ckpt else None)
 
 
+def _row_pack(B: Tensor, C: Tensor, n: int) -> int:
+    """Values per load of the lane kernel's B and C rows: 2 where both are bf16 rows of even length that
+    start at 4-byte boundaries, else 1."""
+    aligned = all(
+        t.dtype == torch.bfloat16 and t.data_ptr() % 4 == 0 and t.stride(0) % 2 == 0 and t.stride(1) % 2 == 0
+        for t in (B, C)
+    )
+    return 2 if aligned and n % 2 == 0 else 1
+
+
 def _launch_fwd(u, delta, A, B, C, D, zz, z, delta_bias, starts, y, hT, ckpt, dtsum, seg_len, segments,
                 softplus, save_ckpt, store_y, settings):  # fmt: skip
     batch, length, d_in = u.shape
     n = A.shape[1]
     block_d, warps = settings.scan_fwd_config
-    _scan_fwd_seq_kernel[(batch, triton.cdiv(d_in, block_d), segments)](
+    _scan_fwd_lane_kernel[(batch, triton.cdiv(d_in, block_d), segments)](
         u, delta, A, B, C, u if D is None else D.float().contiguous(), zz,
         u if delta_bias is None else delta_bias.float().contiguous(), hT if starts is None else starts,
-        y, hT, ckpt, dtsum, length, d_in, seg_len,
+        y, hT, ckpt, dtsum, length, d_in, seg_len, 1,
         stride_u_b=u.stride(0), stride_u_l=u.stride(1), stride_delta_b=delta.stride(0),
         stride_delta_l=delta.stride(1), stride_B_b=B.stride(0), stride_B_l=B.stride(1), stride_C_b=C.stride(0),
         stride_C_l=C.stride(1), stride_z_b=zz.stride(0), stride_z_l=zz.stride(1),
         N=n, N_P2=triton.next_power_of_2(n), CHUNK=settings.scan_chunk, BLOCK_D=block_d,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_H0=starts is not None,
-        SOFTPLUS=softplus, SAVE_CKPT=save_ckpt, STORE_Y=store_y, T_SUB=settings.scan_t_sub, num_warps=warps,
+        PACK=_row_pack(B, C, n), SOFTPLUS=softplus, SAVE_CKPT=save_ckpt, STORE_Y=store_y, num_warps=warps,
     )  # fmt: skip
 
 

@@ -205,23 +205,25 @@ class KernelSettings:
     loss_compiled: bool = False
 
     # Selective scan, Triton (kernels/scan_triton.py); sweeps in benchmarks/results/tune_scan.log.
-    # Positions between the states the forward keeps for the backward (a multiple of 4 and of scan_t_sub). Set with
-    # the backward's 4-position register windows; not swept (fwd+bwd 8x2048 7.2-7.6 ms with it).
+    # Positions between the states the forward keeps for the backward (a multiple of 4). Set with the backward's
+    # 4-position register windows; not swept (fwd+bwd 8x2048 7.2-7.6 ms with it).
     scan_chunk: int = 64
-    # (BLOCK_D, num_warps) of the forward: 8x2048 BLOCK_D 8 / 1 warp 0.82 ms, 16 / 1 1.22 ms, 8 / 2 warps 3.9 ms.
-    # results/kernels_scan_variants.json: fwd 8x2048 0.896 ms with it vs 0.997 the same kernel with the next group's
-    # loads issued a group early, 1.37-1.80 a forward in the backward's layout (both since deleted).
-    scan_fwd_config: tuple[int, int] = (8, 1)
+    # (BLOCK_D, num_warps) of the forward (kernels/scan_triton.py, one channel per lane at 32 / 1). .carry runs of
+    # 2026-12-03 (H200, 2.8B widths, bf16; notes/measurements.md): 8x2048 0.694 ms against 0.891 for the kernel it
+    # replaced (8 channels per warp, 4 threads per channel), 0.93 at BLOCK_D 16, 0.92 at 64 / 2 warps (2 segments).
+    scan_fwd_config: tuple[int, int] = (32, 1)
     # (BLOCK_D, num_warps) of the backward (kernels/scan_bwd_triton.py: parallel over sequence segments, one
     # recompute per chunk; 1 channel and 4 states per thread at N 16, BLOCK_D 8). results/kernels_scan_variants.json:
     # fwd+bwd 8x2048 5.38 ms segmented BLOCK_D 8 vs 6.24 BLOCK_D 16 vs 8.02 the sequential backward (since deleted).
     scan_bwd_seg_config: tuple[int, int] = (8, 1)
-    # Positions per forward loop step: 8x2048 T_SUB 4 0.82 ms, 8 1.01 ms, 16 1.59 ms.
-    scan_t_sub: int = 4
-    # Sequence segments of the forward, "auto" or a number. 1x2048: 1 0.72, 2 0.58, 4 0.34, 8 0.46 ms;
-    # 8x2048: 1 0.87, 2 1.37, 4 1.26 ms; 2x16384: 1 5.7, 4 2.9, 16 2.6 ms.
+    # Sequence segments, "auto" or a number (the forward's and the backward's). Forward at BLOCK_D 32 (ms): 8x2048
+    # 1 0.69, 2 0.89; 4x2048 1 0.55, 2 0.67, 4 0.50; 1x2048 4 0.33, 8 0.47; 2x16384 4 2.70,
+    # 8 1.82, 16 1.86.
     scan_segments: int | str = "auto"
-    # "auto" splits until about this many programs run: picks the best count at 1x2048 (4) and 8x2048 (1).
+    # "auto" for the forward: below this many programs the sequence splits until twice as many run; picks the
+    # best count measured at 8x2048 (1), 4x2048 (4), 1x2048 (4, the most its length allows) and 2x16384 (8).
+    scan_fwd_min_programs: int = 700
+    # "auto" for the backward (kernels/scan_bwd_triton.py): splits until about this many programs run.
     scan_min_programs: int = 3000
 
     # Decode step of the SSM (kernels/scan_triton.py: ssm_update_triton). Tiles by row count (the entry of the
@@ -261,6 +263,7 @@ class KernelSettings:
             "fused_train_max_tokens",
             "decode_tokens",
             "scan_min_programs",
+            "scan_fwd_min_programs",
             "gemv_max_rows",
             "gemv_fp8_max_rows",
             "fp8_grouped_max_tokens",
@@ -269,10 +272,8 @@ class KernelSettings:
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}")
-        if self.scan_t_sub < 1 or self.scan_chunk < 4 or self.scan_chunk % 4 or self.scan_chunk % self.scan_t_sub:
-            raise ValueError(
-                f"scan_chunk must be a multiple of 4 and of scan_t_sub; got {self.scan_chunk}, {self.scan_t_sub}"
-            )
+        if self.scan_chunk < 4 or self.scan_chunk % 4:
+            raise ValueError(f"scan_chunk must be a positive multiple of 4; got {self.scan_chunk}")
         if self.scan_segments != "auto" and not (isinstance(self.scan_segments, int) and self.scan_segments >= 1):
             raise ValueError(f"scan_segments must be 'auto' or an int >= 1; got {self.scan_segments!r}")
         for name in ("scan_fwd_config", "scan_bwd_seg_config"):

@@ -13,6 +13,7 @@ from blackmamba.kernels import (
     causal_conv1d_update,
     conv_update_triton,
     get_settings,
+    scan_triton,
     selective_scan,
     selective_scan_chunked,
     selective_scan_ref,
@@ -200,21 +201,43 @@ def small_chunks():
         yield
 
 
+# The forward at its default tiles (one channel per lane) and at a channel block smaller than the tests'
+# channels (several programs per row, a ragged last one).
+FWD_TILES = {"default": {}, "block4": dict(scan_fwd_config=(4, 1))}
+
+
+@pytest.fixture(params=list(FWD_TILES))
+def fwd_tiles(request):
+    with use_settings(**FWD_TILES[request.param]):
+        yield request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch,length,d_in,n", [(2, 19, 13, 4), (1, 1, 5, 16), (1, 8, 3, 3)])
-def test_triton_scan_matches_reference(poisoned, small_chunks, dtype, batch, length, d_in, n):
+def test_triton_scan_matches_reference(poisoned, small_chunks, fwd_tiles, dtype, batch, length, d_in, n):
     check(scan_inputs(batch, length, d_in, n, dtype), dtype)
 
 
+@pytest.mark.parametrize("n", [4, 3])
+def test_triton_scan_packed_rows(poisoned, small_chunks, n):
+    """bf16 B and C rows that start at 4-byte boundaries go two values per load in the forward (n even; odd n
+    takes one per load): the same results as the reference."""
+    inputs = scan_inputs(2, 13, 6, n, torch.bfloat16)
+    proj = torch.randn(2, 13, 2 + 2 * n, generator=torch.Generator().manual_seed(3)).to(DEVICE, torch.bfloat16)
+    inputs.update(B=proj[..., 2 : 2 + n], C=proj[..., 2 + n :])
+    assert scan_triton._row_pack(inputs["B"], inputs["C"], n) == (2 if n % 2 == 0 else 1)
+    check(inputs, torch.bfloat16)
+
+
 @pytest.mark.parametrize("segments", [2, 3])
-def test_triton_scan_sequence_segments(poisoned, small_chunks, segments):
+def test_triton_scan_sequence_segments(poisoned, small_chunks, fwd_tiles, segments):
     """The forward split over the sequence (two passes and a carry across segments) changes nothing."""
     with use_settings(scan_segments=segments):
         check(scan_inputs(2, 21, 5, 4, torch.float32), torch.float32)
         check(scan_inputs(1, 17, 3, 2, torch.float32, with_state=False), torch.float32)
 
 
-def test_triton_scan_without_optional_inputs(poisoned, small_chunks):
+def test_triton_scan_without_optional_inputs(poisoned, small_chunks, fwd_tiles):
     inputs = scan_inputs(2, 11, 6, 4, torch.float32, with_state=False)
     inputs.update(D=None, z=None, delta_bias=None)
     y, h, grads = run_with_grads(lambda **kw: selective_scan_triton(**kw, delta_softplus=False), inputs)
