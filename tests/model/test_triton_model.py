@@ -6,6 +6,8 @@ import torch
 
 from blackmamba import BlackMamba, BlackMambaConfig
 from blackmamba.kernels import use_backend, use_settings
+from blackmamba.layers import moe as moe_layer
+from blackmamba.routing import top1_sigmoid
 
 from ..helpers import DEVICE, assert_close, randomize, rel_err, tiny_model
 
@@ -19,6 +21,33 @@ def small_chunks():
         yield
 
 
+class RoutingReplay:
+    """Top-1 routing (train mode) recorded on one run and replayed on the next: the second run takes the first
+    run's expert for every token and computes the gate from its own logits. A token whose router logits lie
+    within rounding of a tie may pick the other expert on another backend; its output then differs entirely,
+    and through the Mamba states so does every later position of its sequence. Replaying compares the
+    numerics alone; ``flips`` keeps, per MoE call, the tokens whose own choice differed and their gap
+    between the two largest logits (in the recording run)."""
+
+    def __init__(self, monkeypatch):
+        self.recorded: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.flips: list[torch.Tensor] = []
+        self.replaying = False
+        self.calls = 0
+        monkeypatch.setattr(moe_layer, "top1_sigmoid", self)
+
+    def __call__(self, logits_TE):
+        expert_T, gate_T = top1_sigmoid(logits_TE)
+        if not self.replaying:
+            top2 = logits_TE.topk(2, dim=-1).values
+            self.recorded.append((expert_T, top2[:, 0] - top2[:, 1]))
+            return expert_T, gate_T
+        recorded, gap_T = self.recorded[self.calls]
+        self.calls += 1
+        self.flips.append(gap_T[expert_T != recorded])
+        return recorded, torch.sigmoid(logits_TE.gather(1, recorded[:, None])[:, 0])
+
+
 def logits_and_grads(model, ids, backend):
     model.zero_grad(set_to_none=True)
     with use_backend(backend):
@@ -29,10 +58,18 @@ def logits_and_grads(model, ids, backend):
     return out.logits.detach(), grads
 
 
-def compare(model, ids, logits_tol, grads_tol):
-    """Logits and every parameter's gradient within the named entries of the tolerance table."""
+def compare(model, ids, logits_tol, grads_tol, replay=None, max_flip_gap=1e-4):
+    """Logits and every parameter's gradient within the named entries of the tolerance table. With a
+    :class:`RoutingReplay` the Triton run takes the reference run's experts; a token that would have picked
+    another expert must then have been within ``max_flip_gap`` of a tie (in router logits)."""
     logits_ref, grads_ref = logits_and_grads(model, ids, "ref")
+    if replay is not None:
+        replay.replaying = True
     logits, grads = logits_and_grads(model, ids, "triton")
+    if replay is not None:
+        assert replay.calls == len(replay.recorded) > 0
+        gaps = torch.cat(replay.flips)
+        assert gaps.numel() == 0 or gaps.max().item() <= max_flip_gap, f"routing flips far from a tie: {gaps}"
     assert_close("logits", logits_ref, logits, logits_tol)
     assert grads.keys() == grads_ref.keys()
     worst = max(grads, key=lambda k: rel_err(grads[k], grads_ref[k]))
@@ -45,6 +82,31 @@ def test_tiny_model_triton_equals_reference(small_chunks):
     model.config.train_routing = "top1"  # the same routing on both backends
     ids = torch.randint(0, model.config.vocab_size, (2, 13)).to(DEVICE)
     compare(model, ids, torch.float32, "fp32_model_grad")
+
+
+def test_routing_replay_takes_the_recorded_experts(monkeypatch):
+    """The replay returns the recorded experts (and the gate of its own logits at them), and reports a token
+    whose own choice differs with its recorded gap."""
+    replay = RoutingReplay(monkeypatch)
+    first = torch.tensor([[2.0, 1.0, 0.0], [0.0, 0.5, 0.4]])
+    expert, _ = moe_layer.top1_sigmoid(first)
+    assert expert.tolist() == [0, 1]
+    replay.replaying = True
+    second = torch.tensor([[2.0, 1.0, 0.0], [0.0, 0.4, 0.5]])  # token 1 now prefers expert 2
+    expert, gate = moe_layer.top1_sigmoid(second)
+    assert expert.tolist() == [0, 1]
+    assert torch.allclose(gate, torch.sigmoid(torch.tensor([2.0, 0.4])))
+    assert len(replay.flips) == 1 and torch.allclose(replay.flips[0], torch.tensor([0.1]))
+
+
+@pytest.mark.slow  # the interpreter, as test_tiny_model_triton_equals_reference
+def test_tiny_model_triton_equals_reference_with_replayed_routing(small_chunks, monkeypatch):
+    model = tiny_model().to(DEVICE).train()
+    model.config.train_routing = "top1"
+    ids = torch.randint(0, model.config.vocab_size, (2, 13)).to(DEVICE)
+    replay = RoutingReplay(monkeypatch)
+    compare(model, ids, torch.float32, "fp32_model_grad", replay=replay)
+    assert len(replay.recorded) == sum(kind == "moe" for kind in model.config.layer_pattern)
 
 
 @pytest.mark.slow  # 11 s in the interpreter: .ci/run runs it
@@ -60,9 +122,11 @@ def test_tiny_model_triton_decode_equals_forward(small_chunks):
 
 
 @pytest.mark.gpu
-def test_2p8b_shape_triton_equals_reference():
-    # fp32: in bf16 the two backends round differently, a few tokens then pick another expert near a routing
-    # tie, and those tokens' outputs differ completely (0.2% of tokens per layer in a bf16 check).
+def test_2p8b_shape_triton_equals_reference(monkeypatch):
+    # fp32, and the reference run's routing replayed: the two backends round differently, and a token near a
+    # routing tie then picks another expert and its sequence diverges from there (0.2% of tokens per layer in
+    # bf16; after the scan forward changed on 2026-12-03 this test failed once on the H200 in fp32 without the
+    # replay, logits rel err 0.061, not diagnosed further: no device time was left).
     torch.manual_seed(0)
     config = BlackMambaConfig.from_preset("blackmamba-2.8b")
     with torch.device("cuda"):
@@ -70,7 +134,7 @@ def test_2p8b_shape_triton_equals_reference():
     randomize(model, scale=0.02)
     model.train().config.train_routing = "top1"
     ids = torch.randint(0, config.vocab_size, (2, 256), device="cuda")
-    compare(model, ids, "fp32_model", "fp32_2p8b_grad")
+    compare(model, ids, "fp32_model", "fp32_2p8b_grad", replay=RoutingReplay(monkeypatch))
 
 
 def test_tiny_model_triton_steps_any_slots(small_chunks):
