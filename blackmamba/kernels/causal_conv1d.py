@@ -496,6 +496,34 @@ def causal_conv1d_update(
     return y.to(x.dtype)
 
 
+def check_conv_step(
+    op: str,
+    batch: int,
+    dim: int,
+    state: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    activation: str | None,
+    state_indices: Tensor | None,
+    prefix: str = "",
+    error: type[ValueError] = ValueError,
+) -> None:
+    """The arguments of a conv decode step over ``batch`` rows of ``dim`` channels, as :func:`conv_update_triton`
+    and :func:`.gemv.linear_conv_triton` take them: weight (D, K), the windows (S, K-1, D) with S = batch unless
+    the rows pick their windows (``state_indices``), bias (D,), activation "silu" or None. ``prefix`` goes
+    before the arguments' names in the messages (linear_conv's are conv_state, conv_weight, conv_bias)."""
+    if weight.ndim != 2:
+        raise error(f"{op}: {prefix}weight must be (D, K); got {tuple(weight.shape)}")
+    if activation not in (None, "silu"):
+        raise error(f"{op}: unknown activation {activation!r}")
+    width = weight.shape[1]
+    expect_shape(op, f"{prefix}weight", weight, (dim, width))
+    expect_shape(op, f"{prefix}state", state, (batch if state_indices is None else state.shape[0], width - 1, dim))
+    check_state_indices(op, state_indices, batch, state.device)
+    if bias is not None:
+        expect_shape(op, f"{prefix}bias", bias, (dim,))
+
+
 def conv_update_triton(
     x: Tensor,
     state: Tensor,
@@ -511,18 +539,11 @@ def conv_update_triton(
     bias: (D,); state_indices: (B,). Returns act(conv) (B, D) in x's dtype, written to ``out`` when given.
     """
     op = "conv_update_triton"
-    if x.ndim != 2 or weight.ndim != 2:
-        raise ValueError(f"{op}: x must be (B, D) and weight (D, K); got {tuple(x.shape)}, {tuple(weight.shape)}")
-    if activation not in (None, "silu"):
-        raise ValueError(f"{op}: unknown activation {activation!r}")
+    if x.ndim != 2:
+        raise ValueError(f"{op}: x must be (B, D); got {tuple(x.shape)}")
     batch, dim = x.shape
-    width = weight.shape[1]
-    expect_shape(op, "weight", weight, (dim, width))
-    expect_shape(op, "state", state, (batch if state_indices is None else state.shape[0], width - 1, dim))
-    check_state_indices(op, state_indices, batch, x.device)
-    if bias is not None:
-        expect_shape(op, "bias", bias, (dim,))
-        bias = bias.contiguous()
+    check_conv_step(op, batch, dim, state, weight, bias, activation, state_indices)
+    bias = None if bias is None else bias.contiguous()
     out = torch.empty(batch, dim, dtype=x.dtype, device=x.device) if out is None else out
     expect_shape(op, "out", out, (batch, dim))
     if batch == 0 or dim == 0:
@@ -533,7 +554,8 @@ def conv_update_triton(
         x, state, weight, x if bias is None else bias, out, x if state_indices is None else state_indices,
         dim,
         *x.stride(), *state.stride(), *weight.stride(), *out.stride(),
-        K=width, HAS_BIAS=bias is not None, SILU=activation == "silu", HAS_STATE_INDICES=state_indices is not None,
+        K=weight.shape[1], HAS_BIAS=bias is not None, SILU=activation == "silu",
+        HAS_STATE_INDICES=state_indices is not None,
         BLOCK_D=block, PDL=pdl, RNE=not x.is_cuda and out.dtype == torch.bfloat16, num_warps=warps, launch_pdl=pdl,
     )  # fmt: skip
     return out

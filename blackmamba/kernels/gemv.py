@@ -38,9 +38,9 @@ from torch import Tensor
 
 from ..errors import BlackMambaError
 from .backend import inference_kernels_apply, resolve_backend
-from .causal_conv1d import conv_update
+from .causal_conv1d import check_conv_step, conv_update
 from .settings import get_settings
-from .tl_math import check_state_indices, count_key, expect_shape, pdl_launch, pdl_wait, round_to_bf16
+from .tl_math import count_key, pdl_launch, pdl_wait, round_to_bf16
 
 try:
     import triton
@@ -404,19 +404,12 @@ def linear_conv_triton(
     in_proj and conv: one launch less per layer."""
     op = "linear_conv"
     _check(x, weight, scale)
-    if x.ndim != 2 or conv_weight.ndim != 2:
-        raise GemvError(f"{op}: x must be (B, K) and conv_weight (D, W); got {tuple(x.shape)}, "
-                        f"{tuple(conv_weight.shape)}")  # fmt: skip
-    if activation not in (None, "silu"):
-        raise GemvError(f"{op}: unknown activation {activation!r}")
-    batch, (n, _), (dim, width) = x.shape[0], weight.shape, conv_weight.shape
+    if x.ndim != 2:
+        raise GemvError(f"{op}: x must be (B, K); got {tuple(x.shape)}")
+    batch, n, dim = x.shape[0], weight.shape[0], conv_weight.shape[0] if conv_weight.ndim else 0
+    check_conv_step(op, batch, dim, conv_state, conv_weight, conv_bias, activation, state_indices, "conv_", GemvError)
     if not 0 < dim <= n:
         raise GemvError(f"{op}: the conv's {dim} channels must be among the weight's {n} outputs")
-    pool = batch if state_indices is None else conv_state.shape[0]
-    expect_shape(op, "conv_state", conv_state, (pool, width - 1, dim))
-    check_state_indices(op, state_indices, batch, x.device)
-    if conv_bias is not None:
-        expect_shape(op, "conv_bias", conv_bias, (dim,))
     conv = (conv_state, conv_weight, conv_bias, state_indices, activation == "silu")
     y = _launch(x, weight, scale, splits, conv)
     return y[:, :dim], y[:, dim:]
