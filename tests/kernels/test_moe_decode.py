@@ -145,7 +145,7 @@ def test_one_token_on_the_cuda_cores(poisoned, dtype, activation, splits, fp8):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("tokens", [70, 150])
+@pytest.mark.parametrize("tokens", [70, pytest.param(150, marks=pytest.mark.slow)])  # 150: 10-12 s in the interpreter
 def test_fp8_experts_past_the_decode_kernels(poisoned, monkeypatch, dtype, tokens):
     """More tokens than the decode kernels take: the grouped GEMMs read the float8 experts in place up to
     fp8_grouped_max_tokens, above it the experts are dequantized; both against the reference."""

@@ -201,21 +201,20 @@ def small_chunks():
         yield
 
 
-# The forward at its default tiles (one channel per lane) and at a channel block smaller than the tests'
-# channels (several programs per row, a ragged last one).
-FWD_TILES = {"default": {}, "block4": dict(scan_fwd_config=(4, 1))}
-
-
-@pytest.fixture(params=list(FWD_TILES))
-def fwd_tiles(request):
-    with use_settings(**FWD_TILES[request.param]):
-        yield request.param
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch,length,d_in,n", [(2, 19, 13, 4), (1, 1, 5, 16), (1, 8, 3, 3)])
+def test_triton_scan_matches_reference(poisoned, small_chunks, dtype, batch, length, d_in, n):
+    check(scan_inputs(batch, length, d_in, n, dtype), dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("batch,length,d_in,n", [(2, 19, 13, 4), (1, 1, 5, 16), (1, 8, 3, 3)])
-def test_triton_scan_matches_reference(poisoned, small_chunks, fwd_tiles, dtype, batch, length, d_in, n):
-    check(scan_inputs(batch, length, d_in, n, dtype), dtype)
+def test_triton_scan_small_channel_block(poisoned, small_chunks, dtype):
+    """The forward at a channel block smaller than the channels (the default is one channel per lane): several
+    programs per row and a ragged last one, also split over the sequence."""
+    with use_settings(scan_fwd_config=(4, 1)):
+        check(scan_inputs(1, 11, 9, 4, dtype), dtype)
+        with use_settings(scan_segments=3):
+            check(scan_inputs(1, 17, 5, 2, dtype), dtype)
 
 
 @pytest.mark.parametrize("n", [4, 3])
@@ -230,14 +229,14 @@ def test_triton_scan_packed_rows(poisoned, small_chunks, n):
 
 
 @pytest.mark.parametrize("segments", [2, 3])
-def test_triton_scan_sequence_segments(poisoned, small_chunks, fwd_tiles, segments):
+def test_triton_scan_sequence_segments(poisoned, small_chunks, segments):
     """The forward split over the sequence (two passes and a carry across segments) changes nothing."""
     with use_settings(scan_segments=segments):
         check(scan_inputs(2, 21, 5, 4, torch.float32), torch.float32)
         check(scan_inputs(1, 17, 3, 2, torch.float32, with_state=False), torch.float32)
 
 
-def test_triton_scan_without_optional_inputs(poisoned, small_chunks, fwd_tiles):
+def test_triton_scan_without_optional_inputs(poisoned, small_chunks):
     inputs = scan_inputs(2, 11, 6, 4, torch.float32, with_state=False)
     inputs.update(D=None, z=None, delta_bias=None)
     y, h, grads = run_with_grads(lambda **kw: selective_scan_triton(**kw, delta_softplus=False), inputs)
