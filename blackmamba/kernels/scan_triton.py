@@ -55,7 +55,8 @@ if triton is not None:
         """Row t of B or C (N values, the same for every channel) in every lane, as fp32 in the (BLOCK_D, N_P2)
         tile ``row`` (zeros): scalar loads from one base at constant offsets, no mask (the caller clamps t to a
         valid position). With PACK = 2 (bf16 rows, 4-byte aligned) two values per 32-bit load, widened by a
-        shift and a mask. Each thread holds all N_P2 columns, so the selects fold away."""
+        shift and a mask. Where each thread holds all N_P2 columns (BLOCK_D >= 32 per warp) the selects fold away;
+        smaller blocks (tests) pay one select per column."""
         if PACK == 2:
             words = (ptr + t * stride_l).to(tl.pointer_type(tl.uint32))
             for k in tl.static_range(N // 2):
