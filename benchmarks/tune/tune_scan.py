@@ -59,7 +59,7 @@ def fwd_settings(variant: tuple[int, int]) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argument_parser(__spec__, __doc__)
-    parser.add_argument("--best-out", help="write '--scan-fwd B,W,T --scan-bwd B,W' for the fastest here")
+    parser.add_argument("--best-out", help="write '--scan-fwd B,W --scan-bwd B,W' for the fastest here")
     parser.add_argument("--fwd", nargs="*", help="forward variants BLOCK_D,WARPS")
     parser.add_argument("--bwd", nargs="*", help="backward variants BLOCK_D,WARPS")
     parser.add_argument("--conv", nargs="*", default=[], help="conv forward variants BLOCK_L,BLOCK_D,WARPS")
