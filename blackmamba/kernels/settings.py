@@ -210,7 +210,8 @@ class KernelSettings:
     scan_chunk: int = 64
     # (BLOCK_D, num_warps) of the forward (kernels/scan_triton.py, one channel per lane at 32 / 1).
     # results/scan_fwd_variants.json (H200, 2026-12-03, 2.8B widths, bf16): 8x2048 0.694 ms against 0.891 for the
-    # kernel it replaced (8 channels per warp, 4 threads per channel), 0.93 at BLOCK_D 16, 0.92 at 64 / 2 warps.
+    # kernel it replaced (8 channels per warp, 4 threads per channel), 0.93 at BLOCK_D 16, 0.92 at 64 / 2 warps
+    # (2 segments).
     scan_fwd_config: tuple[int, int] = (32, 1)
     # (BLOCK_D, num_warps) of the backward (kernels/scan_bwd_triton.py: parallel over sequence segments, one
     # recompute per chunk; 1 channel and 4 states per thread at N 16, BLOCK_D 8). results/kernels_scan_variants.json:
