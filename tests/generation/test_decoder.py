@@ -5,8 +5,8 @@ import importlib
 import pytest
 import torch
 
-from blackmamba.generation import Decoder, SamplingOptions, generate, prefill
-from blackmamba.generation.generate import _left_pad
+from blackmamba.generation import Decoder, SamplingOptions, generate, prefill, stream_generate
+from blackmamba.generation.generate import _left_pad, _TokenReader
 
 from ..helpers import assert_caches_close, assert_close, tiny_model
 
@@ -109,3 +109,41 @@ def test_training_mode_decodes_eagerly():
 
     model = tiny_model().train()
     assert decoder_for(model, SamplingOptions(), use_graphs=None).use_graphs is False
+
+
+def _reader_with(pipelined: bool, monkeypatch) -> None:
+    module = importlib.import_module("blackmamba.generation.generate")
+    monkeypatch.setattr(module, "_TokenReader", lambda batch, device: _TokenReader(batch, device, pipelined))
+
+
+@pytest.mark.parametrize("max_new_tokens", [1, 2, 3, 17])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_step_queued_ahead_gives_the_same_tokens(max_new_tokens, temperature, monkeypatch):
+    """Queuing the next step before reading the current tokens (what a GPU does) yields the same tokens,
+    the same number of steps and the same stop at EOS as reading every step before the next; forced here on
+    the CPU, where the copies are synchronous."""
+    model = tiny_model()
+    kwargs = dict(temperature=temperature, top_k=40, seed=5)
+    plain = generate(model, PROMPTS, max_new_tokens, **kwargs)
+    eos = plain[0][min(1, len(plain[0]) - 1)]  # a token the first prompt produces early
+    plain_eos = list(stream_generate(model, PROMPTS, max_new_tokens, eos_token_id=eos, **kwargs))
+    _reader_with(True, monkeypatch)
+    assert generate(model, PROMPTS, max_new_tokens, **kwargs) == plain
+    assert list(stream_generate(model, PROMPTS, max_new_tokens, eos_token_id=eos, **kwargs)) == plain_eos
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_gpu_pipelined_reads_give_the_same_tokens(temperature, monkeypatch):
+    """On the GPU, pinned copies behind events with the next step queued give what one blocking read per
+    step gives, graphs and eager, with an EOS that stops some rows early."""
+    model = tiny_model().cuda()
+    kwargs = dict(max_new_tokens=40, temperature=temperature, top_k=50, seed=11)
+    for graphs in (True, False):
+        _reader_with(False, monkeypatch)
+        plain = generate(model, PROMPTS, cuda_graphs=graphs, **kwargs)
+        eos = plain[1][3]
+        plain_eos = list(stream_generate(model, PROMPTS, eos_token_id=eos, cuda_graphs=graphs, **kwargs))
+        _reader_with(True, monkeypatch)
+        assert generate(model, PROMPTS, cuda_graphs=graphs, **kwargs) == plain
+        assert list(stream_generate(model, PROMPTS, eos_token_id=eos, cuda_graphs=graphs, **kwargs)) == plain_eos
