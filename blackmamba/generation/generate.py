@@ -153,7 +153,8 @@ def stream_generate(
     and above, the embedding's padding rows) are never sampled. ``cuda_graphs``: replay the decode step
     from CUDA graphs (default: on a GPU); ``prefill_chunk_size``: positions per prefill forward;
     ``prefill_graphs``: replay the prefill from CUDA graphs per batch and length bucket
-    (:mod:`.prefill_graphs`; default: as ``cuda_graphs``).
+    (:mod:`.prefill_graphs`; default: as ``cuda_graphs``). On a GPU the step after the one being yielded is
+    already queued, so a caller that stops early (or every row at EOS) has paid for one extra step.
     """
     config = model.config
     _check_prompts(prompts, config.vocab_size)
