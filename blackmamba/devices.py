@@ -51,3 +51,25 @@ def resolve_dtype(name: str | torch.dtype | None, device: torch.device) -> torch
     if name not in DTYPES:
         raise DeviceError(f"unknown dtype {name!r}; use auto, {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+class HostCopy:
+    """A tensor's copy on its way to the host. From CUDA it goes to pinned memory behind an event, so the
+    stream runs on and later work may overwrite the source; elsewhere it is copied at once (never an alias of
+    the source). :meth:`tolist` waits for this copy only."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        tensor = tensor.detach()
+        self.event: torch.cuda.Event | None = None
+        if tensor.is_cuda:
+            self.host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self.host.copy_(tensor, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = tensor.to("cpu", copy=True)
+
+    def tolist(self) -> list:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()

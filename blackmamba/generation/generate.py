@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ..config import BlackMambaConfig
+from ..devices import HostCopy
 from ..model import BlackMamba, InferenceCache
 from .decoder import decoder_for
 from .prefill_graphs import prefill_graphs_for
@@ -97,40 +98,10 @@ def _check_kv_capacity(config: BlackMambaConfig, prompts: Sequence[Sequence[int]
         )
 
 
-class _PendingTokens:
-    """A step's tokens on their way to the host: ``read`` waits for the copy only."""
-
-    def __init__(self, host: Tensor, event: torch.cuda.Event | None) -> None:
-        self.host, self.event = host, event
-
-    def read(self) -> list[int]:
-        if self.event is not None:
-            self.event.synchronize()
-        return self.host.tolist()
-
-
-class _TokenReader:
-    """Copies each step's tokens (the first ``batch`` of a decode bucket's rows) to the host. On CUDA the copy
-    goes to pinned memory behind an event, alternating between two buffers, so that the next step can be
-    queued before this one's tokens are read (the step overwrites its output buffer on the device)."""
-
-    def __init__(self, batch: int, device: torch.device, pipelined: bool | None = None) -> None:
-        self.batch, self.cuda = batch, device.type == "cuda"
-        self.pipelined = self.cuda if pipelined is None else pipelined
-        self.buffers = [torch.empty(batch, dtype=torch.long, pin_memory=self.cuda) for _ in range(2)]
-        self.turn = 0
-
-    def copy(self, tokens: Tensor) -> _PendingTokens:
-        if not self.pipelined:
-            return _PendingTokens(tokens[: self.batch].cpu(), None)
-        host = self.buffers[self.turn]
-        self.turn ^= 1
-        host.copy_(tokens[: self.batch], non_blocking=self.cuda)
-        event = None
-        if self.cuda:
-            event = torch.cuda.Event()
-            event.record()
-        return _PendingTokens(host, event)
+def _queue_ahead(device: torch.device) -> bool:
+    """Whether the next decode step is queued before the current tokens are read: on a GPU, where the read
+    waits only for its own copy and the device works meanwhile."""
+    return device.type == "cuda"
 
 
 def stream_generate(
@@ -189,30 +160,26 @@ def stream_generate(
         logits = prefiller.run(ids, cache, mask, chunk_size=prefill_chunk_size)
     first = uniforms()
     tokens = decoder.process(logits, seen, torch.zeros(batch, device=device) if first is None else first)
-    reader = _TokenReader(batch, device)
     bucket = None
 
-    def launch() -> _PendingTokens:
+    def launch() -> HostCopy:
         """Queue the next decode step and the copy of its tokens to the host; reads nothing back."""
         nonlocal bucket
         if bucket is None:
             if seen is not None:
                 seen[torch.arange(batch, device=device), tokens] = True
             bucket = decoder.start(cache, tokens, seen)
-        return reader.copy(decoder.step(bucket, uniforms()))
+        return HostCopy(decoder.step(bucket, uniforms())[:batch])
 
-    # On a GPU the step after the current one is queued before the current tokens are read, so the device
-    # works while the host reads, yields and launches (from the second step on: the first token is yielded
-    # before the decode graph is captured). A run that ends at EOS has then computed one step it discards.
-    ahead = reader.pipelined
-    current = reader.copy(tokens)
-    queued = None
+    # From the second step on (the first token is yielded before the decode graph is captured), the step
+    # after the current one may be queued before the current tokens are read (_queue_ahead).
+    ahead = _queue_ahead(device)
+    current = HostCopy(tokens[:batch])
     finished = [False] * batch
     for step in range(max_new_tokens):
-        if ahead and step > 0 and step + 1 < max_new_tokens:
-            queued = launch()
+        queued = launch() if ahead and 0 < step < max_new_tokens - 1 else None
         out: list[int | None] = []
-        for i, t in enumerate(current.read()):
+        for i, t in enumerate(current.tolist()):
             if not finished[i] and eos_token_id is not None and t == eos_token_id:
                 finished[i] = True
             out.append(None if finished[i] else t)
@@ -220,7 +187,6 @@ def stream_generate(
         if all(finished) or step == max_new_tokens - 1:
             return
         current = queued if queued is not None else launch()
-        queued = None
 
 
 def generate(

@@ -26,6 +26,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from ..devices import HostCopy
+
 
 class StepValues(NamedTuple):
     """What the host reads of one optimizer step (losses are means over its micro-batches and ranks)."""
@@ -39,8 +41,7 @@ class StepValues(NamedTuple):
 
 class _Pending(NamedTuple):
     step: int
-    host: Tensor
-    event: torch.cuda.Event | None
+    values: HostCopy
 
 
 class FiniteGuard:
@@ -73,15 +74,7 @@ class FiniteGuard:
             return [self._verified(step, values.tolist())]
         bad = ~torch.isfinite(values[2:]).all()
         self.optimizer.found_inf = bad.to(torch.float32)  # 0-d: DTensor parameters take it as replicated
-        event = None
-        if values.is_cuda:
-            host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
-            host.copy_(values, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-        else:
-            host = values.cpu()
-        self.pending.append(_Pending(step, host, event))
+        self.pending.append(_Pending(step, HostCopy(values)))
         return []
 
     def settle(self) -> list[StepValues]:
@@ -95,11 +88,9 @@ class FiniteGuard:
     def _read(self, count: int) -> list[StepValues]:
         done = []
         while count > 0 and self.pending:
-            step, host, event = self.pending.pop(0)
+            step, values = self.pending.pop(0)
             count -= 1
-            if event is not None:
-                event.synchronize()
-            done.append(self._verified(step, host.tolist()))
+            done.append(self._verified(step, values.tolist()))
         return done
 
     def _verified(self, step: int, values: list[float]) -> StepValues:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from blackmamba.generation import Decoder, SamplingOptions, generate, prefill, stream_generate
-from blackmamba.generation.generate import _left_pad, _TokenReader
+from blackmamba.generation.generate import _left_pad
 
 from ..helpers import assert_caches_close, assert_close, tiny_model
 
@@ -113,7 +113,7 @@ def test_training_mode_decodes_eagerly():
 
 def _reader_with(pipelined: bool, monkeypatch) -> None:
     module = importlib.import_module("blackmamba.generation.generate")
-    monkeypatch.setattr(module, "_TokenReader", lambda batch, device: _TokenReader(batch, device, pipelined))
+    monkeypatch.setattr(module, "_queue_ahead", lambda device: pipelined)
 
 
 @pytest.mark.parametrize("max_new_tokens", [1, 2, 3, 17])
